@@ -1,0 +1,244 @@
+"""Hugging Face ``transformers`` drop-in: :func:`intervene`.
+
+headint registers an attention function named ``"headint"`` in ``transformers``'
+``AttentionInterface`` (and the matching entry in ``AttentionMaskInterface``, so causal,
+padding and sliding-window masks are built as for SDPA), then, inside
+:func:`intervene`, switches the model's configs to it. Every model that dispatches its
+attention through that registry is supported without per-model code; a model class
+that does not is refused with an error naming it.
+
+The attention function itself only translates: it finds the layer of the calling
+module, asks the active :class:`~headint.plan.Plan` for this call's tensors, applies
+q/k/v edits and calls :func:`headint.attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..interventions import INTERVENTION_TYPES
+from ..ops.attention import attention
+from ..ops.arguments import prepare
+from ..ops.reference import reference_probs
+from ..plan import InterventionPlan, ModelShape, Plan
+
+ATTN_NAME = "headint"
+_LOCK = threading.RLock()
+_SESSIONS: list["_Session"] = []  # innermost last
+
+
+class UnsupportedModelError(TypeError):
+    """The model does not route its attention through ``transformers``' AttentionInterface."""
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, headint_attention_forward)
+    if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+class _Session:
+    def __init__(self, model, plan: Plan | None, backend: str, recorder=None):
+        self.model = model
+        self.plan = plan
+        self.backend = backend
+        self.recorder = recorder
+        self.module_ids = {id(m) for m in model.modules()}
+        self.order: dict[int, int] = {}
+        self.calls = 0
+        self.n_layers = ModelShape.from_config(model.config).n_layers
+
+    def layer_of(self, module) -> int:
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int):
+            return idx
+        key = id(module)
+        if key not in self.order:  # modules without layer_idx: numbered in order of first call
+            self.order[key] = len(self.order)
+        return self.order[key]
+
+
+def _session_for(module) -> "_Session | None":
+    with _LOCK:
+        for s in reversed(_SESSIONS):
+            if id(module) in s.module_ids:
+                return s
+    return None
+
+
+def _configs(model) -> list:
+    """Every distinct config object reachable from the model (its modules and sub-configs)."""
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen[id(c)] = c
+        for key in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, key, None)
+            if isinstance(sub, PretrainedConfig):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def check_supported(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` uses the attention registry."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(f"headint.intervene needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+            "so headint cannot intervene in it (no per-model fallback is provided)"
+        )
+
+
+def make_plan(model, interventions: Any) -> Plan | None:
+    """Turn what the user passed to :func:`intervene` into a :class:`Plan`."""
+    if interventions is None:
+        return None
+    if isinstance(interventions, Plan):
+        return interventions
+    if isinstance(interventions, INTERVENTION_TYPES):
+        interventions = [interventions]
+    if not isinstance(interventions, Sequence):
+        raise TypeError(f"interventions must be a list of intervention objects, a list of per-row lists, or a Plan; got {type(interventions).__name__}")
+    items = list(interventions)
+    if not items:
+        return None
+    shape = ModelShape.from_config(model.config)
+    if all(isinstance(x, (list, tuple)) for x in items):
+        return InterventionPlan(shape, rows=items)
+    return InterventionPlan(shape, shared=items)
+
+
+@contextlib.contextmanager
+def intervene(model, interventions: Any = (), *, backend: str = "auto", recorder=None) -> Iterator[Any]:
+    """Run ``model``'s attention through headint with ``interventions`` inside the block.
+
+    Args:
+        model: a ``transformers`` model (any ``attn_implementation``; it is switched to
+            headint's attention inside the block and restored exactly on exit, also on error).
+        interventions: a list of :class:`~headint.Ablate`, :class:`~headint.Patch`,
+            :class:`~headint.Scale`, :class:`~headint.Knockout`, :class:`~headint.PatchQKV`
+            applied to every row; or a list of such lists, one per batch row (row ``i`` gets
+            ``interventions[i]``); or a :class:`~headint.plan.Plan`.
+        backend: attention backend (see :func:`headint.attention`).
+
+    Works around ``model(...)`` and ``model.generate(...)`` (with a KV cache; positions
+    stay absolute across decoding steps). Yields the model.
+    """
+    check_supported(model)
+    plan = make_plan(model, interventions)  # validates before the model is touched
+    _register()
+    session = _Session(model, plan, backend, recorder)
+    configs = _configs(model)
+    saved = [(c, c.__dict__.get("_attn_implementation_internal", None), "_attn_implementation_internal" in c.__dict__) for c in configs]
+
+    def after_forward(_module, _args, _output):
+        if session.calls == 0:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ran a forward pass without calling the registered attention function; "
+                "it bypasses transformers' AttentionInterface, so headint cannot intervene in it"
+            )
+
+    handle = None
+    try:
+        with _LOCK:
+            _SESSIONS.append(session)
+        for c in configs:
+            c._attn_implementation_internal = ATTN_NAME
+        handle = model.register_forward_hook(after_forward)
+        yield model
+    finally:
+        if handle is not None:
+            handle.remove()
+        for c, value, had in saved:
+            if had:
+                c._attn_implementation_internal = value
+            else:
+                c.__dict__.pop("_attn_implementation_internal", None)
+        with _LOCK:
+            if session in _SESSIONS:
+                _SESSIONS.remove(session)
+
+
+def _apply_qkv_edits(edits, q, k, v):
+    tensors = {"q": q, "k": k, "v": v}
+    for which, sel, values in edits:
+        x = tensors[which]
+        tensors[which] = torch.where(sel.to(x.device)[..., None], values.to(x.device, x.dtype), x)
+    return tensors["q"], tensors["k"], tensors["v"]
+
+
+def headint_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function registered as ``"headint"`` (query ``[B, Hq, Tq, D]``, key/value
+    ``[B, Hkv, Tk, D]``; returns ``([B, Tq, Hq, D], None)`` as ``transformers`` expects)."""
+    session = _session_for(module)
+    if session is None:
+        raise RuntimeError(
+            f"{type(module).__name__} called headint's attention outside headint.intervene(); "
+            "set the model's attn_implementation back to a transformers one"
+        )
+    if dropout and dropout > 0:
+        raise ValueError(f"headint attention does not implement attention dropout (dropout={dropout}); call model.eval()")
+    if softcap is not None:
+        raise NotImplementedError(f"{type(session.model).__name__} uses attention logit soft-capping, which headint does not implement")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(session.model).__name__} uses attention sinks, which headint does not implement")
+    session.calls += 1
+    layer = session.layer_of(module)
+    B, Hq, Tq, D = query.shape
+    Tk = key.shape[2]
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    window = None
+    if mask is not None:
+        mask = mask[:, :, :, :Tk]
+        causal = False  # the mask already carries causality and windows
+    else:
+        window = sliding_window
+
+    plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype) if session.plan is not None else None
+    kw: dict[str, Any] = {}
+    if plan is not None:
+        if plan.qkv_edits:
+            query, key, value = _apply_qkv_edits(plan.qkv_edits, query, key, value)
+        kw = dict(head_mask=plan.head_mask, head_patch=plan.head_patch, score_scale=plan.score_scale, knockout=plan.knockouts or None)
+    out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw)
+
+    rec = session.recorder
+    if rec is not None:
+        rec.add(layer, "z", out.transpose(1, 2), concat_dim=1)
+        rec.add(layer, "q", query, concat_dim=2)
+        rec.add(layer, "k", key, concat_dim=None)
+        rec.add(layer, "v", value, concat_dim=None)
+        if "pattern" in rec.what:
+            args = prepare(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window,
+                           knockout=kw.get("knockout"), score_scale=kw.get("score_scale"))
+            rec.add(layer, "pattern", reference_probs(args), concat_dim=None)
+    return out.transpose(1, 2).contiguous(), None

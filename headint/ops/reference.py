@@ -1,0 +1,93 @@
+"""Pure PyTorch reference of intervened attention: the ground truth for every kernel.
+
+Written for clarity, not speed: it materialises the ``[B, Hq, Tq, Tk]`` scores.
+Everything is differentiable with ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arguments import AttentionArgs
+
+
+def allowed_edges(Tq: int, Tk: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """``[Tq, Tk]`` bool of edges kept by causality / sliding window, or None if all are.
+
+    Queries are aligned to the end of the keys (query ``i`` sits at position
+    ``i + Tk - Tq``), which is what decoding with a KV cache needs.
+    """
+    if not causal and window is None:
+        return None
+    qpos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    kpos = torch.arange(Tk, device=device)[None, :]
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        keep &= kpos <= qpos
+        if window is not None:
+            keep &= qpos - kpos < window
+    elif window is not None:
+        keep &= (qpos - kpos).abs() < window
+    return keep
+
+
+def reference_probs(a: AttentionArgs, return_lse: bool = False):
+    """Attention probabilities ``[B, Hq, Tq, Tk]`` (float32) with every mask and knockout applied.
+
+    Rows whose every key is removed are all zeros. With ``return_lse`` also returns the
+    log-sum-exp of the kept scores ``[B, Hq, Tq]`` (``-inf`` for such rows).
+    """
+    q, k = a.q, a.k
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    # Grouped-query attention: query head h reads key/value head h // group.
+    k = k.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * a.scale
+    if a.score_scale is not None:
+        scores = scores * a.score_scale[:, :, None, None].to(scores.dtype)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32
+
+    keep = torch.ones(B, Hq, Tq, Tk, dtype=torch.bool, device=q.device)
+    if a.mask is not None:
+        if a.mask.dtype == torch.bool:
+            keep = keep & a.mask
+        else:
+            scores = scores + a.mask.to(scores.dtype)
+    structural = allowed_edges(Tq, Tk, a.causal, a.window, q.device)
+    if structural is not None:
+        keep = keep & structural
+    if a.q_bits is not None:
+        knocked = (a.q_bits[..., :, None] & a.k_bits[..., None, :]) != 0
+        keep = keep & ~knocked
+    scores = scores.masked_fill(~keep, float("-inf"))
+
+    # Softmax that gives an all-zero row (not NaN) when every key is removed.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max.detach())  # the shift cancels; no gradient through it
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if return_lse:
+        return probs, (row_max + torch.log(denom)).squeeze(-1)
+    return probs
+
+
+def reference_attention(a: AttentionArgs, return_lse: bool = False):
+    """Intervened attention, step by step. Returns ``[B, Hq, Tq, D]`` (and lse ``[B, Hq, Tq]``)."""
+    probs, lse = reference_probs(a, return_lse=True)
+    v = a.v.repeat_interleave(a.q.shape[1] // a.v.shape[1], dim=1)
+    attn = torch.matmul(probs.to(v.dtype), v)
+
+    if a.head_mask is not None:
+        m = a.head_mask[..., None].to(attn.dtype)
+        if a.head_patch is None:
+            out = m * attn
+        else:
+            out = m * attn + (1 - m) * a.head_patch.to(attn.dtype)
+    else:
+        out = attn
+    if return_lse:
+        return out, lse
+    return out
