@@ -1,0 +1,59 @@
+"""Embedded models shipped as package data.
+
+``induction-2l``
+    A 2-layer, 4-heads-per-layer GPT-2 style decoder (d_model 64, vocabulary 128,
+    context 64) trained from scratch by :mod:`headint.models.train_induction` on the
+    synthetic in-context copying task of :mod:`headint.models.induction_data`.  It has
+    a previous-token head in layer 0 feeding an induction head in layer 1, plus
+    bystander heads, which makes it a small ground truth for causal head scans.
+
+Example::
+
+    from headint import models
+    model = models.load("induction-2l")        # GPT2LMHeadModel, eval mode
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["load", "available", "model_dir", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "induction-2l"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def available() -> list[str]:
+    """Names of the embedded models (sub-directories holding a ``config.json``)."""
+    return sorted(p.name for p in _PACKAGE_DIR.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Directory holding the checkpoint of the embedded model ``name``.
+
+    Raises:
+        ValueError: if ``name`` is not an embedded model.
+    """
+    names = available()
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"unknown embedded model {name!r}; available models: {', '.join(names) or '(none)'}")
+    return _PACKAGE_DIR / name
+
+
+def load(name: str = DEFAULT_MODEL, **kwargs):
+    """Load an embedded model as a ``transformers.GPT2LMHeadModel`` in eval mode.
+
+    Args:
+        name: embedded model name (see :func:`available`).
+        **kwargs: forwarded to ``GPT2LMHeadModel.from_pretrained`` (e.g.
+            ``attn_implementation="eager"``, ``dtype=torch.float64``).
+
+    Raises:
+        ValueError: if ``name`` is not an embedded model.
+    """
+    path = model_dir(name)
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(path), **kwargs)
+    model.eval()
+    return model

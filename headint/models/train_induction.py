@@ -1,0 +1,243 @@
+"""Train the embedded ``induction-2l`` model on the synthetic in-context copying task.
+
+Usage::
+
+    python -m headint.models.train_induction [--out DIR] [--steps N] [--seed S]
+
+The model is a 2-layer GPT-2 decoder with 4 heads per layer trained from scratch with
+the plain next-token loss on sequences of distinct random tokens in which one segment
+of random length (4..16) reappears at a random offset
+(:func:`headint.models.induction_data.copy_task_batch`).  The only predictable tokens
+are the continuations inside the repeated segment, which can only be found in context,
+so the model has to build an induction circuit: a previous-token head in layer 0 whose
+output is read (K-composition) by an induction head in layer 1.
+
+Training is deterministic for a given seed (seeded generators, deterministic
+algorithms, 2 CPU threads).  At the end the script prints the in-context copy accuracy
+versus chance and the previous-token / induction score tables, and writes
+``config.json`` + ``model.safetensors`` (``save_pretrained``) and ``training.json``
+into ``--out`` (default: the package directory ``headint/models/induction-2l``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headint.models.induction_data import (
+    DEFAULT_MAX_SEG,
+    DEFAULT_MIN_SEG,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_VOCAB,
+    copy_accuracy,
+    copy_task_batch,
+    make_generator,
+    repeated_random_tokens,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "induction-2l"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="training sequence length")
+    p.add_argument("--n-positions", type=int, default=64, help="model context size")
+    p.add_argument(
+        "--background-weight",
+        type=float,
+        default=0.0,
+        help="loss weight of positions whose next token is NOT predictable (1 = plain LM loss; default: %(default)s)",
+    )
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+    torch.use_deterministic_algorithms(True)
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.n_positions,
+        n_embd=args.d_model,
+        n_layer=2,
+        n_head=args.n_head,
+        n_inner=4 * args.d_model,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def format_table(scores: torch.Tensor, title: str) -> str:
+    n_layers, n_heads = scores.shape
+    lines = [title, "        " + "".join(f"  head {h}" for h in range(n_heads))]
+    for layer in range(n_layers):
+        lines.append(f"layer {layer} " + "".join(f"  {scores[layer, h].item():6.3f}" for h in range(n_heads)))
+    return "\n".join(lines)
+
+
+def train(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed, args.threads)
+    from headint.patterns import induction_scores, previous_token_scores
+
+    model = build_model(args)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and "wpe" not in name and "wte" not in name else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
+    data_gen = make_generator(args.seed)
+
+    print(
+        f"induction-2l: {n_params} parameters, 2 layers x {args.n_head} heads, d_model {args.d_model}, "
+        f"vocab {args.vocab}, seq_len {args.seq_len}, {args.steps} steps, batch {args.batch_size}, seed {args.seed}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    running, running_rep = None, None
+    loss_val = rep_val = float("nan")
+    for step in range(args.steps):
+        batch = copy_task_batch(
+            args.batch_size, args.seq_len, args.vocab, DEFAULT_MIN_SEG, DEFAULT_MAX_SEG, generator=data_gen
+        )
+        logits = model(input_ids=batch.input_ids).logits[:, :-1]
+        targets = batch.input_ids[:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, args.vocab), targets.reshape(-1), reduction="none"
+        ).view_as(targets)
+        weights = torch.where(batch.repeat_mask[:, :-1], 1.0, args.background_weight)
+        loss = (token_loss * weights).sum() / weights.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+
+        loss_val = loss.item()
+        rep_val = token_loss.detach()[batch.repeat_mask[:, :-1]].mean().item()
+        running = loss_val if running is None else 0.95 * running + 0.05 * loss_val
+        running_rep = rep_val if running_rep is None else 0.95 * running_rep + 0.05 * rep_val
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            acc, _ = copy_accuracy(model, batch=128, seed=10_000 + args.seed)
+            model.train()
+            print(
+                f"step {step + 1:5d}  lr {scheduler.get_last_lr()[0]:.2e}  loss {running:.3f}  "
+                f"repeat-loss {running_rep:.3f}  copy-acc {acc:.3f}  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+
+    accuracy, chance = copy_accuracy(model, batch=512, seed=999_983)
+    rrt = repeated_random_tokens(64, 20, args.vocab, seed=4242)
+    prev = previous_token_scores(model, rrt)
+    ind = induction_scores(model, rrt)
+    print(f"\ntraining took {train_seconds:.1f}s")
+    print(f"in-context copy accuracy on repeated positions: {accuracy:.4f}  (chance 1/{args.vocab} = {chance:.4f})")
+    print(format_table(prev, "\nprevious-token scores (attention i -> i-1):"))
+    print(format_table(ind, "\ninduction scores (attention i -> i-h+1 on repeated random tokens, h=20):"))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    argv = sys.argv[1:] if args._argv is None else args._argv
+    info = {
+        "model": "induction-2l",
+        "command": "python -m headint.models.train_induction " + " ".join(shlex.quote(a) for a in argv),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "schedule": "linear warmup, cosine decay to 0.1x",
+        "weight_decay": args.weight_decay,
+        "background_weight": args.background_weight,
+        "optimizer": "AdamW(betas=(0.9, 0.98)), grad clip 1.0",
+        "task": {
+            "vocab": args.vocab,
+            "seq_len": args.seq_len,
+            "min_seg": DEFAULT_MIN_SEG,
+            "max_seg": DEFAULT_MAX_SEG,
+            "generator": "headint.models.induction_data.copy_task_batch",
+        },
+        "n_params": n_params,
+        "final_loss": loss_val,
+        "final_loss_smoothed": running,
+        "final_repeat_loss_smoothed": running_rep,
+        "copy_accuracy": accuracy,
+        "chance": chance,
+        "previous_token_scores": [[round(v, 4) for v in row] for row in prev.tolist()],
+        "induction_scores": [[round(v, 4) for v in row] for row in ind.tolist()],
+        "train_seconds": round(train_seconds, 1),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"\nsaved to {out}")
+    return info
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args._argv = None if argv is None else list(argv)
+    return train(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

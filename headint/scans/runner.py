@@ -1,0 +1,239 @@
+"""The engine behind every scan: a clean pass cached once, then batched variant runs.
+
+A :class:`VariantRunner` holds one set of examples (a "base run") and can evaluate a
+metric for many intervened variants at once: each batch row is one (variant, example)
+pair carrying its own per-row plan. Three reuses make it cheaper than one forward per
+intervention, all exact:
+
+- depth reuse: a run whose interventions start at layer ``l`` replays the cached
+  clean outputs of blocks ``< l`` instead of recomputing them;
+- position reuse: on causal models, a run whose interventions start at position ``p``
+  feeds only tokens ``>= p``, with the clean keys/values of positions ``< p`` as a KV cache;
+- logit restriction: only the final position's hidden state is unembedded, and only for
+  the token ids the metric asks for.
+
+``cost`` counts what actually ran, in layer-forwards (one block over one row) and
+token-layer-forwards (one block over one token of one row).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..integration.hf import intervene
+from ..integration.structure import ModelParts, capture_block_outputs, map_tensors, model_parts, replay_blocks
+from ..metrics import Metric, last_positions, select_logits
+from ..plan import Plan
+from ..record import Recorder
+
+
+@dataclass
+class Cost:
+    """Work done, counted per transformer block applied to one row (and to one token)."""
+
+    runs: int = 0
+    rows: int = 0
+    layer_forwards: int = 0
+    token_layer_forwards: int = 0
+
+    def add(self, rows: int, layers: int, tokens: int) -> None:
+        self.runs += 1
+        self.rows += rows
+        self.layer_forwards += rows * layers
+        self.token_layer_forwards += rows * layers * tokens
+
+    def as_dict(self) -> dict:
+        return dict(runs=self.runs, rows=self.rows, layer_forwards=self.layer_forwards, token_layer_forwards=self.token_layer_forwards)
+
+
+def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
+    """Normalise scan inputs to a dict with ``input_ids`` ``[N, T]`` and ``attention_mask``."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise TypeError("inputs must be a [N, T] tensor of token ids or a dict with 'input_ids' (and e.g. 'attention_mask', 'target', 'contrast')")
+    batch = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {list(ids.shape)}; expected [N, T]")
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.ones_like(ids)
+    for k, v in batch.items():
+        if v.shape[0] != ids.shape[0]:
+            raise ValueError(f"inputs[{k!r}] has {v.shape[0]} rows (shape {list(v.shape)}), input_ids has {ids.shape[0]}")
+    return batch
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class CleanPass:
+    """What a base run caches: block outputs, head outputs z ``[N, T, H, D]`` per layer,
+    keys/values ``[N, Hkv, T, D]`` per layer, and the metric's logits."""
+
+    block_outputs: list
+    z: dict[int, torch.Tensor]
+    k: dict[int, torch.Tensor]
+    v: dict[int, torch.Tensor]
+    logits: torch.Tensor  # the layout the metric takes
+    full_last_logits: torch.Tensor | None  # [N, V] when a metric needs the clean distribution
+
+
+class VariantRunner:
+    """Evaluates ``metric`` on intervened variants of one base run.
+
+    Args:
+        model: a ``transformers`` model.
+        batch: the base run's inputs (see :func:`as_batch`), N examples.
+        metric: a :class:`~headint.metrics.Metric`.
+        clean_logits: the clean run's logits in the metric's layout (for metrics that need them).
+    """
+
+    def __init__(self, model, batch: dict, metric: Metric, *, backend: str = "auto", clean_logits=None, causal: bool | None = None):
+        self.model = model
+        self.batch = batch
+        self.metric = metric
+        self.backend = backend
+        self.parts: ModelParts = model_parts(model)
+        self.cost = Cost()
+        self.clean_logits = clean_logits
+        self.N, self.T = batch["input_ids"].shape
+        if causal is None:  # decoder blocks have causal attention modules
+            causal = any(getattr(m, "is_causal", False) for m in self.parts.blocks[0].modules())
+        self.causal = bool(causal)
+        self.restricted = False
+        self.base: CleanPass | None = None
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def rows(self, ex: torch.Tensor) -> dict:
+        return {k: v[ex] for k, v in self.batch.items()}
+
+    def model_inputs(self, rows: dict, start: int = 0) -> dict:
+        out = {k: rows[k] for k in MODEL_KEYS if k in rows}
+        if start:
+            out["input_ids"] = out["input_ids"][:, start:]
+            if "token_type_ids" in out:
+                out["token_type_ids"] = out["token_type_ids"][:, start:]
+        return out
+
+    # -- logits ---------------------------------------------------------------------------------------------
+    def _metric_logits(self, out: torch.Tensor, rows: dict, start: int, is_hidden: bool) -> torch.Tensor:
+        """The metric's logits from final hidden states (restricted path) or full logits ``[R, T', *]``."""
+        last = (last_positions(rows["attention_mask"]) - start).clamp_min(0)
+        if is_hidden and self.metric.position == "last":
+            h = out[torch.arange(out.shape[0]), last]  # [R, d]: only the metric's position is unembedded
+            ids = self.metric.token_ids(rows)
+            W = self.parts.unembed.weight
+            b = getattr(self.parts.unembed, "bias", None)
+            if ids is None:
+                return torch.nn.functional.linear(h, W, b)
+            logits = torch.einsum("rd,rkd->rk", h, W[ids])  # only the K ids the metric reads
+            return logits + b[ids] if b is not None else logits
+        logits = self.parts.unembed(out) if is_hidden else out
+        if self.metric.position == "all":
+            return logits
+        return self._select_last(logits, rows, last)
+
+    def _select_last(self, logits: torch.Tensor, rows: dict, last: torch.Tensor) -> torch.Tensor:
+        last = last.clamp_min(0)
+        x = logits[torch.arange(logits.shape[0]), last]
+        ids = self.metric.token_ids(rows)
+        return x if ids is None else x.gather(1, ids)
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def _forward(self, inputs: dict, past=None):
+        """Final hidden states (restricted path) or logits; returns (tensor, is_hidden)."""
+        kwargs = dict(inputs)
+        if past is not None:
+            kwargs[self._cache_kwarg()] = past
+            kwargs["use_cache"] = True
+        elif self.causal:
+            kwargs["use_cache"] = False
+        if self.restricted:
+            out = self.parts.base(**kwargs)
+            return out.last_hidden_state, True
+        out = self.model(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return logits, False
+
+    def _cache_kwarg(self) -> str:
+        """Newer ``transformers`` models take the KV cache as ``cache``, older as ``past_key_values``."""
+        target = self.parts.base if self.restricted else self.model
+        params = inspect.signature(target.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    @torch.no_grad()
+    def clean_pass(self) -> CleanPass:
+        """Run the base inputs once, caching what variant runs reuse."""
+        L = self.parts.shape.n_layers
+        store: list = [None] * L
+        rec = Recorder(("z", "k", "v"))
+        inputs = self.model_inputs(self.batch)
+        with intervene(self.model, (), backend=self.backend, recorder=rec), capture_block_outputs(self.parts, store):
+            kwargs = dict(inputs)
+            if self.causal:
+                kwargs["use_cache"] = False
+            out = self.model(**kwargs)
+        self.cost.add(self.N, L, self.T)
+        full = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        # Use the restricted path only if it reproduces the model's own logits.
+        if self.parts.unembed is not None and hasattr(out, "logits"):
+            with intervene(self.model, (), backend=self.backend):
+                hidden = self.parts.base(**inputs, **({"use_cache": False} if self.causal else {})).last_hidden_state
+            self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+        logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
+        full_last = None
+        if self.metric.needs_clean or self.metric.token_ids(self.batch) is None:
+            full_last = full[torch.arange(self.N), last_positions(self.batch["attention_mask"])]
+        self.base = CleanPass(store, {l: rec.tensors[("z", l)] for l in range(L)},
+                              {l: rec.tensors[("k", l)] for l in range(L)}, {l: rec.tensors[("v", l)] for l in range(L)},
+                              logits, full_last)
+        return self.base
+
+    def base_values(self) -> torch.Tensor:
+        """Metric values ``[N]`` of the unintervened base run."""
+        assert self.base is not None
+        return self.metric(self.base.logits, self.batch, clean_logits=self.clean_logits).float()
+
+    @torch.no_grad()
+    def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+        """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
+
+        ``start_layer``: the plan intervenes at no layer below it (blocks below are replayed).
+        ``start_pos``: the plan changes no position below it (causal models only; earlier
+        positions come from the clean keys/values).
+        """
+        assert self.base is not None, "call clean_pass() first"
+        if start_pos and not (self.causal and self.metric.position == "last"):
+            start_pos = 0
+        rows = self.rows(ex)
+        inputs = self.model_inputs(rows, start_pos)
+        replayed = [map_tensors(o, lambda t: t[ex][:, start_pos:] if t.dim() >= 2 and t.shape[0] == self.N else t)
+                    for o in self.base.block_outputs[:start_layer]]
+        past = None
+        if start_pos:
+            from transformers import DynamicCache
+
+            past = DynamicCache(config=self.model.config)
+            for l in range(self.parts.shape.n_layers):
+                past.update(self.base.k[l][ex][:, :, :start_pos], self.base.v[l][ex][:, :, :start_pos], l)
+        with intervene(self.model, plan, backend=self.backend), replay_blocks(self.parts, start_layer, replayed):
+            out, is_hidden = self._forward(inputs, past)
+        L = self.parts.shape.n_layers
+        self.cost.add(len(ex), L - start_layer, self.T - start_pos)
+        logits = self._metric_logits(out, rows, start_pos, is_hidden)
+        clean = None
+        if self.metric.needs_clean:
+            clean = self.clean_logits[ex] if self.clean_logits is not None else None
+        values = self.metric(logits, rows, clean_logits=clean).float()
+        if start_pos:
+            # rows whose metric position lies before start_pos are unaffected: their base value
+            before = last_positions(rows["attention_mask"]) < start_pos
+            if before.any():
+                values = torch.where(before, self.base_values()[ex], values)
+        return values
