@@ -3,6 +3,8 @@
 Op level: :func:`attention` (intervened attention with pluggable backends).
 Model level: :func:`intervene`, :func:`record` and the intervention objects
 (:class:`Ablate`, :class:`Patch`, :class:`Scale`, :class:`Knockout`, :class:`PatchQKV`).
+Scans: :func:`scan` (exact, batched), :func:`attribution_scan`, :func:`path_patch`,
+returning :class:`ScanResult` tables and heatmaps.
 """
 
 from .integration.hf import UnsupportedModelError, intervene
@@ -10,6 +12,9 @@ from .interventions import Ablate, Patch, PatchQKV, Scale
 from .ops import BackendUnavailable, Knockout, attention, available_backends, last_backend
 from .plan import InterventionPlan, ModelShape, Plan, TensorPlan
 from .record import ActivationCache, record
+from .results import ScanResult
+from .scans import all_pairs, attribution_scan, path_patch, scan
+from . import metrics
 
 __version__ = "0.1.0"
 
@@ -17,4 +22,5 @@ __all__ = [
     "attention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "metrics",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -71,8 +72,18 @@ def _build_dir() -> Path:
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     h.update(" ".join(EXTRA_CFLAGS).encode())
+    h.update(_cpu_fingerprint().encode())  # -march=native: a binary is only valid on this CPU kind
     root = Path(os.environ.get("HEADINT_CACHE_DIR", Path.home() / ".cache" / "headint"))
     return root / f"cpu_attention_{h.hexdigest()[:16]}"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return platform.machine() + "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def _compiler() -> str | None:

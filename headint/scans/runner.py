@@ -202,6 +202,10 @@ class VariantRunner:
 
     @torch.no_grad()
     def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+        """Like :meth:`run_differentiable`, without building a graph."""
+        return self.run_differentiable(ex, plan, start_layer, start_pos)
+
+    def run_differentiable(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
         """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
 
         ``start_layer``: the plan intervenes at no layer below it (blocks below are replayed).
@@ -222,7 +226,7 @@ class VariantRunner:
             past = DynamicCache(config=self.model.config)
             for l in range(self.parts.shape.n_layers):
                 past.update(self.base.k[l][ex][:, :, :start_pos], self.base.v[l][ex][:, :, :start_pos], l)
-        with intervene(self.model, plan, backend=self.backend), replay_blocks(self.parts, start_layer, replayed):
+        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed):
             out, is_hidden = self._forward(inputs, past)
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
