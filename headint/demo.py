@@ -1,0 +1,153 @@
+"""The main job: find the induction circuit of the embedded model, out of the box.
+
+``headint demo`` (or :func:`run_demo`) loads ``induction-2l`` (shipped with the package),
+builds prompts whose next token is predictable only by in-context copying, and runs
+
+1. exact mean-ablation and activation-patching scans over every head,
+2. an attribution-patching scan (one forward + one backward),
+3. an exact scan of every pair of heads (to expose heads that back each other up),
+
+then prints the top heads next to their attention-pattern scores (previous-token and
+induction scores, measured independently of any intervention) and writes heatmaps and CSVs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .integration.hf import intervene
+from .interventions import Ablate
+from .metrics import LogitDiff
+from .models import load
+from .models.induction_data import copy_accuracy, induction_prompts, repeated_random_tokens
+from .patterns import induction_scores, previous_token_scores
+from .plan import ModelShape
+from .record import record
+from .scans import all_pairs, attribution_scan, scan
+
+PREV_TOKEN_THRESHOLD = 0.4
+INDUCTION_THRESHOLD = 0.3
+
+
+def head_name(l: int, h: int) -> str:
+    return f"L{l}H{h}"
+
+
+def find_circuit(model, n_examples: int = 64, seed: int = 0, backend: str = "auto", progress: bool = False) -> dict:
+    """Run the demo's scans and return everything it reports (no printing, no files)."""
+    shape = ModelShape.from_config(model.config)
+    vocab = model.config.vocab_size
+    seq_len = min(32, model.config.n_positions)
+    p = induction_prompts(n_examples, seq_len=seq_len, vocab=vocab, seed=seed)
+    clean = {"input_ids": p.clean, "target": p.target, "contrast": p.contrast}
+    corrupt = {"input_ids": p.corrupted, "target": p.target, "contrast": p.contrast}
+    metric = LogitDiff()
+
+    probe = repeated_random_tokens(64, 12, vocab=vocab, seed=seed + 1)
+    prev = previous_token_scores(model, probe)
+    ind = induction_scores(model, probe)
+
+    mean_scan = scan(model, clean, metric, corrupt=corrupt, method="mean", progress=progress, backend=backend)
+    patch_scan = scan(model, clean, metric, corrupt=corrupt, method="patch", direction="noising", progress=progress, backend=backend)
+    attribution = attribution_scan(model, clean, corrupt, metric, direction="noising", backend=backend)
+    pair_scan = scan(model, clean, metric, corrupt=corrupt, method="mean", head_sets=all_pairs(shape), progress=progress, backend=backend)
+
+    roles = {}
+    for l in range(shape.n_layers):
+        for h in range(shape.n_heads):
+            r = []
+            if prev[l, h] >= PREV_TOKEN_THRESHOLD:
+                r.append("previous-token")
+            if ind[l, h] >= INDUCTION_THRESHOLD:
+                r.append("induction")
+            roles[(l, h)] = "+".join(r) or "-"
+    circuit = [k for k, r in roles.items() if r != "-"]
+    bystanders = [k for k, r in roles.items() if r == "-"]
+
+    # Copy accuracy with the circuit (or a bystander) mean-ablated.
+    cache = record(model, p.clean, what=("z",), backend=backend)
+    def accuracy_with(heads):
+        ivs = [Ablate(layer=l, head=h, kind="mean", value=cache.mean_z(l, over_positions=True)) for l, h in heads]
+        with intervene(model, ivs, backend=backend):
+            return copy_accuracy(model, seed=seed + 2)[0]
+    acc_clean, chance = copy_accuracy(model, seed=seed + 2)
+    acc_circuit = accuracy_with(circuit) if circuit else float("nan")
+    acc_bystander = accuracy_with(bystanders[:1]) if bystanders else float("nan")
+
+    return dict(shape=shape, prev=prev, ind=ind, roles=roles, circuit=circuit, bystanders=bystanders,
+                mean_scan=mean_scan, patch_scan=patch_scan, attribution=attribution, pair_scan=pair_scan,
+                copy_accuracy=dict(clean=acc_clean, circuit_ablated=acc_circuit, bystander_ablated=acc_bystander, chance=chance))
+
+
+def _table(res: dict) -> str:
+    s = res["mean_scan"]
+    a = res["attribution"]
+    pt = res["patch_scan"]
+    rows = []
+    for l in range(res["shape"].n_layers):
+        for h in range(res["shape"].n_heads):
+            rows.append((float(s.effect[l, h]), l, h))
+    rows.sort(key=lambda r: r[0])  # most negative effect (most important) first
+    lines = [f"{'head':>6} {'mean-abl. effect':>17} {'± stderr':>9} {'patch effect':>13} {'attribution':>12} {'prev-tok':>9} {'induction':>10}  role"]
+    for eff, l, h in rows:
+        lines.append(
+            f"{head_name(l, h):>6} {eff:>17.3f} {float(s.stderr[l, h]):>9.3f} {float(pt.effect[l, h]):>13.3f} "
+            f"{float(a.effect[l, h]):>12.3f} {float(res['prev'][l, h]):>9.2f} {float(res['ind'][l, h]):>10.2f}  {res['roles'][(l, h)]}"
+        )
+    return "\n".join(lines)
+
+
+def _redundancy(res: dict) -> str:
+    single = res["mean_scan"].effect
+    pairs = res["pair_scan"]
+    eff = pairs.effect
+    i = int(torch.argmin(eff))
+    (a, b) = [tuple(x) for x in pairs.labels[i]]
+    sum_single = float(single[a] + single[b])
+    pair = float(eff[i])
+    text = (f"strongest pair: {head_name(*a)} + {head_name(*b)}: effect {pair:.3f} ± {float(pairs.stderr[i]):.3f} "
+            f"(single-head effects {float(single[a]):.3f} and {float(single[b]):.3f}, sum {sum_single:.3f})")
+    if abs(pair) > 1.5 * abs(sum_single) + 1e-6:
+        text += ("\n  -> redundancy: ablating either head alone barely moves the metric, ablating both does. "
+                 "Single-head scans miss heads that back each other up; the pairwise scan finds them.")
+    return text
+
+
+def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, backend: str = "auto") -> int:
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = load("induction-2l")
+    res = find_circuit(model, n_examples=n_examples, seed=seed, backend=backend)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("mean_scan", "patch_scan", "attribution", "pair_scan"):
+        r = res[name]
+        r.to_csv(out_dir / f"{name}.csv")
+        r.heatmap(out_dir / f"{name}.png", title=f"induction-2l: {name.replace('_', ' ')} (logit difference)")
+    acc = res["copy_accuracy"]
+    summary = dict(
+        circuit=[head_name(*k) for k in res["circuit"]], bystanders=[head_name(*k) for k in res["bystanders"]],
+        roles={head_name(*k): v for k, v in res["roles"].items()},
+        previous_token_scores=res["prev"].tolist(), induction_scores=res["ind"].tolist(),
+        clean_logit_diff=res["mean_scan"].clean_baseline, corrupt_logit_diff=res["mean_scan"].corrupt_baseline,
+        copy_accuracy=acc, n_examples=n_examples, seed=seed,
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    s = res["mean_scan"]
+    print(f"headint demo: induction-2l, {n_examples} prompts whose next token is predictable only by in-context copying")
+    print(f"logit difference (target - contrast): clean {s.clean_baseline:.3f}, corrupted {s.corrupt_baseline:.3f}\n")
+    print("Every head, most important first (effect = change of the logit difference; pattern scores from attention maps):")
+    print(_table(res))
+    print()
+    print(_redundancy(res))
+    print()
+    print("Circuit named by the pattern scores:", ", ".join(f"{head_name(*k)} ({res['roles'][k]})" for k in res["circuit"]) or "none")
+    print(f"copy accuracy: intact {acc['clean']:.3f}; circuit mean-ablated {acc['circuit_ablated']:.3f}; "
+          f"one bystander ablated {acc['bystander_ablated']:.3f}; chance {acc['chance']:.3f}")
+    print(f"\nwrote CSVs, heatmaps and summary.json to {out_dir}/ in {time.perf_counter() - t0:.1f} s")
+    return 0
