@@ -68,6 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="loss weight of positions whose next token is NOT predictable (1 = plain LM loss; default: %(default)s)",
     )
+    p.add_argument(
+        "--head-l1",
+        type=float,
+        default=0.0,
+        help="group-lasso penalty on each head's output projection, sum_h ||W_O^h||_F (default: %(default)s)",
+    )
+    p.add_argument(
+        "--head-l1-start",
+        type=float,
+        default=0.3,
+        help="fraction of training after which the head penalty ramps in linearly (over the next 30%%)",
+    )
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -104,6 +116,16 @@ def build_model(args: argparse.Namespace):
         tie_word_embeddings=False,
     )
     return GPT2LMHeadModel(config)
+
+
+def head_output_norms(model) -> torch.Tensor:
+    """[n_layers, n_heads] Frobenius norms of each head's block of the attention output projection."""
+    norms = []
+    for block in model.transformer.h:
+        w = block.attn.c_proj.weight  # Conv1D: [d_model (concatenated heads), d_model]
+        n_head = block.attn.num_heads
+        norms.append(w.view(n_head, w.shape[0] // n_head, w.shape[1]).pow(2).sum(dim=(1, 2)).sqrt())
+    return torch.stack(norms)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -161,8 +183,13 @@ def train(args: argparse.Namespace) -> dict:
         ).view_as(targets)
         weights = torch.where(batch.repeat_mask[:, :-1], 1.0, args.background_weight)
         loss = (token_loss * weights).sum() / weights.sum()
+        objective = loss
+        if args.head_l1 > 0:
+            ramp = min(1.0, max(0.0, (step / args.steps - args.head_l1_start) / 0.3))
+            if ramp > 0:
+                objective = loss + args.head_l1 * ramp * head_output_norms(model).sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -176,7 +203,8 @@ def train(args: argparse.Namespace) -> dict:
             model.train()
             print(
                 f"step {step + 1:5d}  lr {scheduler.get_last_lr()[0]:.2e}  loss {running:.3f}  "
-                f"repeat-loss {running_rep:.3f}  copy-acc {acc:.3f}  ({time.perf_counter() - t0:.0f}s)",
+                f"repeat-loss {running_rep:.3f}  copy-acc {acc:.3f}  ({time.perf_counter() - t0:.0f}s)"
+                + ("  head-norms " + str(head_output_norms(model).detach().numpy().round(2).tolist()) if args.head_l1 else ""),
                 flush=True,
             )
     train_seconds = time.perf_counter() - t0
@@ -206,6 +234,8 @@ def train(args: argparse.Namespace) -> dict:
         "schedule": "linear warmup, cosine decay to 0.1x",
         "weight_decay": args.weight_decay,
         "background_weight": args.background_weight,
+        "head_l1": args.head_l1,
+        "head_l1_start": args.head_l1_start,
         "optimizer": "AdamW(betas=(0.9, 0.98)), grad clip 1.0",
         "task": {
             "vocab": args.vocab,

@@ -8,6 +8,7 @@ from . import backends
 from .arguments import prepare
 from .fused import fused_attention
 from .reference import reference_attention
+from .sdpa import sdpa_attention
 
 
 def attention(
@@ -45,8 +46,8 @@ def attention(
             ``[B, Hq, Tq, Tk]``.
         score_scale: multiplies each head's pre-softmax scores, ``[Hq]`` or ``[B, Hq]``.
         window: sliding-window size (keys more than ``window - 1`` positions back are masked).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``;
-            :func:`headint.last_backend` tells which one ran.
+        backend: ``"auto"``, ``"reference"``, ``"sdpa"`` (PyTorch SDPA + blend; no knockouts or
+            score scales), ``"triton"`` or ``"cpu"``; :func:`headint.last_backend` tells which one ran.
 
     A query row whose every key is masked or knocked out gives a zero attention row (never NaN).
 
@@ -57,7 +58,9 @@ def attention(
         q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, head_mask=head_mask,
         head_patch=head_patch, knockout=knockout, score_scale=score_scale, window=window,
     )
-    name = backends.resolve(backend, q.device)
+    name = backends.resolve(backend, q.device, args)
     if name == "reference":
         return reference_attention(args)
+    if name == "sdpa":
+        return sdpa_attention(args)
     return fused_attention(args, name)

@@ -2,6 +2,8 @@
 
 Backends:
 - ``"reference"``: pure PyTorch (:mod:`headint.ops.reference`), any device, the ground truth.
+- ``"sdpa"``: PyTorch's fused SDPA with the head blend after it (:mod:`headint.ops.sdpa`), for
+  calls without knockouts or score scales.
 - ``"triton"``: the fused Triton kernels (``headint_kernels``) on CUDA tensors, or on CPU
   tensors in the Triton interpreter when ``TRITON_INTERPRET=1`` is set.
 - ``"cpu"``: the native C++ kernel built from ``csrc/`` for CPU tensors.
@@ -23,7 +25,7 @@ import torch
 
 logger = logging.getLogger("headint")
 
-BACKENDS = ("reference", "triton", "cpu")
+BACKENDS = ("reference", "sdpa", "triton", "cpu")
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,7 +36,8 @@ class BackendUnavailable(RuntimeError):
 _LOADERS: dict[str, Callable[[], None]] = {}
 _LOADED: dict[str, str | None] = {}  # name -> None when loaded, else the reason it is unavailable
 _STATE = threading.local()
-_AUTO_CPU: list[str] = ["reference"]  # the CPU choice of "auto", set by backends that measured a win
+_AUTO_CPU: list[str] = ["sdpa", "reference"]  # the CPU order of "auto"
+_CPU_RULE: list = [None]  # optional predicate(args) -> bool: where the native CPU kernel wins
 
 
 def register_loader(name: str, loader: Callable[[], None]) -> None:
@@ -61,10 +64,14 @@ def _load(name: str) -> str | None:
     return _LOADED[name]
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """None if ``name`` can run tensors on ``device``, else a sentence saying why not."""
+def unavailable_reason(name: str, device: torch.device, args=None) -> str | None:
+    """None if ``name`` can run tensors on ``device`` (and these ``args``, if given), else why not."""
     if name == "reference":
         return None
+    if name == "sdpa":
+        from .sdpa import supports
+
+        return None if args is None else supports(args)
     if name == "triton":
         if device.type == "cpu" and not triton_interpreting():
             return (
@@ -81,31 +88,39 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return _load(name)
 
 
-def auto_backend(device: torch.device) -> str:
-    """The backend ``"auto"`` uses for tensors on ``device``."""
+def auto_backend(device: torch.device, args=None) -> str:
+    """The backend ``"auto"`` uses for tensors on ``device`` (and these ``args``, if given)."""
     if device.type == "cuda" and unavailable_reason("triton", device) is None:
         return "triton"
     if device.type == "cpu":
         for name in _AUTO_CPU:
-            if unavailable_reason(name, device) is None:
+            if name == "cpu" and args is not None and _CPU_RULE[0] is not None and not _CPU_RULE[0](args):
+                continue
+            reason = unavailable_reason(name, device, args)
+            if reason is None:
                 return name
-            logger.debug("headint: %s backend unavailable on CPU (%s); trying the next", name, _LOADED.get(name))
+            logger.debug("headint: %s backend not used on CPU (%s); trying the next", name, reason)
     return "reference"
 
 
-def set_auto_cpu_preference(order: list[str]) -> None:
-    """Set the order in which ``"auto"`` tries backends for CPU tensors (reference is always last)."""
+def set_auto_cpu_preference(order: list[str], cpu_rule=None) -> None:
+    """Set the order in which ``"auto"`` tries backends for CPU tensors (reference is always last).
+
+    ``cpu_rule(args) -> bool``, if given, restricts the ``"cpu"`` kernel to the calls where it
+    measured faster or leaner.
+    """
     order = [o for o in order if o != "reference"] + ["reference"]
     _AUTO_CPU[:] = order
+    _CPU_RULE[0] = cpu_rule
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, args=None) -> str:
     """Return the concrete backend for a call, or raise BackendUnavailable."""
     if backend == "auto":
-        name = auto_backend(device)
+        name = auto_backend(device, args)
     else:
         name = backend
-        reason = unavailable_reason(name, device)
+        reason = unavailable_reason(name, device, args)
         if reason is not None:
             raise BackendUnavailable(reason)
     _STATE.last = name

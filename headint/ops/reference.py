@@ -42,7 +42,8 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     # Grouped-query attention: query head h reads key/value head h // group.
-    k = k.repeat_interleave(group, dim=1)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * a.scale
     if a.score_scale is not None:
@@ -77,7 +78,8 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
 def reference_attention(a: AttentionArgs, return_lse: bool = False):
     """Intervened attention, step by step. Returns ``[B, Hq, Tq, D]`` (and lse ``[B, Hq, Tq]``)."""
     probs, lse = reference_probs(a, return_lse=True)
-    v = a.v.repeat_interleave(a.q.shape[1] // a.v.shape[1], dim=1)
+    group = a.q.shape[1] // a.v.shape[1]
+    v = a.v.repeat_interleave(group, dim=1) if group > 1 else a.v
     attn = torch.matmul(probs.to(v.dtype), v)
 
     if a.head_mask is not None:

@@ -1,0 +1,52 @@
+"""``"sdpa"`` backend: PyTorch's fused ``scaled_dot_product_attention`` plus the head blend.
+
+Covers calls without knockouts or score scales (those need the score tile, which SDPA does
+not expose): plain attention, masks, windows, and the head_mask/head_patch blend applied
+after the attention. On CPU, ``"auto"`` uses it for such calls, since it is much faster
+than the reference and computes the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arguments import AttentionArgs
+from .reference import allowed_edges
+
+
+def supports(a: AttentionArgs) -> str | None:
+    """None if the sdpa backend can run these arguments, else why not."""
+    if a.q_bits is not None:
+        return "backend 'sdpa' does not support compact knockouts (use 'reference', 'cpu' or 'triton')"
+    if a.score_scale is not None:
+        return "backend 'sdpa' does not support score_scale (use 'reference', 'cpu' or 'triton')"
+    if a.mask is not None and a.mask.dtype != torch.bool:
+        return "backend 'sdpa' runs bool masks only (an additive mask may remove every key of a row)"
+    return None
+
+
+def sdpa_attention(a: AttentionArgs) -> torch.Tensor:
+    """Same function as :func:`~headint.ops.reference.reference_attention` for supported args."""
+    q, k, v = a.q, a.k, a.v
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    mask = a.mask
+    is_causal = False
+    structural = allowed_edges(Tq, Tk, a.causal, a.window, q.device)
+    if structural is not None:
+        if mask is None and a.causal and a.window is None and Tq == Tk:
+            is_causal = True
+        else:
+            mask = structural if mask is None else mask & structural
+    empty_rows = None
+    if mask is not None:
+        empty_rows = ~mask.any(dim=-1)  # [B, Hq, Tq] rows with no key: zero output
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=a.scale, enable_gqa=Hq != k.shape[1]
+    )
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows.expand(B, Hq, Tq)[..., None], 0.0)
+    if a.head_mask is not None:
+        m = a.head_mask[..., None].to(out.dtype)
+        out = m * out if a.head_patch is None else m * out + (1 - m) * a.head_patch.to(out.dtype)
+    return out
