@@ -25,10 +25,11 @@ class AttentionArgs:
     q ``[B, Hq, Tq, D]``; k, v ``[B, Hkv, Tk, D]``.
     mask: ``None`` or ``[B, Hq, Tq, Tk]`` bool (True = keep) or float (additive), a view.
     q_bits / k_bits: ``None`` or int32 ``[B, Hq, Tq]`` / ``[B, Hq, Tk]`` knockout words.
-    head_mask: ``None`` or float32 ``[B, Hq, Tq]``; head_patch: ``None`` (zeros) or ``[B, Hq, Tq, D]``.
+    head_mask: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq, Tq]``; head_patch: ``None`` (zeros) or ``[B, Hq, Tq, D]``.
     score_scale: ``None`` or float32 ``[B, Hq]``.
-    window: ``None`` or the sliding-window size (keys with ``0 <= i' - j < window`` are kept,
-    ``i'`` the query's position aligned to the end of the keys).
+    window: ``None`` or the sliding-window size: with ``causal``, keys with ``0 <= i' - j < window``
+    are kept; without, keys with ``|i' - j| < window`` (``i'`` the query's position aligned to the
+    end of the keys).
     """
 
     q: torch.Tensor
@@ -59,27 +60,27 @@ def _check_tensor(x: Any, name: str, expected: str) -> torch.Tensor:
     return x
 
 
-def _view_as(x: torch.Tensor, name: str, rank_layout: dict[int, tuple[int, ...]], full: tuple[int, ...], expected: str):
+def _view_as(x: torch.Tensor, name: str, rank_layout: dict[int, tuple[int, ...]], full: tuple[int, ...], expected: str,
+             dim_names: tuple[str, ...] = ("B", "Hq", "Tq", "D")):
     """View ``x`` at the full shape: its rank decides which full dims it names.
 
     ``rank_layout[r]`` gives, for an input of rank ``r``, the full-shape dims its
     axes map to; the remaining dims are broadcast (stride 0).
     """
     if x.dim() not in rank_layout:
-        raise ValueError(f"{name} has shape {_shape(x)}; expected one of {expected}")
+        raise ValueError(f"{name} has shape {_shape(x)}; expected one of {expected} with {_dims_text(full, dim_names)}")
     dims = rank_layout[x.dim()]
     view_shape = [1] * len(full)
     for axis, d in enumerate(dims):
         view_shape[d] = x.shape[axis]
     for d, n in enumerate(view_shape):
         if n not in (1, full[d]):
-            raise ValueError(f"{name} has shape {_shape(x)}; expected one of {expected} with {_dims_text(full)}")
+            raise ValueError(f"{name} has shape {_shape(x)}; expected one of {expected} with {_dims_text(full, dim_names)}")
     return x.reshape(view_shape).expand(full)
 
 
-def _dims_text(full: tuple[int, ...]) -> str:
-    names = ["B", "Hq", "Tq", "D"][: len(full)]
-    return ", ".join(f"{n}={s}" for n, s in zip(names, full))
+def _dims_text(full: tuple[int, ...], names: tuple[str, ...]) -> str:
+    return ", ".join(f"{n}={s}" for n, s in zip(names, full) if n != "1")
 
 
 def prepare(
@@ -163,11 +164,11 @@ def prepare(
     if head_patch is not None and head_mask is None:
         raise ValueError("head_patch was given without head_mask; pass head_mask (0 = use the patch, 1 = keep the head)")
     if head_mask is not None:
-        head_mask = _as_float(head_mask, "head_mask", device)
+        head_mask = _as_float(head_mask, "head_mask", device, q.dtype)
         head_mask = _view_as(
             head_mask, "head_mask",
             {1: (1,), 2: (0, 1), 3: (0, 1, 2), 4: (0, 1, 2, 3)},
-            (B, Hq, Tq, 1), "[Hq], [B, Hq], [B, Hq, Tq] or [B, Hq, Tq, 1]",
+            (B, Hq, Tq, 1), "[Hq], [B, Hq], [B, Hq, Tq] or [B, Hq, Tq, 1]", ("B", "Hq", "Tq", "1"),
         )[..., 0]
     if head_patch is not None:
         head_patch = _check_tensor(head_patch, "head_patch", "broadcastable to [B, Hq, Tq, D]")
@@ -181,13 +182,14 @@ def prepare(
             (B, Hq, Tq, D), "[Hq, D], [Hq, Tq, D] or [B, Hq, Tq, D]",
         )
     if score_scale is not None:
-        score_scale = _as_float(score_scale, "score_scale", device)
-        score_scale = _view_as(score_scale, "score_scale", {1: (1,), 2: (0, 1)}, (B, Hq), "[Hq] or [B, Hq]")
+        score_scale = _as_float(score_scale, "score_scale", device, q.dtype)
+        score_scale = _view_as(score_scale, "score_scale", {1: (1,), 2: (0, 1)}, (B, Hq), "[Hq] or [B, Hq]", ("B", "Hq"))
 
     return AttentionArgs(q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, bool(causal), window)
 
 
-def _as_float(x: Any, name: str, device: torch.device) -> torch.Tensor:
+def _as_float(x: Any, name: str, device: torch.device, like: torch.dtype) -> torch.Tensor:
+    """``x`` as float32 (float64 when the attention runs in float64)."""
     if isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a tensor (e.g. [Hq]); got a Python number {x!r}")
     x = _check_tensor(x, name, "a tensor")
@@ -195,7 +197,7 @@ def _as_float(x: Any, name: str, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name} is on {x.device}, q on {device}")
     if not (x.is_floating_point() or x.dtype == torch.bool):
         raise TypeError(f"{name} must be floating or bool, got {x.dtype}")
-    return x.to(torch.float32)
+    return x.to(torch.float64 if like == torch.float64 else torch.float32)
 
 
 def _broadcast(x: torch.Tensor, name: str, full: tuple[int, ...]) -> torch.Tensor:

@@ -40,6 +40,9 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
     q, k = a.q, a.k
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if Tk == 0:  # no keys at all: every row is empty
+        probs = q.new_zeros(B, Hq, Tq, 0, dtype=torch.promote_types(q.dtype, torch.float32))
+        return (probs, probs.new_full((B, Hq, Tq), float("-inf"))) if return_lse else probs
     group = Hq // Hkv
     # Grouped-query attention: query head h reads key/value head h // group.
     if group > 1:
