@@ -67,7 +67,9 @@ class Plan:
     def layers(self) -> set[int]:
         raise NotImplementedError
 
-    def for_call(self, layer: int, B: int, Tq: int, Tk: int, device, dtype) -> CallPlan | None:
+    def for_call(self, layer: int, B: int, Tq: int, Tk: int, device, dtype, q_start: int | None = None) -> CallPlan | None:
+        """Tensors for a call whose queries sit at absolute positions ``q_start .. q_start+Tq-1``
+        (default ``Tk - Tq``) and whose keys end with the last query."""
         raise NotImplementedError
 
 
@@ -151,10 +153,9 @@ def _gather_positions(x: torch.Tensor, abs_pos: torch.Tensor, what: str) -> torc
     T = x.shape[1]
     if T == 1:
         return x.expand(x.shape[0], abs_pos.numel(), *x.shape[2:])
-    if int(abs_pos.max()) >= T:
-        raise ValueError(
-            f"{what} covers {T} positions (shape {list(x.shape)}) but the model is at positions up to {int(abs_pos.max())}"
-        )
+    if int(abs_pos.max()) >= T or int(abs_pos.min()) < 0:
+        shape = "" if "shape" in what else f" (shape {list(x.shape)})"
+        raise ValueError(f"{what}{shape} covers {T} positions but the model is at positions up to {int(abs_pos.max())}")
     return x[:, abs_pos.to(x.device)]
 
 
@@ -201,8 +202,9 @@ class InterventionPlan(Plan):
             if iv.kind == "mean":
                 v = _mean_value(iv.value, iv.layer)
                 if tuple(v.shape[-2:]) != (s.n_heads, s.head_dim):
+                    seen = list(iv.value.shape) if isinstance(iv.value, torch.Tensor) else list(v.shape[1:])
                     raise ValueError(
-                        f"Ablate mean value for layer {iv.layer} has shape {list(v.shape[1:])}; expected [..., {s.n_heads}, {s.head_dim}] ([T, H, D] or [H, D])"
+                        f"Ablate mean value for layer {iv.layer} has shape {seen}; expected [{s.n_heads}, {s.head_dim}] or [T, {s.n_heads}, {s.head_dim}] ([H, D] or [T, H, D])"
                     )
         if isinstance(iv, Patch):
             z = _z_source(iv.source, iv.layer, "Patch.source")
@@ -216,17 +218,18 @@ class InterventionPlan(Plan):
     def layers(self) -> set[int]:
         return {iv.layer for iv in self._all()}
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype):
-        key = (layer, B, Tq, Tk, str(device), dtype)
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
+        q_start = Tk - Tq if q_start is None else q_start
+        key = (layer, B, Tq, Tk, q_start, str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = self._build(layer, B, Tq, Tk, device, dtype)
+            self._cache[key] = self._build(layer, B, Tq, Tk, device, dtype, q_start)
         return self._cache[key]
 
-    def _build(self, layer, B, Tq, Tk, device, dtype) -> CallPlan | None:
+    def _build(self, layer, B, Tq, Tk, device, dtype, q_start) -> CallPlan | None:
         if self.rows is not None and len(self.rows) != B:
             raise ValueError(f"per-row interventions were given for {len(self.rows)} rows but the batch has {B} rows")
         groups = [self.shared] if self.rows is None else [self.shared + r for r in self.rows]
-        plans = [self._build_rows([iv for iv in g if iv.layer == layer], layer, B, Tq, Tk, device, per_row=self.rows is not None, row=i)
+        plans = [self._build_rows([iv for iv in g if iv.layer == layer], layer, B, Tq, Tk, device, q_start, per_row=self.rows is not None, row=i)
                  for i, g in enumerate(groups)]
         if all(p.empty for p in plans):
             return None
@@ -234,15 +237,17 @@ class InterventionPlan(Plan):
             return plans[0]
         return _stack(plans, self.shape, Tq, Tk, device)
 
-    def _build_rows(self, ivs, layer, B, Tq, Tk, device, per_row: bool, row: int) -> CallPlan:
+    def _build_rows(self, ivs, layer, B, Tq, Tk, device, q_start: int, per_row: bool, row: int) -> CallPlan:
         s = self.shape
         H, D = s.n_heads, s.head_dim
-        qpos = torch.arange(Tk - Tq, Tk, device=device)
-        kpos = torch.arange(Tk, device=device)
+        qpos = torch.arange(q_start, q_start + Tq, device=device)
+        kpos = torch.arange(q_start + Tq - Tk, q_start + Tq, device=device)  # a sliding-window cache keeps the last Tk
         plan = CallPlan()
 
-        def pick_row(x: torch.Tensor) -> torch.Tensor:
-            # a per-batch source: in per-row mode row i reads source row i
+        def pick_row(x: torch.Tensor, what: str = "source") -> torch.Tensor:
+            # a per-batch source: batch 1 broadcasts; batch B gives row i to row i
+            if x.shape[0] not in (1, B):
+                raise ValueError(f"{what} for layer {layer} has batch {x.shape[0]} (shape {list(x.shape)}), but the model runs {B} rows; expected 1 or {B}")
             if per_row and x.shape[0] == B and B > 1:
                 return x[row : row + 1]
             return x
@@ -264,7 +269,7 @@ class InterventionPlan(Plan):
                 src = iv.source.get(iv.which, layer) if isinstance(iv.source, ActivationCache) else iv.source
                 if src.dim() != 4 or src.shape[1] != n or src.shape[3] != D:
                     raise ValueError(f"PatchQKV(which={iv.which!r}).source for layer {layer} has shape {list(src.shape)}; expected [B, {n}, T, {D}]")
-                vals = _gather_positions(pick_row(src).transpose(1, 2), pos, f"PatchQKV.source ({iv.which})").transpose(1, 2)
+                vals = _gather_positions(pick_row(src, "PatchQKV.source").transpose(1, 2), pos, f"PatchQKV.source ({iv.which}, shape {list(src.shape)})").transpose(1, 2)
                 sel = _head_select(heads, n, device)[None, :, None] & pick_row(_positions(iv.positions, pos, "positions"))[:, None, :]
                 plan.qkv_edits.append((iv.which, sel, vals.to(device)))
                 continue
@@ -293,9 +298,12 @@ class InterventionPlan(Plan):
             if isinstance(iv, Ablate) and iv.kind == "zero":
                 value = torch.zeros(1, Tq, H, D, device=device)
             elif isinstance(iv, Ablate):
-                value = _gather_positions(_mean_value(iv.value, layer).to(device), qpos, "Ablate mean value")
+                mv = _mean_value(iv.value, layer)
+                seen = list(iv.value.shape) if isinstance(iv.value, torch.Tensor) else list(mv.shape[1:])
+                value = _gather_positions(mv.to(device), qpos, f"Ablate mean value (shape {seen})")
             else:
-                value = _gather_positions(pick_row(_z_source(iv.source, layer, "Patch.source")).to(device), qpos, "Patch.source")
+                z = _z_source(iv.source, layer, "Patch.source")
+                value = _gather_positions(pick_row(z, "Patch.source").to(device), qpos, f"Patch.source (shape {list(z.shape)})")
             value = value.transpose(1, 2).float()  # [Bs, H, Tq, D]
             m = torch.where(sel, torch.zeros_like(m), m)
             p = torch.where(sel[..., None], value, p)
@@ -366,25 +374,27 @@ class TensorPlan(Plan):
     def layers(self) -> set[int]:
         return set(self._layers)
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype):
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
         spec = self._layers.get(layer)
         if not spec:
             return None
+        q_start = Tk - Tq if q_start is None else q_start
+        k_start = q_start + Tq - Tk
 
         def window(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
             if x.shape[2] == 1:
                 return x
-            if x.shape[2] < hi:
+            if x.shape[2] < hi or lo < 0:
                 raise ValueError(f"TensorPlan tensor for layer {layer} covers {x.shape[2]} positions, the call needs {hi}")
             return x[:, :, lo:hi]
 
         plan = CallPlan()
         if spec.get("head_mask") is not None:
-            plan.head_mask = window(spec["head_mask"], Tk - Tq, Tk)
+            plan.head_mask = window(spec["head_mask"], q_start, q_start + Tq)
             if spec.get("head_patch") is not None:
-                plan.head_patch = window(spec["head_patch"], Tk - Tq, Tk)
+                plan.head_patch = window(spec["head_patch"], q_start, q_start + Tq)
         plan.score_scale = spec.get("score_scale")
         ko = spec.get("knockout")
         if ko is not None:
-            plan.knockouts.append(Knockout(window(ko.queries, Tk - Tq, Tk), window(ko.keys, 0, Tk)))
+            plan.knockouts.append(Knockout(window(ko.queries, q_start, q_start + Tq), window(ko.keys, k_start, k_start + Tk)))
         return None if plan.empty else plan

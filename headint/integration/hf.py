@@ -29,6 +29,7 @@ from ..plan import InterventionPlan, ModelShape, Plan
 ATTN_NAME = "headint"
 _LOCK = threading.RLock()
 _SESSIONS: list["_Session"] = []  # innermost last
+_CALLS = [0]  # attention calls through headint, all sessions (to detect models that bypass it)
 
 
 class UnsupportedModelError(TypeError):
@@ -52,17 +53,44 @@ class _Session:
         self.recorder = recorder
         self.module_ids = {id(m) for m in model.modules()}
         self.order: dict[int, int] = {}
-        self.calls = 0
+        self.q_start: int | None = None  # absolute position of the current forward's first query
         self.n_layers = ModelShape.from_config(model.config).n_layers
+        # If the model's attention modules carry `layer_idx`, those are the layers interventions
+        # name; attention modules without one (e.g. a vision tower) are left alone.
+        self.indexed = any(isinstance(getattr(m, "layer_idx", None), int) for m in model.modules() if "Attention" in type(m).__name__)
 
-    def layer_of(self, module) -> int:
+    def layer_of(self, module) -> int | None:
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, int):
             return idx
+        if self.indexed:
+            return None
         key = id(module)
         if key not in self.order:  # modules without layer_idx: numbered in order of first call
             self.order[key] = len(self.order)
         return self.order[key]
+
+    def set_q_start(self, _module, args, kwargs) -> None:
+        """Forward pre-hook: where this forward's queries sit in the whole sequence.
+
+        Read from ``cache_position``, else the 2D attention mask (which covers past and new
+        tokens in ``generate``), else the KV cache's length; a sliding-window cache may hold
+        fewer keys than that, so the attention call alone cannot tell.
+        """
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        n_new = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (emb.shape[1] if isinstance(emb, torch.Tensor) else None)
+        cp = kwargs.get("cache_position")
+        mask = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        if isinstance(cp, torch.Tensor) and cp.numel():
+            self.q_start = int(cp.reshape(-1)[0])
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and n_new is not None:
+            self.q_start = mask.shape[1] - n_new
+        elif past is not None and hasattr(past, "get_seq_length"):
+            self.q_start = int(past.get_seq_length())
+        else:
+            self.q_start = None
 
 
 def _session_for(module) -> "_Session | None":
@@ -137,7 +165,8 @@ def intervene(model, interventions: Any = (), *, backend: str = "auto", recorder
         backend: attention backend (see :func:`headint.attention`).
 
     Works around ``model(...)`` and ``model.generate(...)`` (with a KV cache; positions
-    stay absolute across decoding steps). Yields the model.
+    stay absolute across decoding steps, also with sliding-window caches). Nested blocks on
+    the same model: the innermost block's interventions apply. Yields the model.
     """
     check_supported(model)
     plan = make_plan(model, interventions)  # validates before the model is touched
@@ -146,24 +175,36 @@ def intervene(model, interventions: Any = (), *, backend: str = "auto", recorder
     configs = _configs(model)
     saved = [(c, c.__dict__.get("_attn_implementation_internal", None), "_attn_implementation_internal" in c.__dict__) for c in configs]
 
+    start_calls = []
+
+    def before_forward(_module, _args):
+        start_calls.append(_CALLS[0])
+
     def after_forward(_module, _args, _output):
-        if session.calls == 0:
+        start = start_calls.pop() if start_calls else 0
+        if _CALLS[0] == start:
             raise UnsupportedModelError(
                 f"{type(model).__name__} ran a forward pass without calling the registered attention function; "
                 "it bypasses transformers' AttentionInterface, so headint cannot intervene in it"
             )
 
-    handle = None
+    from transformers import PreTrainedModel
+
+    handles = []
     try:
         with _LOCK:
             _SESSIONS.append(session)
         for c in configs:
             c._attn_implementation_internal = ATTN_NAME
-        handle = model.register_forward_hook(after_forward)
+        handles.append(model.register_forward_pre_hook(before_forward))
+        handles.append(model.register_forward_hook(after_forward))
+        for m in model.modules():
+            if isinstance(m, PreTrainedModel):
+                handles.append(m.register_forward_pre_hook(session.set_q_start, with_kwargs=True))
         yield model
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in handles:
+            h.remove()
         for c, value, had in saved:
             if had:
                 c._attn_implementation_internal = value
@@ -209,7 +250,7 @@ def headint_attention_forward(
         raise NotImplementedError(f"{type(session.model).__name__} uses attention logit soft-capping, which headint does not implement")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{type(session.model).__name__} uses attention sinks, which headint does not implement")
-    session.calls += 1
+    _CALLS[0] += 1
     layer = session.layer_of(module)
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
@@ -223,7 +264,12 @@ def headint_attention_forward(
     else:
         window = sliding_window
 
-    plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype) if session.plan is not None else None
+    q_start = session.q_start
+    if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
+        q_start = None
+    plan = None
+    if session.plan is not None and layer is not None:
+        plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
     kw: dict[str, Any] = {}
     if plan is not None:
         if plan.qkv_edits:
@@ -232,7 +278,7 @@ def headint_attention_forward(
     out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw)
 
     rec = session.recorder
-    if rec is not None:
+    if rec is not None and layer is not None:
         rec.add(layer, "z", out.transpose(1, 2), concat_dim=1)
         rec.add(layer, "q", query, concat_dim=2)
         rec.add(layer, "k", key, concat_dim=None)

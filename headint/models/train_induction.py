@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--head-l1",
         type=float,
         default=0.0,
-        help="group-lasso penalty on each head's output projection, sum_h ||W_O^h||_F (default: %(default)s)",
+        help="group-lasso penalty sum over heads of ||(W_Q, W_K, W_V, W_O) of the head||_F (default: %(default)s)",
     )
     p.add_argument(
         "--head-l1-start",
@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.3,
         help="fraction of training after which the head penalty ramps in linearly (over the next 30%%)",
     )
+    p.add_argument("--pos-init", choices=["sinusoidal", "random"], default="sinusoidal")
+    p.add_argument("--pos-scale", type=float, default=0.02, help="RMS of the sinusoidal position init")
+    p.add_argument("--mlp", type=int, default=1, help="1: train the MLPs; 0: attention-only (MLPs frozen at zero output)")
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -115,16 +118,49 @@ def build_model(args: argparse.Namespace):
         eos_token_id=None,
         tie_word_embeddings=False,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if not args.mlp:
+        # attention-only: every MLP outputs exactly zero (weights and bias of its output projection are zero
+        # and frozen), so the residual stream is built from embeddings and attention heads only
+        for block in model.transformer.h:
+            with torch.no_grad():
+                block.mlp.c_proj.weight.zero_()
+                block.mlp.c_proj.bias.zero_()
+            for param in block.mlp.parameters():
+                param.requires_grad_(False)
+    if args.pos_init == "sinusoidal":
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(sinusoidal_positions(args.n_positions, args.d_model, args.pos_scale))
+    return model
 
 
-def head_output_norms(model) -> torch.Tensor:
-    """[n_layers, n_heads] Frobenius norms of each head's block of the attention output projection."""
+def sinusoidal_positions(n_positions: int, d_model: int, scale: float) -> torch.Tensor:
+    """[n_positions, d_model] sinusoidal embeddings (Vaswani et al. 2017), RMS-normalised to ``scale``."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    emb = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    emb[:, 0::2] = torch.sin(pos * freq)
+    emb[:, 1::2] = torch.cos(pos * freq)
+    emb = emb / emb.pow(2).mean().sqrt() * scale
+    return emb.float()
+
+
+def head_group_norms(model) -> torch.Tensor:
+    """[n_layers, n_heads] Frobenius norm of all parameters that belong to one head.
+
+    A head's group is its query/key/value columns of ``c_attn`` (weights and biases) and its
+    rows of the output projection ``c_proj``.
+    """
     norms = []
     for block in model.transformer.h:
-        w = block.attn.c_proj.weight  # Conv1D: [d_model (concatenated heads), d_model]
-        n_head = block.attn.num_heads
-        norms.append(w.view(n_head, w.shape[0] // n_head, w.shape[1]).pow(2).sum(dim=(1, 2)).sqrt())
+        attn = block.attn
+        n_head, d = attn.num_heads, attn.embed_dim
+        hd = d // n_head
+        w_qkv = attn.c_attn.weight.view(d, 3, n_head, hd)  # Conv1D weight: [in, out]
+        b_qkv = attn.c_attn.bias.view(3, n_head, hd)
+        w_o = attn.c_proj.weight.view(n_head, hd, d)
+        sq = w_qkv.pow(2).sum(dim=(0, 1, 3)) + b_qkv.pow(2).sum(dim=(0, 2)) + w_o.pow(2).sum(dim=(1, 2))
+        norms.append(sq.sqrt())
     return torch.stack(norms)
 
 
@@ -154,6 +190,8 @@ def train(args: argparse.Namespace) -> dict:
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (decay if param.dim() >= 2 and "wpe" not in name and "wte" not in name else no_decay).append(param)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -187,7 +225,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.head_l1 > 0:
             ramp = min(1.0, max(0.0, (step / args.steps - args.head_l1_start) / 0.3))
             if ramp > 0:
-                objective = loss + args.head_l1 * ramp * head_output_norms(model).sum()
+                objective = loss + args.head_l1 * ramp * head_group_norms(model).sum()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,7 +242,7 @@ def train(args: argparse.Namespace) -> dict:
             print(
                 f"step {step + 1:5d}  lr {scheduler.get_last_lr()[0]:.2e}  loss {running:.3f}  "
                 f"repeat-loss {running_rep:.3f}  copy-acc {acc:.3f}  ({time.perf_counter() - t0:.0f}s)"
-                + ("  head-norms " + str(head_output_norms(model).detach().numpy().round(2).tolist()) if args.head_l1 else ""),
+                + ("  head-norms " + str(head_group_norms(model).detach().numpy().round(2).tolist()) if args.head_l1 else ""),
                 flush=True,
             )
     train_seconds = time.perf_counter() - t0
@@ -234,6 +272,9 @@ def train(args: argparse.Namespace) -> dict:
         "schedule": "linear warmup, cosine decay to 0.1x",
         "weight_decay": args.weight_decay,
         "background_weight": args.background_weight,
+        "pos_init": args.pos_init,
+        "mlp": bool(args.mlp),
+        "pos_scale": args.pos_scale,
         "head_l1": args.head_l1,
         "head_l1_start": args.head_l1_start,
         "optimizer": "AdamW(betas=(0.9, 0.98)), grad clip 1.0",

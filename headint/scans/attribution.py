@@ -97,6 +97,7 @@ def attribution_scan(
         Tm = T if per_position else 1
         rows = batch_size or N
         estimates = torch.zeros(shape.n_layers, shape.n_heads, Tm, N)
+        backward_passes = 0
         with _frozen_parameters(model):
             for s in range(0, N, rows):
                 ex = torch.arange(s, min(N, s + rows), device=device)
@@ -108,6 +109,7 @@ def attribution_scan(
                 with torch.enable_grad():
                     values = base.run_differentiable(ex, TensorPlan(spec))
                     grads = torch.autograd.grad(values.sum(), [masks[l] for l in range(shape.n_layers)])
+                backward_passes += 1
                 for l, g in enumerate(grads):
                     estimates[l, :, :, ex.cpu()] = -g.detach().float().cpu().permute(1, 2, 0)
     finally:
@@ -121,13 +123,13 @@ def attribution_scan(
         axes = ("layer", "head")
     settings = dict(kind="attribution", method=method, direction=direction if method == "patch" else None,
                     per_position=per_position, metric=repr(metric), model=type(model).__name__, n_examples=N, seq_len=T,
-                    base_baseline=float(base_values.mean()), cost=_costs(clean_runner, corrupt_runner, N, shape.n_layers, T))
+                    base_baseline=float(base_values.mean()), cost=_costs(clean_runner, corrupt_runner, backward_passes))
     return ScanResult(per_example, axes, metric_name=metric.name, clean_baseline=float(clean_values.mean()),
                       corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()), settings=settings)
 
 
-def _costs(clean_runner, corrupt_runner, N, L, T) -> dict:
+def _costs(clean_runner, corrupt_runner, backward_passes: int) -> dict:
     runners = [r for r in (clean_runner, corrupt_runner) if r is not None]
     out = {k: sum(r.cost.as_dict()[k] for r in runners) for k in ("runs", "rows", "layer_forwards", "token_layer_forwards")}
-    out["backward_passes"] = 1
+    out["backward_passes"] = backward_passes
     return out

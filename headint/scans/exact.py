@@ -169,7 +169,11 @@ def scan(
 
     # Variants and the result grid.
     if head_sets is not None:
+        if per_position:
+            raise ValueError("head_sets and per_position=True cannot be combined: head sets are scanned over all positions")
         sets = [tuple(sorted((int(l), int(h)) for l, h in s)) for s in head_sets]
+        if not sets or any(len(s) == 0 for s in sets):
+            raise ValueError("head_sets must be a non-empty list of non-empty sets of (layer, head) pairs")
         for s in sets:
             head_grid(shape, [l for l, _ in s], [h for _, h in s])
         variants = [Variant(s) for s in sets]
@@ -294,6 +298,9 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
             from ..record import record
 
             ref = as_batch(mean_inputs)
+            if ref["input_ids"].shape[1] != base.T:
+                raise ValueError(f"mean_inputs have length {ref['input_ids'].shape[1]} (shape {list(ref['input_ids'].shape)}); "
+                                 f"the per-position mean needs the inputs' length {base.T}")
             cache = record(model, {k: ref[k] for k in ("input_ids", "attention_mask") if k in ref}, what=("z",), backend=backend)
             zs, mask = {l: cache.get("z", l) for l in cache.layers()}, ref["attention_mask"]
         w = mask.float()

@@ -174,18 +174,24 @@ class VariantRunner:
         store: list = [None] * L
         rec = Recorder(("z", "k", "v"))
         inputs = self.model_inputs(self.batch)
-        with intervene(self.model, (), backend=self.backend, recorder=rec), capture_block_outputs(self.parts, store):
-            kwargs = dict(inputs)
-            if self.causal:
-                kwargs["use_cache"] = False
-            out = self.model(**kwargs)
+        base_out: list = []
+        capture = self.parts.base.register_forward_hook(lambda _m, _a, out: base_out.append(out))
+        try:
+            with intervene(self.model, (), backend=self.backend, recorder=rec), capture_block_outputs(self.parts, store):
+                kwargs = dict(inputs)
+                if self.causal:
+                    kwargs["use_cache"] = False
+                out = self.model(**kwargs)
+        finally:
+            capture.remove()
         self.cost.add(self.N, L, self.T)
         full = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        # Use the restricted path only if it reproduces the model's own logits.
-        if self.parts.unembed is not None and hasattr(out, "logits"):
-            with intervene(self.model, (), backend=self.backend):
-                hidden = self.parts.base(**inputs, **({"use_cache": False} if self.causal else {})).last_hidden_state
-            self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+        # Use the restricted path (final hidden state -> only the logits the metric needs) only if
+        # unembedding the base model's output reproduces the model's own logits.
+        if self.parts.unembed is not None and hasattr(out, "logits") and base_out:
+            hidden = getattr(base_out[-1], "last_hidden_state", None)
+            if isinstance(hidden, torch.Tensor):
+                self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
         logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
         full_last = None
         if self.metric.needs_clean or self.metric.token_ids(self.batch) is None:
