@@ -58,7 +58,11 @@ def attention(
         q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, head_mask=head_mask,
         head_patch=head_patch, knockout=knockout, score_scale=score_scale, window=window,
     )
-    name = backends.resolve(backend, q.device, args)
+    requires_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in (args.q, args.k, args.v, args.head_mask, args.head_patch, args.score_scale)
+    )
+    name = backends.resolve(backend, q.device, args, requires_grad)
     if name == "reference":
         return reference_attention(args)
     if name == "sdpa":

@@ -36,8 +36,6 @@ class BackendUnavailable(RuntimeError):
 _LOADERS: dict[str, Callable[[], None]] = {}
 _LOADED: dict[str, str | None] = {}  # name -> None when loaded, else the reason it is unavailable
 _STATE = threading.local()
-_AUTO_CPU: list[str] = ["sdpa", "reference"]  # the CPU order of "auto"
-_CPU_RULE: list = [None]  # optional predicate(args) -> bool: where the native CPU kernel wins
 
 
 def register_loader(name: str, loader: Callable[[], None]) -> None:
@@ -88,36 +86,41 @@ def unavailable_reason(name: str, device: torch.device, args=None) -> str | None
     return _load(name)
 
 
-def auto_backend(device: torch.device, args=None) -> str:
-    """The backend ``"auto"`` uses for tensors on ``device`` (and these ``args``, if given)."""
+def _cpu_kernel_wins(args, requires_grad: bool) -> bool:
+    """Whether the native CPU kernel should run this call under ``"auto"`` (measured rule in
+    :func:`headint.ops.cpu_backend.prefer_cpu_kernel`); False if it cannot be built here."""
+    if os.environ.get("HEADINT_CPU_KERNEL", "1") == "0":
+        return False
+    reason = unavailable_reason("cpu", torch.device("cpu"))
+    if reason is not None:
+        logger.debug("headint: CPU kernel unavailable (%s); auto uses PyTorch on CPU", reason)
+        return False
+    from . import cpu_backend
+
+    return bool(cpu_backend.prefer_cpu_kernel(args, requires_grad))
+
+
+def auto_backend(device: torch.device, args=None, requires_grad: bool = False) -> str:
+    """The backend ``"auto"`` uses for a call on ``device`` (with these canonical ``args``).
+
+    CUDA: the Triton kernels. CPU: the native kernel where ``bench/RESULTS.md`` measured it
+    faster (see :func:`_cpu_kernel_wins`; ``HEADINT_CPU_KERNEL=0`` turns it off); otherwise
+    PyTorch's SDPA when the call has no knockouts or score scales; otherwise the reference.
+    """
     if device.type == "cuda" and unavailable_reason("triton", device) is None:
         return "triton"
-    if device.type == "cpu":
-        for name in _AUTO_CPU:
-            if name == "cpu" and args is not None and _CPU_RULE[0] is not None and not _CPU_RULE[0](args):
-                continue
-            reason = unavailable_reason(name, device, args)
-            if reason is None:
-                return name
-            logger.debug("headint: %s backend not used on CPU (%s); trying the next", name, reason)
+    if device.type == "cpu" and args is not None:
+        if _cpu_kernel_wins(args, requires_grad):
+            return "cpu"
+        if unavailable_reason("sdpa", device, args) is None:
+            return "sdpa"
     return "reference"
 
 
-def set_auto_cpu_preference(order: list[str], cpu_rule=None) -> None:
-    """Set the order in which ``"auto"`` tries backends for CPU tensors (reference is always last).
-
-    ``cpu_rule(args) -> bool``, if given, restricts the ``"cpu"`` kernel to the calls where it
-    measured faster or leaner.
-    """
-    order = [o for o in order if o != "reference"] + ["reference"]
-    _AUTO_CPU[:] = order
-    _CPU_RULE[0] = cpu_rule
-
-
-def resolve(backend: str, device: torch.device, args=None) -> str:
+def resolve(backend: str, device: torch.device, args=None, requires_grad: bool = False) -> str:
     """Return the concrete backend for a call, or raise BackendUnavailable."""
     if backend == "auto":
-        name = auto_backend(device, args)
+        name = auto_backend(device, args, requires_grad)
     else:
         name = backend
         reason = unavailable_reason(name, device, args)

@@ -1,0 +1,761 @@
+// headint: fused intervened attention for CPU tensors.
+//
+// FlashAttention-style tiled online-softmax attention with head interventions applied inside
+// the tiles: GQA, causal / sliding window (queries aligned to the end of the keys), a general
+// keep (bool) or additive (float) mask read through its strides (stride 0 on broadcast dims),
+// compact knockout words (q_bits[i] & k_bits[j] != 0 removes edge i -> j), a per-(b, h) score
+// scale, and the head_mask / head_patch blend in the epilogue.
+//
+// Forward  : parallel over (b, h, query tile); keys are streamed in tiles with a running
+//            max / sum; no Tq x Tk matrix exists beyond one BQ x BK tile per thread.
+// Backward : probabilities are recomputed per tile from the saved lse.
+//            pass 0 (b, h, rows)     : delta = rowsum(dA * A), dhead_mask = rowsum(dO * (A - patch))
+//            pass 1 (b, kvh, k tile) : dK, dV (loops over the query heads of the GQA group) - no races
+//            pass 2 (b, h, q tile)   : dQ and per-tile partial sums of dscore_scale
+// All arithmetic is fp32 (tiles of fp16 / bf16 / fp64 operands are converted on load).
+//
+// The inner loops are explicit SIMD through GCC/Clang vector extensions: VW floats per vector
+// (16 with AVX-512, 8 with AVX, 4 otherwise), a 4 x (2 * VW) register-blocked GEMM micro-kernel
+// and a vectorised exp.
+//
+// Outputs are allocated by the Python launcher (so tests can poison them) and written here.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace headint_cpu {
+
+// ------------------------------------------------------------------------------------------
+// SIMD helpers
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));    // unaligned-safe
+typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
+
+constexpr int BQ = 64;  // query rows per tile
+constexpr int BK = 64;  // keys per tile (multiple of VW)
+constexpr int SMALL_NQ = 4;  // query tiles with at most this many rows use the dot-product path
+static_assert(BK % VW == 0, "BK must be a multiple of the vector width");
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+static inline vf vload(const float* p) { vf r; std::memcpy(&r, p, sizeof(vf)); return r; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+static inline vf vsplat(float x) { vf r = {}; return r + x; }
+static inline vf vselect(vi m, vf a, vf b) {  // m ? a : b (m lanes are 0 or -1)
+  vi ai = (vi)a, bi = (vi)b;
+  return (vf)((ai & m) | (bi & ~m));
+}
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
+static inline float hmax(vf v) { float s = v[0]; for (int i = 1; i < VW; ++i) s = v[i] > s ? v[i] : s; return s; }
+
+// exp(x) for a vector, relative error ~2e-7; exp(-inf) and anything below -87.3 give exactly 0.
+static inline vf vexp(vf x) {
+  const vf lo = vsplat(-87.33f), hi = vsplat(88.0f);
+  vi tiny = x < lo;
+  x = vselect(x > hi, hi, x);
+  x = vselect(tiny, lo, x);
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  vf n = (x * vsplat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * vsplat(0.693359375f);
+  r = r - n * vsplat(-2.12194440e-4f);
+  vf p = vsplat(1.0f / 720.0f);
+  p = p * r + vsplat(1.0f / 120.0f);
+  p = p * r + vsplat(1.0f / 24.0f);
+  p = p * r + vsplat(1.0f / 6.0f);
+  p = p * r + vsplat(0.5f);
+  p = p * r + vsplat(1.0f);
+  p = p * r + vsplat(1.0f);
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf res = p * (vf)e;
+  return (vf)((vi)res & ~tiny);
+}
+
+// C[M x N] (+)= A[M x K] * B[K x N]; A(m, k) = A[m * ars + k * acs] (any strides), B row-major
+// with leading dim ldb, C row-major with leading dim ldc; N must be a multiple of VW.
+template <int MR, int NV>
+static inline void micro(int K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+                         float* C, int64_t ldc) {
+  vf c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = vload(C + r * ldc + v * VW);
+  for (int k = 0; k < K; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * VW);
+    for (int r = 0; r < MR; ++r) {
+      const vf a = vsplat(A[r * ars + k * acs]);
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VW, c[r][v]);
+}
+
+template <int MR>
+static inline void gemm_rows(int N, int K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+                             float* C, int64_t ldc) {
+  int n = 0;
+  for (; n + 2 * VW <= N; n += 2 * VW) micro<MR, 2>(K, A, ars, acs, B + n, ldb, C + n, ldc);
+  for (; n < N; n += VW) micro<MR, 1>(K, A, ars, acs, B + n, ldb, C + n, ldc);
+}
+
+// C += A * B (C must be initialised by the caller).
+static void gemm_acc(int M, int N, int K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+                     float* C, int64_t ldc) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) gemm_rows<4>(N, K, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
+  switch (M - m) {
+    case 3: gemm_rows<3>(N, K, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc); break;
+    case 2: gemm_rows<2>(N, K, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc); break;
+    case 1: gemm_rows<1>(N, K, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc); break;
+    default: break;
+  }
+}
+
+static void gemm_set(int M, int N, int K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+                     float* C, int64_t ldc) {
+  for (int m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(float) * N);
+  gemm_acc(M, N, K, A, ars, acs, B, ldb, C, ldc);
+}
+
+// A 64-byte aligned fp32 scratch buffer.
+struct Buf {
+  float* p = nullptr;
+  explicit Buf(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes == 0 ? 64 : bytes));
+    std::memset(p, 0, bytes == 0 ? 64 : bytes);
+  }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  float* operator()() const { return p; }
+};
+
+// ------------------------------------------------------------------------------------------
+// Operand access through strides
+// ------------------------------------------------------------------------------------------
+enum MaskKind { MASK_NONE, MASK_BOOL, MASK_F32, MASK_F16, MASK_BF16, MASK_F64 };
+
+template <typename T>
+struct View4 {  // [B, H, T, D] (any strides)
+  const T* p = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+  View4() = default;
+  explicit View4(const at::Tensor& t) : p(t.data_ptr<T>()) {
+    for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+  }
+  const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s[0] + h * s[1] + i * s[2]; }
+};
+
+template <typename T>
+struct OutView4 {
+  T* p = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+  OutView4() = default;
+  explicit OutView4(const at::Tensor& t) : p(t.data_ptr<T>()) {
+    for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+  }
+  T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s[0] + h * s[1] + i * s[2]; }
+};
+
+// Everything a tile needs to know about the intervention of one (b, h) pair.
+struct Plan {
+  int64_t B, Hq, Hkv, group, Tq, Tk, D, Dp, off;
+  bool causal;
+  int64_t window;  // <= 0: none
+  float scale;
+  // mask
+  MaskKind mk = MASK_NONE;
+  const char* mask_p = nullptr;
+  int64_t ms[4] = {0, 0, 0, 0};  // element strides
+  // knockout words
+  const int32_t* qb_p = nullptr;
+  int64_t qbs[3] = {0, 0, 0};
+  const int32_t* kb_p = nullptr;
+  int64_t kbs[3] = {0, 0, 0};
+  // head mask [B, H, Tq], score scale [B, H]: fp32 (fp64 when the attention runs in fp64)
+  const void* hm_p = nullptr;
+  bool hm_f64 = false;
+  int64_t hms[3] = {0, 0, 0};
+  const void* ss_p = nullptr;
+  bool ss_f64 = false;
+  int64_t sss[2] = {0, 0};
+
+  // Keys j kept structurally for query row i: lo(i) <= j <= hi(i) (empty when hi < lo).
+  int64_t lo(int64_t i) const {
+    if (window <= 0) return 0;
+    return std::max<int64_t>(0, i + off - window + 1);
+  }
+  int64_t hi(int64_t i) const {
+    const int64_t p = i + off;
+    if (causal) return std::min<int64_t>(Tk - 1, p);
+    if (window > 0) return std::min<int64_t>(Tk - 1, p + window - 1);
+    return Tk - 1;
+  }
+  float score_scale(int64_t b, int64_t h) const {
+    if (!ss_p) return 1.0f;
+    const int64_t o = b * sss[0] + h * sss[1];
+    return ss_f64 ? static_cast<float>(static_cast<const double*>(ss_p)[o]) : static_cast<const float*>(ss_p)[o];
+  }
+  float head_mask(int64_t b, int64_t h, int64_t i) const {
+    if (!hm_p) return 1.0f;
+    const int64_t o = b * hms[0] + h * hms[1] + i * hms[2];
+    return hm_f64 ? static_cast<float>(static_cast<const double*>(hm_p)[o]) : static_cast<const float*>(hm_p)[o];
+  }
+  bool has_elementwise() const { return mk != MASK_NONE || qb_p != nullptr; }
+  // Is every edge of rows [i0, i0+nq) x keys [j0, j0+nk) kept by causality / window?
+  bool structurally_full(int64_t i0, int nq, int64_t j0, int nk) const {
+    return lo(i0 + nq - 1) <= j0 && j0 + nk - 1 <= hi(i0);
+  }
+  // Query rows touching keys [j0, j0 + nk)?
+  bool rows_touch(int64_t i0, int nq, int64_t j0, int nk) const {
+    return !(hi(i0 + nq - 1) < j0 || lo(i0) > j0 + nk - 1);
+  }
+
+  // Load the knockout words of keys [j0, j0 + nk) of head (b, h) into kb.
+  void load_kbits(int64_t b, int64_t h, int64_t j0, int nk, int32_t* kb) const {
+    const int32_t* p = kb_p + b * kbs[0] + h * kbs[1] + j0 * kbs[2];
+    for (int jj = 0; jj < nk; ++jj) kb[jj] = p[jj * kbs[2]];
+  }
+
+  // row[jj] (jj < nk, key j0 + jj, query i of head (b, h)) gets -inf where the edge is removed
+  // and the additive mask added. `full` says the structural test can be skipped.
+  void apply_bias(float* row, int64_t b, int64_t h, int64_t i, int64_t j0, int nk, bool full,
+                  const int32_t* kb) const {
+    if (!full) {
+      const int64_t l = lo(i), u = hi(i);
+      for (int jj = 0; jj < nk; ++jj) {
+        const int64_t j = j0 + jj;
+        if (j < l || j > u) row[jj] = NEG_INF;
+      }
+    }
+    if (mk != MASK_NONE) {
+      const int64_t base = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
+      const int64_t s = ms[3];
+      switch (mk) {
+        case MASK_BOOL: {
+          const bool* m = reinterpret_cast<const bool*>(mask_p) + base;
+          for (int jj = 0; jj < nk; ++jj)
+            if (!m[jj * s]) row[jj] = NEG_INF;
+          break;
+        }
+        case MASK_F32: {
+          const float* m = reinterpret_cast<const float*>(mask_p) + base;
+          for (int jj = 0; jj < nk; ++jj) row[jj] += m[jj * s];
+          break;
+        }
+        case MASK_F16: {
+          const at::Half* m = reinterpret_cast<const at::Half*>(mask_p) + base;
+          for (int jj = 0; jj < nk; ++jj) row[jj] += static_cast<float>(m[jj * s]);
+          break;
+        }
+        case MASK_BF16: {
+          const at::BFloat16* m = reinterpret_cast<const at::BFloat16*>(mask_p) + base;
+          for (int jj = 0; jj < nk; ++jj) row[jj] += static_cast<float>(m[jj * s]);
+          break;
+        }
+        case MASK_F64: {
+          const double* m = reinterpret_cast<const double*>(mask_p) + base;
+          for (int jj = 0; jj < nk; ++jj) row[jj] += static_cast<float>(m[jj * s]);
+          break;
+        }
+        default: break;
+      }
+    }
+    if (qb_p) {
+      const int32_t w = qb_p[b * qbs[0] + h * qbs[1] + i * qbs[2]];
+      if (w != 0)
+        for (int jj = 0; jj < nk; ++jj)
+          if (w & kb[jj]) row[jj] = NEG_INF;
+    }
+  }
+};
+
+static MaskKind mask_kind(const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value() || !mask->defined()) return MASK_NONE;
+  switch (mask->scalar_type()) {
+    case at::kBool: return MASK_BOOL;
+    case at::kFloat: return MASK_F32;
+    case at::kHalf: return MASK_F16;
+    case at::kBFloat16: return MASK_BF16;
+    case at::kDouble: return MASK_F64;
+    default: TORCH_CHECK(false, "headint cpu attention: unsupported mask dtype ", mask->scalar_type());
+  }
+  return MASK_NONE;
+}
+
+static bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+static Plan make_plan(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& q_bits, const c10::optional<at::Tensor>& k_bits,
+                      const c10::optional<at::Tensor>& head_mask, const c10::optional<at::Tensor>& score_scale,
+                      double scale, bool causal, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "headint cpu attention: q, k must be 4-d");
+  Plan P;
+  P.B = q.size(0);
+  P.Hq = q.size(1);
+  P.Tq = q.size(2);
+  P.D = q.size(3);
+  P.Hkv = k.size(1);
+  P.Tk = k.size(2);
+  TORCH_CHECK(P.Hkv > 0 && P.Hq % P.Hkv == 0, "headint cpu attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.size(3) == P.D && k.size(0) == P.B, "headint cpu attention: q / k shapes disagree");
+  P.group = P.Hq / P.Hkv;
+  P.Dp = ((P.D + VW - 1) / VW) * VW;
+  P.off = P.Tk - P.Tq;
+  P.causal = causal;
+  P.window = window;
+  P.scale = static_cast<float>(scale);
+  P.mk = mask_kind(mask);
+  if (P.mk != MASK_NONE) {
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == P.B && mask->size(1) == P.Hq && mask->size(2) == P.Tq &&
+                    mask->size(3) == P.Tk,
+                "headint cpu attention: mask must be a [B, Hq, Tq, Tk] view");
+    P.mask_p = static_cast<const char*>(mask->data_ptr());
+    for (int i = 0; i < 4; ++i) P.ms[i] = mask->stride(i);
+  }
+  TORCH_CHECK(present(q_bits) == present(k_bits), "headint cpu attention: q_bits and k_bits go together");
+  if (present(q_bits)) {
+    TORCH_CHECK(q_bits->scalar_type() == at::kInt && k_bits->scalar_type() == at::kInt,
+                "headint cpu attention: knockout words must be int32");
+    TORCH_CHECK(q_bits->dim() == 3 && k_bits->dim() == 3 && q_bits->size(2) == P.Tq && k_bits->size(2) == P.Tk,
+                "headint cpu attention: knockout words must be [B, Hq, Tq] / [B, Hq, Tk]");
+    P.qb_p = q_bits->data_ptr<int32_t>();
+    P.kb_p = k_bits->data_ptr<int32_t>();
+    for (int i = 0; i < 3; ++i) {
+      P.qbs[i] = q_bits->stride(i);
+      P.kbs[i] = k_bits->stride(i);
+    }
+  }
+  if (present(head_mask)) {
+    TORCH_CHECK((head_mask->scalar_type() == at::kFloat || head_mask->scalar_type() == at::kDouble) &&
+                    head_mask->dim() == 3,
+                "headint cpu attention: head_mask must be float32/float64 [B, Hq, Tq]");
+    P.hm_p = head_mask->data_ptr();
+    P.hm_f64 = head_mask->scalar_type() == at::kDouble;
+    for (int i = 0; i < 3; ++i) P.hms[i] = head_mask->stride(i);
+  }
+  if (present(score_scale)) {
+    TORCH_CHECK((score_scale->scalar_type() == at::kFloat || score_scale->scalar_type() == at::kDouble) &&
+                    score_scale->dim() == 2,
+                "headint cpu attention: score_scale must be float32/float64 [B, Hq]");
+    P.ss_p = score_scale->data_ptr();
+    P.ss_f64 = score_scale->scalar_type() == at::kDouble;
+    for (int i = 0; i < 2; ++i) P.sss[i] = score_scale->stride(i);
+  }
+  return P;
+}
+
+// Row-major tile load: dst[r * ld + d] = mul * src(row r, d) for r < n, d < D.
+template <typename T>
+static inline void load_rows(const View4<T>& x, int64_t b, int64_t h, int64_t i0, int n, int64_t D, float mul,
+                             float* dst, int64_t ld) {
+  const int64_t sd = x.s[3], sr = x.s[2];
+  const T* base = x.row(b, h, i0);
+  for (int r = 0; r < n; ++r) {
+    const T* src = base + r * sr;
+    float* o = dst + r * ld;
+    if (sd == 1)
+      for (int64_t d = 0; d < D; ++d) o[d] = mul * static_cast<float>(src[d]);
+    else
+      for (int64_t d = 0; d < D; ++d) o[d] = mul * static_cast<float>(src[d * sd]);
+  }
+}
+
+// Transposed tile load: dst[d * ld + r] = src(row r, d) for r < n (zero for n <= r < ld), d < D.
+template <typename T>
+static inline void load_cols(const View4<T>& x, int64_t b, int64_t h, int64_t j0, int n, int64_t D, float* dst,
+                             int64_t ld) {
+  const int64_t sd = x.s[3], sr = x.s[2];
+  const T* base = x.row(b, h, j0);
+  if (n < ld)
+    for (int64_t d = 0; d < D; ++d) std::memset(dst + d * ld + n, 0, sizeof(float) * (ld - n));
+  for (int r = 0; r < n; ++r) {
+    const T* src = base + r * sr;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<float>(src[d * sd]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <typename T>
+static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& head_patch, at::Tensor& out, at::Tensor& lse,
+                         at::Tensor& attn) {
+  const View4<T> Q(q), K(k), V(v);
+  View4<T> PT;
+  const bool has_patch = present(head_patch);
+  if (has_patch) PT = View4<T>(*head_patch);
+  const bool blend = P.hm_p != nullptr;
+  OutView4<T> O(out), A;
+  if (blend) A = OutView4<T>(attn);
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
+  const int64_t nQT = (P.Tq + BQ - 1) / BQ;
+  const int64_t D = P.D, Dp = P.Dp;
+
+  at::parallel_for(0, P.B * P.Hq * nQT, 1, [&](int64_t begin, int64_t end) {
+    Buf qt(BQ * Dp), kt(Dp * BK), krow(BK * Dp), vt(BK * Dp), st(BQ * BK), ot(BQ * Dp), mrow(BQ), lrow(BQ);
+    std::vector<int32_t> kb(BK);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (P.Hq * nQT), h = (w / nQT) % P.Hq, t = w % nQT;
+      const int64_t kvh = h / P.group;
+      const int64_t i0 = t * BQ;
+      const int nq = static_cast<int>(std::min<int64_t>(BQ, P.Tq - i0));
+      const float ss = P.score_scale(b, h);
+      load_rows(Q, b, h, i0, nq, D, P.scale, qt(), Dp);
+      std::memset(ot(), 0, sizeof(float) * BQ * Dp);
+      for (int r = 0; r < BQ; ++r) {
+        mrow()[r] = NEG_INF;
+        lrow()[r] = 0.f;
+      }
+      const int64_t jlo = P.lo(i0), jhi = P.hi(i0 + nq - 1);
+      for (int64_t j0 = jlo; j0 <= jhi; j0 += BK) {
+        const int nk = static_cast<int>(std::min<int64_t>(BK, jhi + 1 - j0));
+        if (nq <= SMALL_NQ) {
+          // few query rows (decoding): dot products on row-major K, no transposed copy to amortise
+          load_rows(K, b, kvh, j0, nk, D, 1.0f, krow(), Dp);
+          for (int r = 0; r < nq; ++r) {
+            const float* qr = qt() + r * Dp;
+            float* srow = st() + r * BK;
+            for (int jj = 0; jj < nk; ++jj) {
+              const float* kr = krow() + jj * Dp;
+              vf acc = vload(qr) * vload(kr);
+              for (int64_t c = VW; c < Dp; c += VW) acc += vload(qr + c) * vload(kr + c);
+              srow[jj] = hsum(acc);
+            }
+          }
+        } else {
+          load_cols(K, b, kvh, j0, nk, D, kt(), BK);
+          gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
+        }
+        load_rows(V, b, kvh, j0, nk, D, 1.0f, vt(), Dp);
+        const bool full = P.structurally_full(i0, nq, j0, nk);
+        const bool bias = !full || P.has_elementwise();
+        if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
+        for (int r = 0; r < nq; ++r) {
+          float* row = st() + r * BK;
+          if (ss != 1.0f)
+            for (int c = 0; c < BK; c += VW) vstore(row + c, vload(row + c) * ss);
+          if (bias) P.apply_bias(row, b, h, i0 + r, j0, nk, full, kb.data());
+          for (int c = nk; c < BK; ++c) row[c] = NEG_INF;
+          vf mx = vload(row);
+          for (int c = VW; c < BK; c += VW) mx = vmax(mx, vload(row + c));
+          const float mold = mrow()[r];
+          const float mnew = std::max(mold, hmax(mx));
+          if (mnew == NEG_INF) {  // nothing kept so far in this row
+            std::memset(row, 0, sizeof(float) * BK);
+            continue;
+          }
+          const vf mv = vsplat(mnew);
+          vf acc = vsplat(0.f);
+          for (int c = 0; c < BK; c += VW) {
+            vf p = vexp(vload(row + c) - mv);
+            acc += p;
+            vstore(row + c, p);
+          }
+          const float alpha = mold == NEG_INF ? 0.f : std::exp(mold - mnew);
+          lrow()[r] = lrow()[r] * alpha + hsum(acc);
+          mrow()[r] = mnew;
+          if (alpha != 1.0f) {
+            float* o = ot() + r * Dp;
+            const vf av = vsplat(alpha);
+            for (int64_t c = 0; c < Dp; c += VW) vstore(o + c, vload(o + c) * av);
+          }
+        }
+        gemm_acc(nq, static_cast<int>(Dp), nk, st(), BK, 1, vt(), Dp, ot(), Dp);
+      }
+      // epilogue: normalise, lse, blend
+      for (int r = 0; r < nq; ++r) {
+        const int64_t i = i0 + r;
+        const float l = lrow()[r];
+        const float inv = l > 0.f ? 1.0f / l : 0.f;
+        lse_p[b * ls0 + h * ls1 + i * ls2] = l > 0.f ? mrow()[r] + std::log(l) : NEG_INF;
+        const float* o = ot() + r * Dp;
+        T* dst = O.row(b, h, i);
+        const int64_t sd = O.s[3];
+        if (!blend) {
+          for (int64_t d = 0; d < D; ++d) dst[d * sd] = static_cast<T>(o[d] * inv);
+        } else {
+          const float m = P.head_mask(b, h, i);
+          T* adst = A.row(b, h, i);
+          const int64_t asd = A.s[3];
+          const T* pp = has_patch ? PT.row(b, h, i) : nullptr;
+          const int64_t psd = PT.s[3];
+          for (int64_t d = 0; d < D; ++d) {
+            const T a = static_cast<T>(o[d] * inv);
+            adst[d * asd] = a;
+            const float pv = pp ? static_cast<float>(pp[d * psd]) : 0.f;
+            dst[d * sd] = static_cast<T>(m * static_cast<float>(a) + (1.0f - m) * pv);
+          }
+        }
+      }
+    }
+  });
+}
+
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                   const c10::optional<at::Tensor>& q_bits, const c10::optional<at::Tensor>& k_bits,
+                   const c10::optional<at::Tensor>& head_mask, const c10::optional<at::Tensor>& head_patch,
+                   const c10::optional<at::Tensor>& score_scale, double scale, bool causal, int64_t window,
+                   at::Tensor out, at::Tensor lse, at::Tensor attn) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "headint cpu attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "headint cpu attention: q, k, v must share a dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && lse.scalar_type() == at::kFloat,
+              "headint cpu attention: bad output dtypes");
+  const Plan P = make_plan(q, k, mask, q_bits, k_bits, head_mask, score_scale, scale, causal, window);
+  TORCH_CHECK(!present(head_patch) || present(head_mask), "headint cpu attention: head_patch needs head_mask");
+  TORCH_CHECK(!present(head_patch) || head_patch->scalar_type() == q.scalar_type(),
+              "headint cpu attention: head_patch must have q's dtype");
+  TORCH_CHECK(!present(head_mask) || (attn.dim() == 4 && attn.scalar_type() == q.scalar_type()),
+              "headint cpu attention: attn output must be [B, Hq, Tq, D] when head_mask is given");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headint_attention_fwd", [&] {
+    forward_impl<scalar_t>(P, q, k, v, head_patch, out, lse, attn);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+// P = exp(raw * ss + bias - lse) in place of `row` (raw kept in `raw`), dS = P * (dP - delta) * ss in `dp`.
+// Returns sum_j dS_j * raw_j (before the ss factor) for dscore_scale.
+static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* prob, int64_t b, int64_t h, int64_t i,
+                                 int64_t j0, int nk, bool full, bool bias, const int32_t* kb, float ss, float lse,
+                                 float delta) {
+  // row: raw scores (fp32, q*scale . k); output: prob (P), dp <- dS * ss
+  if (lse == NEG_INF) {
+    std::memset(prob, 0, sizeof(float) * BK);
+    std::memset(dp, 0, sizeof(float) * BK);
+    return 0.f;
+  }
+  const vf ssv = vsplat(ss), lv = vsplat(lse), dv = vsplat(delta);
+  for (int c = 0; c < BK; c += VW) vstore(prob + c, vload(row + c) * ssv);
+  if (bias) P.apply_bias(prob, b, h, i, j0, nk, full, kb);
+  for (int c = nk; c < BK; ++c) prob[c] = NEG_INF;
+  vf acc = vsplat(0.f);
+  for (int c = 0; c < BK; c += VW) {
+    const vf p = vexp(vload(prob + c) - lv);
+    vstore(prob + c, p);
+    const vf ds = p * (vload(dp + c) - dv);
+    // padded / removed columns: p == 0 exactly, raw finite -> contributes 0
+    acc += ds * vload(row + c);
+    vstore(dp + c, ds * ssv);
+  }
+  return hsum(acc);
+}
+
+template <typename T>
+static void backward_impl(const Plan& P, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const c10::optional<at::Tensor>& head_patch, const at::Tensor& attn,
+                          const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dhm,
+                          at::Tensor& dss) {
+  const View4<T> Q(q), K(k), V(v), DO(dout), AT(attn);
+  View4<T> PT;
+  const bool has_patch = present(head_patch);
+  if (has_patch) PT = View4<T>(*head_patch);
+  OutView4<T> DQ(dq), DK(dk), DV(dv);
+  const float* lse_p = lse.data_ptr<float>();
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
+  const int64_t B = P.B, Hq = P.Hq, Tq = P.Tq, Tk = P.Tk, D = P.D, Dp = P.Dp;
+  const bool want_dhm = P.hm_p != nullptr;
+  const bool want_dss = P.ss_p != nullptr;
+
+  // pass 0: delta[b, h, i] = sum_d m * dO * A ; dhead_mask = sum_d dO * (A - patch)
+  at::Tensor delta_t = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));
+  float* delta = delta_t.data_ptr<float>();
+  float* dhm_p = want_dhm ? dhm.data_ptr<float>() : nullptr;
+  const int64_t dhs0 = want_dhm ? dhm.stride(0) : 0, dhs1 = want_dhm ? dhm.stride(1) : 0,
+                dhs2 = want_dhm ? dhm.stride(2) : 0;
+  at::parallel_for(0, B * Hq * Tq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (Hq * Tq), h = (w / Tq) % Hq, i = w % Tq;
+      const T* go = DO.row(b, h, i);
+      const T* a = AT.row(b, h, i);
+      const T* pp = has_patch ? PT.row(b, h, i) : nullptr;
+      float s_da = 0.f, s_dm = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float g = static_cast<float>(go[d * DO.s[3]]);
+        const float av = static_cast<float>(a[d * AT.s[3]]);
+        s_da += g * av;
+        s_dm += g * (av - (pp ? static_cast<float>(pp[d * PT.s[3]]) : 0.f));
+      }
+      const float m = P.head_mask(b, h, i);
+      delta[w] = m * s_da;
+      if (want_dhm) dhm_p[b * dhs0 + h * dhs1 + i * dhs2] = s_dm;
+    }
+  });
+
+  // loads Qsc = q * scale and dA = m * dO of q rows [i0, i0 + nq) of head (b, h)
+  auto load_q_da = [&](int64_t b, int64_t h, int64_t i0, int nq, float* qt, float* dat) {
+    load_rows(Q, b, h, i0, nq, D, P.scale, qt, Dp);
+    load_rows(DO, b, h, i0, nq, D, 1.0f, dat, Dp);
+    if (P.hm_p)
+      for (int r = 0; r < nq; ++r) {
+        const float m = P.head_mask(b, h, i0 + r);
+        float* row = dat + r * Dp;
+        for (int64_t d = 0; d < D; ++d) row[d] *= m;
+      }
+  };
+
+  const int64_t nQT = (Tq + BQ - 1) / BQ;
+  const int64_t nKT = (Tk + BK - 1) / BK;
+
+  // pass 1: dK, dV over (b, kv head, key tile)
+  at::parallel_for(0, B * P.Hkv * nKT, 1, [&](int64_t begin, int64_t end) {
+    Buf kt(Dp * BK), vtt(Dp * BK), qt(BQ * Dp), dat(BQ * Dp), st(BQ * BK), dpt(BQ * BK), pt(BQ * BK),
+        dkt(BK * Dp), dvt(BK * Dp);
+    std::vector<int32_t> kb(BK);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (P.Hkv * nKT), kvh = (w / nKT) % P.Hkv, t = w % nKT;
+      const int64_t j0 = t * BK;
+      const int nk = static_cast<int>(std::min<int64_t>(BK, Tk - j0));
+      load_cols(K, b, kvh, j0, nk, D, kt(), BK);
+      load_cols(V, b, kvh, j0, nk, D, vtt(), BK);
+      std::memset(dkt(), 0, sizeof(float) * BK * Dp);
+      std::memset(dvt(), 0, sizeof(float) * BK * Dp);
+      for (int64_t g = 0; g < P.group; ++g) {
+        const int64_t h = kvh * P.group + g;
+        const float ss = P.score_scale(b, h);
+        if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
+        for (int64_t qt_i = 0; qt_i < nQT; ++qt_i) {
+          const int64_t i0 = qt_i * BQ;
+          const int nq = static_cast<int>(std::min<int64_t>(BQ, Tq - i0));
+          if (!P.rows_touch(i0, nq, j0, nk)) continue;
+          load_q_da(b, h, i0, nq, qt(), dat());
+          gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
+          gemm_set(nq, BK, static_cast<int>(D), dat(), Dp, 1, vtt(), BK, dpt(), BK);
+          const bool full = P.structurally_full(i0, nq, j0, nk);
+          const bool bias = !full || P.has_elementwise();
+          for (int r = 0; r < nq; ++r) {
+            const int64_t i = i0 + r;
+            probs_and_ds(P, st() + r * BK, dpt() + r * BK, pt() + r * BK, b, h, i, j0, nk, full, bias, kb.data(),
+                         ss, lse_p[b * ls0 + h * ls1 + i * ls2], delta[(b * Hq + h) * Tq + i]);
+          }
+          // dV += P^T dA ; dK += (dS * ss)^T Qsc
+          gemm_acc(nk, static_cast<int>(Dp), nq, pt(), 1, BK, dat(), Dp, dvt(), Dp);
+          gemm_acc(nk, static_cast<int>(Dp), nq, dpt(), 1, BK, qt(), Dp, dkt(), Dp);
+        }
+      }
+      for (int jj = 0; jj < nk; ++jj) {
+        T* a = DK.row(b, kvh, j0 + jj);
+        T* c = DV.row(b, kvh, j0 + jj);
+        const float* sk = dkt() + jj * Dp;
+        const float* sv = dvt() + jj * Dp;
+        for (int64_t d = 0; d < D; ++d) {
+          a[d * DK.s[3]] = static_cast<T>(sk[d]);
+          c[d * DV.s[3]] = static_cast<T>(sv[d]);
+        }
+      }
+    }
+  });
+
+  // pass 2: dQ (and dscore_scale partial sums) over (b, h, query tile)
+  std::vector<float> dss_part(want_dss ? B * Hq * nQT : 0, 0.f);
+  at::parallel_for(0, B * Hq * nQT, 1, [&](int64_t begin, int64_t end) {
+    Buf kt(Dp * BK), kr(BK * Dp), vtt(Dp * BK), qt(BQ * Dp), dat(BQ * Dp), st(BQ * BK), dpt(BQ * BK),
+        pt(BQ * BK), dqt(BQ * Dp);
+    std::vector<int32_t> kb(BK);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (Hq * nQT), h = (w / nQT) % Hq, t = w % nQT;
+      const int64_t kvh = h / P.group;
+      const int64_t i0 = t * BQ;
+      const int nq = static_cast<int>(std::min<int64_t>(BQ, Tq - i0));
+      const float ss = P.score_scale(b, h);
+      load_q_da(b, h, i0, nq, qt(), dat());
+      std::memset(dqt(), 0, sizeof(float) * BQ * Dp);
+      float dss_acc = 0.f;
+      const int64_t jlo = P.lo(i0), jhi = P.hi(i0 + nq - 1);
+      for (int64_t j0 = jlo; j0 <= jhi; j0 += BK) {
+        const int nk = static_cast<int>(std::min<int64_t>(BK, jhi + 1 - j0));
+        load_cols(K, b, kvh, j0, nk, D, kt(), BK);
+        load_rows(K, b, kvh, j0, nk, D, 1.0f, kr(), Dp);
+        load_cols(V, b, kvh, j0, nk, D, vtt(), BK);
+        if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
+        gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
+        gemm_set(nq, BK, static_cast<int>(D), dat(), Dp, 1, vtt(), BK, dpt(), BK);
+        const bool full = P.structurally_full(i0, nq, j0, nk);
+        const bool bias = !full || P.has_elementwise();
+        for (int r = 0; r < nq; ++r) {
+          const int64_t i = i0 + r;
+          dss_acc += probs_and_ds(P, st() + r * BK, dpt() + r * BK, pt() + r * BK, b, h, i, j0, nk, full, bias,
+                                  kb.data(), ss, lse_p[b * ls0 + h * ls1 + i * ls2], delta[(b * Hq + h) * Tq + i]);
+        }
+        gemm_acc(nq, static_cast<int>(Dp), nk, dpt(), BK, 1, kr(), Dp, dqt(), Dp);
+      }
+      if (want_dss) dss_part[w] = dss_acc;
+      for (int r = 0; r < nq; ++r) {
+        T* dst = DQ.row(b, h, i0 + r);
+        const float* s = dqt() + r * Dp;
+        for (int64_t d = 0; d < D; ++d) dst[d * DQ.s[3]] = static_cast<T>(s[d] * P.scale);
+      }
+    }
+  });
+  if (want_dss) {
+    float* o = dss.data_ptr<float>();
+    const int64_t s0 = dss.stride(0), s1 = dss.stride(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hq; ++h) {
+        double s = 0.0;
+        for (int64_t t = 0; t < nQT; ++t) s += dss_part[(b * Hq + h) * nQT + t];
+        o[b * s0 + h * s1] = static_cast<float>(s);
+      }
+  }
+}
+
+void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_bits,
+                   const c10::optional<at::Tensor>& k_bits, const c10::optional<at::Tensor>& head_mask,
+                   const c10::optional<at::Tensor>& head_patch, const c10::optional<at::Tensor>& score_scale,
+                   double scale, bool causal, int64_t window, const at::Tensor& attn, const at::Tensor& lse,
+                   at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dhead_mask, at::Tensor dscore_scale) {
+  TORCH_CHECK(q.device().is_cpu(), "headint cpu attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  dout.scalar_type() == q.scalar_type() && attn.scalar_type() == q.scalar_type(),
+              "headint cpu attention: dout, q, k, v, attn must share a dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "headint cpu attention: lse must be float32");
+  TORCH_CHECK(dout.sizes() == q.sizes() && attn.sizes() == q.sizes(), "headint cpu attention: dout / attn shape");
+  const Plan P = make_plan(q, k, mask, q_bits, k_bits, head_mask, score_scale, scale, causal, window);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headint_attention_bwd", [&] {
+    backward_impl<scalar_t>(P, dout, q, k, v, head_patch, attn, lse, dq, dk, dv, dhead_mask, dscore_scale);
+  });
+}
+
+int64_t vector_width() { return VW; }
+
+}  // namespace headint_cpu
+
+TORCH_LIBRARY(headint_cpu, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_bits, Tensor? k_bits, "
+      "Tensor? head_mask, Tensor? head_patch, Tensor? score_scale, float scale, bool causal, int window, "
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) attn) -> ()",
+      &headint_cpu::attention_fwd);
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_bits, Tensor? k_bits, "
+      "Tensor? head_mask, Tensor? head_patch, Tensor? score_scale, float scale, bool causal, int window, "
+      "Tensor attn, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dhead_mask, "
+      "Tensor(e!) dscore_scale) -> ()",
+      &headint_cpu::attention_bwd);
+  m.def("vector_width() -> int", &headint_cpu::vector_width);
+}
