@@ -108,7 +108,9 @@ def auto_backend(device: torch.device, args=None, requires_grad: bool = False) -
     PyTorch's SDPA when the call has no knockouts or score scales; otherwise the reference.
     """
     if device.type == "cuda" and unavailable_reason("triton", device) is None:
-        return "triton"
+        if args is None or args.q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return "triton"
+        return "reference"  # the kernels take fp16/bf16/fp32
     if device.type == "cpu" and args is not None:
         if _cpu_kernel_wins(args, requires_grad):
             return "cpu"
@@ -126,8 +128,9 @@ def resolve(backend: str, device: torch.device, args=None, requires_grad: bool =
         reason = unavailable_reason(name, device, args)
         if reason is not None:
             raise BackendUnavailable(reason)
-    _STATE.last = name
-    logger.debug("headint.attention: backend=%s device=%s", name, device)
+    if not torch.compiler.is_compiling():  # keep torch.compile graphs whole
+        _STATE.last = name
+        logger.debug("headint.attention: backend=%s device=%s", name, device)
     return name
 
 

@@ -1,0 +1,37 @@
+"""Shared setup of the Triton kernel tests (CPU, Triton interpreter).
+
+``TRITON_INTERPRET=1`` must be in the environment before anything imports triton's kernels
+(``triton.jit`` decides at decoration time whether to build interpreted functions), so it is
+set here, at the top of the conftest, before any import of headint/triton. (A session that
+collects this directory therefore runs every test with the variable set.)
+
+Every test runs with ``headint_kernels.launch.POISON_OUTPUTS`` on: outputs and scratch start
+NaN-filled, so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    from headint.ops import backends
+
+    reason = backends.unavailable_reason("triton", __import__("torch").device("cpu"))
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    from headint_kernels import config, launch
+
+    if not config.INTERPRET:
+        pytest.fail("headint_kernels was imported before TRITON_INTERPRET=1 was set (kernels are not interpreted)")
+    old = launch.POISON_OUTPUTS
+    launch.POISON_OUTPUTS = True
+    try:
+        yield launch
+    finally:
+        launch.POISON_OUTPUTS = old
