@@ -1,11 +1,15 @@
 """Embedded models shipped as package data.
 
 ``induction-2l``
-    A 2-layer, 4-heads-per-layer GPT-2 style decoder (d_model 64, vocabulary 128,
-    context 64) trained from scratch by :mod:`headint.models.train_induction` on the
-    synthetic in-context copying task of :mod:`headint.models.induction_data`.  It has
-    a previous-token head in layer 0 feeding an induction head in layer 1, plus
-    bystander heads, which makes it a small ground truth for causal head scans.
+    A 2-layer, 4-heads-per-layer GPT-2 decoder (d_model 64, vocabulary 128, 64
+    positions, ~59k parameters), attention-only (its MLPs are zero), trained from
+    scratch by :mod:`headint.models.train_induction` on the synthetic in-context
+    copying task of :mod:`headint.models.induction_data`.  It holds a real induction
+    circuit -- a previous-token head in layer 0 whose output the induction head in
+    layer 1 reads -- and bystander heads that were pruned during training (weights ~0,
+    near-uniform attention, no output), so it is a small ground truth for causal
+    head scans.  ``model_dir("induction-2l") / "training.json"`` records how it was
+    trained and its pattern scores.
 
 Example::
 

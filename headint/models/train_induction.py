@@ -4,19 +4,40 @@ Usage::
 
     python -m headint.models.train_induction [--out DIR] [--steps N] [--seed S]
 
-The model is a 2-layer GPT-2 decoder with 4 heads per layer trained from scratch with
-the plain next-token loss on sequences of distinct random tokens in which one segment
-of random length (4..16) reappears at a random offset
-(:func:`headint.models.induction_data.copy_task_batch`).  The only predictable tokens
-are the continuations inside the repeated segment, which can only be found in context,
-so the model has to build an induction circuit: a previous-token head in layer 0 whose
-output is read (K-composition) by an induction head in layer 1.
+Model: a 2-layer GPT-2 decoder (``GPT2LMHeadModel``) with 4 heads per layer, d_model 64,
+vocabulary 128 and 64 positions, trained from scratch.  It is *attention-only*: the MLP
+weights are zero and frozen, so every MLP outputs exactly zero (as in the 2-layer
+attention-only models of Elhage et al. 2021).  With trainable MLPs the model tends to
+solve the task with positional pair-binding shortcuts instead of the canonical circuit.
+
+Task: sequences of distinct random tokens in which one segment of random length (4..16)
+reappears at a random offset (:func:`headint.models.induction_data.copy_task_batch`).
+The loss is the next-token cross-entropy on the positions whose next token is
+predictable, i.e. inside the second occurrence of the segment.  (``--background-weight``
+adds the other positions after the circuit has formed; from the start, any noticeable
+weight there keeps the model on the plateau or sends it to shortcuts, because copying
+tokens already seen is wrong on those positions.)
+The continuation can only be found in context, so the model has to build an induction
+circuit: a previous-token head in layer 0 whose output is read (K-composition) by an
+induction head in layer 1.
+
+Optimisation: AdamW (betas 0.9/0.98, weight decay 0.01 on matrices), peak LR 1e-3 with
+200 linear warmup steps and cosine decay to 0.1x, batch 32, 2500 steps, gradient clip
+1.0.  The loss sits on the plateau for a few hundred steps before the induction circuit
+forms (copy accuracy jumps from ~0.05 to > 0.95 around steps 600-1000).  Once it has
+formed (smoothed loss < ``--formed-loss``), a group-lasso penalty
+``--head-l1 * sum_heads ||(W_Q, W_K, W_V, W_O)_head||_F`` is ramped in over
+``--ramp-steps`` steps; it concentrates the circuit in a few heads and prunes the
+redundant copies, leaving bystander heads whose weights are ~0 (near-uniform attention,
+no output).  Without it all four heads of a layer end up as redundant copies.
 
 Training is deterministic for a given seed (seeded generators, deterministic
-algorithms, 2 CPU threads).  At the end the script prints the in-context copy accuracy
-versus chance and the previous-token / induction score tables, and writes
-``config.json`` + ``model.safetensors`` (``save_pretrained``) and ``training.json``
-into ``--out`` (default: the package directory ``headint/models/induction-2l``).
+algorithms, a fixed number of CPU threads, 2 by default; the result depends on the thread
+count).  About 1-2 minutes on 2 CPU cores.  At the end the script prints the
+in-context copy accuracy versus chance and the previous-token / induction score tables,
+and writes ``config.json`` + ``model.safetensors`` (``save_pretrained``) and
+``training.json`` into ``--out`` (default: the package directory
+``headint/models/induction-2l``).
 """
 
 from __future__ import annotations
@@ -51,9 +72,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "induction-2l"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -63,26 +84,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="training sequence length")
     p.add_argument("--n-positions", type=int, default=64, help="model context size")
     p.add_argument(
+        "--formed-loss",
+        type=float,
+        default=1.0,
+        help="the circuit counts as formed once the smoothed loss on the predictable positions drops below "
+        "this; phase 2 (background loss, head penalty) then ramps in (default: %(default)s)",
+    )
+    p.add_argument("--ramp-steps", type=int, default=750, help="length of the phase-2 ramp (default: %(default)s)")
+    p.add_argument(
         "--background-weight",
         type=float,
         default=0.0,
-        help="loss weight of positions whose next token is NOT predictable (1 = plain LM loss; default: %(default)s)",
+        help="phase-2 loss weight of the positions whose next token is NOT predictable (default: %(default)s)",
     )
     p.add_argument(
         "--head-l1",
         type=float,
-        default=0.0,
-        help="group-lasso penalty sum over heads of ||(W_Q, W_K, W_V, W_O) of the head||_F (default: %(default)s)",
+        default=0.02,
+        help="phase-2 group-lasso penalty: sum over heads of ||(W_Q, W_K, W_V, W_O) of the head||_F "
+        "(default: %(default)s)",
     )
-    p.add_argument(
-        "--head-l1-start",
-        type=float,
-        default=0.3,
-        help="fraction of training after which the head penalty ramps in linearly (over the next 30%%)",
-    )
-    p.add_argument("--pos-init", choices=["sinusoidal", "random"], default="sinusoidal")
-    p.add_argument("--pos-scale", type=float, default=0.02, help="RMS of the sinusoidal position init")
-    p.add_argument("--mlp", type=int, default=1, help="1: train the MLPs; 0: attention-only (MLPs frozen at zero output)")
+    p.add_argument("--mlp", type=int, default=0, help="0: attention-only (MLPs frozen at zero, default); 1: train the MLPs")
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -93,10 +115,6 @@ def seed_everything(seed: int, threads: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
     torch.use_deterministic_algorithms(True)
 
 
@@ -109,7 +127,8 @@ def build_model(args: argparse.Namespace):
         n_embd=args.d_model,
         n_layer=2,
         n_head=args.n_head,
-        n_inner=4 * args.d_model,
+        # attention-only: the (zero, frozen) MLPs are kept tiny so they cost almost nothing
+        n_inner=4 * args.d_model if args.mlp else 16,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -120,29 +139,14 @@ def build_model(args: argparse.Namespace):
     )
     model = GPT2LMHeadModel(config)
     if not args.mlp:
-        # attention-only: every MLP outputs exactly zero (weights and bias of its output projection are zero
-        # and frozen), so the residual stream is built from embeddings and attention heads only
+        # attention-only: all MLP weights and biases are zero and frozen, so every MLP outputs exactly
+        # zero and the residual stream is built from the embeddings and the attention heads only
         for block in model.transformer.h:
-            with torch.no_grad():
-                block.mlp.c_proj.weight.zero_()
-                block.mlp.c_proj.bias.zero_()
             for param in block.mlp.parameters():
+                with torch.no_grad():
+                    param.zero_()
                 param.requires_grad_(False)
-    if args.pos_init == "sinusoidal":
-        with torch.no_grad():
-            model.transformer.wpe.weight.copy_(sinusoidal_positions(args.n_positions, args.d_model, args.pos_scale))
     return model
-
-
-def sinusoidal_positions(n_positions: int, d_model: int, scale: float) -> torch.Tensor:
-    """[n_positions, d_model] sinusoidal embeddings (Vaswani et al. 2017), RMS-normalised to ``scale``."""
-    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    emb = torch.zeros(n_positions, d_model, dtype=torch.float64)
-    emb[:, 0::2] = torch.sin(pos * freq)
-    emb[:, 1::2] = torch.cos(pos * freq)
-    emb = emb / emb.pow(2).mean().sqrt() * scale
-    return emb.float()
 
 
 def head_group_norms(model) -> torch.Tensor:
@@ -170,6 +174,24 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+PREV_TOKEN_THRESHOLD = 0.4
+INDUCTION_THRESHOLD = 0.3
+
+
+def head_roles(prev: torch.Tensor, ind: torch.Tensor) -> dict:
+    """``{(layer, head): "previous-token" | "induction" | "bystander"}`` from the two score tables."""
+    roles = {}
+    for layer in range(prev.shape[0]):
+        for head in range(prev.shape[1]):
+            r = []
+            if prev[layer, head] >= PREV_TOKEN_THRESHOLD:
+                r.append("previous-token")
+            if ind[layer, head] >= INDUCTION_THRESHOLD:
+                r.append("induction")
+            roles[(layer, head)] = "+".join(r) or "bystander"
+    return roles
 
 
 def format_table(scores: torch.Tensor, title: str) -> str:
@@ -209,6 +231,7 @@ def train(args: argparse.Namespace) -> dict:
     )
     t0 = time.perf_counter()
     running, running_rep = None, None
+    formed_at = None  # step at which the circuit formed (smoothed repeat loss below --formed-loss)
     loss_val = rep_val = float("nan")
     for step in range(args.steps):
         batch = copy_task_batch(
@@ -219,13 +242,13 @@ def train(args: argparse.Namespace) -> dict:
         token_loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, args.vocab), targets.reshape(-1), reduction="none"
         ).view_as(targets)
-        weights = torch.where(batch.repeat_mask[:, :-1], 1.0, args.background_weight)
+        # phase 2 (after the circuit formed): ramp in the background loss and the head penalty
+        ramp = 0.0 if formed_at is None else min(1.0, (step - formed_at + 1) / max(1, args.ramp_steps))
+        weights = torch.where(batch.repeat_mask[:, :-1], 1.0, args.background_weight * ramp)
         loss = (token_loss * weights).sum() / weights.sum()
         objective = loss
-        if args.head_l1 > 0:
-            ramp = min(1.0, max(0.0, (step / args.steps - args.head_l1_start) / 0.3))
-            if ramp > 0:
-                objective = loss + args.head_l1 * ramp * head_group_norms(model).sum()
+        if args.head_l1 > 0 and ramp > 0:
+            objective = loss + args.head_l1 * ramp * head_group_norms(model).sum()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -236,6 +259,13 @@ def train(args: argparse.Namespace) -> dict:
         rep_val = token_loss.detach()[batch.repeat_mask[:, :-1]].mean().item()
         running = loss_val if running is None else 0.95 * running + 0.05 * loss_val
         running_rep = rep_val if running_rep is None else 0.95 * running_rep + 0.05 * rep_val
+        if formed_at is None and step >= args.warmup and running_rep < args.formed_loss:
+            formed_at = step + 1
+            print(
+                f"step {step + 1:5d}  repeat-loss {running_rep:.3f} < {args.formed_loss}: circuit formed, "
+                "ramping in the head penalty and the background loss",
+                flush=True,
+            )
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             acc, _ = copy_accuracy(model, batch=128, seed=10_000 + args.seed)
             model.train()
@@ -256,6 +286,15 @@ def train(args: argparse.Namespace) -> dict:
     print(f"in-context copy accuracy on repeated positions: {accuracy:.4f}  (chance 1/{args.vocab} = {chance:.4f})")
     print(format_table(prev, "\nprevious-token scores (attention i -> i-1):"))
     print(format_table(ind, "\ninduction scores (attention i -> i-h+1 on repeated random tokens, h=20):"))
+    norms = head_group_norms(model).detach()
+    print(format_table(norms, "\nparameter norm of each head (Q, K, V, O):"))
+    roles = head_roles(prev, ind)
+    print("\nroles: " + ", ".join(f"L{l}H{h} {r}" for (l, h), r in roles.items()))
+    circuit_found = any(r == "previous-token" for (l, _), r in roles.items() if l == 0) and any(
+        r == "induction" for (l, _), r in roles.items() if l == 1
+    )
+    if not circuit_found:
+        print("WARNING: no previous-token head in layer 0 and induction head in layer 1 (too few steps?)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +302,7 @@ def train(args: argparse.Namespace) -> dict:
     argv = sys.argv[1:] if args._argv is None else args._argv
     info = {
         "model": "induction-2l",
-        "command": "python -m headint.models.train_induction " + " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join(["python -m headint.models.train_induction", *(shlex.quote(a) for a in argv)]),
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -272,11 +311,11 @@ def train(args: argparse.Namespace) -> dict:
         "schedule": "linear warmup, cosine decay to 0.1x",
         "weight_decay": args.weight_decay,
         "background_weight": args.background_weight,
-        "pos_init": args.pos_init,
         "mlp": bool(args.mlp),
-        "pos_scale": args.pos_scale,
         "head_l1": args.head_l1,
-        "head_l1_start": args.head_l1_start,
+        "formed_loss": args.formed_loss,
+        "ramp_steps": args.ramp_steps,
+        "circuit_formed_at_step": formed_at,
         "optimizer": "AdamW(betas=(0.9, 0.98)), grad clip 1.0",
         "task": {
             "vocab": args.vocab,
@@ -293,6 +332,9 @@ def train(args: argparse.Namespace) -> dict:
         "chance": chance,
         "previous_token_scores": [[round(v, 4) for v in row] for row in prev.tolist()],
         "induction_scores": [[round(v, 4) for v in row] for row in ind.tolist()],
+        "head_norms": [[round(v, 4) for v in row] for row in norms.tolist()],
+        "roles": {f"L{l}H{h}": r for (l, h), r in roles.items()},
+        "circuit_found": circuit_found,
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads,
         "torch": torch.__version__,
@@ -309,6 +351,22 @@ def main(argv=None) -> dict:
     return train(args)
 
 
+def _reexec_with_passive_omp() -> None:
+    """Re-run this script with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set.
+
+    OpenMP reads the variable when torch is first imported, which has already happened by the
+    time this module runs.  With the default (spinning) policy, 2 OpenMP threads on a machine
+    whose cores are busy with other processes can be 10x slower than with passive waiting; the
+    numbers computed are the same either way.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    argv = [sys.executable, "-m", "headint.models.train_induction", *sys.argv[1:]]
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _reexec_with_passive_omp()
     main()
