@@ -95,26 +95,52 @@ def _table(res: dict) -> str:
     lines = [f"{'head':>6} {'mean-abl. effect':>17} {'± stderr':>9} {'patch effect':>13} {'attribution':>12} {'prev-tok':>9} {'induction':>10}  role"]
     for eff, l, h in rows:
         lines.append(
-            f"{head_name(l, h):>6} {eff:>17.3f} {float(s.stderr[l, h]):>9.3f} {float(pt.effect[l, h]):>13.3f} "
+            f"{head_name(l, h):>6} {eff:>17.3f} {float(s.effect_stderr[l, h]):>9.3f} {float(pt.effect[l, h]):>13.3f} "
             f"{float(a.effect[l, h]):>12.3f} {float(res['prev'][l, h]):>9.2f} {float(res['ind'][l, h]):>10.2f}  {res['roles'][(l, h)]}"
         )
     return "\n".join(lines)
 
 
-def _redundancy(res: dict) -> str:
-    single = res["mean_scan"].effect
+def pair_interactions(res: dict, rel: float = 0.5) -> tuple[list[tuple], list[tuple]]:
+    """Pairs whose joint ablation differs clearly from the sum of the two single ablations.
+
+    interaction = pair effect - (effect a + effect b). Clearly negative: the pair does more
+    damage than the two heads alone (redundancy: each covers for the other). Clearly positive:
+    either head alone already removes what the pair removes (the heads act in series).
+    "Clearly": beyond ``rel`` of the larger of |pair effect| and |summed effects|, beyond three
+    paired standard errors, and beyond 5% of the clean-corrupt gap.
+    Returns (redundant, serial), each ``[(a, b, pair_effect, summed_singles, interaction)]``.
+    """
+    single = res["mean_scan"]
     pairs = res["pair_scan"]
-    eff = pairs.effect
-    i = int(torch.argmin(eff))
-    (a, b) = [tuple(x) for x in pairs.labels[i]]
-    sum_single = float(single[a] + single[b])
-    pair = float(eff[i])
-    text = (f"strongest pair: {head_name(*a)} + {head_name(*b)}: effect {pair:.3f} ± {float(pairs.stderr[i]):.3f} "
-            f"(single-head effects {float(single[a]):.3f} and {float(single[b]):.3f}, sum {sum_single:.3f})")
-    if abs(pair) > 1.5 * abs(sum_single) + 1e-6:
-        text += ("\n  -> redundancy: ablating either head alone barely moves the metric, ablating both does. "
-                 "Single-head scans miss heads that back each other up; the pairwise scan finds them.")
-    return text
+    gap = abs((single.clean_baseline or 0.0) - (single.corrupt_baseline or 0.0))
+    redundant, serial = [], []
+    for i, hs in enumerate(pairs.labels):
+        a, b = (tuple(x) for x in hs)
+        pair, singles = float(pairs.effect[i]), float(single.effect[a] + single.effect[b])
+        inter = pair - singles
+        if abs(inter) > rel * max(abs(pair), abs(singles)) and abs(inter) > 3 * float(pairs.effect_stderr[i]) and abs(inter) > 0.05 * gap:
+            (redundant if inter < 0 else serial).append((a, b, pair, singles, inter))
+    return sorted(redundant, key=lambda r: r[4]), sorted(serial, key=lambda r: -r[4])
+
+
+def _redundancy(res: dict) -> str:
+    redundant, serial = pair_interactions(res)
+    n = len(res["pair_scan"].labels)
+    lines = []
+    if redundant:
+        lines.append(f"pairwise scan ({n} pairs): heads that back each other up (together they do more than alone):")
+        for a, b, pair, singles, inter in redundant[:5]:
+            lines.append(f"  {head_name(*a)} + {head_name(*b)}: together {pair:.3f}, single effects summed {singles:.3f}")
+        lines.append("  -> single-head ablation underestimates these heads, since each covers for the other; "
+                     "the pairwise scan is what finds them.")
+    else:
+        lines.append(f"pairwise scan ({n} pairs): no redundant heads; no pair does clearly more damage than its two "
+                     "heads alone, so the single-head scan already shows every head that matters here.")
+    for a, b, pair, singles, inter in serial[:3]:
+        lines.append(f"  {head_name(*a)} and {head_name(*b)} act in series: together {pair:.3f}, single effects summed "
+                     f"{singles:.3f} (either one alone removes the behaviour)")
+    return "\n".join(lines)
 
 
 def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, backend: str = "auto") -> int:

@@ -85,6 +85,9 @@ class ScanResult:
     metric_name: the metric's name. clean_baseline / corrupt_baseline: the metric's mean
     on the clean / corrupted run (floats or None). settings: JSON-able dict (method,
     model name, ...). normalized: whether values are already (v - corrupt) / (clean - corrupt).
+    base_per_example: optional ``[N]``, the metric per example on the run the interventions
+    were applied to, without them; gives paired standard errors of the effects
+    (:attr:`effect_stderr`, and ``effect``/``effect_stderr`` columns in :meth:`to_frame`).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class ScanResult:
         corrupt_baseline: float | None = None,
         settings: dict | None = None,
         normalized: bool = False,
+        base_per_example: torch.Tensor | None = None,
     ):
         if not isinstance(per_example, torch.Tensor):
             if isinstance(per_example, np.ndarray):
@@ -140,6 +144,11 @@ class ScanResult:
         self.corrupt_baseline = _as_float_or_none(corrupt_baseline, "corrupt_baseline")
         self.settings = _json_settings(settings)
         self.normalized = bool(normalized)
+        if base_per_example is not None:
+            base_per_example = torch.as_tensor(base_per_example).detach().cpu().to(self.per_example.dtype)
+            if base_per_example.shape != (self.n_examples,):
+                raise ValueError(f"base_per_example has shape {list(base_per_example.shape)}; expected [{self.n_examples}] (N)")
+        self.base_per_example = base_per_example
 
     # ------------------------------------------------------------------ shape
 
@@ -184,6 +193,15 @@ class ScanResult:
             raise ValueError("effect needs a clean baseline, but clean_baseline is None; use .values instead")
         return (self.per_example.double().mean(dim=-1) - self.clean_baseline).to(self._stat_dtype())
 
+    @property
+    def effect_stderr(self) -> torch.Tensor:
+        """Standard error of each intervention's change ``[*grid]``, paired per example
+        (``value - base`` per example) when ``base_per_example`` is known, else :attr:`stderr`."""
+        if self.base_per_example is None or self.n_examples == 1:
+            return self.stderr
+        d = (self.per_example - self.base_per_example).double()
+        return (d.std(dim=-1, correction=1) / math.sqrt(self.n_examples)).to(self._stat_dtype())
+
     def normalized_result(self) -> "ScanResult":
         """A new ScanResult with per-example values ``(v - corrupt) / (clean - corrupt)``.
 
@@ -199,10 +217,12 @@ class ScanResult:
                 f"{self.clean_baseline} and corrupt_baseline={self.corrupt_baseline}"
             )
         per_example = normalize(self.per_example, self.clean_baseline, self.corrupt_baseline)
+        base = None if self.base_per_example is None else normalize(self.base_per_example, self.clean_baseline, self.corrupt_baseline)
         settings = dict(self.settings)
         settings["normalization"] = {"clean_baseline": self.clean_baseline, "corrupt_baseline": self.corrupt_baseline}
         return self._replace(
-            per_example=per_example, clean_baseline=1.0, corrupt_baseline=0.0, settings=settings, normalized=True
+            per_example=per_example, clean_baseline=1.0, corrupt_baseline=0.0, settings=settings, normalized=True,
+            base_per_example=base,
         )
 
     def _replace(self, **changes: Any) -> "ScanResult":
@@ -215,6 +235,7 @@ class ScanResult:
             corrupt_baseline=self.corrupt_baseline,
             settings=self.settings,
             normalized=self.normalized,
+            base_per_example=self.base_per_example,
         )
         fields.update(changes)
         return ScanResult(fields.pop("per_example"), fields.pop("axes"), **fields)
@@ -238,6 +259,9 @@ class ScanResult:
         cols: dict[str, Any] = self._index_columns()
         cols["value"] = self.values.double().reshape(-1).numpy()
         cols["stderr"] = self.stderr.double().reshape(-1).numpy()
+        if self.base_per_example is not None and self.has_baseline:
+            cols["effect"] = self.effect.double().reshape(-1).numpy()
+            cols["effect_stderr"] = self.effect_stderr.double().reshape(-1).numpy()
         return pd.DataFrame(cols)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -404,7 +428,10 @@ class ScanResult:
 
         stem, tensor_file, json_file = self._files(path, for_save=True)
         tensor_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"per_example": self.per_example.contiguous()}, str(tensor_file))
+        tensors = {"per_example": self.per_example.contiguous()}
+        if self.base_per_example is not None:
+            tensors["base_per_example"] = self.base_per_example.contiguous()
+        save_file(tensors, str(tensor_file))
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -449,6 +476,7 @@ class ScanResult:
             corrupt_baseline=meta["corrupt_baseline"],
             settings=meta["settings"],
             normalized=meta["normalized"],
+            base_per_example=tensors.get("base_per_example"),
         )
 
     # ------------------------------------------------------------------ display

@@ -125,7 +125,8 @@ def attribution_scan(
                     per_position=per_position, metric=repr(metric), model=type(model).__name__, n_examples=N, seq_len=T,
                     base_baseline=float(base_values.mean()), cost=_costs(clean_runner, corrupt_runner, backward_passes))
     return ScanResult(per_example, axes, metric_name=metric.name, clean_baseline=float(clean_values.mean()),
-                      corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()), settings=settings)
+                      corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()), settings=settings,
+                      base_per_example=base_values)
 
 
 def _costs(clean_runner, corrupt_runner, backward_passes: int) -> dict:

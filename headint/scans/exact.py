@@ -260,7 +260,7 @@ def scan(
         per_example, axes, labels=labels, metric_name=metric.name,
         clean_baseline=float(clean_values.mean()),
         corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()),
-        settings=settings,
+        settings=settings, base_per_example=base.base_values(),
     )
 
 

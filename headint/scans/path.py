@@ -127,7 +127,8 @@ def path_patch(
     settings = dict(kind="path_patch", receivers=[list(r) for r in recv], metric=repr(metric), model=type(model).__name__,
                     n_examples=N, seq_len=T)
     return ScanResult(values, ("head_set",), labels=[list(s) for s in sets], metric_name=metric.name,
-                      clean_baseline=float(clean_values.mean()), corrupt_baseline=float(corrupt_values.mean()), settings=settings)
+                      clean_baseline=float(clean_values.mean()), corrupt_baseline=float(corrupt_values.mean()), settings=settings,
+                      base_per_example=clean_values)
 
 
 @torch.no_grad()

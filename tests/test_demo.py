@@ -1,0 +1,93 @@
+"""The main job: the scans on the embedded model find the induction circuit that the
+attention-pattern scores name, independently of any intervention."""
+
+import json
+
+import pytest
+import torch
+
+import headint
+from headint.demo import find_circuit, pair_interactions, run_demo
+from headint.models.induction_data import copy_accuracy
+
+
+@pytest.fixture(scope="module")
+def found():
+    model = headint.models.load("induction-2l")
+    return model, find_circuit(model, n_examples=32, seed=3)
+
+
+def _top_heads(result, k):
+    eff = result.effect
+    order = torch.argsort(eff.flatten())  # most negative (most damaging) first
+    H = eff.shape[1]
+    return {(int(i) // H, int(i) % H) for i in order[:k]}
+
+
+def test_pattern_scores_name_a_circuit_and_bystanders(found):
+    _, res = found
+    roles = res["roles"]
+    assert any("previous-token" in r for (l, _), r in roles.items() if l == 0)
+    assert any("induction" in r for (l, _), r in roles.items() if l == 1)
+    assert res["bystanders"], "the model has heads that are neither previous-token nor induction heads"
+
+
+def test_exact_scans_single_out_the_pattern_circuit(found):
+    _, res = found
+    circuit = set(res["circuit"])
+    for name in ("mean_scan", "patch_scan"):
+        assert _top_heads(res[name], len(circuit)) == circuit, name
+        # every circuit head matters far beyond noise; bystanders do not
+        s = res[name]
+        for l, h in circuit:
+            assert s.effect[l, h] < -5 * max(float(s.effect_stderr[l, h]), 1e-3)
+        for l, h in res["bystanders"]:
+            assert abs(float(s.effect[l, h])) < 0.05 * abs(s.clean_baseline - s.corrupt_baseline)
+
+
+def test_attribution_ranks_the_circuit_on_top(found):
+    _, res = found
+    circuit = set(res["circuit"])
+    assert _top_heads(res["attribution"], len(circuit)) == circuit
+
+
+def test_pairwise_scan_consistent_with_single_heads(found):
+    _, res = found
+    circuit = tuple(sorted(res["circuit"]))
+    pairs = res["pair_scan"]
+    idx = [tuple(map(tuple, s)) for s in pairs.labels].index(circuit)
+    # the circuit pair is among the most damaging pairs
+    assert float(pairs.effect[idx]) <= float(pairs.effect.min()) + 3 * float(pairs.effect_stderr[idx]) + 1e-6
+    redundant, serial = pair_interactions(res)
+    # a previous-token head and the induction head it feeds act in series, not redundantly
+    assert all({a, b} != set(circuit) for a, b, *_ in redundant)
+
+
+def test_ablating_the_circuit_drops_copying_to_chance(found):
+    _, res = found
+    acc = res["copy_accuracy"]
+    assert acc["clean"] > 0.9
+    assert acc["circuit_ablated"] < 5 * acc["chance"]
+    assert acc["bystander_ablated"] > 0.9
+
+
+def test_every_bystander_alone_leaves_copying_intact(found):
+    model, res = found
+    cache = headint.record(model, torch.randint(0, model.config.vocab_size, (16, 32)), what=("z",))
+    for l, h in res["bystanders"]:
+        ivs = [headint.Ablate(layer=l, head=h, kind="mean", value=cache.mean_z(l, over_positions=True))]
+        with headint.intervene(model, ivs):
+            acc, _ = copy_accuracy(model, batch=64, seed=9)
+        assert acc > 0.9, (l, h, acc)
+
+
+def test_demo_command_writes_tables_and_heatmaps(tmp_path, capsys):
+    assert run_demo(out=str(tmp_path), n_examples=16, seed=1) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for head in summary["circuit"]:
+        assert head in printed
+    assert "pairwise scan" in printed and "copy accuracy" in printed
+    for name in ("mean_scan", "patch_scan", "attribution", "pair_scan"):
+        assert (tmp_path / f"{name}.csv").stat().st_size > 0
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
