@@ -59,7 +59,8 @@ def _run(setup, out, *extra):
 
 def _check_outputs(out, columns):
     frame = pd.read_csv(out / "scan.csv")
-    assert list(frame.columns) == columns
+    # the tidy columns, then the paired effect columns scans add
+    assert list(frame.columns) == columns + ["effect", "effect_stderr"]
     png = (out / "heatmap.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 1000
     settings = json.loads((out / "settings.json").read_text())
