@@ -312,3 +312,24 @@ def test_repr(grid_result, set_result):
     assert "n_examples=7" in text and "mean_ablation" in text
     assert "head_set" in repr(set_result)
     assert len(text) < 250
+
+
+def test_paired_effect_stderr_and_round_trip(tmp_path):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, generator=g)
+    per = base + 0.1 * torch.randn(2, 3, 6, generator=g) - 1.0  # every head shifts each example by ~ -1
+    r = ScanResult(per, ("layer", "head"), clean_baseline=float(base.mean()), base_per_example=base)
+    d = (per - base).numpy()
+    np.testing.assert_allclose(r.effect_stderr.numpy(), d.std(-1, ddof=1) / np.sqrt(6), rtol=1e-5)
+    assert (r.effect_stderr < r.stderr).all()  # pairing removes the between-example spread
+    frame = r.to_frame()
+    assert list(frame.columns) == ["layer", "head", "value", "stderr", "effect", "effect_stderr"]
+    r.save(tmp_path / "s")
+    back = ScanResult.load(tmp_path / "s")
+    assert torch.equal(back.base_per_example, r.base_per_example)
+    n = ScanResult(per, ("layer", "head"), clean_baseline=0.5, corrupt_baseline=-0.5, base_per_example=base).normalized_result()
+    torch.testing.assert_close(n.base_per_example, base + 0.5)
+    with pytest.raises(ValueError, match=r"base_per_example has shape \[5\]"):
+        ScanResult(per, ("layer", "head"), base_per_example=torch.zeros(5))
