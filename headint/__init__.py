@@ -14,7 +14,7 @@ from .plan import InterventionPlan, ModelShape, Plan, TensorPlan
 from .record import ActivationCache, record
 from .results import ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
-from . import metrics
+from . import metrics, models
 
 __version__ = "0.1.0"
 
@@ -22,5 +22,5 @@ __all__ = [
     "attention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
-    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "metrics",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "metrics", "models",
 ]
