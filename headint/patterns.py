@@ -22,23 +22,9 @@ from contextlib import contextmanager
 
 import torch
 
+from .integration.hf import model_configs
+
 __all__ = ["attention_patterns", "previous_token_scores", "induction_scores", "eager_attention"]
-
-
-def _all_configs(model) -> list:
-    """Every config object reachable from the model's modules (and their sub-configs)."""
-    seen: dict[int, object] = {}
-    stack = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
-    while stack:
-        cfg = stack.pop()
-        if id(cfg) in seen:
-            continue
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            sub = getattr(cfg, key, None)
-            if sub is not None:
-                stack.append(sub)
-    return list(seen.values())
 
 
 @contextmanager
@@ -48,7 +34,7 @@ def eager_attention(model):
     The previous value of ``_attn_implementation`` of every reachable config is recorded
     and written back verbatim on exit (also on exception), as is ``model.training``.
     """
-    configs = _all_configs(model)
+    configs = model_configs(model)
     saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None)) for cfg in configs]
     was_training = model.training
     try:

@@ -101,7 +101,7 @@ def _session_for(module) -> "_Session | None":
     return None
 
 
-def _configs(model) -> list:
+def model_configs(model) -> list:
     """Every distinct config object reachable from the model (its modules and sub-configs)."""
     from transformers import PretrainedConfig
 
@@ -172,7 +172,7 @@ def intervene(model, interventions: Any = (), *, backend: str = "auto", recorder
     plan = make_plan(model, interventions)  # validates before the model is touched
     _register()
     session = _Session(model, plan, backend, recorder)
-    configs = _configs(model)
+    configs = model_configs(model)
     saved = [(c, c.__dict__.get("_attn_implementation_internal", None), "_attn_implementation_internal" in c.__dict__) for c in configs]
 
     start_calls = []

@@ -12,7 +12,7 @@ import torch
 from ..metrics import as_metric
 from ..plan import ModelShape, TensorPlan
 from ..results import ScanResult
-from .runner import VariantRunner, as_batch
+from .runner import base_runs, paired_batches
 
 ATTRIBUTION_METHODS = ("patch", "mask")
 
@@ -69,25 +69,16 @@ def attribution_scan(
         raise ValueError("method='patch' needs corrupt= inputs")
     metric = as_metric(metric)
     shape = ModelShape.from_config(model.config)
-    clean_b = as_batch(clean)
-    corrupt_b = as_batch(corrupt) if corrupt is not None else None
+    clean_b, corrupt_b = paired_batches(clean, corrupt, "clean")
     N, T = clean_b["input_ids"].shape
-    if corrupt_b is not None and corrupt_b["input_ids"].shape != (N, T):
-        raise ValueError(f"corrupt input_ids has shape {list(corrupt_b['input_ids'].shape)}; expected {[N, T]} like clean")
     device = next(model.parameters()).device
 
     was_training = model.training
     model.eval()
     try:
-        clean_runner = VariantRunner(model, clean_b, metric, backend=backend)
-        clean_runner.clean_pass()
-        clean_runner.clean_logits = clean_runner.base.logits
-        clean_values = clean_runner.base_values()
-        corrupt_runner = corrupt_values = None
-        if corrupt_b is not None:
-            corrupt_runner = VariantRunner(model, corrupt_b, metric, backend=backend, clean_logits=clean_runner.base.logits)
-            corrupt_runner.clean_pass()
-            corrupt_values = corrupt_runner.base_values()
+        runs = base_runs(model, clean_b, corrupt_b, metric, backend)
+        clean_runner, corrupt_runner = runs.clean, runs.corrupt
+        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
         if method == "patch" and direction == "denoising":
             base, source = corrupt_runner, clean_runner
         else:
@@ -123,14 +114,8 @@ def attribution_scan(
         axes = ("layer", "head")
     settings = dict(kind="attribution", method=method, direction=direction if method == "patch" else None,
                     per_position=per_position, metric=repr(metric), model=type(model).__name__, n_examples=N, seq_len=T,
-                    base_baseline=float(base_values.mean()), cost=_costs(clean_runner, corrupt_runner, backward_passes))
+                    base_baseline=float(base_values.mean()), cost={**runs.cost(), "backward_passes": backward_passes})
     return ScanResult(per_example, axes, metric_name=metric.name, clean_baseline=float(clean_values.mean()),
                       corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()), settings=settings,
                       base_per_example=base_values)
 
-
-def _costs(clean_runner, corrupt_runner, backward_passes: int) -> dict:
-    runners = [r for r in (clean_runner, corrupt_runner) if r is not None]
-    out = {k: sum(r.cost.as_dict()[k] for r in runners) for k in ("runs", "rows", "layer_forwards", "token_layer_forwards")}
-    out["backward_passes"] = backward_passes
-    return out

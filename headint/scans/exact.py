@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..metrics import as_metric
 from ..plan import ModelShape
 from ..results import ScanResult
-from .runner import VariantRunner, as_batch
+from .runner import VariantRunner, as_batch, base_runs, paired_batches
 from .variants import Variant, build_plan, head_grid
 
 logger = logging.getLogger("headint")
@@ -160,11 +160,8 @@ def scan(
         raise ValueError("method='patch' needs corrupt= inputs")
     metric = as_metric(metric)
     shape = ModelShape.from_config(model.config)
-    clean = as_batch(inputs)
-    corrupt_b = as_batch(corrupt) if corrupt is not None else None
+    clean, corrupt_b = paired_batches(inputs, corrupt)
     N, T = clean["input_ids"].shape
-    if corrupt_b is not None and corrupt_b["input_ids"].shape != (N, T):
-        raise ValueError(f"corrupt input_ids has shape {list(corrupt_b['input_ids'].shape)}; expected {[N, T]} like inputs")
     device = next(model.parameters()).device
 
     # Variants and the result grid.
@@ -203,16 +200,9 @@ def scan(
     model_was_training = model.training
     model.eval()
     try:
-        clean_runner = VariantRunner(model, clean, metric, backend=backend)
-        clean_runner.clean_pass()
-        clean_runner.clean_logits = clean_runner.base.logits
-        clean_values = clean_runner.base_values()
-        corrupt_runner = None
-        corrupt_values = None
-        if corrupt_b is not None:
-            corrupt_runner = VariantRunner(model, corrupt_b, metric, backend=backend, clean_logits=clean_runner.base.logits)
-            corrupt_runner.clean_pass()
-            corrupt_values = corrupt_runner.base_values()
+        runs = base_runs(model, clean, corrupt_b, metric, backend)
+        clean_runner, corrupt_runner = runs.clean, runs.corrupt
+        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
         base = corrupt_runner if (method == "patch" and direction == "denoising") else clean_runner
 
         patch_source = _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction)
@@ -251,7 +241,7 @@ def scan(
         per_example[idx] = values[vi]
     V = len(variants)
     L = shape.n_layers
-    settings["cost"] = clean_runner.cost.as_dict() if corrupt_runner is None else _sum_costs(clean_runner, corrupt_runner)
+    settings["cost"] = runs.cost()
     settings["cost_one_forward_per_intervention"] = dict(layer_forwards=V * N * L, token_layer_forwards=V * N * L * T)
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse
@@ -262,11 +252,6 @@ def scan(
         corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()),
         settings=settings, base_per_example=base.base_values(),
     )
-
-
-def _sum_costs(a, b) -> dict:
-    x, y = a.cost.as_dict(), b.cost.as_dict()
-    return {k: x[k] + y[k] for k in x}
 
 
 def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from ..metrics import as_metric
 from ..plan import InterventionPlan, ModelShape, TensorPlan
 from ..record import Recorder
 from ..results import ScanResult
-from .runner import VariantRunner, as_batch
+from .runner import VariantRunner, base_runs, paired_batches
 from .variants import head_grid
 
 
@@ -82,20 +82,16 @@ def path_patch(
         if any(l >= top for l, _ in s) and all(l >= top for l, _ in s):
             raise ValueError(f"senders {s}: a sender must sit below the receivers' layers (deepest receiver layer {top})")
         sets.append(tuple(sorted((int(l), int(h)) for l, h in s)))
-    clean_b, corrupt_b = as_batch(clean), as_batch(corrupt)
+    clean_b, corrupt_b = paired_batches(clean, corrupt, "clean")
     N, T = clean_b["input_ids"].shape
     device = next(model.parameters()).device
 
     was_training = model.training
     model.eval()
     try:
-        clean_runner = VariantRunner(model, clean_b, metric, backend=backend)
-        clean_runner.clean_pass()
-        clean_runner.clean_logits = clean_runner.base.logits
-        clean_values = clean_runner.base_values()
-        corrupt_runner = VariantRunner(model, corrupt_b, metric, backend=backend, clean_logits=clean_runner.base.logits)
-        corrupt_runner.clean_pass()
-        corrupt_values = corrupt_runner.base_values()
+        runs = base_runs(model, clean_b, corrupt_b, metric, backend)
+        clean_runner, corrupt_runner = runs.clean, runs.corrupt
+        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
         zc, zx = clean_runner.base.z, corrupt_runner.base.z
 
         rows_per = batch_size or max(N, 1)

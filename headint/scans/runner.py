@@ -247,3 +247,43 @@ class VariantRunner:
             if before.any():
                 values = torch.where(before, self.base_values()[ex], values)
         return values
+
+
+def paired_batches(clean: Any, corrupt: Any, name: str = "inputs") -> tuple[dict, dict | None]:
+    """Clean and (optional) corrupted inputs as batches of the same ``[N, T]``."""
+    clean_b = as_batch(clean)
+    corrupt_b = as_batch(corrupt) if corrupt is not None else None
+    shape = tuple(clean_b["input_ids"].shape)
+    if corrupt_b is not None and tuple(corrupt_b["input_ids"].shape) != shape:
+        raise ValueError(f"corrupt input_ids has shape {list(corrupt_b['input_ids'].shape)}; expected {list(shape)} like {name}")
+    return clean_b, corrupt_b
+
+
+@dataclass
+class BaseRuns:
+    """The clean run and the (optional) corrupted run every scan starts from, with their
+    per-example metric values ``[N]``."""
+
+    clean: VariantRunner
+    corrupt: VariantRunner | None
+    clean_values: torch.Tensor
+    corrupt_values: torch.Tensor | None
+
+    def cost(self) -> dict:
+        runners = [r for r in (self.clean, self.corrupt) if r is not None]
+        return {k: sum(r.cost.as_dict()[k] for r in runners) for k in Cost().as_dict()}
+
+
+def base_runs(model, clean_b: dict, corrupt_b: dict | None, metric: Metric, backend: str) -> BaseRuns:
+    """Run the clean inputs (and the corrupted ones) once, caching what variant runs reuse.
+    The clean run's logits are the reference of metrics that compare with it (e.g. KL)."""
+    clean = VariantRunner(model, clean_b, metric, backend=backend)
+    clean.clean_pass()
+    clean.clean_logits = clean.base.logits
+    clean_values = clean.base_values()
+    corrupt = corrupt_values = None
+    if corrupt_b is not None:
+        corrupt = VariantRunner(model, corrupt_b, metric, backend=backend, clean_logits=clean.base.logits)
+        corrupt.clean_pass()
+        corrupt_values = corrupt.base_values()
+    return BaseRuns(clean, corrupt, clean_values, corrupt_values)
