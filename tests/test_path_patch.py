@@ -6,34 +6,11 @@ import pytest
 import torch
 
 import headint
-from scan_oracles import corrupt_of, make_batch, oracle_path_patch, tiny_gpt2, tiny_llama
+from scan_oracles import corrupt_of, make_batch, oracle_path_patch
 
 ATOL = 1e-5
 RTOL = 1e-5
 BACKEND = "reference"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiny_gpt2()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def model(request, gpt2, llama):
-    return {"gpt2": gpt2, "llama": llama}[request.param]
 
 
 @pytest.fixture(scope="module")

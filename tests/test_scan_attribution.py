@@ -24,37 +24,12 @@ from scan_oracles import (
     out_proj,
     record_z,
     spearman,
-    tiny_gpt2,
-    tiny_llama,
 )
 
 ATOL = 1e-5
 RTOL = 1e-4
 BACKEND = "reference"
 L, H = 3, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiny_gpt2()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def model(request, gpt2, llama):
-    return {"gpt2": gpt2, "llama": llama}[request.param]
 
 
 def _expected(model, clean, corrupt, metric, method, direction, per_position):

@@ -23,8 +23,6 @@ from scan_oracles import (
     make_batch,
     oracle_baseline,
     oracle_scan,
-    tiny_gpt2,
-    tiny_llama,
 )
 
 ATOL = 1e-5
@@ -41,30 +39,6 @@ METHODS = [
 ]
 METHOD_IDS = ["zero", "mean", "resample", "patch-denoising", "patch-noising"]
 METRICS = ["logit_diff", "logprob", "prob", "kl", "loss", "callable"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: threads only add contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiny_gpt2()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def model(request, gpt2, llama):
-    return {"gpt2": gpt2, "llama": llama}[request.param]
 
 
 def metric_args(name):

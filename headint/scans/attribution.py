@@ -5,7 +5,6 @@ and gradient head importance (Michel et al. 2019)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from headint.ops import Knockout, attention
+from headint.ops import Knockout
 from headint.ops.arguments import prepare
 from headint.ops.fused import attention_fwd
 
