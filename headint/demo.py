@@ -101,14 +101,14 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def pair_interactions(res: dict, rel: float = 0.5) -> tuple[list[tuple], list[tuple]]:
+def pair_interactions(res: dict, rel: float = 0.25) -> tuple[list[tuple], list[tuple]]:
     """Pairs whose joint ablation differs clearly from the sum of the two single ablations.
 
     interaction = pair effect - (effect a + effect b). Clearly negative: the pair does more
     damage than the two heads alone (redundancy: each covers for the other). Clearly positive:
     either head alone already removes what the pair removes (the heads act in series).
-    "Clearly": beyond ``rel`` of the larger of |pair effect| and |summed effects|, beyond three
-    paired standard errors, and beyond 5% of the clean-corrupt gap.
+    "Clearly": beyond ``rel`` of |pair effect|, beyond three paired standard errors, and beyond
+    10% of the clean-corrupt gap of the metric.
     Returns (redundant, serial), each ``[(a, b, pair_effect, summed_singles, interaction)]``.
     """
     single = res["mean_scan"]
@@ -119,7 +119,7 @@ def pair_interactions(res: dict, rel: float = 0.5) -> tuple[list[tuple], list[tu
         a, b = (tuple(x) for x in hs)
         pair, singles = float(pairs.effect[i]), float(single.effect[a] + single.effect[b])
         inter = pair - singles
-        if abs(inter) > rel * max(abs(pair), abs(singles)) and abs(inter) > 3 * float(pairs.effect_stderr[i]) and abs(inter) > 0.05 * gap:
+        if abs(inter) > rel * abs(pair) and abs(inter) > 3 * float(pairs.effect_stderr[i]) and abs(inter) > 0.1 * gap:
             (redundant if inter < 0 else serial).append((a, b, pair, singles, inter))
     return sorted(redundant, key=lambda r: r[4]), sorted(serial, key=lambda r: -r[4])
 

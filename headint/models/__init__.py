@@ -5,10 +5,11 @@
     positions, ~59k parameters), attention-only (its MLPs are zero), trained from
     scratch by :mod:`headint.models.train_induction` on the synthetic in-context
     copying task of :mod:`headint.models.induction_data`.  It holds a real induction
-    circuit -- a previous-token head in layer 0 whose output the induction head in
-    layer 1 reads -- and bystander heads that were pruned during training (weights ~0,
+    circuit -- previous-token heads in layer 0 (L0H0, and L0H1, a backup that only
+    matters once L0H0 is gone) whose output the induction heads in layer 1 (L1H3,
+    L1H2, L1H0) read -- and bystander heads pruned during training (weights ~0,
     near-uniform attention, no output), so it is a small ground truth for causal
-    head scans.  ``model_dir("induction-2l") / "training.json"`` records how it was
+    head scans, redundancy included.  ``model_dir("induction-2l") / "training.json"`` records how it was
     trained and its pattern scores.
 
 Example::
