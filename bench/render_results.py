@@ -1,0 +1,91 @@
+"""Render ``scan_vs_hooks.py`` JSON results as Markdown tables (for bench/RESULTS.md).
+
+    python bench/render_results.py bench/results/scan_vs_hooks.json [more.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def fmt(v, digits=2) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,d}"
+    return str(v)
+
+
+def table(headers, rows) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def reps(xs) -> str:
+    return ", ".join(f"{x:.1f}" if x >= 10 else f"{x:.2f}" for x in xs)
+
+
+def render(path: str) -> str:
+    data = json.load(open(path))
+    env = data["environment"]
+    md = [f"### {path}", "",
+          f"{env['date']}, {env['device']}, {env.get('config')} N={env.get('n')} T={env.get('t')} {env.get('dtype')}, "
+          f"{env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, git {env.get('git_commit')}"
+          f"{' (+ uncommitted changes)' if env.get('git_dirty') else ''}; load average {env['load_avg_start']:.1f} at start, "
+          f"{env.get('load_avg_end', float('nan')):.1f} at end; total {env.get('total_s', 0):.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in env.get('section_elapsed_s', {}).items())})", ""]
+    for s in data["sections"]:
+        kind = s["section"]
+        if kind in ("all_heads", "per_position"):
+            title = ("All heads" if kind == "all_heads" else
+                     f"Per position: layers {s['layers']} x heads {s['heads']} x positions {s['positions']}")
+            md += [f"**{title}** ({s['n_variants']} variants, backend {s.get('backend', 'auto')}, "
+                   f"max abs diff headint vs hook loop {s['max_abs_diff']:.2g})", ""]
+            rows = []
+            for r in s["rows"]:
+                key = "hook loop" if r["method"].startswith("hook loop") else ("headint.scan" if r["method"].startswith("headint.scan") else "attribution_scan")
+                rows.append([r["method"], r["median_s"], r.get("speedup_vs_hooks"), r.get("cpu_s"), r.get("cpu_speedup"),
+                             r.get("layer_forwards"), r.get("token_layer_forwards"), reps(s["times"][key]), reps(s["cpu_times"][key])])
+            md += [table(["method", "median wall s", "speed-up (wall)", "median CPU s", "speed-up (CPU)", "layer-forwards",
+                          "token-layer-forwards", "wall s, each repeat", "CPU s, each repeat"], rows), ""]
+            if kind == "all_heads":
+                md += [f"Logits computed: hook loop {s['cost_hooks']['unembedded_logits']:,}, headint {s['unembedded_logits_headint']:,}. "
+                       f"headint.scan / attribution_scan: {s['speedup_attr_vs_scan']:.1f}x wall, {s['cpu_speedup_attr_vs_scan']:.1f}x CPU; "
+                       f"attribution vs exact effects correlation r = {s['attribution_exact_corr']:.3f}. Rows per batch: {s['batch_rows']}.", ""]
+        elif kind == "breakdown":
+            md += ["**Breakdown**", ""]
+            md += [table(["what", "median wall s", "median CPU s", "token-layer-forwards", "token-layer-forwards per CPU s"],
+                         [[r["what"], r["median_s"], r["cpu_s"], r["token_layer_forwards"], r["tlf_per_cpu_s"]] for r in s["rows"]]), ""]
+            md += [f"Full-vocabulary logits at every position: {s['unembed_share']:.0%} of a hook-loop forward's CPU time; the blocks "
+                   f"at {s['rows_big']} rows run {s['batch_gain']:.2f}x the token-layer-forwards per CPU second of {s['rows_small']} rows.", ""]
+        elif kind == "transformer_lens":
+            if s.get("skipped"):
+                md += [f"**TransformerLens**: {s['skipped']}", ""]
+                continue
+            md += [f"**TransformerLens {s['version']}** ({s['api']}; checked {s['compared']}, max abs diff {s['max_abs_diff']:.2g}; "
+                   f"converted-weights logits differ from HF by {s['logits_conversion_diff']:.2g})", ""]
+            md += [table(["method", "median wall s", "speed-up vs TL (wall)", "median CPU s", "speed-up vs TL (CPU)"],
+                         [[r["method"], r["median_s"], r["speedup_vs_tl"], r["cpu_s"], r["cpu_speedup"]] for r in s["rows"]]), ""]
+        elif kind == "heads_sweep":
+            md += ["**Scan time vs heads scanned** (heads of the first layers)", ""]
+            md += [table(["heads", "layers", "headint wall s", "hook loop wall s", "speed-up (wall)", "headint CPU s", "hook loop CPU s",
+                          "speed-up (CPU)", "repeats"],
+                         [[p["heads"], p["layers"], p["headint_s"], p["hooks_s"], p["speedup"], p["headint_cpu_s"], p["hooks_cpu_s"],
+                           p["cpu_speedup"], p["repeats"]] for p in s["points"]]), ""]
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    print("\n\n".join(render(p) for p in sys.argv[1:]))
