@@ -223,8 +223,11 @@ class VariantRunner:
             start_pos = 0
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
-        replayed = [map_tensors(o, lambda t: t[ex][:, start_pos:] if t.dim() >= 2 and t.shape[0] == self.N else t)
-                    for o in self.base.block_outputs[:start_layer]]
+        # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
+        replayed = [None] * start_layer
+        if start_layer:
+            replayed[-1] = map_tensors(self.base.block_outputs[start_layer - 1],
+                                       lambda t: t[ex][:, start_pos:] if t.dim() >= 2 and t.shape[0] == self.N else t)
         past = None
         if start_pos:
             from transformers import DynamicCache
