@@ -53,9 +53,6 @@ def _impl(backend: str) -> FusedImpl:
         raise RuntimeError(f"no fused implementation registered for backend {backend!r}") from None
 
 
-_EMPTY = torch.empty(0)
-
-
 @torch.library.custom_op("headint::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor,

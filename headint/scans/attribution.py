@@ -11,7 +11,7 @@ import torch
 from ..metrics import as_metric
 from ..plan import ModelShape, TensorPlan
 from ..results import ScanResult
-from .runner import base_runs, paired_batches
+from .runner import base_runs, eval_mode, paired_batches
 
 ATTRIBUTION_METHODS = ("patch", "mask")
 
@@ -72,9 +72,7 @@ def attribution_scan(
     N, T = clean_b["input_ids"].shape
     device = next(model.parameters()).device
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         runs = base_runs(model, clean_b, corrupt_b, metric, backend)
         clean_runner, corrupt_runner = runs.clean, runs.corrupt
         clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
@@ -102,8 +100,6 @@ def attribution_scan(
                 backward_passes += 1
                 for l, g in enumerate(grads):
                     estimates[l, :, :, ex.cpu()] = -g.detach().float().cpu().permute(1, 2, 0)
-    finally:
-        model.train(was_training)
 
     if per_position:
         per_example = estimates + base_values.cpu()[None, None, None, :]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..metrics import as_metric
 from ..plan import ModelShape
 from ..results import ScanResult
-from .runner import VariantRunner, as_batch, base_runs, paired_batches
+from .runner import VariantRunner, as_batch, base_runs, eval_mode, paired_batches
 from .variants import Variant, build_plan, head_grid
 
 logger = logging.getLogger("headint")
@@ -197,9 +197,7 @@ def scan(
                     positions=positions, metric=repr(metric), model=type(model).__name__, seed=seed, n_examples=N, seq_len=T)
 
     # Base runs.
-    model_was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         runs = base_runs(model, clean, corrupt_b, metric, backend)
         clean_runner, corrupt_runner = runs.clean, runs.corrupt
         clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
@@ -233,8 +231,6 @@ def scan(
                 out = _run_chunk(base, shape, variants, var, ex, T, patch_source, device, l0, p0)
                 ckpt.save(i, out)
             values[var, ex] = out.cpu()
-    finally:
-        model.train(model_was_training)
 
     per_example = torch.full((*grid_shape, N), float("nan"))
     for vi, idx in enumerate(index):

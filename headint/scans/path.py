@@ -12,7 +12,7 @@ from ..metrics import as_metric
 from ..plan import InterventionPlan, ModelShape, TensorPlan
 from ..record import Recorder
 from ..results import ScanResult
-from .runner import VariantRunner, base_runs, paired_batches
+from .runner import VariantRunner, base_runs, eval_mode, paired_batches
 from .variants import head_grid
 
 
@@ -86,9 +86,7 @@ def path_patch(
     N, T = clean_b["input_ids"].shape
     device = next(model.parameters()).device
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         runs = base_runs(model, clean_b, corrupt_b, metric, backend)
         clean_runner, corrupt_runner = runs.clean, runs.corrupt
         clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
@@ -117,8 +115,6 @@ def path_patch(
             ivs = [PatchQKV(layer=l, head=h, which=w, source=rec.tensors[(w, l)]) for l, h, w in recv]
             plan = InterventionPlan(shape, rows=[ivs] * R)
             values[v_rows, ex.cpu()] = clean_runner.run(ex, plan, start_layer=min(l for l, _, _ in recv)).cpu()
-    finally:
-        model.train(was_training)
 
     settings = dict(kind="path_patch", receivers=[list(r) for r in recv], metric=repr(metric), model=type(model).__name__,
                     n_examples=N, seq_len=T)

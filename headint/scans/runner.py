@@ -18,6 +18,7 @@ token-layer-forwards (one block over one token of one row).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,17 @@ def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with ``model.eval()``; the model's train/eval flag is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class CleanPass:
     """What a base run caches: block outputs, head outputs z ``[N, T, H, D]`` per layer,
@@ -108,6 +120,7 @@ class VariantRunner:
         self.causal = bool(causal)
         self.restricted = False
         self.base: CleanPass | None = None
+        self._base_values: torch.Tensor | None = None
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def rows(self, ex: torch.Tensor) -> dict:
@@ -202,9 +215,11 @@ class VariantRunner:
         return self.base
 
     def base_values(self) -> torch.Tensor:
-        """Metric values ``[N]`` of the unintervened base run."""
+        """Metric values ``[N]`` of the unintervened base run (computed once)."""
         assert self.base is not None
-        return self.metric(self.base.logits, self.batch, clean_logits=self.clean_logits).float()
+        if self._base_values is None:
+            self._base_values = self.metric(self.base.logits, self.batch, clean_logits=self.clean_logits).float()
+        return self._base_values
 
     @torch.no_grad()
     def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0) -> torch.Tensor:
