@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on every prompt; writes scan.csv (layer, head, [position,] value, stderr), heatmap.png and settings.json.",
     )
     s.add_argument("model_dir", help="a local transformers checkpoint directory (config.json + weights; a tokenizer if prompts are text)")
-    s.add_argument("--prompts", required=True, help="JSONL: one example per line, {'text': ...} or {'input_ids': [...]}, with 'target'/'contrast' (ids or strings) for the metrics that need them")
+    s.add_argument("--prompts", required=True, help="JSONL: one example per line, {'text': ...} or {'input_ids': [...]}, with 'target'/'contrast' (ids, or strings of exactly one token) for the metrics that need them")
     s.add_argument("--corrupt", help="JSONL of corrupted prompts, line-aligned with --prompts (needed by --method patch/attribution, and for normalised results)")
     s.add_argument("--metric", default="logit_diff", choices=METRIC_CHOICES, help="logit_diff: logit[target]-logit[contrast] at the last token; logprob/prob: of the target; kl: KL(clean || patched) of the next-token distribution; loss: mean next-token cross-entropy (default: logit_diff)")
     s.add_argument("--method", default="zero", choices=METHOD_CHOICES, help="zero/mean/resample ablation, patch (activation patching from --corrupt), attribution (first-order estimate of patch), attribution-mask (gradient head importance) (default: zero)")
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--normalize", action="store_true", help="report (value - corrupt) / (clean - corrupt): 0 = corrupted, 1 = clean (needs --corrupt)")
     s.add_argument("--batch-size", default="auto", help="rows (intervention x prompt) per forward pass, or 'auto' (default)")
     s.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu"), help="attention backend (default: auto)")
-    s.add_argument("--checkpoint", help="file to save progress to; re-running the same command resumes from it")
+    s.add_argument("--checkpoint", help="folder to save progress to (one file per finished chunk, a subfolder per scan); re-running the same command resumes from it")
     s.add_argument("--top", type=int, default=10, help="print the top-k heads (default: 10)")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bars (scan and weight loading)")
     s.add_argument("--out", required=True, help="output directory (created)")
 
     d = sub.add_parser(
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> int:
+    """Print ``headint scan: <message>`` as one line on stderr; the exit code of a usage error (2)."""
+    print("headint scan: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
 def run_scan(args) -> int:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -66,36 +72,55 @@ def run_scan(args) -> int:
     from .plan import ModelShape
     from .prompts import load_prompts
     from .scans import all_pairs
+    from .scans.checkpoint import CheckpointError
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
-        print(f"headint scan: {model_dir} is not a transformers checkpoint (no config.json)", file=sys.stderr)
-        return 2
+        return _fail(f"{model_dir} is not a transformers checkpoint (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception:
         tokenizer = None
+    # The prompts are read (and refused) before the model is loaded or run.
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    except ValueError:
-        model = AutoModel.from_pretrained(model_dir)
-    model.eval()
-    clean = load_prompts(args.prompts, tokenizer)
-    corrupt = load_prompts(args.corrupt, tokenizer) if args.corrupt else None
+        clean = load_prompts(args.prompts, tokenizer)
+        corrupt = load_prompts(args.corrupt, tokenizer) if args.corrupt else None
+    except (ValueError, TypeError, OSError) as e:
+        return _fail(str(e))
     if corrupt is not None:
         for key in ("target", "contrast"):
             if key in clean and key not in corrupt:
                 corrupt[key] = clean[key]
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    if args.method.startswith("attribution"):
-        result = attribution_scan(model, clean, corrupt, args.metric, method="mask" if args.method == "attribution-mask" else "patch",
-                                  direction="noising" if args.direction == "noising" else "denoising", per_position=args.per_position,
-                                  backend=args.backend)
-    else:
-        head_sets = all_pairs(ModelShape.from_config(model.config), args.layers, args.heads) if args.pairs else None
-        result = scan(model, clean, args.metric, corrupt=corrupt, method=args.method, direction=args.direction,
-                      per_position=args.per_position, layers=args.layers, heads=args.heads, head_sets=head_sets,
-                      batch_size=batch_size, progress=not args.no_progress, checkpoint=args.checkpoint, backend=args.backend)
+    try:
+        batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    except ValueError:
+        return _fail(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.no_progress:
+        hf_logging.disable_progress_bar()  # the weight-loading bar too
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+        except ValueError:
+            model = AutoModel.from_pretrained(model_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    try:
+        if args.method.startswith("attribution"):
+            result = attribution_scan(model, clean, corrupt, args.metric, method="mask" if args.method == "attribution-mask" else "patch",
+                                      direction="noising" if args.direction == "noising" else "denoising",
+                                      per_position=args.per_position, backend=args.backend)
+        else:
+            head_sets = all_pairs(ModelShape.from_config(model.config), args.layers, args.heads) if args.pairs else None
+            result = scan(model, clean, args.metric, corrupt=corrupt, method=args.method, direction=args.direction,
+                          per_position=args.per_position, layers=args.layers, heads=args.heads, head_sets=head_sets,
+                          batch_size=batch_size, progress=not args.no_progress, checkpoint=args.checkpoint, backend=args.backend)
+    except (ValueError, CheckpointError) as e:
+        return _fail(str(e))
     if args.normalize:
         result = result.normalized_result()
     out = Path(args.out)

@@ -8,8 +8,13 @@ or token ids::
 
     {"input_ids": [5, 17, 3, 9], "target": 12, "contrast": 40}
 
-``target``/``contrast`` are token ids or strings (their first token). Sequences of unequal
-length are left-padded, so every example's last token sits at the last position.
+``target``/``contrast`` are token ids or strings that tokenize to exactly one token (the
+metrics score a single next token); a string of several tokens (e.g. ``" Johnathan"`` ->
+``[" John", "athan"]``) is refused with an error naming the file, the line and the
+tokenization of every answer on it, before any model runs. Sequences of unequal length are
+left-padded, so every example's last token sits at the last position; the scans number each
+prompt's positions from its first real token (``position_ids`` from the mask), so padding
+changes no result.
 """
 
 from __future__ import annotations
@@ -19,23 +24,51 @@ from pathlib import Path
 
 import torch
 
+ANSWER_KEYS = ("target", "contrast")
 
-def _token_id(x, tokenizer, what: str, line: int) -> int:
+
+def _tokenize_answer(x, tokenizer, what: str, where: str) -> list[int]:
+    """The token ids of an answer: ``[x]`` for an id, the tokenizer's ids for text."""
+    if isinstance(x, bool) or not isinstance(x, (int, str)):
+        raise TypeError(f"{where}: {what} must be a token id or a string, got {x!r}")
     if isinstance(x, int):
-        return x
-    if isinstance(x, str):
-        if tokenizer is None:
-            raise ValueError(f"line {line}: {what} {x!r} is text, but the model directory has no tokenizer; give token ids")
-        ids = tokenizer(x, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"line {line}: {what} {x!r} tokenizes to nothing")
-        return int(ids[0])
-    raise TypeError(f"line {line}: {what} must be a token id or a string, got {x!r}")
+        if x < 0:
+            raise ValueError(f"{where}: {what} token id must be >= 0, got {x}")
+        return [x]
+    if tokenizer is None:
+        raise ValueError(f"{where}: {what} {x!r} is text, but the model directory has no tokenizer; give token ids")
+    ids = [int(i) for i in tokenizer(x, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise ValueError(f"{where}: {what} {x!r} tokenizes to nothing")
+    return ids
+
+
+def _tokens_text(ids: list[int], tokenizer) -> str:
+    pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else ids
+    return f"{pieces!r} (ids {ids})"
+
+
+def _answer_ids(row: dict, keys: tuple[str, ...], tokenizer, where: str) -> dict[str, int]:
+    """``{key: token id}`` of the line's answers; refuses answers of more than one token, naming
+    every answer's tokenization (the metrics read the logit of a single next token)."""
+    toks = {k: _tokenize_answer(row[k], tokenizer, k, where) for k in keys}
+    if any(len(ids) != 1 for ids in toks.values()):
+        parts = "; ".join(f"{k} {row[k]!r} -> {_tokens_text(ids, tokenizer)}" for k, ids in toks.items())
+        raise ValueError(f"{where}: answers must be single tokens (the metrics score one next token), but {parts}; "
+                         "use answers that are one token each, e.g. their first tokens when those differ")
+    return {k: ids[0] for k, ids in toks.items()}
+
+
+def _json_type(x) -> str:
+    return f"a JSON {type(x).__name__}"
 
 
 def load_prompts(path: str | Path, tokenizer=None, pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """Read a JSONL file into a batch: ``input_ids`` ``[N, T]``, ``attention_mask``, and
-    ``target``/``contrast`` ``[N]`` when every line has them."""
+    ``target``/``contrast`` ``[N]`` (single token ids) when the lines have them: every line, or none.
+
+    Raises ValueError naming ``path:line`` for a malformed line, an answer that is not one
+    token, or an answer given on some lines only."""
     rows = []
     for i, raw in enumerate(Path(path).read_text().splitlines(), start=1):
         if not raw.strip():
@@ -48,6 +81,8 @@ def load_prompts(path: str | Path, tokenizer=None, pad_id: int | None = None) ->
         raise ValueError(f"{path}: no examples")
     seqs = []
     for i, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object like {{\"text\": ...}} or {{\"input_ids\": [...]}}, got {_json_type(row)}")
         if "input_ids" in row:
             ids = [int(t) for t in row["input_ids"]]
         elif "text" in row:
@@ -68,7 +103,12 @@ def load_prompts(path: str | Path, tokenizer=None, pad_id: int | None = None) ->
         input_ids[n, T - len(s):] = torch.tensor(s)
         mask[n, T - len(s):] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    for key in ("target", "contrast"):
-        if all(key in row for _, row in rows):
-            batch[key] = torch.tensor([_token_id(row[key], tokenizer, key, i) for i, row in rows])
+    keys = tuple(k for k in ANSWER_KEYS if any(k in row for _, row in rows))
+    for key in keys:
+        missing = [i for i, row in rows if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{missing[0]}: has no {key!r}, but other lines have one; give every line a {key!r} or none")
+    answers = [_answer_ids(row, keys, tokenizer, f"{path}:{i}") for i, row in rows]
+    for key in keys:
+        batch[key] = torch.tensor([a[key] for a in answers], dtype=torch.long)
     return batch

@@ -121,8 +121,23 @@ def corrupt_of(batch: dict, *, seed: int = 1, n_changes: int = 2) -> dict:
     return out
 
 
+def positions_alone(mask: torch.Tensor) -> torch.Tensor:
+    """``[N, T]``: each token's position in its prompt run alone, i.e. the number of real tokens
+    before it (padding before a prompt does not count; padding columns get the running count)."""
+    out = torch.zeros(mask.shape, dtype=torch.long)
+    for n in range(mask.shape[0]):
+        count = 0
+        for t in range(mask.shape[1]):
+            out[n, t] = count
+            count += int(mask[n, t] != 0)
+    return out
+
+
 def model_inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """The model's inputs, with every prompt numbered from 0 whatever its padding (padding
+    never changes a result)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "position_ids": positions_alone(batch["attention_mask"])}
 
 
 # --------------------------------------------------------------------------------------- hooks

@@ -155,6 +155,26 @@ def test_checkpoint_option(setup):
     pd.testing.assert_frame_equal(first, pd.read_csv(out2 / "scan.csv"))
 
 
+def test_unusable_checkpoint_is_one_line_exit_2(setup, capsys):
+    bad = setup[0] / "old-format.ckpt"
+    bad.write_bytes(b"not a folder")
+    root = setup[0]
+    rc = main(["scan", str(root / "model"), "--prompts", str(root / "prompts.jsonl"), "--out", str(root / "bad-ck"),
+               "--no-progress", "--backend", "reference", "--checkpoint", str(bad)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("headint scan: checkpoint ") and str(bad) in err[0] and "start over" in err[0]
+
+
+def test_bad_batch_size_is_one_line_exit_2(setup, capsys):
+    root = setup[0]
+    rc = main(["scan", str(root / "model"), "--prompts", str(root / "prompts.jsonl"), "--out", str(root / "bad-bs"),
+               "--batch-size", "lots"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["headint scan: --batch-size must be a positive integer or 'auto', got 'lots'"]
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2, 3], "target": 1, "contrast": 2}\n')
     rc = main(["scan", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")])

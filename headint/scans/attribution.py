@@ -8,10 +8,10 @@ import contextlib
 
 import torch
 
-from ..metrics import as_metric
-from ..plan import ModelShape, TensorPlan
+from ..plan import TensorPlan
 from ..results import ScanResult
-from .runner import base_runs, eval_mode, paired_batches
+from .batching import auto_rows, check_batch_size, run_in_halves
+from .setup import prepare_scan
 
 ATTRIBUTION_METHODS = ("patch", "mask")
 
@@ -39,6 +39,7 @@ def attribution_scan(
     direction: str = "noising",
     per_position: bool = False,
     batch_size: int | None = None,
+    memory_budget: int | None = None,
     backend: str = "auto",
 ) -> ScanResult:
     """Approximate scan: the first-order change of ``metric`` for every head (and position).
@@ -57,6 +58,11 @@ def attribution_scan(
     which the fused kernels compute inside their backward pass. Cost: one forward over each
     input set (to record ``z``) and one forward+backward over the base run.
 
+    ``batch_size``: examples per forward+backward; None sizes them from ``memory_budget``
+    (bytes; default a share of the free memory, see :mod:`headint.scans.batching`). A chunk
+    that runs out of memory is retried in halves. Left-padded inputs get position ids from
+    their mask.
+
     Returns a :class:`~headint.results.ScanResult` whose per-example values are
     ``base metric + estimate``, directly comparable with :func:`headint.scan`.
     """
@@ -66,40 +72,39 @@ def attribution_scan(
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
-    metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
-    clean_b, corrupt_b = paired_batches(clean, corrupt, "clean")
-    N, T = clean_b["input_ids"].shape
-    device = next(model.parameters()).device
+    batch_size = check_batch_size(batch_size)
+    setup = prepare_scan(model, clean, corrupt, metric, kind="attribution", backend=backend, name="clean")
+    shape, N, T, device = setup.shape, setup.N, setup.T, setup.device
+    Tm = T if per_position else 1
 
-    with eval_mode(model):
-        runs = base_runs(model, clean_b, corrupt_b, metric, backend)
-        clean_runner, corrupt_runner = runs.clean, runs.corrupt
-        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
+    with setup.base_runs() as runs:
         if method == "patch" and direction == "denoising":
-            base, source = corrupt_runner, clean_runner
+            base, source = runs.corrupt, runs.clean
         else:
-            base, source = clean_runner, corrupt_runner
+            base, source = runs.clean, runs.corrupt
         base_values = base.base_values()
-
-        Tm = T if per_position else 1
-        rows = batch_size or N
-        estimates = torch.zeros(shape.n_layers, shape.n_heads, Tm, N)
+        if batch_size is None:
+            geometry = setup.row_geometry(base, patched_layers=shape.n_layers, keeps_graph=True)
+            batch_size = auto_rows(geometry, setup.memory_budget(memory_budget))
         backward_passes = 0
+
+        def estimate(ex_cpu: torch.Tensor) -> torch.Tensor:
+            """``[R, L, H, Tm]``: minus the metric's gradient with respect to each head mask."""
+            nonlocal backward_passes
+            ex = ex_cpu.to(device)
+            masks = [torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for _ in range(shape.n_layers)]
+            spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex].transpose(1, 2) if method == "patch" else None}
+                    for l, m in enumerate(masks)}
+            with torch.enable_grad():
+                values = base.run_differentiable(ex, TensorPlan(spec))
+                grads = torch.autograd.grad(values.sum(), masks)
+            backward_passes += 1
+            return -torch.stack([g.detach().float().cpu() for g in grads], dim=1)
+
         with _frozen_parameters(model):
-            for s in range(0, N, rows):
-                ex = torch.arange(s, min(N, s + rows), device=device)
-                masks = {l: torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for l in range(shape.n_layers)}
-                spec = {}
-                for l, m in masks.items():
-                    patch = source.base.z[l][ex].transpose(1, 2) if method == "patch" else None
-                    spec[l] = {"head_mask": m, "head_patch": patch}
-                with torch.enable_grad():
-                    values = base.run_differentiable(ex, TensorPlan(spec))
-                    grads = torch.autograd.grad(values.sum(), [masks[l] for l in range(shape.n_layers)])
-                backward_passes += 1
-                for l, g in enumerate(grads):
-                    estimates[l, :, :, ex.cpu()] = -g.detach().float().cpu().permute(1, 2, 0)
+            parts = [run_in_halves(estimate, torch.arange(s, min(N, s + batch_size)), device, "headint.attribution_scan")
+                     for s in range(0, N, batch_size)]
+        estimates = torch.cat(parts).permute(1, 2, 3, 0)  # [L, H, Tm, N]
 
     if per_position:
         per_example = estimates + base_values.cpu()[None, None, None, :]
@@ -107,10 +112,8 @@ def attribution_scan(
     else:
         per_example = estimates[:, :, 0] + base_values.cpu()[None, None, :]
         axes = ("layer", "head")
-    settings = dict(kind="attribution", method=method, direction=direction if method == "patch" else None,
-                    per_position=per_position, metric=repr(metric), model=type(model).__name__, n_examples=N, seq_len=T,
-                    base_baseline=float(base_values.mean()), cost={**runs.cost(), "backward_passes": backward_passes})
-    return ScanResult(per_example, axes, metric_name=metric.name, clean_baseline=float(clean_values.mean()),
-                      corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()), settings=settings,
+    settings = dict(setup.settings, method=method, direction=direction if method == "patch" else None, per_position=per_position,
+                    base_baseline=float(base_values.mean()), batch_rows=batch_size,
+                    cost={**runs.cost(), "backward_passes": backward_passes})
+    return ScanResult(per_example, axes, metric_name=setup.metric.name, **setup.baselines(), settings=settings,
                       base_per_example=base_values)
-

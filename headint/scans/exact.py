@@ -3,23 +3,20 @@ set of heads), for every example, batched many interventions per forward pass.""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics import as_metric
-from ..plan import ModelShape
 from ..results import ScanResult
-from .runner import VariantRunner, as_batch, base_runs, eval_mode, paired_batches
+from .batching import auto_rows, positive_int, run_in_halves
+from .checkpoint import ScanCheckpoint, fingerprint
+from .positions import with_position_ids
+from .runner import VariantRunner, as_batch
+from .setup import prepare_scan
 from .variants import Variant, build_plan, head_grid
-
-logger = logging.getLogger("headint")
 
 METHODS = ("zero", "mean", "resample", "patch")
 DIRECTIONS = ("denoising", "noising")
@@ -34,59 +31,6 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
         perm = torch.randperm(n, generator=g)
         if not (perm == torch.arange(n)).any():
             return perm
-
-
-def _auto_batch_rows(shape: ModelShape, T: int, d_model: int, device: torch.device) -> int:
-    """Rows per forward that fit a memory budget (activations and per-row patches)."""
-    per_row = 4 * T * (16 * d_model + 4 * shape.n_heads * T + 2 * shape.n_heads * shape.head_dim)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 3
-    else:
-        budget = 1 << 30
-    return int(max(1, min(4096, budget // max(per_row, 1))))
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _fingerprint(model, batches: Sequence[dict | None], settings: dict) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for b in batches:
-        if b is None:
-            continue
-        for k in sorted(b):
-            h.update(k.encode())
-            h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(repr((tuple(p.shape), float(p.detach().double().sum()))).encode())
-    return h.hexdigest()
-
-
-class _Checkpoint:
-    """Finished chunks of a scan, saved after each chunk; resumed when the fingerprint matches."""
-
-    def __init__(self, path: str | os.PathLike | None, key: str):
-        self.path = None if path is None else Path(path)
-        self.key = key
-        self.done: dict[int, torch.Tensor] = {}
-        if self.path is not None and self.path.exists():
-            data = torch.load(self.path, weights_only=True)
-            if data.get("key") == key:
-                self.done = dict(data["done"])
-                logger.info("headint.scan: resuming from %s (%d chunks done)", self.path, len(self.done))
-            else:
-                logger.warning("headint.scan: checkpoint %s belongs to another scan; starting over", self.path)
-
-    def save(self, i: int, values: torch.Tensor) -> None:
-        self.done[i] = values
-        if self.path is None:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"key": self.key, "done": self.done}, tmp)
-        os.replace(tmp, self.path)
 
 
 def scan(
@@ -104,6 +48,7 @@ def scan(
     positions: Sequence[int] | None = None,
     mean_inputs=None,
     batch_size: int | str = "auto",
+    memory_budget: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     backend: str = "auto",
@@ -118,7 +63,8 @@ def scan(
 
     Args:
         inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask`` and what
-            the metric reads (``target``, ``contrast``, ``labels``).
+            the metric reads (``target``, ``contrast``, ``labels``). Left-padded rows get
+            ``position_ids`` from the mask, so each example's values are those it gives alone.
         metric: a :class:`~headint.metrics.Metric`, a name (``"logit_diff"``, ``"logprob"``,
             ``"prob"``, ``"kl"``, ``"loss"``) or a callable on logits ``[N, T, V] -> [N]``.
         corrupt: inputs of the corrupted run (same ``T``), needed by ``method="patch"`` and for
@@ -131,10 +77,17 @@ def scan(
         per_position: one variant per (head, position) instead of per head.
         layers, heads, positions: restrict the grid. head_sets: instead of single heads, a list
             of sets of ``(layer, head)`` pairs replaced together (e.g. :func:`all_pairs`).
-        batch_size: rows (variant x example) per forward, or ``"auto"`` (fits memory; halves
-            and retries on out-of-memory).
-        checkpoint: a file; a scan killed midway and re-run with the same arguments resumes
-            from it and gives exactly the uninterrupted result.
+        batch_size: rows (variant x example) per forward, or ``"auto"``: as many as fit
+            ``memory_budget`` given what a row allocates (hidden states, attention scratch, the
+            plan, and the logits the metric reads times the vocabulary; see
+            :mod:`headint.scans.batching`). Either way, a chunk that runs out of memory (CUDA or
+            CPU) is retried in halves.
+        memory_budget: bytes for ``"auto"``; default half the free CUDA memory, or half the
+            available host memory on CPU.
+        checkpoint: a folder; every finished chunk is saved there (one file per chunk, in a
+            subfolder per scan, so scans sharing the folder keep their progress). A scan killed
+            midway and re-run with the same arguments resumes from it and gives exactly the
+            uninterrupted result (with the chunk size it started with).
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -158,52 +111,18 @@ def scan(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
-    metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
-    clean, corrupt_b = paired_batches(inputs, corrupt)
-    N, T = clean["input_ids"].shape
-    device = next(model.parameters()).device
-
-    # Variants and the result grid.
-    if head_sets is not None:
-        if per_position:
-            raise ValueError("head_sets and per_position=True cannot be combined: head sets are scanned over all positions")
-        sets = [tuple(sorted((int(l), int(h)) for l, h in s)) for s in head_sets]
-        if not sets or any(len(s) == 0 for s in sets):
-            raise ValueError("head_sets must be a non-empty list of non-empty sets of (layer, head) pairs")
-        for s in sets:
-            head_grid(shape, [l for l, _ in s], [h for _, h in s])
-        variants = [Variant(s) for s in sets]
-        axes, grid_shape, labels = ("head_set",), (len(sets),), [list(s) for s in sets]
-        index = list(range(len(sets)))
-    else:
-        pairs = head_grid(shape, layers, heads)
-        if per_position:
-            pos = list(range(T)) if positions is None else [int(p) for p in positions]
-            for p in pos:
-                if not 0 <= p < T:
-                    raise ValueError(f"positions: {p} out of range for inputs of length {T}")
-            variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
-            index = [(l, h, p) for l, h in pairs for p in pos]
-            axes, grid_shape = ("layer", "head", "position"), (shape.n_layers, shape.n_heads, T)
-        else:
-            variants = [Variant(((l, h),)) for l, h in pairs]
-            index = pairs
-            axes, grid_shape = ("layer", "head"), (shape.n_layers, shape.n_heads)
-        labels = None
-
-    settings = dict(method=method, direction=direction if method == "patch" else None, per_position=per_position,
+    if not (isinstance(batch_size, str) and batch_size == "auto") and positive_int(batch_size) is None:
+        raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
+    metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
+    variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions)
+    settings = dict(setup.settings, method=method, direction=direction if method == "patch" else None, per_position=per_position,
                     layers=layers, heads=heads, head_sets=None if head_sets is None else [list(map(list, s)) for s in head_sets],
-                    positions=positions, metric=repr(metric), model=type(model).__name__, seed=seed, n_examples=N, seq_len=T)
+                    positions=positions, seed=seed)
 
-    # Base runs.
-    with eval_mode(model):
-        runs = base_runs(model, clean, corrupt_b, metric, backend)
-        clean_runner, corrupt_runner = runs.clean, runs.corrupt
-        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
-        base = corrupt_runner if (method == "patch" and direction == "denoising") else clean_runner
-
-        patch_source = _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction)
+    with setup.base_runs() as runs:
+        base = runs.corrupt if (method == "patch" and direction == "denoising") else runs.clean
+        patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction)
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
         position_reuse = per_position and base.causal and metric.position == "last"
@@ -211,26 +130,23 @@ def scan(
         for vi, v in enumerate(variants):
             start_pos = v.position if (position_reuse and v.position is not None) else 0
             groups.setdefault((v.start_layer, start_pos), []).append(vi)
-        rows_per_batch = _auto_batch_rows(shape, T, model.config.get_text_config().hidden_size, device) if batch_size == "auto" else int(batch_size)
-        if rows_per_batch < 1:
-            raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-        chunks = []
-        for (l0, p0), vis in sorted(groups.items()):
-            var = torch.tensor(vis).repeat_interleave(N)
-            ex = torch.arange(N).repeat(len(vis))
-            for s in range(0, len(var), rows_per_batch):
-                chunks.append((l0, p0, var[s : s + rows_per_batch], ex[s : s + rows_per_batch]))
+        if batch_size == "auto":
+            patched = max(len({l for l, _ in v.heads}) for v in variants)
+            rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
+        else:
+            rows_per_batch = positive_int(batch_size)
+        # The fingerprint leaves the chunk size out: a resumed scan keeps the chunks it started with.
+        key = fingerprint(model, [setup.clean, setup.corrupt], settings)
+        ckpt = ScanCheckpoint(checkpoint, key, rows_per_batch, settings)
+        rows_per_batch = ckpt.rows_per_batch
+        chunks = _chunks(groups, N, rows_per_batch)
+        ckpt.check_chunks([len(c.ex) for c in chunks])
 
-        key = _fingerprint(model, [clean, corrupt_b], {**settings, "batch_size": rows_per_batch})
-        ckpt = _Checkpoint(checkpoint, key)
         values = torch.full((len(variants), N), float("nan"))
-        for i, (l0, p0, var, ex) in enumerate(tqdm(chunks, desc="headint.scan", disable=not progress, unit="batch")):
-            if i in ckpt.done:
-                out = ckpt.done[i]
-            else:
-                out = _run_chunk(base, shape, variants, var, ex, T, patch_source, device, l0, p0)
-                ckpt.save(i, out)
-            values[var, ex] = out.cpu()
+        for i, c in enumerate(tqdm(chunks, desc="headint.scan", disable=not progress, unit="batch")):
+            if i not in ckpt.done:
+                ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos))
+            values[c.var, c.ex] = ckpt.done[i]
 
     per_example = torch.full((*grid_shape, N), float("nan"))
     for vi, idx in enumerate(index):
@@ -242,30 +158,63 @@ def scan(
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse
     settings["restricted_logits"] = base.restricted
-    return ScanResult(
-        per_example, axes, labels=labels, metric_name=metric.name,
-        clean_baseline=float(clean_values.mean()),
-        corrupt_baseline=None if corrupt_values is None else float(corrupt_values.mean()),
-        settings=settings, base_per_example=base.base_values(),
-    )
+    return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
+                      settings=settings, base_per_example=base.base_values())
+
+
+def _variants(shape, T, per_position, layers, heads, head_sets, positions):
+    """The scan's variants and result grid: ``(variants, index of each in the grid, axes,
+    grid shape, labels)``; arguments validated."""
+    if head_sets is not None:
+        if per_position:
+            raise ValueError("head_sets and per_position=True cannot be combined: head sets are scanned over all positions")
+        sets = [tuple(sorted((int(l), int(h)) for l, h in s)) for s in head_sets]
+        if not sets or any(len(s) == 0 for s in sets):
+            raise ValueError("head_sets must be a non-empty list of non-empty sets of (layer, head) pairs")
+        for s in sets:
+            head_grid(shape, [l for l, _ in s], [h for _, h in s])
+        return [Variant(s) for s in sets], list(range(len(sets))), ("head_set",), (len(sets),), [list(s) for s in sets]
+    pairs = head_grid(shape, layers, heads)
+    if not per_position:
+        return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, shape.n_heads), None
+    pos = list(range(T)) if positions is None else [int(p) for p in positions]
+    for p in pos:
+        if not 0 <= p < T:
+            raise ValueError(f"positions: {p} out of range for inputs of length {T}")
+    variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
+    index = [(l, h, p) for l, h in pairs for p in pos]
+    return variants, index, ("layer", "head", "position"), (shape.n_layers, shape.n_heads, T), None
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One forward's rows: ``var[r]`` applied to example ``ex[r]``, starting at a layer and position."""
+
+    start_layer: int
+    start_pos: int
+    var: torch.Tensor
+    ex: torch.Tensor
+
+
+def _chunks(groups: dict[tuple[int, int], list[int]], N: int, rows_per_batch: int) -> list[_Chunk]:
+    chunks = []
+    for (l0, p0), vis in sorted(groups.items()):
+        var = torch.tensor(vis).repeat_interleave(N)
+        ex = torch.arange(N).repeat(len(vis))
+        for s in range(0, len(var), rows_per_batch):
+            chunks.append(_Chunk(l0, p0, var[s : s + rows_per_batch], ex[s : s + rows_per_batch]))
+    return chunks
 
 
 def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0) -> torch.Tensor:
-    """Evaluate one chunk; on out-of-memory, split it in halves and retry."""
-    try:
-        plan = build_plan(shape, variants, ex.to(device), var, T, patch_source, device)
-        return base.run(ex.to(device), plan, start_layer=l0, start_pos=p0)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _is_oom(e) or len(ex) == 1:
-            raise
-        logger.warning("headint.scan: out of memory with %d rows; retrying in halves", len(ex))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        h = len(ex) // 2
-        return torch.cat([
-            _run_chunk(base, shape, variants, var[:h], ex[:h], T, patch_source, device, l0, p0),
-            _run_chunk(base, shape, variants, var[h:], ex[h:], T, patch_source, device, l0, p0),
-        ])
+    """Evaluate one chunk ``[R]``; on out-of-memory (CUDA or CPU), split it in halves and retry."""
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        e = ex[rows].to(device)
+        plan = build_plan(shape, variants, e, var[rows], T, patch_source, device)
+        return base.run(e, plan, start_layer=l0, start_pos=p0).float().cpu()
+
+    return run_in_halves(run, torch.arange(len(ex)), device)
 
 
 def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction):
@@ -278,11 +227,11 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         else:
             from ..record import record
 
-            ref = as_batch(mean_inputs)
+            ref = with_position_ids(model, as_batch(mean_inputs), "mean_inputs")
             if ref["input_ids"].shape[1] != base.T:
                 raise ValueError(f"mean_inputs have length {ref['input_ids'].shape[1]} (shape {list(ref['input_ids'].shape)}); "
                                  f"the per-position mean needs the inputs' length {base.T}")
-            cache = record(model, {k: ref[k] for k in ("input_ids", "attention_mask") if k in ref}, what=("z",), backend=backend)
+            cache = record(model, {k: ref[k] for k in ("input_ids", "attention_mask", "position_ids") if k in ref}, what=("z",), backend=backend)
             zs, mask = {l: cache.get("z", l) for l in cache.layers()}, ref["attention_mask"]
         w = mask.float()
         means = {l: ((z.float() * w[..., None, None]).sum(0) / w.sum(0).clamp_min(1)[:, None, None]) for l, z in zs.items()}

@@ -8,11 +8,12 @@ from typing import Sequence
 import torch
 
 from ..interventions import PatchQKV
-from ..metrics import as_metric
 from ..plan import InterventionPlan, ModelShape, TensorPlan
 from ..record import Recorder
 from ..results import ScanResult
-from .runner import VariantRunner, base_runs, eval_mode, paired_batches
+from .batching import auto_rows, check_batch_size, run_in_halves
+from .runner import VariantRunner
+from .setup import prepare_scan
 from .variants import head_grid
 
 
@@ -43,6 +44,7 @@ def path_patch(
     senders: Sequence | None = None,
     receivers: Sequence[tuple[int, int, str]],
     batch_size: int | None = None,
+    memory_budget: int | None = None,
     backend: str = "auto",
 ) -> ScanResult:
     """Path patching from each sender (or sender set) to the receivers' q/k/v inputs.
@@ -60,6 +62,9 @@ def path_patch(
             every head in layers below the deepest receiver.
         receivers: ``(layer, head, which)`` with ``which`` in ``"q"``, ``"k"``, ``"v"`` (or e.g.
             ``"qkv"``); for ``"k"``/``"v"`` under grouped-query attention ``head`` is a key/value head.
+        batch_size: rows (sender x example) per pair of runs; None sizes them from
+            ``memory_budget`` (bytes; default a share of the free memory). A chunk that runs
+            out of memory is retried in halves.
 
     MLPs and other non-attention components are recomputed in step 1 (as in Wang et al.), so
     paths sender -> MLP -> receiver count; paths through other attention heads do not.
@@ -67,38 +72,28 @@ def path_patch(
     """
     if corrupt is None:
         raise ValueError("path_patch needs corrupt= inputs")
-    metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
+    batch_size = check_batch_size(batch_size)
+    setup = prepare_scan(model, clean, corrupt, metric, kind="path_patch", backend=backend, name="clean")
+    shape, N, device = setup.shape, setup.N, setup.device
     recv = _receivers(receivers, shape)
     if not recv:
         raise ValueError("receivers must name at least one (layer, head, which)")
     top = max(l for l, _, _ in recv)
-    if senders is None:
-        senders = [((l, h),) for l, h in head_grid(shape, range(top), None)]
-    sets = []
-    for s in senders:
-        s = (tuple(s),) if isinstance(s[0], int) else tuple(tuple(x) for x in s)
-        head_grid(shape, [l for l, _ in s], [h for _, h in s])
-        if any(l >= top for l, _ in s) and all(l >= top for l, _ in s):
-            raise ValueError(f"senders {s}: a sender must sit below the receivers' layers (deepest receiver layer {top})")
-        sets.append(tuple(sorted((int(l), int(h)) for l, h in s)))
-    clean_b, corrupt_b = paired_batches(clean, corrupt, "clean")
-    N, T = clean_b["input_ids"].shape
-    device = next(model.parameters()).device
+    sets = _sender_sets(senders, shape, top)
 
-    with eval_mode(model):
-        runs = base_runs(model, clean_b, corrupt_b, metric, backend)
-        clean_runner, corrupt_runner = runs.clean, runs.corrupt
-        clean_values, corrupt_values = runs.clean_values, runs.corrupt_values
-        zc, zx = clean_runner.base.z, corrupt_runner.base.z
-
-        rows_per = batch_size or max(N, 1)
+    with setup.base_runs() as runs:
+        clean_runner = runs.clean
+        zc, zx = clean_runner.base.z, runs.corrupt.base.z
+        if batch_size is None:
+            geometry = setup.row_geometry(clean_runner, patched_layers=top + 1)
+            batch_size = auto_rows(geometry, setup.memory_budget(memory_budget))
         var = torch.arange(len(sets)).repeat_interleave(N)
         exs = torch.arange(N).repeat(len(sets))
-        values = torch.empty(len(sets), N)
         whats = tuple(sorted({w for _, _, w in recv}))
-        for s in range(0, len(var), rows_per):
-            v_rows, ex = var[s : s + rows_per], exs[s : s + rows_per].to(device)
+
+        def patch_paths(rows: torch.Tensor) -> torch.Tensor:
+            """Metric values ``[R]`` of rows ``(var[rows], exs[rows])``."""
+            v_rows, ex = var[rows], exs[rows].to(device)
             R = len(ex)
             # Step 1: senders corrupt, every other head frozen clean; record receivers' inputs.
             spec = {}
@@ -114,13 +109,30 @@ def path_patch(
             # Step 2: only the receivers' q/k/v replaced.
             ivs = [PatchQKV(layer=l, head=h, which=w, source=rec.tensors[(w, l)]) for l, h, w in recv]
             plan = InterventionPlan(shape, rows=[ivs] * R)
-            values[v_rows, ex.cpu()] = clean_runner.run(ex, plan, start_layer=min(l for l, _, _ in recv)).cpu()
+            return clean_runner.run(ex, plan, start_layer=min(l for l, _, _ in recv)).float().cpu()
 
-    settings = dict(kind="path_patch", receivers=[list(r) for r in recv], metric=repr(metric), model=type(model).__name__,
-                    n_examples=N, seq_len=T)
-    return ScanResult(values, ("head_set",), labels=[list(s) for s in sets], metric_name=metric.name,
-                      clean_baseline=float(clean_values.mean()), corrupt_baseline=float(corrupt_values.mean()), settings=settings,
-                      base_per_example=clean_values)
+        values = torch.empty(len(sets), N)
+        for s in range(0, len(var), batch_size):
+            rows = torch.arange(s, min(len(var), s + batch_size))
+            values[var[rows], exs[rows]] = run_in_halves(patch_paths, rows, device, "headint.path_patch")
+
+    settings = dict(setup.settings, receivers=[list(r) for r in recv], batch_rows=batch_size)
+    return ScanResult(values, ("head_set",), labels=[list(s) for s in sets], metric_name=setup.metric.name,
+                      **setup.baselines(), settings=settings, base_per_example=runs.clean_values)
+
+
+def _sender_sets(senders, shape: ModelShape, top: int) -> list[tuple[tuple[int, int], ...]]:
+    """Sender sets as sorted tuples of ``(layer, head)``; default every head below layer ``top``."""
+    if senders is None:
+        senders = [((l, h),) for l, h in head_grid(shape, range(top), None)]
+    sets = []
+    for s in senders:
+        s = (tuple(s),) if isinstance(s[0], int) else tuple(tuple(x) for x in s)
+        head_grid(shape, [l for l, _ in s], [h for _, h in s])
+        if any(l >= top for l, _ in s) and all(l >= top for l, _ in s):
+            raise ValueError(f"senders {s}: a sender must sit below the receivers' layers (deepest receiver layer {top})")
+        sets.append(tuple(sorted((int(l), int(h)) for l, h in s)))
+    return sets
 
 
 @torch.no_grad()

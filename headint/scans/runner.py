@@ -52,7 +52,9 @@ class Cost:
 
 
 def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
-    """Normalise scan inputs to a dict with ``input_ids`` ``[N, T]`` and ``attention_mask``."""
+    """Normalise scan inputs to a dict of ``[N, ...]`` tensors with ``input_ids`` ``[N, T]`` and
+    ``attention_mask`` ``[N, T]`` (all ones when missing); other tensors (``target``, ``contrast``,
+    ``labels``, ``position_ids``, ...) are kept."""
     if isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
@@ -69,7 +71,8 @@ def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
     return batch
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+SLICED_KEYS = ("input_ids", "token_type_ids", "position_ids")  # per fed token; the mask spans the cache too
 
 
 @contextlib.contextmanager
@@ -127,11 +130,13 @@ class VariantRunner:
         return {k: v[ex] for k, v in self.batch.items()}
 
     def model_inputs(self, rows: dict, start: int = 0) -> dict:
+        """The model's keyword inputs for ``rows``; with ``start`` (position reuse) only the tokens
+        ``>= start`` are fed, with their own position ids, and the mask still covers all ``T``."""
         out = {k: rows[k] for k in MODEL_KEYS if k in rows}
         if start:
-            out["input_ids"] = out["input_ids"][:, start:]
-            if "token_type_ids" in out:
-                out["token_type_ids"] = out["token_type_ids"][:, start:]
+            for k in SLICED_KEYS:
+                if k in out:
+                    out[k] = out[k][:, start:]
         return out
 
     # -- logits ---------------------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""The opening every scan shares: normalised inputs, pairing, position ids, base runs.
+
+:func:`prepare_scan` checks and normalises the inputs without running the model (so a scan
+can validate its own arguments against ``shape`` and ``T`` first); :meth:`ScanSetup.base_runs`
+then puts the model in eval mode and runs the clean (and corrupted) inputs once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..metrics import Metric, as_metric
+from ..plan import ModelShape
+from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
+from .positions import with_position_ids
+from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
+
+
+@dataclass
+class ScanSetup:
+    """What a scan starts from.
+
+    ``clean``/``corrupt``: batches ``{input_ids [N, T], attention_mask [N, T], position_ids
+    [N, T] (left-padded batches), target, contrast, ...}``; ``settings``: the settings every
+    scan reports (kind, metric, model, backend, n_examples, seq_len); ``runs``: the base runs,
+    set inside :meth:`base_runs`.
+    """
+
+    model: Any
+    metric: Metric
+    shape: ModelShape
+    clean: dict
+    corrupt: dict | None
+    device: torch.device
+    backend: str
+    settings: dict
+    runs: BaseRuns | None = field(default=None, repr=False)
+
+    @property
+    def N(self) -> int:
+        return int(self.clean["input_ids"].shape[0])
+
+    @property
+    def T(self) -> int:
+        return int(self.clean["input_ids"].shape[1])
+
+    @property
+    def clean_runner(self) -> VariantRunner:
+        assert self.runs is not None, "inside ScanSetup.base_runs() only"
+        return self.runs.clean
+
+    @property
+    def corrupt_runner(self) -> VariantRunner | None:
+        assert self.runs is not None, "inside ScanSetup.base_runs() only"
+        return self.runs.corrupt
+
+    @property
+    def clean_values(self) -> torch.Tensor:
+        return self.runs.clean_values
+
+    @property
+    def corrupt_values(self) -> torch.Tensor | None:
+        return self.runs.corrupt_values
+
+    def baselines(self) -> dict:
+        """``clean_baseline`` / ``corrupt_baseline`` (means over examples) for a ScanResult."""
+        return dict(clean_baseline=float(self.clean_values.mean()),
+                    corrupt_baseline=None if self.corrupt_values is None else float(self.corrupt_values.mean()))
+
+    @contextlib.contextmanager
+    def base_runs(self) -> Iterator[BaseRuns]:
+        """Inside: the model in eval mode (its flag restored on exit) and the base runs done."""
+        with eval_mode(self.model):
+            self.runs = base_runs(self.model, self.clean, self.corrupt, self.metric, self.backend)
+            yield self.runs
+
+    def row_geometry(self, runner: VariantRunner, patched_layers: int = 1, keeps_graph: bool = False) -> RowGeometry:
+        """The per-row memory geometry of variant runs of ``runner`` (see :mod:`.batching`)."""
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        d = int(cfg.hidden_size)
+        d_ffn = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
+        vocab = int(getattr(cfg, "vocab_size", None) or 0)
+        param = next(self.model.parameters())
+        logits = metric_logits_per_row(self.metric, runner.batch, self.T, vocab, runner.restricted)
+        return RowGeometry(self.shape, self.T, d, d_ffn, vocab, logits, param.element_size(), patched_layers, keeps_graph)
+
+    def memory_budget(self, memory_budget: int | None) -> int:
+        return default_memory_budget(self.device) if memory_budget is None else memory_budget
+
+
+def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, name: str = "inputs") -> ScanSetup:
+    """Check and normalise a scan's inputs (no model run).
+
+    ``inputs``/``corrupt``: ``[N, T]`` token ids or dicts (see :func:`~headint.scans.runner.as_batch`),
+    of the same shape. Left-padded batches get ``position_ids`` from their mask (see
+    :mod:`.positions`), so every example gives the values it gives alone.
+    """
+    metric = as_metric(metric)
+    shape = ModelShape.from_config(model.config)
+    clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
+    clean_b = with_position_ids(model, clean_b, name)
+    if corrupt_b is not None:
+        corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
+    device = next(model.parameters()).device
+    N, T = clean_b["input_ids"].shape
+    settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
+    return ScanSetup(model, metric, shape, clean_b, corrupt_b, device, backend, settings)
