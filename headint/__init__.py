@@ -12,7 +12,7 @@ from .interventions import Ablate, Patch, PatchQKV, Scale
 from .ops import BackendUnavailable, Knockout, attention, available_backends, last_backend
 from .plan import InterventionPlan, ModelShape, Plan, TensorPlan
 from .record import ActivationCache, record
-from .results import ScanResult
+from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
 from . import metrics, models
 
@@ -22,5 +22,5 @@ __all__ = [
     "attention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
-    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "metrics", "models",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "NaNMetricWarning", "metrics", "models",
 ]

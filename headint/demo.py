@@ -23,11 +23,11 @@ from .integration.hf import intervene
 from .interventions import Ablate
 from .metrics import LogitDiff
 from .models import load
-from .models.induction_data import copy_accuracy, induction_prompts, repeated_random_tokens
 from .patterns import induction_scores, previous_token_scores
 from .plan import ModelShape
 from .record import record
 from .scans import all_pairs, attribution_scan, scan
+from .tasks.induction import copy_accuracy, induction_prompts, repeated_random_tokens
 
 PREV_TOKEN_THRESHOLD = 0.4
 INDUCTION_THRESHOLD = 0.3

@@ -93,7 +93,7 @@ def induction_scores(model, tokens: torch.Tensor, half_len: int | None = None) -
     Args:
         model: a ``transformers`` causal LM.
         tokens: [batch, 2 * half_len] int64 sequences ``[r | r]`` (see
-            :func:`headint.models.induction_data.repeated_random_tokens`).
+            :func:`headint.tasks.induction.repeated_random_tokens`).
         half_len: length ``h`` of the repeated half; defaults to ``seq // 2``.
 
     Returns:

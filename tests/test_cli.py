@@ -52,7 +52,7 @@ def _run(setup, out, *extra):
 def _check_outputs(out, columns):
     frame = pd.read_csv(out / "scan.csv")
     # the tidy columns, then the paired effect columns scans add
-    assert list(frame.columns) == columns + ["effect", "effect_stderr"]
+    assert list(frame.columns) == columns + ["n", "effect", "effect_stderr"]
     png = (out / "heatmap.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 1000
     settings = json.loads((out / "settings.json").read_text())

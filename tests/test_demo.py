@@ -8,7 +8,7 @@ import torch
 
 import headint
 from headint.demo import find_circuit, pair_interactions, run_demo
-from headint.models.induction_data import copy_accuracy
+from headint.tasks.induction import copy_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headint import models
-from headint.models import induction_data as data
+from headint.tasks import induction as data
 from headint.patterns import attention_patterns, induction_scores, previous_token_scores
 
 PREV_CLEAR, IND_CLEAR = 0.4, 0.3  # "clear" previous-token / induction head
@@ -196,13 +196,10 @@ def test_induction_prompts_structure():
 # ------------------------------------------------------------------------------------------ training
 
 
-def test_training_script_smoke(tmp_path, capsys):
-    """``python -m headint.models.train_induction --out DIR --steps 20`` (run in-process: fast)."""
-    from transformers import GPT2LMHeadModel
+def _train_in_process(argv: list[str]) -> dict:
+    """``train_induction.main(argv)``, leaving torch's global state as it was."""
+    from headint.tasks import train_induction
 
-    from headint.models import train_induction
-
-    out = tmp_path / "ckpt"
     state = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
@@ -210,18 +207,64 @@ def test_training_script_smoke(tmp_path, capsys):
         torch.get_rng_state(),
     )
     try:
-        info = train_induction.main(["--out", str(out), "--steps", "20", "--seed", "3", "--log-every", "10"])
+        return train_induction.main(argv)
     finally:
         torch.set_num_threads(state[0])
         torch.use_deterministic_algorithms(state[1], warn_only=state[2])
         torch.set_rng_state(state[3])
+
+
+def test_training_script_smoke(tmp_path, capsys):
+    """``python -m headint.tasks.train_induction --out DIR --steps 20`` (run in-process: fast)."""
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "ckpt"
+    info = _train_in_process(["--out", str(out), "--steps", "20", "--seed", "3", "--log-every", "10"])
     printed = capsys.readouterr().out
     assert "copy accuracy" in printed and "induction scores" in printed and "previous-token scores" in printed
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     saved = json.loads((out / "training.json").read_text())
     assert saved["steps"] == 20 and saved["seed"] == 3 and saved == json.loads(json.dumps(info))
-    assert saved["command"].startswith("python -m headint.models.train_induction") and "--steps 20" in saved["command"]
+    assert saved["command"].startswith("python -m headint.tasks.train_induction") and "--steps 20" in saved["command"]
     assert 0.0 <= saved["copy_accuracy"] <= 1.0 and saved["final_loss"] > 0
     m = GPT2LMHeadModel.from_pretrained(str(out))
     assert m.config.n_layer == 2 and m.config.vocab_size == saved["task"]["vocab"]
     assert m(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, m.config.vocab_size)
+
+
+def test_training_module_runs_and_is_deterministic(tmp_path, capsys):
+    """``python -m headint.tasks.train_induction`` in a fresh process writes the same weights, bit
+    for bit, as a run in this process with the same seed; another seed writes other weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import headint
+
+    root = str(Path(headint.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+    def args(name, seed):
+        return ["--out", str(tmp_path / name), "--steps", "30", "--seed", str(seed), "--log-every", "100"]
+
+    subprocess.run([sys.executable, "-m", "headint.tasks.train_induction", *args("module", 5)], check=True, env=env,
+                   capture_output=True, timeout=600)
+    _train_in_process(args("same", 5))
+    _train_in_process(args("other", 6))
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("module", "same", "other")}
+    assert weights["module"] == weights["same"]
+    assert weights["other"] != weights["same"]
+    info = json.loads((tmp_path / "module" / "training.json").read_text())
+    assert info["command"].startswith("python -m headint.tasks.train_induction")
+    assert info["task"]["generator"] == "headint.tasks.induction.copy_task_batch"
+
+
+def test_shipped_training_record_names_modules_that_exist():
+    import importlib
+
+    info = json.loads((models.model_dir("induction-2l") / "training.json").read_text())
+    module = info["command"].split()[2]
+    importlib.import_module(module)
+    gen_module, gen_name = info["task"]["generator"].rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(gen_module), gen_name))

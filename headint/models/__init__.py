@@ -1,16 +1,20 @@
-"""Embedded models shipped as package data.
+"""Shipped model checkpoints and their loaders (nothing else: task data and training live in
+:mod:`headint.tasks`, experiments in :mod:`headint.experiments`).
 
 ``induction-2l``
     A 2-layer, 4-heads-per-layer GPT-2 decoder (d_model 64, vocabulary 128, 64
     positions, ~59k parameters), attention-only (its MLPs are zero), trained from
-    scratch by :mod:`headint.models.train_induction` on the synthetic in-context
-    copying task of :mod:`headint.models.induction_data`.  It holds a real induction
+    scratch by :mod:`headint.tasks.train_induction` on the synthetic in-context
+    copying task of :mod:`headint.tasks.induction`.  It holds a real induction
     circuit -- previous-token heads in layer 0 (L0H0, and L0H1, a backup that only
     matters once L0H0 is gone) whose output the induction heads in layer 1 (L1H3,
     L1H2, L1H0) read -- and bystander heads pruned during training (weights ~0,
     near-uniform attention, no output), so it is a small ground truth for causal
     head scans, redundancy included.  ``model_dir("induction-2l") / "training.json"`` records how it was
     trained and its pattern scores.
+
+``all-MiniLM-L6-v2`` (optional extra ``minilm``)
+    :func:`headint.models.minilm.load_minilm` loads the real pretrained sentence encoder.
 
 Example::
 

@@ -1,45 +1,33 @@
-"""``ScanResult``: the per-example outcome of a head scan, its statistics and views.
+"""``ScanResult``: the per-example outcome of a head scan, and its tables.
 
 A scan yields one metric value per intervention (a grid cell) and example:
-``per_example`` ``[*grid, N]``. The grid is one of
-
-* ``("layer", "head")``: ``[L, H]``;
-* ``("layer", "head", "position")``: ``[L, H, P]``;
-* ``("head_set",)``: ``[S]``, with ``labels[s]`` the head set (a tuple of
-  ``(layer, head)`` pairs) of entry ``s``.
+``per_example`` ``[*grid, N]`` (grids: :mod:`headint.results.grid`). Statistics live in
+:mod:`headint.results.stats`, plots in :mod:`headint.results.plots`, files in
+:mod:`headint.results.io`; ``ScanResult``'s methods are thin doors to them.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import operator
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .metrics import normalize
+from ..metrics import normalize
+from . import io, plots, stats
+from .grid import AXES_CHOICES, cell_name, head_set_name
 
 __all__ = ["ScanResult", "AXES_CHOICES", "head_set_name"]
-
-AXES_CHOICES = (("layer", "head"), ("layer", "head", "position"), ("head_set",))
-_FORMAT = "headint.ScanResult"
-_VERSION = 1
-_DIR_STEM = "scan"
-
-
-def head_set_name(heads: Sequence[tuple[int, int]]) -> str:
-    """``[(0, 1), (1, 2)]`` -> ``"L0H1+L1H2"``; the empty set -> ``"none"``."""
-    if len(heads) == 0:
-        return "none"
-    return "+".join(f"L{int(layer)}H{int(head)}" for layer, head in heads)
 
 
 def _as_head_set(item: Any, index: int) -> tuple[tuple[int, int], ...]:
     try:
-        pairs = tuple((int(layer), int(head)) for layer, head in item)
+        pairs = tuple((operator.index(layer), operator.index(head)) for layer, head in item)
     except (TypeError, ValueError):
         raise ValueError(
             f"labels[{index}] must be a sequence of (layer, head) int pairs, got {item!r}"
@@ -88,6 +76,14 @@ class ScanResult:
     base_per_example: optional ``[N]``, the metric per example on the run the interventions
     were applied to, without them; gives paired standard errors of the effects
     (:attr:`effect_stderr`, and ``effect``/``effect_stderr`` columns in :meth:`to_frame`).
+
+    Non-finite values: a per-example value that is NaN or +-inf (the metric failed on that
+    example) is left out of every aggregate (:attr:`values`, :attr:`stderr`, :attr:`effect`,
+    :attr:`effect_stderr`, the tables); :attr:`n` (column ``n``) counts the finite examples
+    behind each cell, and a cell without any is NaN. Building a result with such values
+    warns once (:class:`~headint.results.NaNMetricWarning`, naming how many, the cells and
+    the examples). Cells that are non-finite for every example while other cells have values
+    are taken as not scanned (restricted scans leave them NaN) and do not warn.
     """
 
     def __init__(
@@ -103,6 +99,22 @@ class ScanResult:
         normalized: bool = False,
         base_per_example: torch.Tensor | None = None,
     ):
+        self._set(
+            per_example, axes, labels=labels, metric_name=metric_name, clean_baseline=clean_baseline,
+            corrupt_baseline=corrupt_baseline, settings=settings, normalized=normalized,
+            base_per_example=base_per_example,
+        )
+        report = stats.non_finite_report(
+            self.per_example, self.base_per_example,
+            {"clean_baseline": self.clean_baseline, "corrupt_baseline": self.corrupt_baseline},
+            self.metric_name, lambda index: cell_name(self.axes, index, self.labels),
+        )
+        if report is not None:
+            warnings.warn(report, stats.NaNMetricWarning, stacklevel=2)
+
+    def _set(self, per_example, axes, *, labels, metric_name, clean_baseline, corrupt_baseline, settings, normalized,
+             base_per_example) -> None:
+        """Check and store the fields (no warning: :meth:`_replace` derives results through here)."""
         if not isinstance(per_example, torch.Tensor):
             if isinstance(per_example, np.ndarray):
                 per_example = torch.from_numpy(per_example)
@@ -173,34 +185,37 @@ class ScanResult:
         return torch.float64 if self.per_example.dtype == torch.float64 else torch.float32
 
     @property
+    def n(self) -> torch.Tensor:
+        """Number of finite examples behind each cell's aggregates, int64 ``[*grid]`` (N unless
+        the metric was NaN or infinite for some examples; 0 for a cell not scanned)."""
+        return stats.finite_count(self.per_example)
+
+    @property
     def values(self) -> torch.Tensor:
-        """Mean over examples ``[*grid]``."""
-        return self.per_example.double().mean(dim=-1).to(self._stat_dtype())
+        """Mean over the finite examples ``[*grid]`` (NaN where there is none)."""
+        return stats.finite_mean(self.per_example).to(self._stat_dtype())
 
     @property
     def stderr(self) -> torch.Tensor:
-        """Standard error of the mean ``[*grid]``: std (ddof=1) / sqrt(N); 0 when N == 1."""
-        n = self.n_examples
-        if n == 1:
-            return torch.zeros(self.grid_shape, dtype=self._stat_dtype())
-        sd = self.per_example.double().std(dim=-1, correction=1)
-        return (sd / math.sqrt(n)).to(self._stat_dtype())
+        """Standard error of the mean ``[*grid]`` over the ``n`` finite examples:
+        std (ddof=1) / sqrt(n); 0 when n == 1, NaN when n == 0."""
+        return stats.finite_stderr(self.per_example).to(self._stat_dtype())
 
     @property
     def effect(self) -> torch.Tensor:
         """``values - clean_baseline`` ``[*grid]``: the change each intervention caused."""
         if self.clean_baseline is None:
             raise ValueError("effect needs a clean baseline, but clean_baseline is None; use .values instead")
-        return (self.per_example.double().mean(dim=-1) - self.clean_baseline).to(self._stat_dtype())
+        return (stats.finite_mean(self.per_example) - self.clean_baseline).to(self._stat_dtype())
 
     @property
     def effect_stderr(self) -> torch.Tensor:
         """Standard error of each intervention's change ``[*grid]``, paired per example
-        (``value - base`` per example) when ``base_per_example`` is known, else :attr:`stderr`."""
+        (``value - base`` per example, over the examples where both are finite) when
+        ``base_per_example`` is known, else :attr:`stderr`."""
         if self.base_per_example is None or self.n_examples == 1:
             return self.stderr
-        d = (self.per_example - self.base_per_example).double()
-        return (d.std(dim=-1, correction=1) / math.sqrt(self.n_examples)).to(self._stat_dtype())
+        return stats.paired_stderr(self.per_example, self.base_per_example).to(self._stat_dtype())
 
     def normalized_result(self) -> "ScanResult":
         """A new ScanResult with per-example values ``(v - corrupt) / (clean - corrupt)``.
@@ -226,6 +241,7 @@ class ScanResult:
         )
 
     def _replace(self, **changes: Any) -> "ScanResult":
+        """A copy with ``changes``; it does not warn again about non-finite values."""
         fields = dict(
             per_example=self.per_example.clone(),
             axes=self.axes,
@@ -238,7 +254,9 @@ class ScanResult:
             base_per_example=self.base_per_example,
         )
         fields.update(changes)
-        return ScanResult(fields.pop("per_example"), fields.pop("axes"), **fields)
+        new = ScanResult.__new__(ScanResult)
+        new._set(fields.pop("per_example"), fields.pop("axes"), **fields)
+        return new
 
     # ------------------------------------------------------------------ tables
 
@@ -251,14 +269,17 @@ class ScanResult:
     def to_frame(self):
         """Tidy pandas DataFrame, one row per grid entry (row-major).
 
-        Columns: ``layer, head, value, stderr`` / ``layer, head, position, value, stderr``
-        / ``head_set, value, stderr`` (head sets as strings like ``"L0H1+L1H2"``).
+        Columns: ``layer, head, value, stderr, n`` / ``layer, head, position, value, stderr, n``
+        / ``head_set, value, stderr, n`` (head sets as strings like ``"L0H1+L1H2"``; ``n``
+        the number of finite examples behind the cell), then ``effect, effect_stderr`` when
+        both a clean baseline and ``base_per_example`` are known.
         """
         import pandas as pd
 
         cols: dict[str, Any] = self._index_columns()
         cols["value"] = self.values.double().reshape(-1).numpy()
         cols["stderr"] = self.stderr.double().reshape(-1).numpy()
+        cols["n"] = self.n.reshape(-1).numpy()
         if self.base_per_example is not None and self.has_baseline:
             cols["effect"] = self.effect.double().reshape(-1).numpy()
             cols["effect_stderr"] = self.effect_stderr.double().reshape(-1).numpy()
@@ -266,9 +287,7 @@ class ScanResult:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_frame` to ``path`` as CSV (no index column); returns the path."""
-        path = Path(path)
-        self.to_frame().to_csv(path, index=False)
-        return path
+        return io.write_csv(self, path)
 
     def top(self, k: int = 10, by: str = "abs_effect"):
         """DataFrame of the ``k`` most important entries, most important first.
@@ -301,183 +320,34 @@ class ScanResult:
     def heatmap(self, path: str | os.PathLike | None = None, *, title: str | None = None, value: str = "effect"):
         """Plot the scan; returns a ``matplotlib.figure.Figure`` (PNG saved to ``path`` if given).
 
-        value: ``"effect"`` (values minus the clean baseline; falls back to ``"value"``
-        without one) or ``"value"``. ``("layer", "head")``: a layer x head image;
-        ``("layer", "head", "position")``: a (layer*head) x position image;
-        ``("head_set",)``: a bar chart with stderr error bars. Images use a diverging
-        colour map centred at zero and a colour bar labelled with the metric name.
+        See :func:`headint.results.plots.heatmap`: layer x head and (layer, head) x position
+        images, or for head sets a bar chart whose error bars are the standard error of the
+        plotted quantity (``effect_stderr`` for the effect, ``stderr`` for the value).
         """
-        from matplotlib.figure import Figure
-
-        if value not in ("effect", "value"):
-            raise ValueError(f"value must be 'effect' or 'value', got {value!r}")
-        if value == "effect" and not self.has_baseline:
-            value = "value"
-        data = (self.effect if value == "effect" else self.values).double().numpy()
-        label = f"{self.metric_name} ({value}{', normalized' if self.normalized else ''})"
-        if title is None:
-            method = self.settings.get("method")
-            per = {"head_set": "head set", "position": "head and position"}.get(self.axes[-1], "head")
-            title = f"{self.metric_name} {value} per {per}"
-            if method:
-                title += f" ({method})"
-
-        if self.axes == ("head_set",):
-            fig = self._bars(Figure, data, label)
-        elif self.axes == ("layer", "head"):
-            fig = self._layer_head_image(Figure, data, label)
-        else:
-            fig = self._position_image(Figure, data, label)
-        fig.axes[0].set_title(title)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(Path(path), format="png", dpi=100)
-        return fig
-
-    @staticmethod
-    def _symmetric_limit(data: np.ndarray) -> float:
-        finite = data[np.isfinite(data)]
-        lim = float(np.abs(finite).max()) if finite.size else 0.0
-        return lim if lim > 0 else 1.0
-
-    @staticmethod
-    def _integer_ticks(axis, n: int, max_labels: int = 32) -> None:
-        step = max(1, math.ceil(n / max_labels))
-        axis.set_ticks(np.arange(0, n, step))
-        axis.set_ticklabels([str(i) for i in range(0, n, step)])
-
-    def _layer_head_image(self, Figure, data: np.ndarray, label: str):
-        L, H = data.shape
-        fig = Figure(figsize=(min(16.0, max(4.5, 0.4 * H + 2.5)), min(14.0, max(3.5, 0.35 * L + 1.5))))
-        ax = fig.add_subplot(1, 1, 1)
-        lim = self._symmetric_limit(data)
-        im = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        self._integer_ticks(ax.xaxis, H)
-        self._integer_ticks(ax.yaxis, L)
-        fig.colorbar(im, ax=ax, label=label)
-        return fig
-
-    def _position_image(self, Figure, data: np.ndarray, label: str):
-        L, H, P = data.shape
-        rows = data.reshape(L * H, P)
-        fig = Figure(figsize=(min(16.0, max(5.0, 0.4 * P + 3.0)), min(20.0, max(4.0, 0.18 * L * H + 1.5))))
-        ax = fig.add_subplot(1, 1, 1)
-        lim = self._symmetric_limit(rows)
-        im = ax.imshow(rows, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        ax.set_xlabel("position")
-        ax.set_ylabel("layer, head")
-        self._integer_ticks(ax.xaxis, P)
-        if L * H <= 64:
-            ax.set_yticks(np.arange(L * H))
-            ax.set_yticklabels([f"L{layer}H{head}" for layer in range(L) for head in range(H)], fontsize=7)
-        else:
-            step = max(1, math.ceil(L / 32))
-            ax.set_yticks(np.arange(0, L, step) * H)
-            ax.set_yticklabels([f"L{layer}" for layer in range(0, L, step)])
-        for layer in range(1, L):
-            ax.axhline(layer * H - 0.5, color="black", linewidth=0.5)
-        fig.colorbar(im, ax=ax, label=label)
-        return fig
-
-    def _bars(self, Figure, data: np.ndarray, label: str):
-        S = data.shape[0]
-        names = [head_set_name(s) for s in self.labels]
-        fig = Figure(figsize=(min(16.0, max(4.5, 0.5 * S + 2.0)), 4.5))
-        ax = fig.add_subplot(1, 1, 1)
-        lim = self._symmetric_limit(data)
-        from matplotlib import colormaps
-
-        cmap = colormaps["RdBu"]
-        colours = [cmap(0.5 + 0.5 * float(np.clip(v / lim, -1, 1))) if np.isfinite(v) else "grey" for v in data]
-        x = np.arange(S)
-        ax.bar(x, np.nan_to_num(data), yerr=self.stderr.double().numpy(), color=colours, edgecolor="black",
-               linewidth=0.5, capsize=3)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=45 if S > 4 else 0, ha="right" if S > 4 else "center", fontsize=8)
-        ax.set_xlabel("head set")
-        ax.set_ylabel(label)
-        return fig
+        return plots.heatmap(self, path, title=title, value=value)
 
     # ------------------------------------------------------------------ persistence
-
-    @staticmethod
-    def _files(path: str | os.PathLike, for_save: bool) -> tuple[Path, Path, Path]:
-        """(stem, tensor file, JSON sidecar) for ``path``: a directory or a file stem."""
-        text = os.fspath(path)
-        for suffix in (".safetensors", ".json"):
-            if text.endswith(suffix):
-                stem = Path(text[: -len(suffix)])
-                break
-        else:
-            p = Path(text)
-            is_dir = p.is_dir() or text.endswith(("/", os.sep))
-            if not for_save and not is_dir and not Path(text + ".json").exists() and (p / f"{_DIR_STEM}.json").exists():
-                is_dir = True
-            stem = p / _DIR_STEM if is_dir else p
-        return stem, Path(f"{stem}.safetensors"), Path(f"{stem}.json")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save to ``path``: an (existing or ``/``-terminated) directory, getting
         ``scan.safetensors`` + ``scan.json``, or a file stem, getting ``<stem>.safetensors``
         + ``<stem>.json``. per_example goes to safetensors, everything else to the JSON
-        sidecar. Returns the stem."""
-        from safetensors.torch import save_file
-
-        stem, tensor_file, json_file = self._files(path, for_save=True)
-        tensor_file.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"per_example": self.per_example.contiguous()}
-        if self.base_per_example is not None:
-            tensors["base_per_example"] = self.base_per_example.contiguous()
-        save_file(tensors, str(tensor_file))
-        meta = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "tensor_file": tensor_file.name,
-            "axes": list(self.axes),
-            "labels": None if self.labels is None else [[list(p) for p in s] for s in self.labels],
-            "metric_name": self.metric_name,
-            "clean_baseline": self.clean_baseline,
-            "corrupt_baseline": self.corrupt_baseline,
-            "settings": self.settings,
-            "normalized": self.normalized,
-            "grid_shape": list(self.grid_shape),
-            "n_examples": self.n_examples,
-        }
-        json_file.write_text(json.dumps(meta, indent=2))
-        return stem
+        sidecar (standard JSON, with the tensor file's sha256; see :mod:`headint.results.io`).
+        Returns the stem."""
+        return io.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScanResult":
-        """Load a result written by :meth:`save` (same ``path`` conventions)."""
-        from safetensors.torch import load_file
+        """Load a result written by :meth:`save` (same ``path`` conventions).
 
-        stem, tensor_file, json_file = cls._files(path, for_save=False)
-        if not json_file.exists():
-            raise FileNotFoundError(f"no ScanResult at {os.fspath(path)!r}: {json_file} does not exist")
-        meta = json.loads(json_file.read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{json_file} is not a saved ScanResult (format {meta.get('format')!r})")
-        tensor_file = json_file.parent / meta.get("tensor_file", tensor_file.name)
-        tensors = load_file(str(tensor_file))
-        if "per_example" not in tensors:
-            raise ValueError(f"{tensor_file} has no 'per_example' tensor (found {sorted(tensors)})")
-        labels = meta["labels"]
-        if labels is not None:
-            labels = [tuple(tuple(p) for p in s) for s in labels]
-        return cls(
-            tensors["per_example"],
-            tuple(meta["axes"]),
-            labels=labels,
-            metric_name=meta["metric_name"],
-            clean_baseline=meta["clean_baseline"],
-            corrupt_baseline=meta["corrupt_baseline"],
-            settings=meta["settings"],
-            normalized=meta["normalized"],
-            base_per_example=tensors.get("base_per_example"),
-        )
+        Reads the tensor file beside the sidecar with the same stem and checks its sha256.
+        Raises FileNotFoundError for a missing file, ValueError naming the file for anything
+        malformed, missing or mismatched (see :func:`headint.results.io.read`)."""
+        json_file, fields = io.read(path)
+        try:
+            return cls(fields.pop("per_example"), fields.pop("axes"), **fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{json_file}: {e}") from None
 
     # ------------------------------------------------------------------ display
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m headint.models.train_induction [--out DIR] [--steps N] [--seed S]
+    python -m headint.tasks.train_induction [--out DIR] [--steps N] [--seed S]
 
 Model: a 2-layer GPT-2 decoder (``GPT2LMHeadModel``) with 4 heads per layer, d_model 64,
 vocabulary 128 and 64 positions, trained from scratch.  It is *attention-only*: the MLP
@@ -11,7 +11,7 @@ attention-only models of Elhage et al. 2021).  With trainable MLPs the model ten
 solve the task with positional pair-binding shortcuts instead of the canonical circuit.
 
 Task: sequences of distinct random tokens in which one segment of random length (4..16)
-reappears at a random offset (:func:`headint.models.induction_data.copy_task_batch`).
+reappears at a random offset (:func:`headint.tasks.induction.copy_task_batch`).
 The loss is the next-token cross-entropy on the positions whose next token is
 predictable, i.e. inside the second occurrence of the segment.  (``--background-weight``
 adds the other positions after the circuit has formed; from the start, any noticeable
@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headint.models.induction_data import (
+from headint.tasks.induction import (
     DEFAULT_MAX_SEG,
     DEFAULT_MIN_SEG,
     DEFAULT_SEQ_LEN,
@@ -69,7 +69,7 @@ from headint.models.induction_data import (
     repeated_random_tokens,
 )
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "induction-2l"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "induction-2l"  # the shipped checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -305,7 +305,7 @@ def train(args: argparse.Namespace) -> dict:
     argv = sys.argv[1:] if args._argv is None else args._argv
     info = {
         "model": "induction-2l",
-        "command": " ".join(["python -m headint.models.train_induction", *(shlex.quote(a) for a in argv)]),
+        "command": " ".join(["python -m headint.tasks.train_induction", *(shlex.quote(a) for a in argv)]),
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -325,7 +325,7 @@ def train(args: argparse.Namespace) -> dict:
             "seq_len": args.seq_len,
             "min_seg": DEFAULT_MIN_SEG,
             "max_seg": DEFAULT_MAX_SEG,
-            "generator": "headint.models.induction_data.copy_task_batch",
+            "generator": "headint.tasks.induction.copy_task_batch",
         },
         "n_params": n_params,
         "final_loss": loss_val,
@@ -365,7 +365,7 @@ def _reexec_with_passive_omp() -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    argv = [sys.executable, "-m", "headint.models.train_induction", *sys.argv[1:]]
+    argv = [sys.executable, "-m", "headint.tasks.train_induction", *sys.argv[1:]]
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
 
