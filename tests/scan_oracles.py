@@ -128,7 +128,7 @@ def model_inputs(batch: dict) -> dict:
 # --------------------------------------------------------------------------------------- hooks
 
 
-def record_z(model, batch: dict) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def record_z(model, batch: dict, position_ids: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Head outputs ``{layer: [N, T, H, D]}`` of one plain forward, and its full logits ``[N, T, V]``."""
     H, D = n_heads(model), head_dim(model)
     zs: dict[int, torch.Tensor] = {}
@@ -140,7 +140,8 @@ def record_z(model, batch: dict) -> tuple[dict[int, torch.Tensor], torch.Tensor]
         handles.append(out_proj(model, l).register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            logits = model(**model_inputs(batch)).logits
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            logits = model(**model_inputs(batch), **extra).logits
     finally:
         for h in handles:
             h.remove()
@@ -276,7 +277,9 @@ def oracle_scan(model, batch: dict, metric, *, method: str, corrupt: dict | None
         if mean_batch is None:
             mean_src = masked_mean_z(z_clean, batch["attention_mask"])
         else:
-            mean_src = masked_mean_z(record_z(model, mean_batch)[0], mean_batch["attention_mask"])
+            # each reference prompt's head outputs as if run alone (headint.record: padding changes no value)
+            ref_positions = (mean_batch["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+            mean_src = masked_mean_z(record_z(model, mean_batch, ref_positions)[0], mean_batch["attention_mask"])
         src = mean_src
     elif method == "resample":
         perm = derangement(N, seed)

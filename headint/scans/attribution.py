@@ -8,8 +8,9 @@ import contextlib
 
 import torch
 
+from ..integration.adapter import model_shape
 from ..metrics import as_metric
-from ..plan import ModelShape, TensorPlan
+from ..plan import TensorPlan
 from ..results import ScanResult
 from .runner import base_runs, eval_mode, paired_batches
 
@@ -67,7 +68,7 @@ def attribution_scan(
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
     metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
+    shape = model_shape(model)
     clean_b, corrupt_b = paired_batches(clean, corrupt, "clean")
     N, T = clean_b["input_ids"].shape
     device = next(model.parameters()).device

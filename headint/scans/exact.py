@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..integration.adapter import model_shape
 from ..metrics import as_metric
 from ..plan import ModelShape
 from ..results import ScanResult
@@ -159,7 +160,7 @@ def scan(
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
     metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
+    shape = model_shape(model)
     clean, corrupt_b = paired_batches(inputs, corrupt)
     N, T = clean["input_ids"].shape
     device = next(model.parameters()).device
@@ -276,7 +277,7 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         if mean_inputs is None:
             zs, mask = base.base.z, base.batch["attention_mask"]
         else:
-            from ..record import record
+            from ..integration.record import record
 
             ref = as_batch(mean_inputs)
             if ref["input_ids"].shape[1] != base.T:

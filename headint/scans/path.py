@@ -8,9 +8,10 @@ from typing import Sequence
 import torch
 
 from ..interventions import PatchQKV
+from ..integration.adapter import model_shape
 from ..metrics import as_metric
 from ..plan import InterventionPlan, ModelShape, TensorPlan
-from ..record import Recorder
+from ..integration.record import Recorder
 from ..results import ScanResult
 from .runner import VariantRunner, base_runs, eval_mode, paired_batches
 from .variants import head_grid
@@ -68,7 +69,7 @@ def path_patch(
     if corrupt is None:
         raise ValueError("path_patch needs corrupt= inputs")
     metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
+    shape = model_shape(model)
     recv = _receivers(receivers, shape)
     if not recv:
         raise ValueError("receivers must name at least one (layer, head, which)")
