@@ -54,7 +54,7 @@ MODES = ("fwd", "fwdbwd")
 def make_inputs(T, case, B, H, D, dtype, seed=0, requires_grad=False):
     import torch
 
-    from headint.ops import Knockout
+    from headint.ops import EdgeKnockout
 
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, T, D, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3))
@@ -66,7 +66,7 @@ def make_inputs(T, case, B, H, D, dtype, seed=0, requires_grad=False):
         qs = torch.rand(B, H, T, generator=g) < 0.5
         ks = torch.rand(B, H, T, generator=g) < 0.1
         ks[..., 0] = False  # every query keeps key 0, so no row is fully removed (SDPA would give NaN)
-        kw["knockout"] = Knockout(qs, ks)
+        kw["knockout"] = EdgeKnockout(qs, ks)
     return q, k, v, kw
 
 

@@ -39,7 +39,7 @@ def _flops(B, H, Tq, Tk, D, causal, mode):
 def make_inputs(B, H, T, D, dtype, device, variant, seed=0, requires_grad=False):
     import torch
 
-    from headint.ops import Knockout
+    from headint.ops import EdgeKnockout
 
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -58,7 +58,7 @@ def make_inputs(B, H, T, D, dtype, device, variant, seed=0, requires_grad=False)
         qs2 = torch.rand(B, 1, T, generator=g, device=device) < 0.2
         ks2 = torch.zeros(T, dtype=torch.bool, device=device)
         ks2[: max(1, T // 8)] = True
-        kw["knockout"] = [Knockout(qs, ks), Knockout(qs2, ks2)]
+        kw["knockout"] = [EdgeKnockout(qs, ks), EdgeKnockout(qs2, ks2)]
     if requires_grad:
         q, k, v = (x.requires_grad_(True) for x in (q, k, v))
         for n in ("head_mask", "head_patch"):

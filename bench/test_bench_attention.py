@@ -7,7 +7,7 @@ Shapes: B=8, H=12, D=64, T in (128, 512), causal, fp32. Cases:
 - ``none``: no intervention;
 - ``headmask``: per-row head masks and patches, ``head_mask [B, H]`` (each row zeroes a different
   head, like a scan) with ``head_patch [B, H, T, D]``;
-- ``knockout``: a compact :class:`headint.Knockout`, random query selector x key selector per
+- ``knockout``: a compact :class:`headint.EdgeKnockout`, random query selector x key selector per
   ``(b, h)``.
 
 Implementations: every backend in ``headint.available_backends("cpu")`` (``headint.attention``;
@@ -48,7 +48,7 @@ def make_inputs(T: int, case: str, seed: int = 0) -> tuple:
         qs = torch.rand(B, H, T, generator=g) < 0.5
         ks = torch.rand(B, H, T, generator=g) < 0.1
         ks[..., 0] = False  # every query keeps key 0: no fully removed row (SDPA would give NaN)
-        kw["knockout"] = headint.Knockout(qs, ks)
+        kw["knockout"] = headint.EdgeKnockout(qs, ks)
     return q, k, v, kw
 
 

@@ -1,17 +1,22 @@
 """headint: causal interpretability of transformers through attention-head interventions.
 
-Op level: :func:`attention` (intervened attention with pluggable backends).
+Op level: :func:`attention` (intervened attention with pluggable backends; knockouts as
+:class:`headint.ops.EdgeKnockout`).
 Model level: :func:`intervene`, :func:`record` and the intervention objects
-(:class:`Ablate`, :class:`Patch`, :class:`Scale`, :class:`Knockout`, :class:`PatchQKV`).
+(:class:`Ablate`, :class:`Patch`, :class:`Scale`, :class:`Knockout`, :class:`PatchQKV`;
+:class:`Intervention` to define your own).
 Scans: :func:`scan` (exact, batched), :func:`attribution_scan`, :func:`path_patch`,
 returning :class:`ScanResult` tables and heatmaps.
 """
 
-from .integration.hf import UnsupportedModelError, intervene
-from .interventions import Ablate, Patch, PatchQKV, Scale
-from .ops import BackendUnavailable, Knockout, attention, available_backends, last_backend
-from .plan import InterventionPlan, ModelShape, Plan, TensorPlan
-from .record import ActivationCache, record
+from .activations import ActivationCache
+from .integration.adapter import UnsupportedModelError
+from .integration.hf import intervene
+from .integration.record import record
+from .interventions import Ablate, Intervention, Knockout, Patch, PatchQKV, Scale
+from .ops import BackendUnavailable, EdgeKnockout, attention, available_backends, last_backend
+from .plan import InterventionPlan, Plan, TensorPlan
+from .shape import ModelShape
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
 from . import metrics, models
@@ -19,7 +24,7 @@ from . import metrics, models
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
+    "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
     "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "NaNMetricWarning", "metrics", "models",

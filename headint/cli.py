@@ -69,7 +69,7 @@ def run_scan(args) -> int:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import attribution_scan, scan
-    from .plan import ModelShape
+    from .integration.adapter import model_shape
     from .prompts import load_prompts
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError
@@ -115,7 +115,7 @@ def run_scan(args) -> int:
                                       direction="noising" if args.direction == "noising" else "denoising",
                                       per_position=args.per_position, backend=args.backend)
         else:
-            head_sets = all_pairs(ModelShape.from_config(model.config), args.layers, args.heads) if args.pairs else None
+            head_sets = all_pairs(model_shape(model), args.layers, args.heads) if args.pairs else None
             result = scan(model, clean, args.metric, corrupt=corrupt, method=args.method, direction=args.direction,
                           per_position=args.per_position, layers=args.layers, heads=args.heads, head_sets=head_sets,
                           batch_size=batch_size, progress=not args.no_progress, checkpoint=args.checkpoint, backend=args.backend)

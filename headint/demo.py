@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from .integration.adapter import model_shape
 from .integration.hf import intervene
+from .integration.record import record
 from .interventions import Ablate
 from .metrics import LogitDiff
 from .models import load
 from .patterns import induction_scores, previous_token_scores
-from .plan import ModelShape
-from .record import record
 from .scans import all_pairs, attribution_scan, scan
 from .tasks.induction import copy_accuracy, induction_prompts, repeated_random_tokens
 
@@ -39,7 +39,7 @@ def head_name(l: int, h: int) -> str:
 
 def find_circuit(model, n_examples: int = 64, seed: int = 0, backend: str = "auto", progress: bool = False) -> dict:
     """Run the demo's scans and return everything it reports (no printing, no files)."""
-    shape = ModelShape.from_config(model.config)
+    shape = model_shape(model)
     vocab = model.config.vocab_size
     seq_len = min(32, model.config.n_positions)
     p = induction_prompts(n_examples, seq_len=seq_len, vocab=vocab, seed=seed)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .integration.hf import model_configs
+from .integration.adapter import model_configs
 
 __all__ = ["attention_patterns", "previous_token_scores", "induction_scores", "eager_attention"]
 

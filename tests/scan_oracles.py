@@ -291,6 +291,7 @@ def oracle_scan(model, batch: dict, metric, *, method: str, corrupt: dict | None
         if mean_batch is None:
             mean_src = masked_mean_z(z_clean, batch["attention_mask"])
         else:
+            # model_inputs numbers each reference prompt as if run alone (padding changes no value)
             mean_src = masked_mean_z(record_z(model, mean_batch)[0], mean_batch["attention_mask"])
         src = mean_src
     elif method == "resample":

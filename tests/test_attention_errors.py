@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from headint.ops import Knockout, attention
+import headint
+from headint.ops import EdgeKnockout, attention
 
 B, HQ, HKV, TQ, TK, D = 2, 4, 2, 5, 6, 8
 
@@ -225,21 +226,21 @@ def test_attn_mask_on_other_device(qkv):
 
 @pytest.mark.parametrize("qshape", [(TQ + 1,), (HQ + 1, TQ), (B + 1, HQ, TQ)])
 def test_knockout_queries_do_not_broadcast(qkv, qshape):
-    with pytest.raises(ValueError, match=r"Knockout queries has shape " + esc(str(list(qshape)))
+    with pytest.raises(ValueError, match=r"EdgeKnockout queries has shape " + esc(str(list(qshape)))
                        + r", which does not broadcast to \[2, 4, 5\]"):
-        attention(*qkv, knockout=Knockout(T(qshape), T(TK)), backend="reference")
+        attention(*qkv, knockout=EdgeKnockout(T(qshape), T(TK)), backend="reference")
 
 
 @pytest.mark.parametrize("kshape", [(TK + 1,), (TQ,), (3, TK)])
 def test_knockout_keys_do_not_broadcast(qkv, kshape):
-    with pytest.raises(ValueError, match=r"Knockout keys has shape " + esc(str(list(kshape)))
+    with pytest.raises(ValueError, match=r"EdgeKnockout keys has shape " + esc(str(list(kshape)))
                        + r", which does not broadcast to \[2, 4, 6\]"):
-        attention(*qkv, knockout=Knockout(T(TQ), T(kshape)), backend="reference")
+        attention(*qkv, knockout=EdgeKnockout(T(TQ), T(kshape)), backend="reference")
 
 
 def test_knockout_selector_too_many_dims(qkv):
-    with pytest.raises(ValueError, match=r"Knockout queries has shape \[1, 2, 4, 5\]; expected at most 3 dims"):
-        attention(*qkv, knockout=Knockout(T((1, B, HQ, TQ)), T(TK)), backend="reference")
+    with pytest.raises(ValueError, match=r"EdgeKnockout queries has shape \[1, 2, 4, 5\]; expected at most 3 dims"):
+        attention(*qkv, knockout=EdgeKnockout(T((1, B, HQ, TQ)), T(TK)), backend="reference")
 
 
 @pytest.mark.parametrize("which", ["queries", "keys"])
@@ -247,23 +248,46 @@ def test_knockout_selector_too_many_dims(qkv):
 def test_knockout_selector_not_bool(qkv, which, dtype):
     sel = {"queries": T(TQ), "keys": T(TK)}
     sel[which] = sel[which].to(dtype)
-    with pytest.raises(TypeError, match=rf"Knockout {which} must have dtype torch.bool, got {esc(str(dtype))}"):
-        attention(*qkv, knockout=Knockout(sel["queries"], sel["keys"]), backend="reference")
+    with pytest.raises(TypeError, match=rf"EdgeKnockout {which} must have dtype torch.bool, got {esc(str(dtype))}"):
+        attention(*qkv, knockout=EdgeKnockout(sel["queries"], sel["keys"]), backend="reference")
 
 
-def test_knockout_selector_not_a_tensor(qkv):
-    with pytest.raises(TypeError, match=r"Knockout queries must be a bool tensor broadcastable to \[2, 4, 5\], got list"):
-        attention(*qkv, knockout=Knockout([0, 1], T(TK)), backend="reference")
+@pytest.mark.parametrize("bad", ["ab", 1.5, None, [0, True]])
+def test_knockout_selector_not_a_tensor(qkv, bad):
+    with pytest.raises(TypeError, match=r"EdgeKnockout queries must be a bool tensor broadcastable to \[2, 4, 5\] "
+                                        r"or an int / list of ints .*got " + type(bad).__name__):
+        attention(*qkv, knockout=EdgeKnockout(bad, T(TK)), backend="reference")
+
+
+@pytest.mark.parametrize("which,bad,n", [("queries", [0, 5], 5), ("keys", -1, 6), ("keys", [2, 6], 6)])
+def test_knockout_index_out_of_range(qkv, which, bad, n):
+    sel = {"queries": T(TQ), "keys": T(TK)}
+    sel[which] = bad
+    with pytest.raises(ValueError, match=rf"EdgeKnockout {which} indices \[-?\d\] out of range: the call has {n} {which}"):
+        attention(*qkv, knockout=EdgeKnockout(sel["queries"], sel["keys"]), backend="reference")
+
+
+def test_knockout_index_lists_equal_bool_selectors(qkv):
+    """An int / list of indices selects those positions along the axis, for every row and head."""
+    qsel = torch.zeros(TQ, dtype=torch.bool)
+    qsel[[1, 3]] = True
+    ksel = torch.zeros(TK, dtype=torch.bool)
+    ksel[0] = True
+    want = attention(*qkv, knockout=EdgeKnockout(qsel, ksel), backend="reference")
+    for queries, keys in [([1, 3], 0), ((3, 1), [0]), (qsel, 0), ([1, 3], ksel)]:
+        got = attention(*qkv, knockout=EdgeKnockout(queries, keys), backend="reference")
+        assert torch.equal(got, want), (queries, keys)
+    assert not torch.equal(want, attention(*qkv, backend="reference"))
 
 
 def test_too_many_knockouts(qkv):
-    kos = [Knockout(T(TQ), T(TK)) for _ in range(33)]
-    with pytest.raises(ValueError, match=r"knockout: at most 32 Knockout objects per call, got 33"):
+    kos = [EdgeKnockout(T(TQ), T(TK)) for _ in range(33)]
+    with pytest.raises(ValueError, match=r"knockout: at most 32 EdgeKnockout objects per call, got 33"):
         attention(*qkv, knockout=kos, backend="reference")
 
 
 def test_exactly_32_knockouts_accepted(qkv):
-    kos = [Knockout(T(TQ), T(TK)) for _ in range(32)]
+    kos = [EdgeKnockout(T(TQ), T(TK)) for _ in range(32)]
     out = attention(*qkv, knockout=kos, backend="reference")
     assert torch.equal(out, torch.zeros_like(out))
 
@@ -279,20 +303,22 @@ def test_dense_knockout_does_not_broadcast(qkv):
         attention(*qkv, knockout=torch.zeros(TQ, TQ, dtype=torch.bool), backend="reference")
 
 
-@pytest.mark.parametrize("bad", ["abc", 3, [Knockout(T(TQ), T(TK)), "x"]])
+@pytest.mark.parametrize("bad", ["abc", 3, [EdgeKnockout(T(TQ), T(TK)), "x"]])
 def test_knockout_wrong_type(qkv, bad):
-    with pytest.raises(TypeError, match=r"knockout must be a headint.Knockout, a list of them, or a bool tensor"):
+    with pytest.raises(TypeError, match=r"knockout must be a headint.ops.EdgeKnockout, a list of them, or a bool tensor"):
         attention(*qkv, knockout=bad, backend="reference")
 
 
-def test_model_level_knockout_rejected(qkv):
-    with pytest.raises(ValueError, match=r"Knockout with `layer` set is a model-level intervention"):
-        attention(*qkv, knockout=Knockout(T(TQ), T(TK), layer=0, head=1), backend="reference")
+@pytest.mark.parametrize("as_list", [False, True])
+def test_model_level_knockout_rejected(qkv, as_list):
+    ko = headint.Knockout(queries=[0], keys=[1], layer=0, head=1)
+    with pytest.raises(TypeError, match=r"Knockout\(layer=...\), a model-level intervention; pass it to headint.intervene.*EdgeKnockout"):
+        attention(*qkv, knockout=[EdgeKnockout(T(TQ), T(TK)), ko] if as_list else ko, backend="reference")
 
 
 def test_knockout_selectors_on_other_device(qkv):
     with pytest.raises(ValueError, match=r"knockout selectors must be on cpu.*meta"):
-        attention(*qkv, knockout=Knockout(T(TQ).to("meta"), T(TK)), backend="reference")
+        attention(*qkv, knockout=EdgeKnockout(T(TQ).to("meta"), T(TK)), backend="reference")
 
 
 # ------------------------------------------------------------------------------ window

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headint.ops import BackendUnavailable, Knockout, attention, backends, last_backend
+from headint.ops import BackendUnavailable, EdgeKnockout, attention, backends, last_backend
 
 REF = "reference"
 
@@ -356,7 +356,7 @@ def test_head_mask_does_not_mutate_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Knockout
+# EdgeKnockout
 # ---------------------------------------------------------------------------------------------
 
 
@@ -378,7 +378,7 @@ def test_compact_knockout_equals_dense(causal):
     q, k, v = qkv(B=B, Hq=H, Hkv=2, Tq=Tq, Tk=Tk, dtype=torch.float64, seed=20)
     qs, ks = _bools(B, H, Tq, seed=1), _bools(B, H, Tk, seed=2)
     dense = _outer(qs, ks, B, H, Tq, Tk)
-    out = attention(q, k, v, causal=causal, knockout=Knockout(qs, ks), backend=REF)
+    out = attention(q, k, v, causal=causal, knockout=EdgeKnockout(qs, ks), backend=REF)
     close(out, dense_attention(q, k, v, causal=causal, removed=dense), torch.float64)
     out_dense = attention(q, k, v, causal=causal, knockout=dense, backend=REF)
     close(out, out_dense, torch.float64)
@@ -390,7 +390,7 @@ def test_knockout_selector_broadcasting(qshape, kshape):
     B, H, Tq, Tk = 2, 4, 5, 7
     q, k, v = qkv(B=B, Hq=H, Hkv=2, Tq=Tq, Tk=Tk, dtype=torch.float64, seed=21)
     qs, ks = _bools(*qshape, seed=3), _bools(*kshape, p=0.4, seed=4)
-    out = attention(q, k, v, causal=True, knockout=Knockout(qs, ks), backend=REF)
+    out = attention(q, k, v, causal=True, knockout=EdgeKnockout(qs, ks), backend=REF)
     dense = _outer(qs, ks, B, H, Tq, Tk)
     close(out, dense_attention(q, k, v, causal=True, removed=dense), torch.float64)
 
@@ -401,7 +401,7 @@ def test_knockout_list_is_union():
     kos, dense = [], torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
     for n, (qshape, kshape) in enumerate([((Tq,), (Tk,)), ((H, Tq), (B, H, Tk)), ((B, H, Tq), (H, Tk))]):
         qs, ks = _bools(*qshape, p=0.3, seed=10 + n), _bools(*kshape, p=0.3, seed=20 + n)
-        kos.append(Knockout(qs, ks))
+        kos.append(EdgeKnockout(qs, ks))
         dense |= _outer(qs, ks, B, H, Tq, Tk)
     out = attention(q, k, v, causal=True, knockout=kos, backend=REF)
     close(out, dense_attention(q, k, v, causal=True, removed=dense), torch.float64)
@@ -419,14 +419,14 @@ def test_32_knockouts_every_bit_works(active):
     none = torch.zeros(Tq, dtype=torch.bool)
     qs = torch.tensor([False, True, True, True])
     ks = torch.tensor([True, False, True, False])
-    kos = [Knockout(none, torch.ones(Tk, dtype=torch.bool)) for _ in range(32)]
-    kos[active] = Knockout(qs, ks)
+    kos = [EdgeKnockout(none, torch.ones(Tk, dtype=torch.bool)) for _ in range(32)]
+    kos[active] = EdgeKnockout(qs, ks)
     out = attention(q, k, v, knockout=kos, backend=REF)
     close(out, dense_attention(q, k, v, removed=_outer(qs, ks, B, H, Tq, Tk)), torch.float64)
 
 
 def test_32_knockouts_disjoint_bits_do_not_mix():
-    # Knockout n selects query n % Tq and key (n * 3) % Tk: selectors of different knockouts
+    # EdgeKnockout n selects query n % Tq and key (n * 3) % Tk: selectors of different knockouts
     # must not combine (query of one, key of another).
     B, H, Tq, Tk = 1, 2, 8, 8
     q, k, v = qkv(B=B, Hq=H, Hkv=2, Tq=Tq, Tk=Tk, dtype=torch.float64, seed=24)
@@ -436,7 +436,7 @@ def test_32_knockouts_disjoint_bits_do_not_mix():
         ks = torch.zeros(Tk, dtype=torch.bool)
         qs[n % Tq] = True
         ks[(n * 3 + n // Tq) % Tk] = True
-        kos.append(Knockout(qs, ks))
+        kos.append(EdgeKnockout(qs, ks))
         dense |= _outer(qs, ks, B, H, Tq, Tk)
     out = attention(q, k, v, knockout=kos, backend=REF)
     close(out, dense_attention(q, k, v, removed=dense), torch.float64)
@@ -449,7 +449,7 @@ def test_fully_knocked_row_is_zero_with_finite_grads(how):
     row = torch.tensor([False, False, True, False])
     kw = {}
     if how == "compact":
-        kw["knockout"] = Knockout(row, torch.ones(Tk, dtype=torch.bool))
+        kw["knockout"] = EdgeKnockout(row, torch.ones(Tk, dtype=torch.bool))
     elif how == "dense":
         kw["knockout"] = row[:, None].expand(Tq, Tk)
     elif how == "bool_mask":
@@ -471,7 +471,7 @@ def test_fully_knocked_row_is_zero_with_finite_grads(how):
 
 def test_every_row_knocked_out_gives_zeros():
     q, k, v = qkv(seed=26, requires_grad=True)
-    ko = Knockout(torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool))
+    ko = EdgeKnockout(torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool))
     out = attention(q, k, v, knockout=ko, backend=REF)
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
@@ -483,7 +483,7 @@ def test_knocked_row_with_patch_gives_patch_part():
     q, k, v = qkv(B=1, Hq=2, Hkv=1, Tq=3, Tk=3, D=4, dtype=torch.float64, seed=27)
     patch = rand(2, 4, dtype=torch.float64)
     m = torch.tensor([0.25, 0.5], dtype=torch.float64)
-    ko = Knockout(torch.tensor([True, False, False]), torch.ones(3, dtype=torch.bool))
+    ko = EdgeKnockout(torch.tensor([True, False, False]), torch.ones(3, dtype=torch.bool))
     out = attention(q, k, v, knockout=ko, head_mask=m, head_patch=patch, backend=REF)
     close(out[0, :, 0], (1 - m)[:, None] * patch, torch.float64)
 
@@ -577,11 +577,11 @@ def test_per_row_mixed_interventions_equal_separate_runs():
     ss = torch.rand(B, H, generator=torch.Generator().manual_seed(3)).double() * 2  # fp32-representable
     qs, ks = _bools(B, H, T, seed=4), _bools(B, H, T, seed=5)
     out = attention(q, k, v, causal=True, head_mask=m, head_patch=patch, score_scale=ss,
-                    knockout=Knockout(qs, ks), backend=REF)
+                    knockout=EdgeKnockout(qs, ks), backend=REF)
     for i in range(B):
         s = slice(i, i + 1)
         row = attention(q[s], k[s], v[s], causal=True, head_mask=m[s], head_patch=patch[s], score_scale=ss[i],
-                        knockout=Knockout(qs[i], ks[i]), backend=REF)
+                        knockout=EdgeKnockout(qs[i], ks[i]), backend=REF)
         close(out[s], row, torch.float64)
         exp = dense_attention(q[s], k[s], v[s], causal=True, head_mask=m[s], head_patch=patch[s], score_scale=ss[i],
                               removed=_outer(qs[i], ks[i], 1, H, T, T))
@@ -612,8 +612,8 @@ def test_gradcheck_qkv_patch_with_everything(causal, mask_kind):
         mask = torch.tensor([[True, True, False, True], [True, False, True, True], [True, True, True, False]])
     elif mask_kind == "additive":
         mask = rand(Tq, Tk, dtype=torch.float64, gen=torch.Generator().manual_seed(9))
-    ko = [Knockout(torch.tensor([False, True, False]), torch.tensor([True, False, False, True])),
-          Knockout(torch.tensor([[True, False, False], [False, False, True]]), torch.tensor([False, True, False, False]))]
+    ko = [EdgeKnockout(torch.tensor([False, True, False]), torch.tensor([True, False, False, True])),
+          EdgeKnockout(torch.tensor([[True, False, False], [False, False, True]]), torch.tensor([False, True, False, False]))]
 
     def f(q, k, v, patch):
         return attention(q, k, v, causal=causal, attn_mask=mask, head_mask=m, head_patch=patch, score_scale=ss,
@@ -635,7 +635,7 @@ def test_gradcheck_window_and_dense_knockout():
 
 def test_gradcheck_with_fully_knocked_row():
     q, k, v = _gc_inputs(seed=42, Tq=3, Tk=3)
-    ko = Knockout(torch.tensor([False, True, False]), torch.ones(3, dtype=torch.bool))
+    ko = EdgeKnockout(torch.tensor([False, True, False]), torch.ones(3, dtype=torch.bool))
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, knockout=ko, causal=True, backend=REF),
                                     (q, k, v))
 
@@ -646,7 +646,7 @@ def test_gradcheck_head_mask_and_score_scale_fp64(which):
     patch = rand(2, 3, dtype=torch.float64, requires_grad=True)
     m = torch.tensor([0.3, 0.6], dtype=torch.float64, requires_grad=True)
     ss = torch.tensor([1.3, 0.7], dtype=torch.float64, requires_grad=True)
-    ko = Knockout(torch.tensor([False, True, False]), torch.tensor([True, False, False, True]))
+    ko = EdgeKnockout(torch.tensor([False, True, False]), torch.tensor([True, False, False, True]))
 
     def f(q, k, v, m, patch, ss):
         return attention(q, k, v, causal=True, head_mask=m, head_patch=patch, score_scale=ss, knockout=ko,
@@ -788,7 +788,7 @@ def test_property_reference_equals_dense(c):
         for _ in range(n):
             qs = torch.rand(B, Hq, Tq, generator=g) < 0.5
             ks = torch.rand(Hq, Tk, generator=g) < 0.4
-            kos.append(Knockout(qs, ks))
+            kos.append(EdgeKnockout(qs, ks))
             removed |= _outer(qs, ks, B, Hq, Tq, Tk)
         kw["knockout"] = kos[0] if n == 1 else kos
     elif c["ko_kind"] == "dense":
@@ -831,7 +831,7 @@ def test_auto_on_cpu_runs_and_matches_reference(kind):
         kw["head_mask"] = torch.tensor([1.0, 0.5, 0.0, 1.0])
     elif kind == "knockout":
         qs = torch.tensor([False, True, False, True, True])
-        kw["knockout"] = Knockout(qs, torch.tensor([True, False, True, False, False]))
+        kw["knockout"] = EdgeKnockout(qs, torch.tensor([True, False, True, False, False]))
     ref = attention(q, k, v, causal=True, backend=REF, **kw)
     out = attention(q, k, v, causal=True, backend="auto", **kw)
     name = last_backend()

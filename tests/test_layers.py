@@ -48,7 +48,7 @@ ABOVE_SCANS = ("headint.scans", "headint.experiments", "headint.demo", "headint.
         ("models", ABOVE_SCANS + ("headint.tasks", "headint.results", "headint.integration", "headint.ops")),
         ("tasks", ABOVE_SCANS + ("headint.results",)),
         ("results", ABOVE_SCANS + ("headint.models", "headint.tasks", "headint.integration", "headint.ops",
-                                   "headint.plan", "headint.record", "headint.interventions", "headint.patterns")),
+                                   "headint.plan", "headint.activations", "headint.interventions", "headint.patterns")),
         ("patterns", ABOVE_SCANS + ("headint.models", "headint.tasks", "headint.results")),
     ],
 )

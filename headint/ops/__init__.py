@@ -2,6 +2,6 @@
 
 from .attention import attention
 from .backends import BackendUnavailable, available_backends, last_backend
-from .knockout import Knockout
+from .knockout import EdgeKnockout
 
-__all__ = ["attention", "Knockout", "BackendUnavailable", "available_backends", "last_backend"]
+__all__ = ["attention", "EdgeKnockout", "BackendUnavailable", "available_backends", "last_backend"]

@@ -40,7 +40,7 @@ def attention(
             ``[B, Hq, Tq, 1]``; the output is ``m * attn + (1 - m) * head_patch``.
         head_patch: replacement head output broadcastable as ``[Hq, D]``, ``[Hq, Tq, D]`` or
             ``[B, Hq, Tq, D]``; omitted means zeros (zero ablation / scaling by ``m``).
-        knockout: a :class:`headint.Knockout` (or a list: their union) with bool selectors
+        knockout: a :class:`headint.ops.EdgeKnockout` (or a list: their union) with bool selectors
             broadcastable to ``[B, Hq, Tq]`` and ``[B, Hq, Tk]``, removing edges ``i -> j`` where
             both are true; or a dense bool tensor (True = removed) broadcastable to
             ``[B, Hq, Tq, Tk]``.

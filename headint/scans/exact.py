@@ -225,7 +225,7 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         if mean_inputs is None:
             zs, mask = base.base.z, base.batch["attention_mask"]
         else:
-            from ..record import record
+            from ..integration.record import record
 
             ref = with_position_ids(model, as_batch(mean_inputs), "mean_inputs")
             if ref["input_ids"].shape[1] != base.T:

@@ -9,7 +9,7 @@ import torch
 
 from ..interventions import PatchQKV
 from ..plan import InterventionPlan, ModelShape, TensorPlan
-from ..record import Recorder
+from ..integration.record import Recorder
 from ..results import ScanResult
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .runner import VariantRunner

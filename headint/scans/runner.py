@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from ..integration.hf import intervene
-from ..integration.structure import ModelParts, capture_block_outputs, map_tensors, model_parts, replay_blocks
+from ..integration.adapter import ModelParts, model_parts
+from ..integration.blocks import capture_block_outputs, map_tensors, replay_blocks
 from ..metrics import Metric, last_positions, select_logits
 from ..plan import Plan
-from ..record import Recorder
+from ..integration.record import Recorder
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
-from ..plan import ModelShape
+from ..integration.adapter import model_shape
+from ..shape import ModelShape
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
 from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
@@ -100,7 +101,7 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     :mod:`.positions`), so every example gives the values it gives alone.
     """
     metric = as_metric(metric)
-    shape = ModelShape.from_config(model.config)
+    shape = model_shape(model)
     clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headint.ops import Knockout
+from headint.ops import EdgeKnockout
 
 from _cpu_helpers import check_backward, qkv, rand, randn, run
 
@@ -53,8 +53,8 @@ def test_knockouts():
     B, H, T = 2, 4, 97
     q, k, v = qkv(B, H, 2, T, T, 64, seed=31)
     many = [
-        Knockout(rand(B, H, T, seed=3) < 0.3, rand(B, H, T, seed=4) < 0.3),
-        Knockout(rand(B, 1, T, seed=5) < 0.5, rand(T, seed=6) < 0.2),
+        EdgeKnockout(rand(B, H, T, seed=3) < 0.3, rand(B, H, T, seed=4) < 0.3),
+        EdgeKnockout(rand(B, 1, T, seed=5) < 0.5, rand(T, seed=6) < 0.2),
     ]
     check_backward(q, k, v, knockout=many, causal=True)
     check_backward(q, k, v, knockout=many[0], window=30)
@@ -75,7 +75,7 @@ def test_everything_together():
     check_backward(
         q, k, v, causal=True, window=100,
         attn_mask=randn(B, 1, Tq, Tk, seed=1),
-        knockout=[Knockout(rand(B, Hq, Tq, seed=2) < 0.2, rand(Tk, seed=3) < 0.5)],
+        knockout=[EdgeKnockout(rand(B, Hq, Tq, seed=2) < 0.2, rand(Tk, seed=3) < 0.5)],
         head_mask=rand(B, Hq, Tq, seed=5), head_patch=randn(B, Hq, Tq, D, seed=6),
         score_scale=rand(B, Hq, seed=7) * 2,
     )
@@ -86,14 +86,14 @@ def test_fully_removed_rows_have_zero_grads():
     q, k, v = qkv(B, H, H, T, T, D, seed=81)
     dead = torch.zeros(T, dtype=torch.bool)
     dead[[0, 5, 64, 69]] = True
-    ko = Knockout(dead, torch.ones(T, dtype=torch.bool))
+    ko = EdgeKnockout(dead, torch.ones(T, dtype=torch.bool))
     out, g = check_backward(q, k, v, knockout=ko, causal=True, head_mask=rand(H, seed=1), score_scale=rand(H, seed=2))
     assert torch.equal(g["q"][:, :, dead], torch.zeros_like(g["q"][:, :, dead]))
     # keys only the dead rows could see get no gradient: key 69 is seen only by query 69 (causal)
     assert torch.equal(g["k"][:, :, 69], torch.zeros_like(g["k"][:, :, 69]))
     assert torch.equal(g["v"][:, :, 69], torch.zeros_like(g["v"][:, :, 69]))
     # everything removed: all grads zero (but head_mask still gets dout * (0 - patch))
-    ko_all = Knockout(torch.ones(T, dtype=torch.bool), torch.ones(T, dtype=torch.bool))
+    ko_all = EdgeKnockout(torch.ones(T, dtype=torch.bool), torch.ones(T, dtype=torch.bool))
     _, g = check_backward(q, k, v, knockout=ko_all, head_mask=rand(B, H, seed=3), head_patch=randn(H, D, seed=4))
     for n in ("q", "k", "v"):
         assert torch.equal(g[n], torch.zeros_like(g[n])), n
@@ -110,7 +110,7 @@ def test_low_precision(dtype):
     check_backward(q, k, v, causal=True)
     check_backward(
         q, k, v,
-        knockout=Knockout(rand(T, seed=1) < 0.5, rand(T + 9, seed=2) < 0.5),
+        knockout=EdgeKnockout(rand(T, seed=1) < 0.5, rand(T + 9, seed=2) < 0.5),
         head_mask=rand(B, H, T, seed=3), head_patch=randn(H, 64, seed=4),
         score_scale=rand(H, seed=5) + 0.5, attn_mask=rand(1, 1, T, T + 9, seed=6) < 0.9,
     )

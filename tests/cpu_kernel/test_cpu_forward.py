@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from headint.ops import Knockout
+from headint.ops import EdgeKnockout
 from headint.ops.arguments import prepare
 from headint.ops.fused import attention_fwd
 
@@ -90,12 +90,12 @@ def test_padding_mask_and_noncontiguous_qkv():
 def test_knockout_compact_and_union():
     B, H, T = 2, 4, 97
     q, k, v = qkv(B, H, 2, T, T, 64, seed=31)
-    one = Knockout(rand(T, seed=1) < 0.5, rand(T, seed=2) < 0.3)
+    one = EdgeKnockout(rand(T, seed=1) < 0.5, rand(T, seed=2) < 0.3)
     check_forward(q, k, v, knockout=one, causal=True)
     many = [
-        Knockout(rand(B, H, T, seed=3) < 0.3, rand(B, H, T, seed=4) < 0.3),
-        Knockout(rand(B, 1, T, seed=5) < 0.5, rand(T, seed=6) < 0.2),
-        Knockout(torch.ones(T, dtype=torch.bool), torch.arange(T) == 0),  # no query sees key 0
+        EdgeKnockout(rand(B, H, T, seed=3) < 0.3, rand(B, H, T, seed=4) < 0.3),
+        EdgeKnockout(rand(B, 1, T, seed=5) < 0.5, rand(T, seed=6) < 0.2),
+        EdgeKnockout(torch.ones(T, dtype=torch.bool), torch.arange(T) == 0),  # no query sees key 0
     ]
     check_forward(q, k, v, knockout=many, causal=True)
     check_forward(q, k, v, knockout=many, attn_mask=rand(B, 1, T, T, seed=7) < 0.8, window=40)
@@ -145,7 +145,7 @@ def test_fully_removed_rows_are_zero_with_neg_inf_lse():
     q, k, v = qkv(B, H, H, T, T, 16, seed=81)
     dead = torch.zeros(T, dtype=torch.bool)
     dead[[0, 5, 64, 69]] = True
-    ko = Knockout(dead, torch.ones(T, dtype=torch.bool))
+    ko = EdgeKnockout(dead, torch.ones(T, dtype=torch.bool))
     out = check_forward(q, k, v, knockout=ko, causal=True)
     assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
     _, lse, _ = _fwd_cpu(q=q, k=k, v=v, knockout=ko, causal=True)
@@ -187,7 +187,7 @@ def test_low_precision(dtype, causal):
     check_forward(q, k, v, causal=causal)
     check_forward(
         q, k, v, causal=causal,
-        knockout=Knockout(rand(T, seed=1) < 0.5, rand(T + 9, seed=2) < 0.5),
+        knockout=EdgeKnockout(rand(T, seed=1) < 0.5, rand(T + 9, seed=2) < 0.5),
         head_mask=rand(B, H, T, seed=3), head_patch=randn(H, 64, seed=4),
         score_scale=rand(H, seed=5) + 0.5, attn_mask=rand(1, 1, T, T + 9, seed=6) < 0.9,
     )
@@ -208,8 +208,8 @@ def test_all_interventions_together():
         q, k, v, causal=True, window=100,
         attn_mask=randn(B, 1, Tq, Tk, seed=1),
         knockout=[
-            Knockout(rand(B, Hq, Tq, seed=2) < 0.2, rand(Tk, seed=3) < 0.5),
-            Knockout(rand(Tq, seed=4) < 0.1, torch.ones(Tk, dtype=torch.bool)),
+            EdgeKnockout(rand(B, Hq, Tq, seed=2) < 0.2, rand(Tk, seed=3) < 0.5),
+            EdgeKnockout(rand(Tq, seed=4) < 0.1, torch.ones(Tk, dtype=torch.bool)),
         ],
         head_mask=rand(B, Hq, Tq, seed=5), head_patch=randn(B, Hq, Tq, D, seed=6),
         score_scale=rand(B, Hq, seed=7) * 2,

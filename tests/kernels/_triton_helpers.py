@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from headint.ops import Knockout, attention
+from headint.ops import EdgeKnockout, attention
 
 FP32_RTOL = 1e-5
 LOWP_FACTOR = 3.0
@@ -75,14 +75,14 @@ def make_case(seed: int, shape, dtype=torch.float32, features=(), causal=False, 
         kw["head_patch"] = randn(g, B, H, Tq, D, dtype=dtype)
     kos = []
     if "ko" in f:
-        kos.append(Knockout(rand(g, B, H, Tq) < 0.5, rand(g, B, 1, Tk) < 0.4))
-        kos.append(Knockout(rand(g, 1, H, Tq) < 0.3, rand(g, Tk) < 0.5))
+        kos.append(EdgeKnockout(rand(g, B, H, Tq) < 0.5, rand(g, B, 1, Tk) < 0.4))
+        kos.append(EdgeKnockout(rand(g, 1, H, Tq) < 0.3, rand(g, Tk) < 0.5))
     if "ko_rows" in f:
         rows = torch.zeros(B, H, Tq, dtype=torch.bool)
         rows[0, 0, 0] = True
         rows[-1, -1, Tq // 2] = True
         rows[:, 1 % H, Tq - 1] = True
-        kos.append(Knockout(rows, torch.ones(Tk, dtype=torch.bool)))
+        kos.append(EdgeKnockout(rows, torch.ones(Tk, dtype=torch.bool)))
     if kos:
         kw["knockout"] = kos
     if "dense_ko" in f:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headint.ops import Knockout
+from headint.ops import EdgeKnockout
 from headint.ops.arguments import prepare
 
 from _triton_helpers import compare, make_case, run
@@ -90,7 +90,7 @@ def test_fully_knocked_out_rows_have_zero_grads():
     rows = torch.zeros(B, H, T, dtype=torch.bool)
     rows[0, 1, 3] = True
     rows[1, 0, 17] = True
-    kw["knockout"] = Knockout(rows, torch.ones(T, dtype=torch.bool))
+    kw["knockout"] = EdgeKnockout(rows, torch.ones(T, dtype=torch.bool))
     res = compare(kw, torch.float32, grads=True, seed=25)
     g = res["grads"]
     for n, t in g.items():

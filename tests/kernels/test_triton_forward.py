@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headint.ops import Knockout, attention
+from headint.ops import EdgeKnockout, attention
 from headint.ops.arguments import prepare
 from headint.ops.reference import reference_attention
 
@@ -140,7 +140,7 @@ def test_non_contiguous_and_broadcast_inputs():
     k = torch.randn(B, Tk, Hkv, D, generator=g).transpose(1, 2)
     v = torch.randn(B, Tk, Hkv, D, generator=g).transpose(1, 2)
     hm = torch.tensor(0.3).expand(B, H)
-    kw = dict(q=q, k=k, v=v, causal=True, window=None, head_mask=hm, knockout=Knockout(torch.ones(Tq, dtype=torch.bool),
+    kw = dict(q=q, k=k, v=v, causal=True, window=None, head_mask=hm, knockout=EdgeKnockout(torch.ones(Tq, dtype=torch.bool),
                                                                                          torch.arange(Tk) % 3 == 0))
     compare(kw, torch.float32, grads=True)
 
@@ -151,11 +151,11 @@ def test_per_row_interventions_differ_by_batch_row():
     kw = make_case(9, (B, H, H, T, T, D), features=["hm_bh", "patch_bhtd", "ss_bh"], causal=True)
     sel_q = torch.zeros(B, 1, T, dtype=torch.bool)
     sel_q[1, 0, 5:] = True
-    kw["knockout"] = Knockout(sel_q, torch.arange(T) < 4)
+    kw["knockout"] = EdgeKnockout(sel_q, torch.arange(T) < 4)
     out, _ = run(kw, "triton")
     for b in range(B):
         one = {n: (x[b:b + 1] if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
-        one["knockout"] = Knockout(sel_q[b:b + 1], torch.arange(T) < 4)
+        one["knockout"] = EdgeKnockout(sel_q[b:b + 1], torch.arange(T) < 4)
         ob, _ = run(one, "triton")
         torch.testing.assert_close(out[b:b + 1], ob, atol=1e-6, rtol=1e-6)
 

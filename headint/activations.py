@@ -1,13 +1,16 @@
-"""Recording head activations: :func:`record` and :class:`ActivationCache`."""
+"""Recorded activations: the :class:`ActivationCache` container, its means and its file format.
+
+A container only: :func:`headint.record` (in :mod:`headint.integration.record`) fills one.
+This module imports nothing from headint.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 RECORDABLE = ("z", "q", "k", "v", "pattern")
 LAYOUTS = {
@@ -17,13 +20,14 @@ LAYOUTS = {
     "v": "[B, Hkv, T, D] values",
     "pattern": "[B, H, Tq, Tk] attention probabilities (before any head-output blend)",
 }
+_KEY = re.compile(r"^(" + "|".join(RECORDABLE) + r")\.(\d+)$")
 
 
 class ActivationCache:
     """Per-layer activations of one run.
 
     ``cache["z", layer]`` (or ``cache.get("z", layer)``) is ``[B, T, H, D]``; q is
-    ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]``, pattern ``[B, H, Tq, Tk]``.
+    ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]``, pattern ``[B, H, Tq, Tk]`` (see :data:`LAYOUTS`).
     ``attention_mask`` ``[B, T]`` (if the run had one) lets means skip padding.
     """
 
@@ -39,7 +43,8 @@ class ActivationCache:
             have = sorted({w for w, _ in self.tensors})
             raise KeyError(f"cache has no {what!r} for layer {layer}; it holds {have} for layers {self.layers()} (record with what=({what!r},))") from None
 
-    __getitem__ = lambda self, key: self.get(*key)  # noqa: E731
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        return self.get(*key)
 
     def layers(self) -> list[int]:
         return sorted({l for _, l in self.tensors})
@@ -59,7 +64,10 @@ class ActivationCache:
         return (z * w[..., None, None]).sum(0) / w.sum(0).clamp_min(1)[:, None, None]
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (safetensors) with the tensors and metadata."""
+        """Write ``path`` (safetensors: tensors named ``"{what}.{layer}"``, the mask as
+        ``"attention_mask"``, ``meta`` as JSON under the metadata key ``"headint"``)."""
+        from safetensors.torch import save_file
+
         data = {f"{w}.{l}": t.contiguous().cpu() for (w, l), t in self.tensors.items()}
         if self.attention_mask is not None:
             data["attention_mask"] = self.attention_mask.contiguous().cpu()
@@ -67,56 +75,33 @@ class ActivationCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationCache":
+        """Read a file written by :meth:`save`; anything else raises ``ValueError`` naming ``path``."""
         from safetensors import safe_open
 
-        data = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("headint", "{}"))
+        path = str(path)
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+            raise ValueError(f"ActivationCache.load: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        if "headint" not in metadata:
+            raise ValueError(f"ActivationCache.load: {path} was not written by ActivationCache.save (no 'headint' metadata)")
+        try:
+            meta = json.loads(metadata["headint"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ActivationCache.load: {path} has unreadable 'headint' metadata ({e})") from None
         mask = data.pop("attention_mask", None)
-        tensors = {(k.split(".")[0], int(k.split(".")[1])): v for k, v in data.items()}
+        tensors = {}
+        for k, v in data.items():
+            m = _KEY.match(k)
+            if m is None:
+                raise ValueError(f"ActivationCache.load: {path} holds a tensor named {k!r}; expected names '<what>.<layer>' with what in {RECORDABLE}")
+            tensors[(m.group(1), int(m.group(2)))] = v
         return cls(tensors, mask, meta)
 
     def __repr__(self) -> str:
         kinds = sorted({w for w, _ in self.tensors})
         return f"ActivationCache({kinds}, layers={self.layers()})"
-
-
-class Recorder:
-    """Collects activations from inside the attention function during a run."""
-
-    def __init__(self, what: Iterable[str]):
-        what = tuple(what)
-        for w in what:
-            if w not in RECORDABLE:
-                raise ValueError(f"record: unknown activation {w!r}; choose from {RECORDABLE}")
-        self.what = what
-        self.tensors: dict[tuple[str, int], torch.Tensor] = {}
-
-    def add(self, layer: int, what: str, x: torch.Tensor, concat_dim: int | None) -> None:
-        if what not in self.what:
-            return
-        x = x.detach()
-        key = (what, layer)
-        if concat_dim is not None and key in self.tensors:
-            x = torch.cat([self.tensors[key], x], dim=concat_dim)
-        self.tensors[key] = x
-
-
-def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), backend: str = "auto", **forward_kwargs) -> ActivationCache:
-    """Run ``model`` once and return its per-layer head activations.
-
-    Args:
-        inputs: a ``[B, T]`` tensor of token ids, or a dict of model inputs (``input_ids``,
-            ``attention_mask``, ...), e.g. a tokenizer's output.
-        what: any of ``"z"``, ``"q"``, ``"k"``, ``"v"``, ``"pattern"`` (see :data:`LAYOUTS`).
-        interventions: optional interventions applied during the run.
-    """
-    from .integration.hf import intervene
-
-    recorder = Recorder(what)
-    if isinstance(inputs, torch.Tensor):
-        inputs = {"input_ids": inputs}
-    inputs = dict(inputs)
-    with torch.no_grad(), intervene(model, interventions, backend=backend, recorder=recorder):
-        model(**inputs, **forward_kwargs)
-    return ActivationCache(recorder.tensors, inputs.get("attention_mask"), {"what": list(recorder.what)})

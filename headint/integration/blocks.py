@@ -1,47 +1,15 @@
-"""Model structure the scans need, found generically in ``transformers`` models.
-
-- the list of transformer blocks (to start a run at block ``l`` from cached hidden states),
-- the base model and the unembedding (to compute only the logits a metric needs).
-"""
+"""Running parts of a model: capture each block's output, replay cached outputs in place of blocks
+(depth reuse in scans), and map over nested outputs."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..plan import ModelShape
-
-
-@dataclass
-class ModelParts:
-    """``blocks``: the ``nn.ModuleList`` of transformer blocks; ``base``: the model without its
-    head (returns ``last_hidden_state``); ``unembed``: the output embedding (``Linear``) or None."""
-
-    model: nn.Module
-    blocks: nn.ModuleList
-    base: nn.Module
-    unembed: nn.Module | None
-    shape: ModelShape
-
-
-def model_parts(model) -> ModelParts:
-    shape = ModelShape.from_config(model.config)
-    blocks = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == shape.n_layers:
-            blocks = mod
-            break
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__}: found no ModuleList of its {shape.n_layers} transformer blocks")
-    base = getattr(model, "base_model", model)
-    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is model or not isinstance(unembed, nn.Linear):
-        unembed = None
-    return ModelParts(model, blocks, base, unembed, shape)
+from .adapter import ModelParts
 
 
 def map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

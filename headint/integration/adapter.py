@@ -1,0 +1,168 @@
+"""Everything headint guesses about a ``transformers`` model's structure, in one place.
+
+- which models are supported (:func:`check_supported`) and which ``transformers`` major version
+  this adapter was written for (:data:`WRITTEN_FOR`; a different installed major warns once);
+- the attention geometry (:func:`model_shape`), every config to switch (:func:`model_configs`);
+- attention modules and their layer index (:class:`LayerIndex`), the sub-models whose forward
+  starts a sequence (:func:`submodels`);
+- the list of transformer blocks, the base model and the unembedding (:func:`model_parts`);
+- whether the forward takes ``position_ids`` that padding would otherwise shift
+  (:func:`padding_position_ids`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..shape import ModelShape
+
+WRITTEN_FOR = 5  # the transformers major version this adapter follows
+_warned: set[str] = set()
+
+
+class UnsupportedModelError(TypeError):
+    """The model does not route its attention through ``transformers``' AttentionInterface."""
+
+
+def check_transformers_version() -> None:
+    """Warn once if the installed ``transformers`` major version is not :data:`WRITTEN_FOR`."""
+    import transformers
+
+    installed = str(transformers.__version__)
+    try:
+        major = int(installed.split(".")[0])
+    except ValueError:
+        major = None
+    if major != WRITTEN_FOR and installed not in _warned:
+        _warned.add(installed)
+        warnings.warn(
+            f"headint's transformers adapter was written for transformers {WRITTEN_FOR}.x, but transformers "
+            f"{installed} is installed; model structure guesses (layers, configs, attention registry) may not hold",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def check_supported(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` uses the attention registry."""
+    from transformers import PreTrainedModel
+
+    check_transformers_version()
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(f"headint.intervene needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+            "so headint cannot intervene in it (no per-model fallback is provided)"
+        )
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_shape(model_or_config) -> ModelShape:
+    """The attention geometry of a model (or of its config): read from the text config's
+    ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the query
+    head count) and ``head_dim`` (default ``hidden_size // num_attention_heads``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    cfg = _text_config(config)
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return ModelShape(int(cfg.num_hidden_layers), int(n_heads), int(n_kv), int(head_dim))
+
+
+def model_configs(model) -> list:
+    """Every distinct config object reachable from the model (its modules and sub-configs)."""
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen[id(c)] = c
+        for key in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, key, None)
+            if isinstance(sub, PretrainedConfig):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def submodels(model) -> list[nn.Module]:
+    """The ``PreTrainedModel`` modules inside ``model`` (itself included): each one's forward
+    receives the inputs (ids, mask, cache position) that place its queries in the sequence."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+class LayerIndex:
+    """Which layer an attention module belongs to.
+
+    If the model's attention modules carry ``layer_idx``, those are the layers interventions
+    name, and attention modules without one (e.g. a vision tower) have none. Otherwise modules
+    are numbered in the order of their first call.
+    """
+
+    def __init__(self, model):
+        self.indexed = any(isinstance(getattr(m, "layer_idx", None), int) for m in model.modules() if "Attention" in type(m).__name__)
+        self._order: dict[int, int] = {}
+
+    def layer_of(self, module) -> int | None:
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int):
+            return idx
+        if self.indexed:
+            return None
+        return self._order.setdefault(id(module), len(self._order))
+
+
+def padding_position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``position_ids`` ``[B, T]`` that keep a padded batch's real tokens at the positions they
+    would have alone (``mask.cumsum(-1) - 1``, clamped at 0), or None when none are needed: no
+    padding, a forward without ``position_ids``, or a model that derives padding-aware positions
+    itself (position embeddings with a ``padding_idx``, as in RoBERTa)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or bool(attention_mask.bool().all()):
+        return None
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    for name, mod in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+            return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class ModelParts:
+    """``blocks``: the ``nn.ModuleList`` of transformer blocks; ``base``: the model without its
+    head (returns ``last_hidden_state``); ``unembed``: the output embedding (``Linear``) or None."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    base: nn.Module
+    unembed: nn.Module | None
+    shape: ModelShape
+
+
+def model_parts(model) -> ModelParts:
+    shape = model_shape(model)
+    blocks = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == shape.n_layers:
+            blocks = mod
+            break
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__}: found no ModuleList of its {shape.n_layers} transformer blocks")
+    base = getattr(model, "base_model", model)
+    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is model or not isinstance(unembed, nn.Linear):
+        unembed = None
+    return ModelParts(model, blocks, base, unembed, shape)

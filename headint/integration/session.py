@@ -1,0 +1,188 @@
+"""Session state: which intervention block applies to which forward, and the config switch.
+
+Rules (see README "Threads and nested blocks"):
+
+- A :class:`Session` (one ``intervene`` block) belongs to the thread that opened it. Each thread
+  keeps its own stack of open sessions; an attention call uses the calling thread's innermost
+  session that contains the calling module. Another thread's interventions never apply; a
+  thread with no session on a model that another thread has switched gets plain (unintervened)
+  attention.
+- The switch of a model's configs to headint's attention is reference-counted per model: the
+  first open session saves every config's attention implementation and switches it, the last
+  session to close restores them exactly, whatever order sessions close in and whichever
+  thread closes them.
+- A session is opened at most once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from .adapter import LayerIndex, UnsupportedModelError, model_configs, submodels
+
+ATTN_NAME = "headint"
+_IMPL = "_attn_implementation_internal"
+
+_LOCK = threading.RLock()
+_SWITCHES: dict[int, "_Switch"] = {}  # id(model) -> the switch while any session on it is open
+_LOCAL = threading.local()  # .stack: this thread's open sessions, innermost last
+
+
+def _stack() -> list["Session"]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
+
+
+class Session:
+    """One ``intervene`` block: the plan, backend and recorder that apply to ``model``'s forwards
+    in the thread that opened it. ``q_start`` is where the current forward's first query sits."""
+
+    def __init__(self, model, plan, backend: str, recorder=None):
+        self.model = model
+        self.plan = plan
+        self.backend = backend
+        self.recorder = recorder
+        self.module_ids = {id(m) for m in model.modules()}
+        self.layers = LayerIndex(model)
+        self.q_start: int | None = None
+        self.calls = 0  # attention calls handled for this session
+        self._forward_starts: list[int] = []
+        self._stack: list | None = None
+        self.state = "new"
+
+    def layer_of(self, module) -> int | None:
+        return self.layers.layer_of(module)
+
+
+class _Switch:
+    """A model switched to headint's attention: saved configs, hooks, and how many sessions hold it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.count = 0
+        self.module_ids = {id(m) for m in model.modules()}
+        self.saved = [(c, c.__dict__.get(_IMPL, None), _IMPL in c.__dict__) for c in model_configs(model)]
+        self.handles: list = []
+        try:
+            for c, _, _ in self.saved:
+                setattr(c, _IMPL, ATTN_NAME)
+            self.handles.append(model.register_forward_pre_hook(self._before_forward))
+            self.handles.append(model.register_forward_hook(self._after_forward))
+            for m in submodels(model):
+                self.handles.append(m.register_forward_pre_hook(_set_q_start, with_kwargs=True))
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for c, value, had in self.saved:
+            if had:
+                setattr(c, _IMPL, value)
+            else:
+                c.__dict__.pop(_IMPL, None)
+
+    # A forward of the model that makes no call to the registered attention function bypasses it.
+    def _before_forward(self, _module, _args) -> None:
+        s = current_session(self.model)
+        if s is not None:
+            s._forward_starts.append(s.calls)
+
+    def _after_forward(self, _module, _args, _output) -> None:
+        s = current_session(self.model)
+        if s is not None and s._forward_starts and s._forward_starts.pop() == s.calls:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} ran a forward pass without calling the registered attention function; "
+                "it bypasses transformers' AttentionInterface, so headint cannot intervene in it"
+            )
+
+
+def _set_q_start(module, args, kwargs) -> None:
+    """Forward pre-hook: where this forward's queries sit in the whole sequence.
+
+    Read from ``cache_position``, else the 2D attention mask (which covers past and new
+    tokens in ``generate``), else the KV cache's length; a sliding-window cache may hold
+    fewer keys than that, so the attention call alone cannot tell.
+    """
+    session = current_session(module)
+    if session is None:
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    emb = kwargs.get("inputs_embeds")
+    n_new = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (emb.shape[1] if isinstance(emb, torch.Tensor) else None)
+    cp = kwargs.get("cache_position")
+    mask = kwargs.get("attention_mask")
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    if isinstance(cp, torch.Tensor) and cp.numel():
+        session.q_start = int(cp.reshape(-1)[0])
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and n_new is not None:
+        session.q_start = mask.shape[1] - n_new
+    elif past is not None and hasattr(past, "get_seq_length"):
+        session.q_start = int(past.get_seq_length())
+    else:
+        session.q_start = None
+
+
+def current_session(module) -> Session | None:
+    """The calling thread's innermost open session whose model contains ``module``."""
+    key = id(module)
+    for s in reversed(_stack()):
+        if key in s.module_ids:
+            return s
+    return None
+
+
+def switched_by_any_session(module) -> bool:
+    """Whether some open session (in any thread) has switched a model containing ``module``."""
+    key = id(module)
+    with _LOCK:
+        return any(key in sw.module_ids for sw in _SWITCHES.values())
+
+
+def open_session(session: Session) -> None:
+    """Switch the model (first session on it) and push ``session`` on this thread's stack."""
+    if session.state != "new":
+        raise RuntimeError(
+            "this headint.intervene(...) block was already entered once; a block cannot be re-entered: "
+            "call headint.intervene(model, ...) again for a new block"
+        )
+    session.state = "open"
+    with _LOCK:
+        key = id(session.model)
+        switch = _SWITCHES.get(key)
+        if switch is None:
+            switch = _SWITCHES[key] = _Switch(session.model)
+        switch.count += 1
+    session._stack = _stack()
+    session._stack.append(session)
+
+
+def close_session(session: Session) -> None:
+    """Remove ``session`` (wherever it is in its thread's stack); the last session on the model
+    restores its configs and removes the hooks."""
+    if session.state != "open":
+        return
+    session.state = "closed"
+    if session._stack is not None and session in session._stack:
+        session._stack.remove(session)
+    with _LOCK:
+        key = id(session.model)
+        switch = _SWITCHES.get(key)
+        if switch is not None:
+            switch.count -= 1
+            if switch.count == 0:
+                del _SWITCHES[key]
+                switch.restore()
+
+
+def open_sessions() -> list[Any]:
+    """The models currently switched, with how many sessions hold each (for tests and debugging)."""
+    with _LOCK:
+        return [(sw.model, sw.count) for sw in _SWITCHES.values()]

@@ -1,0 +1,21 @@
+"""Attention geometry of a model, as plain numbers.
+
+:class:`ModelShape` is built from a model by
+:func:`headint.integration.adapter.model_shape` (the one place that reads configs);
+everything below the integration only reads its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Attention geometry: ``n_layers`` attention layers, each with ``n_heads`` query heads,
+    ``n_kv_heads`` key/value heads (fewer under grouped-query attention) and head dim ``head_dim``."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
