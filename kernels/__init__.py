@@ -4,6 +4,7 @@
   and the epilogue).
 - :mod:`.attention_bwd`: the backward kernels (preprocess, dQ, dK/dV).
 - :mod:`.config`: tile configurations (autotuned on GPU, one fixed config when interpreting).
+- :mod:`.tuning`: the autotuner, keyed on bucketed sequence lengths (no re-tuning per decode step).
 - :mod:`.launch`: launchers taking tensors (+ strides) and returning fresh outputs.
 - :mod:`.compile_check`: ahead-of-time compilation of kernel variants for a GPU target
   (no GPU needed), reporting shared memory.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, tuning
 from .common import _key_range, _masked_scores, _query_range
 
 
@@ -277,17 +277,18 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "MASK_IS_BOOL", "HAS_KNOCKOUT", "HAS_HEAD_MASK", "Tq", "Tk"]
+_KEY = [*tuning.FLAG_KEY, "TQ_BUCKET", "TK_BUCKET"]  # bucketed lengths: see kernels/tuning.py
 
 attn_bwd_pre_kernel = _attn_bwd_pre_kernel
 attn_bwd_dq_kernel = _attn_bwd_dq_kernel
 attn_bwd_dkdv_kernel = _attn_bwd_dkdv_kernel
 
-attn_bwd_pre = triton.autotune(configs=config.configs("pre"), key=["HEAD_DIM", "Tq"])(_attn_bwd_pre_kernel)
-attn_bwd_dq = triton.autotune(
+attn_bwd_pre = tuning.autotune(configs=config.configs("pre"), key=["HEAD_DIM", "TQ_BUCKET"], buckets={"TQ_BUCKET": "Tq"})(
+    _attn_bwd_pre_kernel)
+attn_bwd_dq = tuning.autotune(
     configs=config.configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": config.pruner("dq")},
     reset_to_zero=["DSSPart"],  # autotuning runs several BLOCK_M: stale partial sums must not survive
 )(_attn_bwd_dq_kernel)
-attn_bwd_dkdv = triton.autotune(
+attn_bwd_dkdv = tuning.autotune(
     configs=config.configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": config.pruner("dkdv")},
 )(_attn_bwd_dkdv_kernel)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, tuning
 from .common import _key_range, _masked_scores
 
 
@@ -133,11 +133,11 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "MASK_IS_BOOL", "HAS_KNOCKOUT", "HAS_HEAD_MASK", "Tq", "Tk"]
+_AUTOTUNE_KEY = [*tuning.FLAG_KEY, "TQ_BUCKET", "TK_BUCKET"]
 
 #: The raw kernel (a JITFunction, or the interpreter's InterpretedFunction).
 attn_fwd_kernel = _attn_fwd_kernel
-#: The autotuned launcher (a single config under the interpreter).
-attn_fwd = triton.autotune(
+#: The autotuned launcher (a single config under the interpreter), keyed on bucketed lengths.
+attn_fwd = tuning.autotune(
     configs=config.configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": config.pruner("fwd")},
 )(_attn_fwd_kernel)

@@ -2,9 +2,10 @@
 
 On a GPU every kernel is autotuned over a few configurations (pruned per head dimension so
 that the shared memory of the survivors fits an sm_80 / sm_90 SM: see :func:`smem_estimate`
-and ``tests/kernels/test_triton_compile.py``, which compiles them and checks the real numbers).
+and ``tests/triton/test_triton_compile.py``, which compiles them and checks the real numbers).
 Under the Triton interpreter (``TRITON_INTERPRET=1``) there is exactly ONE small configuration:
 the interpreter's cost grows with the tile area, and autotuning would be meaningless.
+The autotune keys (flags and bucketed lengths) are in :mod:`.tuning`.
 
 Whether we interpret is decided once, when this module is imported - the same moment
 ``triton.jit`` decides to build interpreted or compiled kernels.
@@ -67,7 +68,7 @@ PRE_GPU = [(64, 0, 4, 1)]
 INTERPRET_TILE = (16, 16, 4, 1)
 
 #: Register-pressure budget (fp32 registers per thread for the big tiles, see reg_estimate).
-#: Calibrated on the compile check (tests/kernels/test_triton_compile.py): above it ptxas spills.
+#: Calibrated on the compile check (tests/triton/test_triton_compile.py): above it ptxas spills.
 REG_BUDGET = {"fwd": 160, "dq": 192, "dkdv": 192, "pre": 1 << 30}
 
 

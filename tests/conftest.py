@@ -1,13 +1,13 @@
 """Shared test setup.
 
-- Makes the helper modules in tests/ (tiny_models, scan_oracles, backend_model_checks)
-  importable from the test subdirectories.
+- Makes the helper modules in tests/ (tiny_models, scan_oracles, backend_model_checks,
+  attention_cases) importable from the test subdirectories.
 - Runs every test module with one torch thread: pytest-xdist already runs one worker per
   core, and tiny shapes only gain contention from more threads.
 - Tiny GPT-2 / Llama (GQA) fixtures for the scan tests, built lazily.
 
-Imports nothing heavy at collection time: tests/kernels/conftest.py must set
-TRITON_INTERPRET before triton is imported.
+Imports nothing heavy at collection time: tests/backends/conftest.py and tests/triton/conftest.py
+must set TRITON_INTERPRET before triton is imported.
 """
 
 import os

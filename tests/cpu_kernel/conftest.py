@@ -1,4 +1,4 @@
-"""Shared fixtures for the native CPU kernel tests.
+"""Shared fixtures of the C++-kernel-specific tests (conformance of the CPU backend is in tests/backends/).
 
 Every test runs with ``headint.ops.cpu_backend.POISON_OUTPUTS`` on: outputs start NaN-filled,
 so an element the kernel forgets to write fails the comparison.

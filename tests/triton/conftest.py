@@ -1,4 +1,5 @@
-"""Shared setup of the Triton kernel tests (CPU, Triton interpreter).
+"""Shared setup of the Triton-specific tests (CPU, Triton interpreter; conformance of the Triton
+backend itself is in tests/backends/).
 
 ``TRITON_INTERPRET=1`` must be in the environment before anything imports triton's kernels
 (``triton.jit`` decides at decoration time whether to build interpreted functions), so it is

@@ -18,7 +18,7 @@ import torch
 
 from headint.ops import attention, backends
 
-from _triton_helpers import gen
+from attention_cases import gen
 
 
 def _inputs(seed):
