@@ -143,12 +143,10 @@ def test_launcher_backward_outputs_full_shapes(poisoned_outputs):
     q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
     a = prepare(q, k, v, **kw)
     L = poisoned_outputs
-    out, lse, attn = L.attention_forward(a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch,
-                                         a.score_scale, scale=a.scale, causal=a.causal, window=a.window)
+    out, lse, attn = L.attention_forward(a)
     dout = torch.randn(B, H, Tq, D)
-    dq, dk, dv, dhm, dss = L.attention_backward(dout, a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask,
-                                                a.head_patch, a.score_scale, scale=a.scale, causal=a.causal,
-                                                window=a.window, attn=attn, lse=lse)
+    g = L.attention_backward(a, dout, attn, lse)
+    dq, dk, dv, dhm, dss = g["q"], g["k"], g["v"], g["head_mask"], g["score_scale"]
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dhm.shape == (B, H, Tq) and dss.shape == (B, H)
     for t in (dq, dk, dv, dhm, dss):

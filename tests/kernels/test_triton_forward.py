@@ -92,10 +92,7 @@ def test_fully_removed_rows_are_zero_and_lse_is_neg_inf(poisoned_outputs):
     kw = make_case(5, (B, H, H, Tq, Tk, D), features=["ko_rows"], causal=True)  # Tq > Tk: first 2 rows see nothing
     q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
     a = prepare(q, k, v, **kw)
-    out, lse, attn = poisoned_outputs.attention_forward(
-        a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch, a.score_scale,
-        scale=a.scale, causal=a.causal, window=a.window,
-    )
+    out, lse, attn = poisoned_outputs.attention_forward(a)
     ref, ref_lse = reference_attention(a, return_lse=True)
     assert attn is None
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -111,10 +108,7 @@ def test_attn_output_is_pre_blend(poisoned_outputs):
     kw = make_case(6, (1, 2, 2, 19, 23, 16), features=["hm_bht", "patch_bhtd"])
     q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
     a = prepare(q, k, v, **kw)
-    out, lse, attn = poisoned_outputs.attention_forward(
-        a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch, a.score_scale,
-        scale=a.scale, causal=a.causal, window=a.window,
-    )
+    out, lse, attn = poisoned_outputs.attention_forward(a)
     plain = prepare(q, k, v)
     torch.testing.assert_close(attn, reference_attention(plain), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, reference_attention(a), atol=1e-5, rtol=1e-5)
