@@ -58,8 +58,9 @@ def attention(
     while a ``-inf`` score removes the key. A NaN at a removed key never leaks into any row's
     output, nor into any gradient. The head blend ``m * attn + (1 - m) * head_patch`` is then
     computed elementwise (a NaN ``m`` gives a NaN row, a NaN in ``head_patch`` a NaN element).
-    In the backward, a NaN row sends NaN gradients to what it read and nothing to what it did
-    not read.
+    In the backward, a row made NaN by its query, keys, values or scores sends NaN gradients
+    along the edges it read and nothing along the others (a NaN head mask scales the row's
+    upstream gradient itself, so it reaches every value gradient of its key/value head).
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``.
