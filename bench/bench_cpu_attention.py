@@ -102,7 +102,9 @@ def worker(spec):
     clock = time.process_time if spec.get("timer") == "cpu" else time.perf_counter
 
     if spec["impl"] == "cpu":
-        import headint.ops.cpu_backend  # noqa: F401  (build/load outside the measurement)
+        from headint.ops import cpu_backend
+
+        cpu_backend.build()  # build/load outside the measurement
     dtype = getattr(torch, spec["dtype"])
     grad = spec["mode"] == "fwdbwd"
 

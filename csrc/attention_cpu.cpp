@@ -19,6 +19,18 @@
 // and a vectorised exp.
 //
 // Outputs are allocated by the Python launcher (so tests can poison them) and written here.
+//
+// Operands: the ops take the tensor operands as one list `Tensor?[] operands` indexed by
+// `enum Operand`, whose order and names (OPERAND_NAMES, reported by `operand_names()`) are those
+// of the tensor fields of headint.ops.arguments.AttentionArgs; the scalars follow in field order.
+// The Python side checks both when it loads the kernel (headint.ops.cpu_backend.build).
+// The backward writes the gradients into `grads`, indexed like `operands` (empty where none).
+//
+// NaN semantics (see headint.attention): q, k, v enter every product with their non-finite
+// elements zeroed; a row is "bad" if it reads a key (kept, score above -inf) while its query is
+// non-finite, or the key or value it reads is non-finite, or a score it reads is NaN / +inf.
+// A bad row's pre-blend output is NaN and its lse is NaN (so the backward sends NaN exactly
+// along the edges it read); removed keys are never read.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,9 +42,34 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace headint_cpu {
+
+// Tensor operands, in the field order of headint.ops.arguments.AttentionArgs.
+enum Operand : int { Q, K, V, MASK, Q_BITS, K_BITS, HEAD_MASK, HEAD_PATCH, SCORE_SCALE, N_OPERANDS };
+static const char* const OPERAND_NAMES[N_OPERANDS] = {
+    "q", "k", "v", "mask", "q_bits", "k_bits", "head_mask", "head_patch", "score_scale"};
+
+using OperandList = c10::List<c10::optional<at::Tensor>>;
+
+// The operand list, checked once: `has(X)` / `get(X)` / `opt(X)` by enum.
+struct Operands {
+  c10::optional<at::Tensor> t[N_OPERANDS];
+  explicit Operands(const OperandList& list) {
+    TORCH_CHECK(static_cast<int64_t>(list.size()) == N_OPERANDS, "headint cpu attention: expected ", N_OPERANDS,
+                " operands, got ", list.size());
+    for (int i = 0; i < N_OPERANDS; ++i) {
+      c10::optional<at::Tensor> x = list.get(i);
+      if (x.has_value() && x->defined()) t[i] = *x;
+    }
+    for (Operand o : {Q, K, V}) TORCH_CHECK(has(o), "headint cpu attention: operand ", OPERAND_NAMES[o], " is missing");
+  }
+  bool has(Operand o) const { return t[o].has_value(); }
+  const at::Tensor& get(Operand o) const { return *t[o]; }
+  const c10::optional<at::Tensor>& opt(Operand o) const { return t[o]; }
+};
 
 // ------------------------------------------------------------------------------------------
 // SIMD helpers
@@ -63,6 +100,10 @@ static inline vf vselect(vi m, vf a, vf b) {  // m ? a : b (m lanes are 0 or -1)
   return (vf)((ai & m) | (bi & ~m));
 }
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+static inline vi vload_i(const int32_t* p) { vi r; std::memcpy(&r, p, sizeof(vi)); return r; }
+static inline bool vany(vi m) { for (int i = 0; i < VW; ++i) if (m[i]) return true; return false; }
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr float QNAN = std::numeric_limits<float>::quiet_NaN();
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
 static inline float hmax(vf v) { float s = v[0]; for (int i = 1; i < VW; ++i) s = v[i] > s ? v[i] : s; return s; }
 
@@ -240,23 +281,11 @@ struct Plan {
   // and the additive mask added. `full` says the structural test can be skipped.
   void apply_bias(float* row, int64_t b, int64_t h, int64_t i, int64_t j0, int nk, bool full,
                   const int32_t* kb) const {
-    if (!full) {
-      const int64_t l = lo(i), u = hi(i);
-      for (int jj = 0; jj < nk; ++jj) {
-        const int64_t j = j0 + jj;
-        if (j < l || j > u) row[jj] = NEG_INF;
-      }
-    }
-    if (mk != MASK_NONE) {
+    // additive mask first, removals last: a removed key's score is -inf whatever the mask adds
+    if (mk != MASK_NONE && mk != MASK_BOOL) {
       const int64_t base = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
       const int64_t s = ms[3];
       switch (mk) {
-        case MASK_BOOL: {
-          const bool* m = reinterpret_cast<const bool*>(mask_p) + base;
-          for (int jj = 0; jj < nk; ++jj)
-            if (!m[jj * s]) row[jj] = NEG_INF;
-          break;
-        }
         case MASK_F32: {
           const float* m = reinterpret_cast<const float*>(mask_p) + base;
           for (int jj = 0; jj < nk; ++jj) row[jj] += m[jj * s];
@@ -280,12 +309,40 @@ struct Plan {
         default: break;
       }
     }
+    if (!full) {
+      const int64_t l = lo(i), u = hi(i);
+      for (int jj = 0; jj < nk; ++jj) {
+        const int64_t j = j0 + jj;
+        if (j < l || j > u) row[jj] = NEG_INF;
+      }
+    }
+    if (mk == MASK_BOOL) {
+      const bool* m = reinterpret_cast<const bool*>(mask_p) + b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
+      const int64_t s = ms[3];
+      for (int jj = 0; jj < nk; ++jj)
+        if (!m[jj * s]) row[jj] = NEG_INF;
+    }
     if (qb_p) {
       const int32_t w = qb_p[b * qbs[0] + h * qbs[1] + i * qbs[2]];
       if (w != 0)
         for (int jj = 0; jj < nk; ++jj)
           if (w & kb[jj]) row[jj] = NEG_INF;
     }
+  }
+
+  // Does a row with scores `row` (BK entries, removed = -inf) read something non-finite?
+  // qbad: its query had a non-finite element; kvbad[j]: -1 if key j's k or v had one.
+  static bool row_is_bad(const float* row, bool qbad, const int32_t* kvbad) {
+    const vf ninf = vsplat(NEG_INF), pinf = vsplat(POS_INF);
+    vi qb = {};
+    qb = qb - (qbad ? 1 : 0);
+    vi acc = {};
+    for (int c = 0; c < BK; c += VW) {
+      const vf x = vload(row + c);
+      const vi rd = x != ninf;  // read (NaN included)
+      acc |= rd & ((x != x) | (x == pinf) | vload_i(kvbad + c) | qb);
+    }
+    return vany(acc);
   }
 };
 
@@ -304,10 +361,16 @@ static MaskKind mask_kind(const c10::optional<at::Tensor>& mask) {
 
 static bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-static Plan make_plan(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& mask,
-                      const c10::optional<at::Tensor>& q_bits, const c10::optional<at::Tensor>& k_bits,
-                      const c10::optional<at::Tensor>& head_mask, const c10::optional<at::Tensor>& score_scale,
-                      double scale, bool causal, int64_t window) {
+static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optional<int64_t> window_opt) {
+  const at::Tensor& q = ops.get(Q);
+  const at::Tensor& k = ops.get(K);
+  const c10::optional<at::Tensor>& mask = ops.opt(MASK);
+  const c10::optional<at::Tensor>& q_bits = ops.opt(Q_BITS);
+  const c10::optional<at::Tensor>& k_bits = ops.opt(K_BITS);
+  const c10::optional<at::Tensor>& head_mask = ops.opt(HEAD_MASK);
+  const c10::optional<at::Tensor>& score_scale = ops.opt(SCORE_SCALE);
+  const int64_t window = window_opt.has_value() ? *window_opt : 0;
+  TORCH_CHECK(!window_opt.has_value() || *window_opt > 0, "headint cpu attention: window must be positive");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "headint cpu attention: q, k must be 4-d");
   Plan P;
   P.B = q.size(0);
@@ -365,32 +428,55 @@ static Plan make_plan(const at::Tensor& q, const at::Tensor& k, const c10::optio
 }
 
 // Row-major tile load: dst[r * ld + d] = mul * src(row r, d) for r < n, d < D.
+// With `bad`: non-finite elements load as 0 and bad[r] = -1 if row r had one (else 0).
 template <typename T>
 static inline void load_rows(const View4<T>& x, int64_t b, int64_t h, int64_t i0, int n, int64_t D, float mul,
-                             float* dst, int64_t ld) {
+                             float* dst, int64_t ld, int32_t* bad = nullptr) {
   const int64_t sd = x.s[3], sr = x.s[2];
   const T* base = x.row(b, h, i0);
   for (int r = 0; r < n; ++r) {
     const T* src = base + r * sr;
     float* o = dst + r * ld;
-    if (sd == 1)
+    if (bad) {
+      int32_t any = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        float val = static_cast<float>(src[d * sd]);
+        if (!std::isfinite(val)) {
+          any = -1;
+          val = 0.f;
+        }
+        o[d] = mul * val;
+      }
+      bad[r] = any;
+    } else if (sd == 1) {
       for (int64_t d = 0; d < D; ++d) o[d] = mul * static_cast<float>(src[d]);
-    else
+    } else {
       for (int64_t d = 0; d < D; ++d) o[d] = mul * static_cast<float>(src[d * sd]);
+    }
   }
 }
 
 // Transposed tile load: dst[d * ld + r] = src(row r, d) for r < n (zero for n <= r < ld), d < D.
+// Non-finite elements load as 0; with `bad`, bad[r] |= -1 if row r had one.
 template <typename T>
 static inline void load_cols(const View4<T>& x, int64_t b, int64_t h, int64_t j0, int n, int64_t D, float* dst,
-                             int64_t ld) {
+                             int64_t ld, int32_t* bad = nullptr) {
   const int64_t sd = x.s[3], sr = x.s[2];
   const T* base = x.row(b, h, j0);
   if (n < ld)
     for (int64_t d = 0; d < D; ++d) std::memset(dst + d * ld + n, 0, sizeof(float) * (ld - n));
   for (int r = 0; r < n; ++r) {
     const T* src = base + r * sr;
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<float>(src[d * sd]);
+    int32_t any = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      float val = static_cast<float>(src[d * sd]);
+      if (!std::isfinite(val)) {
+        any = -1;
+        val = 0.f;
+      }
+      dst[d * ld + r] = val;
+    }
+    if (bad) bad[r] |= any;
   }
 }
 
@@ -415,25 +501,27 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
 
   at::parallel_for(0, P.B * P.Hq * nQT, 1, [&](int64_t begin, int64_t end) {
     Buf qt(BQ * Dp), kt(Dp * BK), krow(BK * Dp), vt(BK * Dp), st(BQ * BK), ot(BQ * Dp), mrow(BQ), lrow(BQ);
-    std::vector<int32_t> kb(BK);
+    std::vector<int32_t> kb(BK), qbad(BQ), kvbad(BK), rowbad(BQ);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / (P.Hq * nQT), h = (w / nQT) % P.Hq, t = w % nQT;
       const int64_t kvh = h / P.group;
       const int64_t i0 = t * BQ;
       const int nq = static_cast<int>(std::min<int64_t>(BQ, P.Tq - i0));
       const float ss = P.score_scale(b, h);
-      load_rows(Q, b, h, i0, nq, D, P.scale, qt(), Dp);
+      load_rows(Q, b, h, i0, nq, D, P.scale, qt(), Dp, qbad.data());
       std::memset(ot(), 0, sizeof(float) * BQ * Dp);
       for (int r = 0; r < BQ; ++r) {
         mrow()[r] = NEG_INF;
         lrow()[r] = 0.f;
+        rowbad[r] = 0;
       }
       const int64_t jlo = P.lo(i0), jhi = P.hi(i0 + nq - 1);
       for (int64_t j0 = jlo; j0 <= jhi; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, jhi + 1 - j0));
+        std::fill(kvbad.begin(), kvbad.end(), 0);
         if (nq <= SMALL_NQ) {
           // few query rows (decoding): dot products on row-major K, no transposed copy to amortise
-          load_rows(K, b, kvh, j0, nk, D, 1.0f, krow(), Dp);
+          load_rows(K, b, kvh, j0, nk, D, 1.0f, krow(), Dp, kvbad.data());
           for (int r = 0; r < nq; ++r) {
             const float* qr = qt() + r * Dp;
             float* srow = st() + r * BK;
@@ -445,10 +533,14 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
             }
           }
         } else {
-          load_cols(K, b, kvh, j0, nk, D, kt(), BK);
+          load_cols(K, b, kvh, j0, nk, D, kt(), BK, kvbad.data());
           gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
         }
-        load_rows(V, b, kvh, j0, nk, D, 1.0f, vt(), Dp);
+        {
+          int32_t vbad[BK];
+          load_rows(V, b, kvh, j0, nk, D, 1.0f, vt(), Dp, vbad);
+          for (int jj = 0; jj < nk; ++jj) kvbad[jj] |= vbad[jj];
+        }
         const bool full = P.structurally_full(i0, nq, j0, nk);
         const bool bias = !full || P.has_elementwise();
         if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
@@ -458,6 +550,11 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
             for (int c = 0; c < BK; c += VW) vstore(row + c, vload(row + c) * ss);
           if (bias) P.apply_bias(row, b, h, i0 + r, j0, nk, full, kb.data());
           for (int c = nk; c < BK; ++c) row[c] = NEG_INF;
+          if (!rowbad[r] && Plan::row_is_bad(row, qbad[r] != 0, kvbad.data())) rowbad[r] = 1;
+          if (rowbad[r]) {  // its output is NaN: the row contributes nothing more
+            std::memset(row, 0, sizeof(float) * BK);
+            continue;
+          }
           vf mx = vload(row);
           for (int c = VW; c < BK; c += VW) mx = vmax(mx, vload(row + c));
           const float mold = mrow()[r];
@@ -488,8 +585,8 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
       for (int r = 0; r < nq; ++r) {
         const int64_t i = i0 + r;
         const float l = lrow()[r];
-        const float inv = l > 0.f ? 1.0f / l : 0.f;
-        lse_p[b * ls0 + h * ls1 + i * ls2] = l > 0.f ? mrow()[r] + std::log(l) : NEG_INF;
+        const float inv = rowbad[r] ? QNAN : (l > 0.f ? 1.0f / l : 0.f);
+        lse_p[b * ls0 + h * ls1 + i * ls2] = rowbad[r] ? QNAN : (l > 0.f ? mrow()[r] + std::log(l) : NEG_INF);
         const float* o = ot() + r * Dp;
         T* dst = O.row(b, h, i);
         const int64_t sd = O.s[3];
@@ -513,18 +610,19 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
   });
 }
 
-void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-                   const c10::optional<at::Tensor>& q_bits, const c10::optional<at::Tensor>& k_bits,
-                   const c10::optional<at::Tensor>& head_mask, const c10::optional<at::Tensor>& head_patch,
-                   const c10::optional<at::Tensor>& score_scale, double scale, bool causal, int64_t window,
+void attention_fwd(const OperandList& operands, double scale, bool causal, c10::optional<int64_t> window,
                    at::Tensor out, at::Tensor lse, at::Tensor attn) {
+  const Operands ops(operands);
+  const at::Tensor &q = ops.get(Q), &k = ops.get(K), &v = ops.get(V);
+  const c10::optional<at::Tensor>& head_patch = ops.opt(HEAD_PATCH);
+  const c10::optional<at::Tensor>& head_mask = ops.opt(HEAD_MASK);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "headint cpu attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "headint cpu attention: q, k, v must share a dtype");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && lse.scalar_type() == at::kFloat,
               "headint cpu attention: bad output dtypes");
-  const Plan P = make_plan(q, k, mask, q_bits, k_bits, head_mask, score_scale, scale, causal, window);
+  const Plan P = make_plan(ops, scale, causal, window);
   TORCH_CHECK(!present(head_patch) || present(head_mask), "headint cpu attention: head_patch needs head_mask");
   TORCH_CHECK(!present(head_patch) || head_patch->scalar_type() == q.scalar_type(),
               "headint cpu attention: head_patch must have q's dtype");
@@ -544,6 +642,7 @@ static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* pr
                                  int64_t j0, int nk, bool full, bool bias, const int32_t* kb, float ss, float lse,
                                  float delta) {
   // row: raw scores (fp32, q*scale . k); output: prob (P), dp <- dS * ss
+  // Entries a row does not read (score -inf) get P = dS = 0 exactly, also in a NaN row (lse NaN).
   if (lse == NEG_INF) {
     std::memset(prob, 0, sizeof(float) * BK);
     std::memset(dp, 0, sizeof(float) * BK);
@@ -554,37 +653,51 @@ static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* pr
   if (bias) P.apply_bias(prob, b, h, i, j0, nk, full, kb);
   for (int c = nk; c < BK; ++c) prob[c] = NEG_INF;
   vf acc = vsplat(0.f);
+  const vf zero = vsplat(0.f), ninf = vsplat(NEG_INF);
   for (int c = 0; c < BK; c += VW) {
-    const vf p = vexp(vload(prob + c) - lv);
+    const vf s = vload(prob + c);
+    const vi rd = s != ninf;
+    const vf p = vselect(rd, vexp(s - lv), zero);
     vstore(prob + c, p);
-    const vf ds = p * (vload(dp + c) - dv);
-    // padded / removed columns: p == 0 exactly, raw finite -> contributes 0
-    acc += ds * vload(row + c);
+    const vf ds = vselect(rd, p * (vload(dp + c) - dv), zero);
+    acc += vselect(rd, ds * vload(row + c), zero);
     vstore(dp + c, ds * ssv);
   }
   return hsum(acc);
 }
 
+// Store a float into an fp32 or fp64 tensor element.
+static inline void store_f(void* p, bool f64, int64_t off, double val) {
+  if (f64)
+    static_cast<double*>(p)[off] = val;
+  else
+    static_cast<float*>(p)[off] = static_cast<float>(val);
+}
+
 template <typename T>
-static void backward_impl(const Plan& P, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, const c10::optional<at::Tensor>& head_patch, const at::Tensor& attn,
-                          const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dhm,
-                          at::Tensor& dss) {
+static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& dout, const at::Tensor& attn,
+                          const at::Tensor& lse, at::TensorList grads) {
+  const at::Tensor &q = ops.get(Q), &k = ops.get(K), &v = ops.get(V);
   const View4<T> Q(q), K(k), V(v), DO(dout), AT(attn);
   View4<T> PT;
-  const bool has_patch = present(head_patch);
-  if (has_patch) PT = View4<T>(*head_patch);
-  OutView4<T> DQ(dq), DK(dk), DV(dv);
+  const bool has_patch = ops.has(HEAD_PATCH);
+  if (has_patch) PT = View4<T>(ops.get(HEAD_PATCH));
+  OutView4<T> DQ(grads[Operand::Q]), DK(grads[Operand::K]), DV(grads[Operand::V]);
+  const at::Tensor& dhm = grads[HEAD_MASK];
+  const at::Tensor& dss = grads[SCORE_SCALE];
+  OutView4<T> DPT;
+  if (has_patch) DPT = OutView4<T>(grads[HEAD_PATCH]);
   const float* lse_p = lse.data_ptr<float>();
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int64_t B = P.B, Hq = P.Hq, Tq = P.Tq, Tk = P.Tk, D = P.D, Dp = P.Dp;
   const bool want_dhm = P.hm_p != nullptr;
   const bool want_dss = P.ss_p != nullptr;
 
-  // pass 0: delta[b, h, i] = sum_d m * dO * A ; dhead_mask = sum_d dO * (A - patch)
+  // pass 0: delta[b, h, i] = sum_d m * dO * A ; dhead_mask = sum_d dO * (A - patch) ; dpatch = (1 - m) dO
   at::Tensor delta_t = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));
   float* delta = delta_t.data_ptr<float>();
-  float* dhm_p = want_dhm ? dhm.data_ptr<float>() : nullptr;
+  void* dhm_p = want_dhm ? dhm.data_ptr() : nullptr;
+  const bool dhm_f64 = want_dhm && dhm.scalar_type() == at::kDouble;
   const int64_t dhs0 = want_dhm ? dhm.stride(0) : 0, dhs1 = want_dhm ? dhm.stride(1) : 0,
                 dhs2 = want_dhm ? dhm.stride(2) : 0;
   at::parallel_for(0, B * Hq * Tq, 256, [&](int64_t begin, int64_t end) {
@@ -602,13 +715,20 @@ static void backward_impl(const Plan& P, const at::Tensor& dout, const at::Tenso
       }
       const float m = P.head_mask(b, h, i);
       delta[w] = m * s_da;
-      if (want_dhm) dhm_p[b * dhs0 + h * dhs1 + i * dhs2] = s_dm;
+      if (want_dhm) store_f(dhm_p, dhm_f64, b * dhs0 + h * dhs1 + i * dhs2, s_dm);
+      if (has_patch) {
+        T* dp = DPT.row(b, h, i);
+        for (int64_t d = 0; d < D; ++d)
+          dp[d * DPT.s[3]] = static_cast<T>((1.0f - m) * static_cast<float>(go[d * DO.s[3]]));
+      }
     }
   });
 
   // loads Qsc = q * scale and dA = m * dO of q rows [i0, i0 + nq) of head (b, h)
+  // (q and k load with non-finite elements zeroed, as in the forward: no NaN leaks along unread edges)
   auto load_q_da = [&](int64_t b, int64_t h, int64_t i0, int nq, float* qt, float* dat) {
-    load_rows(Q, b, h, i0, nq, D, P.scale, qt, Dp);
+    int32_t bad[BQ];
+    load_rows(Q, b, h, i0, nq, D, P.scale, qt, Dp, bad);
     load_rows(DO, b, h, i0, nq, D, 1.0f, dat, Dp);
     if (P.hm_p)
       for (int r = 0; r < nq; ++r) {
@@ -689,7 +809,8 @@ static void backward_impl(const Plan& P, const at::Tensor& dout, const at::Tenso
       for (int64_t j0 = jlo; j0 <= jhi; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, jhi + 1 - j0));
         load_cols(K, b, kvh, j0, nk, D, kt(), BK);
-        load_rows(K, b, kvh, j0, nk, D, 1.0f, kr(), Dp);
+        int32_t kbad[BK];
+        load_rows(K, b, kvh, j0, nk, D, 1.0f, kr(), Dp, kbad);
         load_cols(V, b, kvh, j0, nk, D, vtt(), BK);
         if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
         gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
@@ -712,50 +833,58 @@ static void backward_impl(const Plan& P, const at::Tensor& dout, const at::Tenso
     }
   });
   if (want_dss) {
-    float* o = dss.data_ptr<float>();
+    void* o = dss.data_ptr();
+    const bool f64 = dss.scalar_type() == at::kDouble;
     const int64_t s0 = dss.stride(0), s1 = dss.stride(1);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < Hq; ++h) {
         double s = 0.0;
         for (int64_t t = 0; t < nQT; ++t) s += dss_part[(b * Hq + h) * nQT + t];
-        o[b * s0 + h * s1] = static_cast<float>(s);
+        store_f(o, f64, b * s0 + h * s1, s);
       }
   }
 }
 
-void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_bits,
-                   const c10::optional<at::Tensor>& k_bits, const c10::optional<at::Tensor>& head_mask,
-                   const c10::optional<at::Tensor>& head_patch, const c10::optional<at::Tensor>& score_scale,
-                   double scale, bool causal, int64_t window, const at::Tensor& attn, const at::Tensor& lse,
-                   at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dhead_mask, at::Tensor dscore_scale) {
+void attention_bwd(const at::Tensor& dout, const at::Tensor& attn, const at::Tensor& lse, const OperandList& operands,
+                   double scale, bool causal, c10::optional<int64_t> window, at::TensorList grads) {
+  const Operands ops(operands);
+  const at::Tensor &q = ops.get(Q), &k = ops.get(K), &v = ops.get(V);
   TORCH_CHECK(q.device().is_cpu(), "headint cpu attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   dout.scalar_type() == q.scalar_type() && attn.scalar_type() == q.scalar_type(),
               "headint cpu attention: dout, q, k, v, attn must share a dtype");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "headint cpu attention: lse must be float32");
   TORCH_CHECK(dout.sizes() == q.sizes() && attn.sizes() == q.sizes(), "headint cpu attention: dout / attn shape");
-  const Plan P = make_plan(q, k, mask, q_bits, k_bits, head_mask, score_scale, scale, causal, window);
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == N_OPERANDS, "headint cpu attention: expected ", N_OPERANDS,
+              " gradient slots, got ", grads.size());
+  for (Operand o : {Q, K, V, HEAD_MASK, HEAD_PATCH, SCORE_SCALE}) {
+    if (!ops.has(o)) continue;
+    const at::Tensor& g = grads[o];
+    TORCH_CHECK(g.sizes() == ops.get(o).sizes() && g.scalar_type() == ops.get(o).scalar_type(),
+                "headint cpu attention: gradient slot ", OPERAND_NAMES[o], " must match its operand's shape and dtype");
+  }
+  const Plan P = make_plan(ops, scale, causal, window);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headint_attention_bwd", [&] {
-    backward_impl<scalar_t>(P, dout, q, k, v, head_patch, attn, lse, dq, dk, dv, dhead_mask, dscore_scale);
+    backward_impl<scalar_t>(P, ops, dout, attn, lse, grads);
   });
 }
+
+std::vector<std::string> operand_names() { return std::vector<std::string>(OPERAND_NAMES, OPERAND_NAMES + N_OPERANDS); }
 
 int64_t vector_width() { return VW; }
 
 }  // namespace headint_cpu
 
 TORCH_LIBRARY(headint_cpu, m) {
+  // operands: indexed by enum Operand; the scalars in AttentionArgs field order
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_bits, Tensor? k_bits, "
-      "Tensor? head_mask, Tensor? head_patch, Tensor? score_scale, float scale, bool causal, int window, "
+      "attention_fwd(Tensor?[] operands, float scale, bool causal, int? window, "
       "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) attn) -> ()",
       &headint_cpu::attention_fwd);
   m.def(
-      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_bits, Tensor? k_bits, "
-      "Tensor? head_mask, Tensor? head_patch, Tensor? score_scale, float scale, bool causal, int window, "
-      "Tensor attn, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dhead_mask, "
-      "Tensor(e!) dscore_scale) -> ()",
+      "attention_bwd(Tensor dout, Tensor attn, Tensor lse, Tensor?[] operands, float scale, bool causal, int? window, "
+      "Tensor(a!)[] grads) -> ()",
       &headint_cpu::attention_bwd);
+  m.def("operand_names() -> str[]", &headint_cpu::operand_names);
   m.def("vector_width() -> int", &headint_cpu::vector_width);
 }

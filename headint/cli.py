@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .ops.backends import backend_names
+
 METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl", "loss")
 METHOD_CHOICES = ("zero", "mean", "resample", "patch", "attribution", "attribution-mask")
 
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heads", type=_int_list, help="comma-separated heads to scan (default: all)")
     s.add_argument("--normalize", action="store_true", help="report (value - corrupt) / (clean - corrupt): 0 = corrupted, 1 = clean (needs --corrupt)")
     s.add_argument("--batch-size", default="auto", help="rows (intervention x prompt) per forward pass, or 'auto' (default)")
-    s.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu"), help="attention backend (default: auto)")
+    s.add_argument("--backend", default="auto", choices=backend_names(), help="attention backend (default: auto)")
     s.add_argument("--checkpoint", help="folder to save progress to (one file per finished chunk, a subfolder per scan); re-running the same command resumes from it")
     s.add_argument("--top", type=int, default=10, help="print the top-k heads (default: 10)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bars (scan and weight loading)")
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="headint-demo", help="output directory (default: ./headint-demo)")
     d.add_argument("--examples", type=int, default=64, help="number of prompts (default: 64)")
     d.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: 0)")
-    d.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu"))
+    d.add_argument("--backend", default="auto", choices=backend_names())
     return p
 
 

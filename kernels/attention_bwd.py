@@ -16,8 +16,10 @@ Three kernels:
 With ``s = raw * score_scale + additive_mask``, ``raw = q.k * scale``, ``P = softmax(s)``:
 ``dP = dA . v``, ``dS = P * (dP - Delta)``, ``dq = dS . k * scale * ss``, ``dk = dS^T . q * scale * ss``,
 ``dv = P^T . dA``, ``dscore_scale = sum dS * raw``. The head mask is folded into ``P`` / ``dP``
-(``dA`` is never rounded to the input dtype). Removed entries have ``P = 0`` hence zero gradient,
-rows with ``lse = -inf`` (nothing kept) contribute nothing.
+(``dA`` is never rounded to the input dtype). Removed entries have ``P = dS = 0`` exactly hence
+zero gradient, also in rows whose lse is NaN (rows that read a NaN: their read entries get NaN
+gradients); rows with ``lse = -inf`` (nothing kept) contribute nothing. q, k and v are loaded with
+non-finite elements zeroed, as in the forward, so no NaN flows along an edge a row does not read.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import config, tuning
-from .common import _key_range, _masked_scores, _query_range
+from .common import _finite_or_zero, _key_range, _masked_scores, _query_range
 
 
 @triton.jit
@@ -108,6 +110,7 @@ def _attn_bwd_dq_kernel(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=io, other=0.0)
+    q, _q_bad = _finite_or_zero(q)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=io, other=0.0)
     if DOT_FP32:
@@ -143,6 +146,8 @@ def _attn_bwd_dq_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k, _k_bad = _finite_or_zero(k)
+        v, _v_bad = _finite_or_zero(v)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -152,11 +157,12 @@ def _attn_bwd_dq_kernel(
             mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
             IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
         )
-        p = tl.exp2(s2 - lse[:, None])
+        read = s2 != float("-inf")
+        p = tl.where(read, tl.exp2(s2 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_HEAD_MASK:
             dp = dp * hm[:, None]
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
         if HAS_SCORE_SCALE:
             dss += tl.sum(ds * qk, 1)
         if DOT_FP32:
@@ -211,6 +217,8 @@ def _attn_bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
+    k, _k_bad = _finite_or_zero(k)
+    v, _v_bad = _finite_or_zero(v)
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -235,6 +243,7 @@ def _attn_bwd_dkdv_kernel(
             m_ok = offs_m < Tq
             io = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io, other=0.0)
+            q, _q_bad = _finite_or_zero(q)
             do = tl.load(do_base + offs_m64[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=io, other=0.0)
             if DOT_FP32:
                 q = q.to(tl.float32)
@@ -251,7 +260,8 @@ def _attn_bwd_dkdv_kernel(
                 mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
                 IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
             )
-            p = tl.exp2(s2 - lse[:, None])
+            read = s2 != float("-inf")
+            p = tl.where(read, tl.exp2(s2 - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_HEAD_MASK:
                 hm = tl.load(HeadMask + b * stride_hmb + h * stride_hmh + offs_m64 * stride_hmm, mask=m_ok, other=0.0)
@@ -260,7 +270,7 @@ def _attn_bwd_dkdv_kernel(
                 dp = dp * hm
             else:
                 pm = p
-            ds = p * (dp - delta[:, None])
+            ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
             if HAS_SCORE_SCALE:
                 ds = ds * ss
             if DOT_FP32:

@@ -8,7 +8,8 @@ interventions are behind constexpr flags, so the plain variant compiles to plain
 
 Outputs: ``Out`` (post-blend), ``Lse`` (natural-log log-sum-exp, fp32, ``-inf`` for rows with no
 kept key) and, with a head mask, ``Attn`` (the pre-blend head output the backward needs).
-Fully removed rows get ``attn = 0``.
+Fully removed rows get ``attn = 0``. Rows that read a non-finite query, key, value or score get
+NaN ``attn`` / ``Out`` and a NaN ``Lse`` (:func:`.common._nan_reads`); removed keys are never read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import config, tuning
-from .common import _key_range, _masked_scores
+from .common import _finite_or_zero, _key_range, _masked_scores, _nan_reads
 
 
 @triton.jit
@@ -59,6 +60,7 @@ def _attn_fwd_kernel(
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q, q_bad = _finite_or_zero(q)
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -78,6 +80,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_bad = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     lo, hi = _key_range(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
@@ -88,6 +91,8 @@ def _attn_fwd_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, k_bad = _finite_or_zero(k)
+        v, v_bad = _finite_or_zero(v)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -97,6 +102,7 @@ def _attn_fwd_kernel(
             mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
             IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
         )
+        s2, row_bad = _nan_reads(s2, q_bad, k_bad | v_bad, row_bad)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # A row with nothing kept so far has m_new = -inf: shift by 0 instead (exp2(-inf) = 0).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -111,9 +117,12 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     alive = l_i > 0.0
+    bad = row_bad != 0
     attn = acc / tl.where(alive, l_i, 1.0)[:, None]
+    attn = tl.where(bad[:, None], float("nan"), attn)
     m_safe = tl.where(alive, m_i, 0.0)
     lse = tl.where(alive, (m_safe + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(bad, float("nan"), lse)
     tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m64, lse, mask=m_ok)
 
     io_mask = m_ok[:, None] & d_ok[None, :]

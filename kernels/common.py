@@ -102,3 +102,32 @@ def _masked_scores(
         kb = tl.load(kbits_base + offs_n.to(tl.int64) * stride_kbn, mask=n_ok, other=0)
         keep = keep & ((qb[:, None] & kb[None, :]) == 0)
     return tl.where(keep, s2, float("-inf"))
+
+
+@device_fn
+def _finite_or_zero(x):
+    """``(x with its non-finite elements zeroed, int32 [rows]: 1 where a row had one)`` of a 2-D tile.
+
+    q, k and v enter every product cleaned like this, so a NaN never reaches a row through an
+    edge the row does not read (``0 * NaN`` in a dot product); the flags say which rows/keys
+    make a reading row NaN.
+    """
+    xf = x.to(tl.float32)
+    ok = tl.abs(xf) < float("inf")  # false for NaN and +-inf
+    bad = tl.max(tl.where(ok, 0, 1), 1)
+    return tl.where(ok, x, 0.0).to(x.dtype), bad
+
+
+@device_fn
+def _nan_reads(s2, q_bad, kv_bad, row_bad):
+    """Flag rows that read something non-finite; return ``(s2 without those entries, row_bad)``.
+
+    An entry is read when its score is above ``-inf`` (NaN included). A row is bad when it reads
+    a NaN or ``+inf`` score, or reads anything while its query is non-finite (``q_bad``), or reads
+    a key whose k or v is non-finite (``kv_bad``). Bad entries become ``-inf`` so the online
+    softmax stays finite; the caller writes NaN for bad rows.
+    """
+    read = s2 != float("-inf")
+    bad = read & ((s2 != s2) | (s2 == float("inf")) | (q_bad[:, None] != 0) | (kv_bad[None, :] != 0))
+    row_bad = row_bad | tl.max(bad.to(tl.int32), 1)
+    return tl.where(bad, float("-inf"), s2), row_bad

@@ -1,8 +1,15 @@
-"""Python launchers of the attention kernels: tensors + strides in, fresh output tensors out.
+"""Python launchers of the attention kernels: an operand object in, fresh output tensors out.
 
-The launchers know tensors and strides only (no models, no autograd). Optional operands are
-``None``; broadcast operands may have stride 0 anywhere. They run CUDA tensors on the GPU and CPU
-tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+The launchers know tensors and strides only (no models, no autograd, nothing of ``headint``).
+They take the operand object (``headint.ops.arguments.AttentionArgs``, or anything with the same
+attributes) and read its fields by name: ``q, k, v`` and the optional tensor operands ``mask,
+q_bits, k_bits, head_mask, head_patch, score_scale`` (``None`` when absent; broadcast operands
+may have stride 0 anywhere), and the scalars ``scale, causal, window`` (``None``: no window).
+They run CUDA tensors on the GPU and CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
+
+NaN semantics (those of ``headint.attention``): rows that read a non-finite query, key, value or
+score get NaN outputs and a NaN lse; removed keys are never read (see ``attention_fwd``).
 
 Testing aid: with ``POISON_OUTPUTS = True`` every output (and internal scratch) is NaN-filled
 before the launch, so an element a kernel forgets to write shows up as NaN.
@@ -77,29 +84,32 @@ def _dummy(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def attention_forward(q, k, v, *args, **kwargs):
-    """Run the forward kernel. Returns ``(out, lse, attn)``; ``attn`` is None without a head mask.
+def attention_forward(args):
+    """Run the forward kernel on the operand object ``args``.
 
-    Arguments: ``q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale`` (optional ones
-    None) and keywords ``scale``, ``causal``, ``window`` (None or < 0: no window).
+    Returns ``(out, lse, attn)``: ``out`` ``[B, Hq, Tq, D]`` (post-blend), ``lse`` ``[B, Hq, Tq]``
+    fp32, ``attn`` the pre-blend output (None without a head mask).
     """
-    with _on_device(q):
-        return _forward(q, k, v, *args, **kwargs)
+    with _on_device(args.q):
+        return _forward(args)
 
 
-def attention_backward(dout, q, *args, **kwargs):
-    """Run the backward kernels. ``attn`` is the pre-blend output, ``lse`` the forward's.
+def attention_backward(args, dout, attn, lse):
+    """Run the backward kernels. ``attn`` is the pre-blend output (``out`` without a head mask),
+    ``lse`` the forward's.
 
-    Returns ``(dq, dk, dv, dhead_mask or None, dscore_scale or None)``; dhead_mask ``[B,H,Tq]`` and
-    dscore_scale ``[B,H]`` are fp32 and given at full (unbroadcast) shape.
+    Returns ``{name: gradient}`` for the present differentiable operands ``q, k, v, head_mask,
+    head_patch, score_scale``, each at its operand's full (unbroadcast) shape; ``head_mask`` and
+    ``score_scale`` gradients are fp32.
     """
-    with _on_device(q):
-        return _backward(dout, q, *args, **kwargs)
+    with _on_device(args.q):
+        return _backward(args, dout, attn, lse)
 
 
-def _forward(q, k, v, mask=None, q_bits=None, k_bits=None, head_mask=None, head_patch=None,
-                      score_scale=None, scale: float = 1.0, causal: bool = False, window: int | None = None):
-    """Run the forward kernel. Returns ``(out, lse, attn)``; ``attn`` is None without a head mask."""
+def _forward(a):
+    q, k, v, mask, q_bits, k_bits = a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits
+    head_mask, head_patch, score_scale = a.head_mask, a.head_patch, a.score_scale
+    scale, causal, window = a.scale, a.causal, a.window
     check_inputs(q, k, v)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -140,14 +150,11 @@ def _forward(q, k, v, mask=None, q_bits=None, k_bits=None, head_mask=None, head_
     return out, lse, attn
 
 
-def _backward(dout, q, k, v, mask=None, q_bits=None, k_bits=None, head_mask=None, head_patch=None,
-                       score_scale=None, scale: float = 1.0, causal: bool = False, window: int | None = None,
-                       attn=None, lse=None):
-    """Run the backward kernels. ``attn`` is the pre-blend output, ``lse`` the forward's.
-
-    Returns ``(dq, dk, dv, dhead_mask or None, dscore_scale or None)``; dhead_mask ``[B,H,Tq]`` and
-    dscore_scale ``[B,H]`` are fp32 and given at full (unbroadcast) shape.
-    """
+def _backward(a, dout, attn, lse):
+    q, k, v, mask, q_bits, k_bits = a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits
+    head_mask, head_patch, score_scale = a.head_mask, a.head_patch, a.score_scale
+    scale, causal, window = a.scale, a.causal, a.window
+    dout = dout.contiguous()
     check_inputs(q, k, v)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -159,11 +166,24 @@ def _backward(dout, q, k, v, mask=None, q_bits=None, k_bits=None, head_mask=None
     dv = _alloc((B, Hkv, Tk, D), v.dtype, dev)
     dhm = _alloc((B, H, Tq), torch.float32, dev) if head_mask is not None else None
     dss = None
+
+    def result():
+        grads = {"q": dq, "k": dk, "v": dv}
+        if head_mask is not None:
+            grads["head_mask"] = dhm
+        if head_patch is not None:  # out = m * attn + (1 - m) * patch
+            grads["head_patch"] = ((1 - head_mask[..., None].float()) * dout.float()).to(head_patch.dtype)
+        if score_scale is not None:
+            grads["score_scale"] = dss
+        return grads
+
     if B * H * Tq == 0:  # no query rows: nothing flows back
         for t in (dq, dk, dv, dhm):
             if t is not None:
                 t.zero_()
-        return dq, dk, dv, dhm, (torch.zeros(B, H, dtype=torch.float32, device=dev) if score_scale is not None else None)
+        if score_scale is not None:
+            dss = torch.zeros(B, H, dtype=torch.float32, device=dev)
+        return result()
     # (Tk == 0 runs on: the preprocess still gives dhead_mask = -sum dO * patch, dQ loops over no key)
     lse = lse.contiguous()
     delta = _alloc((B, H, Tq), torch.float32, dev)
@@ -221,4 +241,4 @@ def _backward(dout, q, k, v, mask=None, q_bits=None, k_bits=None, head_mask=None
         )
     if score_scale is not None:
         dss = part.sum(dim=1).view(B, H)
-    return dq, dk, dv, dhm, dss
+    return result()

@@ -277,8 +277,7 @@ def grad_output(case: Case) -> torch.Tensor:
 
 def backend_names() -> tuple[str, ...]:
     """Every backend the backend table knows (``headint.ops.backends``)."""
-    names = getattr(backends, "backend_names", None)
-    return tuple(names()) if callable(names) else tuple(backends.BACKENDS)
+    return tuple(n for n in backends.backend_names() if n != "auto")
 
 
 def backends_under_test() -> list[str]:

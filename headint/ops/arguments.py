@@ -1,14 +1,40 @@
-"""Validation and canonical layout of ``headint.attention``'s arguments.
+"""Validation and canonical layout of ``headint.attention``'s arguments: the operand object.
 
-Every backend receives the same :class:`AttentionArgs`: the user's tensors viewed
-(never copied) at their full logical shapes, with stride 0 on broadcast
-dimensions. Kernels read them through their strides.
+Every backend receives the same :class:`AttentionArgs`: the user's tensors viewed (never copied)
+at their full logical shapes, with stride 0 on broadcast dimensions. Kernels read them through
+their strides. The same object crosses every boundary of the op: :func:`prepare` returns it, the
+fused custom op (:mod:`headint.ops.fused`) flattens it into its schema and rebuilds it on the
+other side, and the kernels' launchers (Triton ``headint_kernels.launch``, the C++ glue
+:mod:`headint.ops.cpu_backend`) read its fields by name.
+
+The dataclass's field list is the single description of the operands. Each field says whether it
+is a tensor operand (optional or not, differentiable or not) or a scalar (with its schema type);
+from that list come the custom op's flat signature (:meth:`AttentionArgs.schema_arguments`), its
+fake implementation and its autograd (gradients for the differentiable tensor operands), and the
+order of the C++ op's operand list (``Tensor?[] operands`` indexed by the same order; the kernel
+reports its order through ``headint_cpu::operand_names``, checked against
+:meth:`AttentionArgs.operand_names` when the kernel is loaded and by ``tests/ops``).
+
+Adding an operand (say ``bias`` ``[B, Hq]``):
+
+1. here: a field ``bias: torch.Tensor | None = tensor_operand(differentiable=True)`` placed
+   among the tensor fields (or ``scalar_operand("float")`` among the scalars), its validation and
+   canonical view in :func:`prepare`, and a line in the class docstring;
+2. the reference (:mod:`headint.ops.reference`): what it means;
+3. the kernels: the Triton launcher (``kernels/launch.py`` reads ``args.bias``, returns
+   ``grads["bias"]``) and kernel bodies; the C++ kernel (``csrc/attention_cpu.cpp``: an entry in
+   ``enum Operand`` and ``OPERAND_NAMES`` at the field's position, or a scalar parameter in the
+   op's schema and signature in field order).
+
+Nothing else changes: the custom op, its fake and autograd, the backend table and the glue are
+generic over the fields. A backend that cannot run the new operand says so in its table entry
+(``operands`` in :mod:`headint.ops.backends`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -16,6 +42,16 @@ import torch
 from .knockout import as_knockout_list, knockout_bits
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor_operand(*, optional: bool = True, differentiable: bool = False):
+    """A tensor field of :class:`AttentionArgs` (``None`` when absent, if ``optional``)."""
+    return field(metadata={"kind": "tensor", "optional": optional, "differentiable": differentiable})
+
+
+def scalar_operand(schema_type: str):
+    """A scalar field of :class:`AttentionArgs`; ``schema_type`` is its torch schema type."""
+    return field(metadata={"kind": "scalar", "schema": schema_type})
 
 
 @dataclass
@@ -26,28 +62,95 @@ class AttentionArgs:
     mask: ``None`` or ``[B, Hq, Tq, Tk]`` bool (True = keep) or float (additive), a view.
     q_bits / k_bits: ``None`` or int32 ``[B, Hq, Tq]`` / ``[B, Hq, Tk]`` knockout words.
     head_mask: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq, Tq]``; head_patch: ``None`` (zeros) or ``[B, Hq, Tq, D]``.
-    score_scale: ``None`` or float32 ``[B, Hq]``.
+    score_scale: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq]``.
+    scale: the score scale. causal: keys after each query are removed.
     window: ``None`` or the sliding-window size: with ``causal``, keys with ``0 <= i' - j < window``
     are kept; without, keys with ``|i' - j| < window`` (``i'`` the query's position aligned to the
     end of the keys).
+
+    Field order is the operand order of the custom op and of the C++ kernel (see the module
+    docstring); tensor fields come first, then the scalars.
     """
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None
-    q_bits: torch.Tensor | None
-    k_bits: torch.Tensor | None
-    head_mask: torch.Tensor | None
-    head_patch: torch.Tensor | None
-    score_scale: torch.Tensor | None
-    scale: float
-    causal: bool
-    window: int | None
+    q: torch.Tensor = tensor_operand(optional=False, differentiable=True)
+    k: torch.Tensor = tensor_operand(optional=False, differentiable=True)
+    v: torch.Tensor = tensor_operand(optional=False, differentiable=True)
+    mask: torch.Tensor | None = tensor_operand()
+    q_bits: torch.Tensor | None = tensor_operand()
+    k_bits: torch.Tensor | None = tensor_operand()
+    head_mask: torch.Tensor | None = tensor_operand(differentiable=True)
+    head_patch: torch.Tensor | None = tensor_operand(differentiable=True)
+    score_scale: torch.Tensor | None = tensor_operand(differentiable=True)
+    scale: float = scalar_operand("float")
+    causal: bool = scalar_operand("bool")
+    window: int | None = scalar_operand("int?")
+
+    # -- the field list, by kind ------------------------------------------------------------
+
+    @classmethod
+    def operand_names(cls) -> tuple[str, ...]:
+        """Tensor operands, in field order (the index order of the kernels' operand lists)."""
+        return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "tensor")
+
+    @classmethod
+    def optional_operand_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "tensor" and f.metadata["optional"])
+
+    @classmethod
+    def differentiable_names(cls) -> tuple[str, ...]:
+        """Tensor operands that receive gradients, in field order."""
+        return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "tensor" and f.metadata["differentiable"])
+
+    @classmethod
+    def scalar_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "scalar")
+
+    @classmethod
+    def schema_arguments(cls) -> str:
+        """The flat operator arguments: ``Tensor[] operands, bool[] present, <scalars>``.
+
+        ``operands`` holds the present tensor operands in field order and ``present`` says, for
+        every tensor field, whether it is given (autograd cannot see through ``Tensor?[]``).
+        """
+        scalars = ", ".join(f"{f.metadata['schema']} {f.name}" for f in fields(cls) if f.metadata["kind"] == "scalar")
+        return f"Tensor[] operands, bool[] present, {scalars}"
+
+    # -- flattening ---------------------------------------------------------------------------
+
+    def operands(self) -> list[torch.Tensor | None]:
+        """The tensor operands in field order (``None`` where absent)."""
+        return [getattr(self, n) for n in self.operand_names()]
+
+    def scalars(self) -> list:
+        return [getattr(self, n) for n in self.scalar_names()]
+
+    def flatten(self) -> tuple[list[torch.Tensor], list[bool], list]:
+        """``(present tensors, presence flags, scalars)``: the custom op's flat arguments."""
+        ops = self.operands()
+        return [t for t in ops if t is not None], [t is not None for t in ops], self.scalars()
+
+    @classmethod
+    def unflatten(cls, tensors, present, scalars) -> "AttentionArgs":
+        """Inverse of :meth:`flatten`."""
+        names = cls.operand_names()
+        if len(present) != len(names) or sum(bool(p) for p in present) != len(tensors):
+            raise ValueError(f"operands do not match the fields {names}: present={list(present)}, {len(tensors)} tensors")
+        it = iter(tensors)
+        kw = {n: (next(it) if p else None) for n, p in zip(names, present)}
+        kw.update(zip(cls.scalar_names(), scalars))
+        return cls(**kw)
+
+    # -- derived facts --------------------------------------------------------------------------
 
     @property
     def has_intervention(self) -> bool:
         return any(x is not None for x in (self.q_bits, self.head_mask, self.score_scale))
+
+    @property
+    def blends(self) -> bool:
+        """Whether the output is a blend of the attention with a patch (then the pre-blend
+        attention is an extra output the backward needs)."""
+        return self.head_mask is not None
 
 
 def _shape(x: torch.Tensor) -> list[int]:
@@ -109,6 +212,8 @@ def prepare(
         raise ValueError(f"k and v must have the same shape [B, Hkv, Tk, D]; got k {_shape(k)}, v {_shape(v)}")
     B, Hq, Tq, D = q.shape
     _, Hkv, Tk, Dk = k.shape
+    if D == 0:
+        raise ValueError(f"q has shape {_shape(q)}: head dim D = 0; expected [B, Hq, Tq, D] with D >= 1")
     if k.shape[0] != B:
         raise ValueError(f"k has batch size {k.shape[0]} (shape {_shape(k)}) but q has {B} (shape {_shape(q)})")
     if Dk != D:
@@ -185,7 +290,10 @@ def prepare(
         score_scale = _as_float(score_scale, "score_scale", device, q.dtype)
         score_scale = _view_as(score_scale, "score_scale", {1: (1,), 2: (0, 1)}, (B, Hq), "[Hq] or [B, Hq]", ("B", "Hq"))
 
-    return AttentionArgs(q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, bool(causal), window)
+    return AttentionArgs(
+        q=q, k=k, v=v, mask=mask, q_bits=q_bits, k_bits=k_bits, head_mask=head_mask, head_patch=head_patch,
+        score_scale=score_scale, scale=scale, causal=bool(causal), window=window,
+    )
 
 
 def _as_float(x: Any, name: str, device: torch.device, like: torch.dtype) -> torch.Tensor:

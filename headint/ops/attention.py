@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .arguments import prepare
+from .arguments import AttentionArgs, prepare
 from .fused import fused_attention
-from .reference import reference_attention
-from .sdpa import sdpa_attention
 
 
 def attention(
@@ -49,7 +47,20 @@ def attention(
         backend: ``"auto"``, ``"reference"``, ``"sdpa"`` (PyTorch SDPA + blend; no knockouts or
             score scales), ``"triton"`` or ``"cpu"``; :func:`headint.last_backend` tells which one ran.
 
-    A query row whose every key is masked or knocked out gives a zero attention row (never NaN).
+    Removed keys and empty rows: a key removed from a query row by ``attn_mask`` (False, or an
+    additive ``-inf``), causality, the window or a knockout is never read by that row. A query
+    row whose every key is removed gives a zero attention row (before the head blend; never NaN).
+
+    NaN (the same on every backend, forward and backward): a NaN in anything a row reads - its
+    query, the keys and values it keeps, ``scale``, its head's ``score_scale``, the additive mask
+    at its kept keys - makes that row's attention output NaN (the whole ``[D]`` row); ``+inf``
+    scores (e.g. an additive ``+inf``) and non-finite values in kept keys/values count as NaN,
+    while a ``-inf`` score removes the key. A NaN at a removed key never leaks into any row's
+    output, nor into any gradient. The head blend ``m * attn + (1 - m) * head_patch`` is then
+    computed elementwise (a NaN ``m`` gives a NaN row, a NaN in ``head_patch`` a NaN element).
+    In the backward, a row made NaN by its query, keys, values or scores sends NaN gradients
+    along the edges it read and nothing along the others (a NaN head mask scales the row's
+    upstream gradient itself, so it reaches every value gradient of its key/value head).
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``.
@@ -62,9 +73,12 @@ def attention(
         isinstance(t, torch.Tensor) and t.requires_grad
         for t in (args.q, args.k, args.v, args.head_mask, args.head_patch, args.score_scale)
     )
-    name = backends.resolve(backend, q.device, args, requires_grad)
-    if name == "reference":
-        return reference_attention(args)
-    if name == "sdpa":
-        return sdpa_attention(args)
-    return fused_attention(args, name)
+    chosen = backends.resolve(backend, q.device, args, requires_grad)
+    return _run(chosen, args)
+
+
+def _run(b: backends.Backend, args: AttentionArgs) -> torch.Tensor:
+    """Whole-call backends run themselves; kernel backends run through the fused op."""
+    if b.run is not None:
+        return b.run(args)
+    return fused_attention(args, b.name)

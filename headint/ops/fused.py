@@ -1,162 +1,134 @@
 """The fused attention operator shared by every kernel backend.
 
-One ``torch.library`` custom operator pair, ``headint::attention_fwd`` and
-``headint::attention_bwd``, with per-backend implementations (Triton kernels on
-CUDA or in the Triton interpreter, the native CPU kernel from ``csrc/``).
-Autograd is registered on the forward op and a fake (meta) implementation on
-both, so ``torch.compile`` traces straight through.
+One ``torch.library`` operator pair, ``headint::attention_fwd`` and ``headint::attention_bwd``,
+whose flat schema is derived from :class:`~headint.ops.arguments.AttentionArgs`'s field list
+(:meth:`~headint.ops.arguments.AttentionArgs.schema_arguments`), with autograd registered on the
+forward op and a fake (meta) implementation on both, so ``torch.compile`` traces straight
+through. Nothing here names an operand: adding one to the dataclass needs no edit in this file.
 
-A backend implementation is an object with two functions of this signature
-(all operands are the canonical views of :class:`~headint.ops.arguments.AttentionArgs`;
-optional ones may be ``None``):
+The implementation of each op rebuilds the :class:`AttentionArgs` and hands it to the kernel of
+the backend named by the ``backend`` argument (:func:`headint.ops.backends.kernel`), a
+:class:`~headint.ops.backends.Kernel` with
 
-``forward(q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window)
--> (out [B,Hq,Tq,D] q.dtype, lse [B,Hq,Tq] float32, attn [B,Hq,Tq,D] q.dtype or empty)``
-    ``attn`` is the head output before the head_mask/head_patch blend; backends return an
-    empty tensor for it when ``head_mask`` is None (then ``attn == out``). ``window`` is -1 for none.
-    Rows whose every key is removed have ``out = 0`` (before the blend) and ``lse = -inf``.
+``forward(args) -> (out [B,Hq,Tq,D] q.dtype, lse [B,Hq,Tq] float32, attn [B,Hq,Tq,D] q.dtype or None)``
+    ``attn`` is the head output before the head_mask/head_patch blend, given when ``args.blends``
+    (else None: then ``attn == out``). Rows whose every key is removed have ``attn = 0`` and
+    ``lse = -inf``; rows that read a NaN have ``lse = NaN`` (see :func:`headint.attention`).
 
-``backward(dout, q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window, attn, lse)
--> (dq [B,Hq,Tq,D], dk [B,Hkv,Tk,D], dv [B,Hkv,Tk,D], dhead_mask [B,Hq,Tq] float32 or empty,
-    dscore_scale [B,Hq] float32 or empty)``
-    ``attn`` is the pre-blend output (``out`` itself when there is no head_mask).
-    ``dhead_mask[b,h,i] = sum_d dout * (attn - patch)``; the patch gradient ``(1 - m) * dout``
-    is formed by the caller.
+``backward(args, dout, attn, lse) -> {operand name: gradient}``
+    ``attn`` is the pre-blend output (``out`` itself when nothing blends). One gradient per
+    present differentiable operand (:meth:`AttentionArgs.differentiable_names`), at the operand's
+    full (unbroadcast) shape; this module casts it to the operand's dtype.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
-
 import torch
 from torch import Tensor
 
+from . import backends
+from .arguments import AttentionArgs
 
-class FusedImpl(Protocol):
-    def forward(self, *args): ...
+_LIB = torch.library.Library("headint", "DEF")  # noqa: TOR901 (the schema is generated)
+_SCHEMA = AttentionArgs.schema_arguments()
+_LIB.define(f"attention_fwd({_SCHEMA}, str backend) -> (Tensor out, Tensor lse, Tensor attn)")
+_LIB.define(f"attention_bwd(Tensor dout, Tensor attn, Tensor lse, {_SCHEMA}, str backend) -> Tensor[]")
 
-    def backward(self, *args): ...
-
-
-_IMPLS: dict[str, FusedImpl] = {}
-
-
-def register_impl(backend: str, impl: FusedImpl) -> None:
-    """Make ``impl`` the implementation used when ``backend`` is asked for."""
-    _IMPLS[backend] = impl
+_DIFFERENTIABLE = AttentionArgs.differentiable_names()
 
 
-def _impl(backend: str) -> FusedImpl:
-    try:
-        return _IMPLS[backend]
-    except KeyError:
-        raise RuntimeError(f"no fused implementation registered for backend {backend!r}") from None
+def _args(tensors, present, scalars) -> AttentionArgs:
+    return AttentionArgs.unflatten(tensors, present, scalars)
 
 
-@torch.library.custom_op("headint::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Optional[Tensor],
-    q_bits: Optional[Tensor],
-    k_bits: Optional[Tensor],
-    head_mask: Optional[Tensor],
-    head_patch: Optional[Tensor],
-    score_scale: Optional[Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    out, lse, attn = _impl(backend).forward(
-        q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window
-    )
+def _split(flat):
+    """``(tensors, present, *scalars, backend)`` -> ``(tensors, present, scalars, backend)``."""
+    return flat[0], flat[1], list(flat[2:-1]), flat[-1]
+
+
+def _empty_like_output(a: AttentionArgs) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, T, D = a.q.shape
+    out = a.q.new_empty(B, H, T, D)
+    lse = a.q.new_empty(B, H, T, dtype=torch.float32)
+    attn = a.q.new_empty(B, H, T, D) if a.blends else a.q.new_empty(0)
+    return out, lse, attn
+
+
+def _fwd_impl(*flat):
+    tensors, present, scalars, backend = _split(flat)
+    a = _args(tensors, present, scalars)
+    out, lse, attn = backends.kernel(backend).forward(a)
     if attn is None:
-        attn = q.new_empty(0)
+        attn = a.q.new_empty(0)
     return out, lse, attn
 
 
-@attention_fwd.register_fake
-def _(q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window, backend):
-    B, H, T, D = q.shape
-    out = q.new_empty(B, H, T, D)
-    lse = q.new_empty(B, H, T, dtype=torch.float32)
-    attn = q.new_empty(B, H, T, D) if head_mask is not None else q.new_empty(0)
-    return out, lse, attn
+def _fwd_fake(*flat):
+    tensors, present, scalars, _ = _split(flat)
+    return _empty_like_output(_args(tensors, present, scalars))
 
 
-@torch.library.custom_op("headint::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Optional[Tensor],
-    q_bits: Optional[Tensor],
-    k_bits: Optional[Tensor],
-    head_mask: Optional[Tensor],
-    head_patch: Optional[Tensor],
-    score_scale: Optional[Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    attn: Tensor,
-    lse: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dm, dss = _impl(backend).backward(
-        dout, q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window, attn, lse
-    )
-    if dm is None:
-        dm = q.new_empty(0, dtype=torch.float32)
-    if dss is None:
-        dss = q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dm, dss
+def _grad_slots(a: AttentionArgs) -> list[tuple[str, Tensor | None]]:
+    return [(n, getattr(a, n)) for n in _DIFFERENTIABLE]
 
 
-@attention_bwd.register_fake
-def _(dout, q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window, attn, lse, backend):
-    B, H, T, _ = q.shape
-    dm = q.new_empty(B, H, T, dtype=torch.float32) if head_mask is not None else q.new_empty(0, dtype=torch.float32)
-    dss = q.new_empty(B, H, dtype=torch.float32) if score_scale is not None else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm, dss
+def _bwd_impl(dout, attn, lse, *flat):
+    tensors, present, scalars, backend = _split(flat)
+    a = _args(tensors, present, scalars)
+    grads = backends.kernel(backend).backward(a, dout, attn, lse)
+    result = []
+    for name, x in _grad_slots(a):
+        if x is None:
+            result.append(a.q.new_empty(0))
+            continue
+        g = grads.get(name)
+        if g is None or tuple(g.shape) != tuple(x.shape):
+            got = None if g is None else list(g.shape)
+            raise RuntimeError(f"backend {backend!r} returned gradient {name} of shape {got}; expected {list(x.shape)}")
+        result.append(g.to(x.dtype))
+    return result
+
+
+def _bwd_fake(dout, attn, lse, *flat):
+    tensors, present, scalars, _ = _split(flat)
+    a = _args(tensors, present, scalars)
+    return [a.q.new_empty(0) if x is None else x.new_empty(x.shape) for _, x in _grad_slots(a)]
+
+
+torch.library.impl("headint::attention_fwd", "CompositeExplicitAutograd", _fwd_impl, lib=_LIB)
+torch.library.impl("headint::attention_bwd", "CompositeExplicitAutograd", _bwd_impl, lib=_LIB)
+torch.library.register_fake("headint::attention_fwd", _fwd_fake, lib=_LIB)
+torch.library.register_fake("headint::attention_bwd", _bwd_fake, lib=_LIB)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, scale, causal, window, backend = inputs
+    tensors, present, scalars, backend = _split(inputs)
     out, lse, attn = output
-    ctx.save_for_backward(q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, out, lse, attn)
-    ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backend
+    ctx.save_for_backward(*tensors, out, lse, attn)
+    ctx.n_tensors, ctx.present, ctx.scalars, ctx.backend = len(tensors), list(present), scalars, backend
 
 
 def _backward(ctx, dout, _dlse, _dattn):
-    q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale, out, lse, attn = ctx.saved_tensors
-    pre_blend = attn if head_mask is not None else out
-    dq, dk, dv, dm, dss = attention_bwd(
-        dout.contiguous(), q, k, v, mask, q_bits, k_bits, head_mask, head_patch, score_scale,
-        ctx.scale, ctx.causal, ctx.window, pre_blend, lse, ctx.backend,
-    )
-    dpatch = None
-    if head_patch is not None and ctx.needs_input_grad[7]:
-        dpatch = ((1 - head_mask[..., None]) * dout).to(head_patch.dtype)
-    return (
-        dq, dk, dv, None, None, None,
-        dm if head_mask is not None else None,
-        dpatch,
-        dss if score_scale is not None else None,
-        None, None, None, None,
-    )
+    saved = ctx.saved_tensors
+    tensors, (out, lse, attn) = list(saved[: ctx.n_tensors]), saved[ctx.n_tensors:]
+    a = _args(tensors, ctx.present, ctx.scalars)
+    pre_blend = attn if a.blends else out
+    grads = dict(zip(_DIFFERENTIABLE, torch.ops.headint.attention_bwd(
+        dout.contiguous(), pre_blend, lse, tensors, ctx.present, *ctx.scalars, ctx.backend,
+    )))
+    tensor_grads = [grads.get(n) for n, x in zip(AttentionArgs.operand_names(), a.operands()) if x is not None]
+    return (tensor_grads, None, *([None] * len(ctx.scalars)), None)
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("headint::attention_fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
-def fused_attention(a, backend: str) -> Tensor:
+def fused_forward(a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the forward op: ``(out, lse, attn)`` (``attn`` empty unless ``a.blends``)."""
+    tensors, present, scalars = a.flatten()
+    return torch.ops.headint.attention_fwd(tensors, present, *scalars, backend)
+
+
+def fused_attention(a: AttentionArgs, backend: str) -> Tensor:
     """Run the fused operator on canonical :class:`AttentionArgs`; returns ``[B, Hq, Tq, D]``."""
-    window = -1 if a.window is None else a.window
-    out, _, _ = attention_fwd(
-        a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch, a.score_scale,
-        a.scale, a.causal, window, backend,
-    )
-    return out
+    return fused_forward(a, backend)[0]

@@ -31,13 +31,27 @@ def allowed_edges(Tq: int, Tk: int, causal: bool, window: int | None, device) ->
     return keep
 
 
+def _finite_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` with its non-finite elements replaced by 0, and whether each row (last dim) had one."""
+    ok = torch.isfinite(x)
+    return torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device)), ~ok.all(dim=-1)
+
+
 def reference_probs(a: AttentionArgs, return_lse: bool = False):
     """Attention probabilities ``[B, Hq, Tq, Tk]`` (float32) with every mask and knockout applied.
 
     Rows whose every key is removed are all zeros. With ``return_lse`` also returns the
     log-sum-exp of the kept scores ``[B, Hq, Tq]`` (``-inf`` for such rows).
+
+    NaN semantics (see :func:`headint.attention`): q, k and v enter the products with their
+    non-finite elements zeroed; a row that reads a key (kept, with a score above ``-inf``) and
+    has a non-finite query, reads a non-finite key or value, or has a NaN / ``+inf`` score at a
+    key it reads, gets NaN added to the scores it reads: its probabilities (and lse) are NaN and
+    its gradients flow to exactly what it read. Removed entries are exact zeros.
     """
-    q, k = a.q, a.k
+    q, q_bad = _finite_or_zero(a.q)
+    k, k_bad = _finite_or_zero(a.k)
+    v_bad = (~torch.isfinite(a.v)).any(dim=-1)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if Tk == 0:  # no keys at all: every row is empty
@@ -45,8 +59,10 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
         return (probs, probs.new_full((B, Hq, Tq), float("-inf"))) if return_lse else probs
     group = Hq // Hkv
     # Grouped-query attention: query head h reads key/value head h // group.
+    kv_bad = k_bad | v_bad
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
+        kv_bad = kv_bad.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * a.scale
     if a.score_scale is not None:
@@ -65,14 +81,20 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
     if a.q_bits is not None:
         knocked = (a.q_bits[..., :, None] & a.k_bits[..., None, :]) != 0
         keep = keep & ~knocked
-    scores = scores.masked_fill(~keep, float("-inf"))
+    read = keep & (scores != float("-inf"))  # NaN scores are read (and make the row NaN)
+    bad_entry = read & (q_bad[..., :, None] | kv_bad[..., None, :] | torch.isnan(scores) | (scores == float("inf")))
+    bad_row = bad_entry.any(dim=-1, keepdim=True)
+    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
+    scores = scores + torch.where(bad_row & read, nan, torch.zeros_like(nan))  # (an addition: gradients flow)
+    scores = scores.masked_fill(~read, float("-inf"))
 
-    # Softmax that gives an all-zero row (not NaN) when every key is removed.
-    row_max = scores.amax(dim=-1, keepdim=True)
+    # Softmax that gives an all-zero row (not NaN) when every key is removed; exact zeros at
+    # removed entries even in a NaN row.
+    row_max = scores.masked_fill(bad_row, 0.0).amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max.detach())  # the shift cancels; no gradient through it
     denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = torch.where(read, weights / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0)
     if return_lse:
         return probs, (row_max + torch.log(denom)).squeeze(-1)
     return probs
@@ -82,7 +104,9 @@ def reference_attention(a: AttentionArgs, return_lse: bool = False):
     """Intervened attention, step by step. Returns ``[B, Hq, Tq, D]`` (and lse ``[B, Hq, Tq]``)."""
     probs, lse = reference_probs(a, return_lse=True)
     group = a.q.shape[1] // a.v.shape[1]
-    v = a.v.repeat_interleave(group, dim=1) if group > 1 else a.v
+    v, _ = _finite_or_zero(a.v)  # a row reading a non-finite value already has NaN probabilities
+    if group > 1:
+        v = v.repeat_interleave(group, dim=1)
     attn = torch.matmul(probs.to(v.dtype), v)
 
     if a.head_mask is not None:

@@ -1,32 +1,37 @@
 """``"sdpa"`` backend: PyTorch's fused ``scaled_dot_product_attention`` plus the head blend.
 
 Covers calls without knockouts or score scales (those need the score tile, which SDPA does
-not expose): plain attention, masks, windows, and the head_mask/head_patch blend applied
-after the attention. On CPU, ``"auto"`` uses it for such calls, since it is much faster
-than the reference and computes the same function.
+not expose): plain attention, bool masks, windows, and the head_mask/head_patch blend applied
+after the attention (what it supports is declared in its entry of :mod:`headint.ops.backends`).
+On CPU, ``"auto"`` uses it for such calls, since it is much faster than the reference and
+computes the same function.
+
+SDPA's kernels do not follow headint's NaN semantics (a NaN query gives a zero row, a NaN at
+a masked key leaks), so a call with a non-finite q, k, v or scale is computed by the
+reference instead (same function, same gradients; the check is one pass over q, k and v).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .arguments import AttentionArgs
-from .reference import allowed_edges
+from .reference import allowed_edges, reference_attention
 
 
-def supports(a: AttentionArgs) -> str | None:
-    """None if the sdpa backend can run these arguments, else why not."""
-    if a.q_bits is not None:
-        return "backend 'sdpa' does not support compact knockouts (use 'reference', 'cpu' or 'triton')"
-    if a.score_scale is not None:
-        return "backend 'sdpa' does not support score_scale (use 'reference', 'cpu' or 'triton')"
-    if a.mask is not None and a.mask.dtype != torch.bool:
-        return "backend 'sdpa' runs bool masks only (an additive mask may remove every key of a row)"
-    return None
+def _all_finite(a: AttentionArgs) -> bool:
+    if not math.isfinite(a.scale):
+        return False
+    return bool(torch.stack([torch.isfinite(x).all() for x in (a.q, a.k, a.v)]).all())
 
 
 def sdpa_attention(a: AttentionArgs) -> torch.Tensor:
-    """Same function as :func:`~headint.ops.reference.reference_attention` for supported args."""
+    """Same function as :func:`~headint.ops.reference.reference_attention` for supported args
+    (no compact knockouts, no score scale, bool masks only)."""
+    if not _all_finite(a):
+        return reference_attention(a)
     q, k, v = a.q, a.k, a.v
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]

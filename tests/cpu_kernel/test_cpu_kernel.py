@@ -12,7 +12,7 @@ import torch
 from attention_cases import Case, dead_rows, make_inputs
 from headint.ops import attention
 from headint.ops.arguments import prepare
-from headint.ops.fused import attention_fwd
+from headint.ops.fused import fused_forward
 from headint.ops.reference import reference_attention
 
 
@@ -41,11 +41,7 @@ def test_poison_outputs_are_nan(cpu_kernel):
 
 def _fwd_cpu(**kw):
     """Run the fused op directly (to see the lse) on prepared args."""
-    a = prepare(**kw)
-    return attention_fwd(
-        a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch, a.score_scale,
-        a.scale, a.causal, -1 if a.window is None else a.window, "cpu",
-    )
+    return fused_forward(prepare(**kw), "cpu")
 
 
 def test_removed_rows_have_neg_inf_lse():
@@ -95,10 +91,13 @@ def test_gradcheck_fp64_shapes_small():
 
 
 def test_prefer_cpu_kernel_rule(cpu_kernel):
+    from headint.ops import backends
+
+    prefer = backends.entry("cpu").prefer
     q, k, v = qkv(1, 2, 2, 8, 8, 16)
-    assert cpu_kernel.prefer_cpu_kernel(prepare(q, k, v), requires_grad=False)
-    assert cpu_kernel.prefer_cpu_kernel(prepare(q.half(), k.half(), v.half()), requires_grad=True)
-    assert not cpu_kernel.prefer_cpu_kernel(prepare(q.double(), k.double(), v.double()), requires_grad=False)
+    assert prefer(prepare(q, k, v), False)
+    assert prefer(prepare(q.half(), k.half(), v.half()), True)
+    assert not prefer(prepare(q.double(), k.double(), v.double()), False)
     q1, kl = q[:, :, :1], torch.zeros(1, 2, 4096, 16)
-    assert not cpu_kernel.prefer_cpu_kernel(prepare(q1, kl, kl), requires_grad=False)  # long decode
-    assert cpu_kernel.prefer_cpu_kernel(prepare(q1, kl, kl), requires_grad=True)
+    assert not prefer(prepare(q1, kl, kl), False)  # long decode
+    assert prefer(prepare(q1, kl, kl), True)

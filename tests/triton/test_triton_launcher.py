@@ -20,10 +20,7 @@ def _prepared(case: Case):
 
 
 def _forward(launch, a):
-    return launch.attention_forward(
-        a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask, a.head_patch, a.score_scale,
-        scale=a.scale, causal=a.causal, window=a.window,
-    )
+    return launch.attention_forward(a)
 
 
 def test_poison_is_on(poisoned_outputs):
@@ -63,9 +60,8 @@ def test_launcher_backward_outputs_full_shapes(poisoned_outputs):
     L = poisoned_outputs
     out, lse, attn = _forward(L, a)
     dout = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(29))
-    dq, dk, dv, dhm, dss = L.attention_backward(dout, a.q, a.k, a.v, a.mask, a.q_bits, a.k_bits, a.head_mask,
-                                                a.head_patch, a.score_scale, scale=a.scale, causal=a.causal,
-                                                window=a.window, attn=attn, lse=lse)
+    g = L.attention_backward(a, dout, attn, lse)
+    dq, dk, dv, dhm, dss = g["q"], g["k"], g["v"], g["head_mask"], g["score_scale"]
     assert dq.shape == a.q.shape and dk.shape == a.k.shape and dv.shape == a.v.shape
     assert dhm.shape == (B, H, Tq) and dss.shape == (B, H)
     for t in (dq, dk, dv, dhm, dss):
