@@ -14,6 +14,7 @@ from .plan import InterventionPlan, ModelShape, Plan, TensorPlan
 from .record import ActivationCache, record
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
+from .tokens import to_str_tokens
 from . import metrics, models
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
     "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "NaNMetricWarning", "metrics", "models",
+    "to_str_tokens",
 ]
