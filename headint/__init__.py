@@ -19,6 +19,7 @@ from .plan import InterventionPlan, Plan, TensorPlan
 from .shape import ModelShape
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
+from .tokens import to_str_tokens
 from . import metrics, models
 
 __version__ = "0.1.0"
@@ -28,4 +29,5 @@ __all__ = [
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
     "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "NaNMetricWarning", "metrics", "models",
+    "to_str_tokens",
 ]

@@ -8,7 +8,9 @@ builds prompts whose next token is predictable only by in-context copying, and r
 3. an exact scan of every pair of heads (to expose heads that back each other up),
 
 then prints the top heads next to their attention-pattern scores (previous-token and
-induction scores, measured independently of any intervention) and writes heatmaps and CSVs.
+induction scores, measured independently of any intervention) and writes heatmaps, CSVs
+(``pair_scan.csv`` with the summed single effects beside each pair's), ``summary.json``
+(with every scan's settings) and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from .integration.record import record
 from .interventions import Ablate
 from .metrics import LogitDiff
 from .models import load
+from .pattern_views import head_patterns, top_heads
 from .patterns import induction_scores, previous_token_scores
+from .integration.record import record
+from .results.pairs import pair_frame
 from .scans import all_pairs, attribution_scan, scan
 from .tasks.induction import copy_accuracy, induction_prompts, repeated_random_tokens
+from .tokens import to_str_tokens
 
 PREV_TOKEN_THRESHOLD = 0.4
 INDUCTION_THRESHOLD = 0.3
@@ -80,7 +86,7 @@ def find_circuit(model, n_examples: int = 64, seed: int = 0, backend: str = "aut
 
     return dict(shape=shape, prev=prev, ind=ind, roles=roles, circuit=circuit, bystanders=bystanders,
                 mean_scan=mean_scan, patch_scan=patch_scan, attribution=attribution, pair_scan=pair_scan,
-                copy_accuracy=dict(clean=acc_clean, circuit_ablated=acc_circuit, bystander_ablated=acc_bystander, chance=chance))
+                prompts=p, copy_accuracy=dict(clean=acc_clean, circuit_ablated=acc_circuit, bystander_ablated=acc_bystander, chance=chance))
 
 
 def _table(res: dict) -> str:
@@ -143,6 +149,20 @@ def _redundancy(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_report(model, res: dict, path: Path, backend: str) -> Path:
+    """``report.html``: the mean-ablation scan (heatmap, top heads), the attention patterns of
+    the circuit heads on the first prompt, and the patching, attribution and pair charts."""
+    ids = res["prompts"].clean[0]
+    heads = res["circuit"] or top_heads(res["mean_scan"], 4)
+    figures = [("activation patching (noising)", res["patch_scan"].heatmap(title="induction-2l: patch scan")),
+               ("attribution patching", res["attribution"].heatmap(title="induction-2l: attribution")),
+               ("pairs of heads: together vs single effects summed",
+                res["pair_scan"].heatmap(title="induction-2l: pair scan", singles=res["mean_scan"]))]
+    return res["mean_scan"].to_html(path, patterns=head_patterns(model, ids, heads, backend=backend),
+                                    pattern_tokens=to_str_tokens(None, ids), title="headint demo: induction-2l, mean ablation",
+                                    figures=figures)
+
+
 def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, backend: str = "auto") -> int:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -150,19 +170,31 @@ def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, bac
     res = find_circuit(model, n_examples=n_examples, seed=seed, backend=backend)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    singles = res["mean_scan"]  # the pair scan mean-ablates too: its single-head counterpart
     for name in ("mean_scan", "patch_scan", "attribution", "pair_scan"):
         r = res[name]
-        r.to_csv(out_dir / f"{name}.csv")
-        r.heatmap(out_dir / f"{name}.png", title=f"induction-2l: {name.replace('_', ' ')} (logit difference)")
+        title = f"induction-2l: {name.replace('_', ' ')} (logit difference)"
+        if name == "pair_scan":
+            frame = r.to_frame()
+            extra = pair_frame(r, singles)
+            for col in ("singles_sum", "singles_sum_stderr", "interaction", "interaction_stderr"):
+                frame[col] = extra[col].to_numpy()
+            frame.to_csv(out_dir / f"{name}.csv", index=False)
+            r.heatmap(out_dir / f"{name}.png", title=title, singles=singles)
+        else:
+            r.to_csv(out_dir / f"{name}.csv")
+            r.heatmap(out_dir / f"{name}.png", title=title)
     acc = res["copy_accuracy"]
     summary = dict(
         circuit=[head_name(*k) for k in res["circuit"]], bystanders=[head_name(*k) for k in res["bystanders"]],
         roles={head_name(*k): v for k, v in res["roles"].items()},
         previous_token_scores=res["prev"].tolist(), induction_scores=res["ind"].tolist(),
         clean_logit_diff=res["mean_scan"].clean_baseline, corrupt_logit_diff=res["mean_scan"].corrupt_baseline,
-        copy_accuracy=acc, n_examples=n_examples, seed=seed,
+        copy_accuracy=acc, n_examples=n_examples, seed=seed, backend=backend,
+        scans={name: res[name].settings for name in ("mean_scan", "patch_scan", "attribution", "pair_scan")},
     )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_report(model, res, out_dir / "report.html", backend)
 
     s = res["mean_scan"]
     print(f"headint demo: induction-2l, {n_examples} prompts whose next token is predictable only by in-context copying")
@@ -175,5 +207,5 @@ def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, bac
     print("Circuit named by the pattern scores:", ", ".join(f"{head_name(*k)} ({res['roles'][k]})" for k in res["circuit"]) or "none")
     print(f"copy accuracy: intact {acc['clean']:.3f}; circuit mean-ablated {acc['circuit_ablated']:.3f}; "
           f"one bystander ablated {acc['bystander_ablated']:.3f}; chance {acc['chance']:.3f}")
-    print(f"\nwrote CSVs, heatmaps and summary.json to {out_dir}/ in {time.perf_counter() - t0:.1f} s")
+    print(f"\nwrote CSVs, heatmaps, summary.json and report.html to {out_dir}/ in {time.perf_counter() - t0:.1f} s")
     return 0

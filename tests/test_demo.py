@@ -98,3 +98,16 @@ def test_demo_command_writes_tables_and_heatmaps(tmp_path, capsys):
     for name in ("mean_scan", "patch_scan", "attribution", "pair_scan"):
         assert (tmp_path / f"{name}.csv").stat().st_size > 0
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert summary["scans"][name]["n_examples"] == 16  # the scan settings are recorded
+    assert summary["scans"]["patch_scan"]["direction"] == "noising" and summary["scans"]["mean_scan"]["method"] == "mean"
+    import pandas as pd
+
+    pairs = pd.read_csv(tmp_path / "pair_scan.csv")
+    singles = pd.read_csv(tmp_path / "mean_scan.csv").set_index(["layer", "head"])["effect"]
+    for row in pairs.itertuples():
+        a, b = [tuple(int(t) for t in h[1:].split("H")) for h in row.head_set.split("+")]
+        assert abs(row.singles_sum - (singles[a] + singles[b])) < 1e-4  # the summed single effects, as printed
+    html = (tmp_path / "report.html").read_text()
+    for head in summary["circuit"]:
+        assert f'id="pattern-{head}"' in html
+    assert 'id="top-heads"' in html and "http://" not in html and "https://" not in html

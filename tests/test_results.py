@@ -210,7 +210,7 @@ def test_heatmap_layer_head(grid_result, tmp_path):
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
     ax = fig.axes[0]
     assert ax.get_xlabel() == "head" and ax.get_ylabel() == "layer"
-    assert ax.get_title() == "my scan"
+    assert ax.get_title() == "my scan\nmethod mean_ablation, N=7"  # the title states method and N
     assert list(ax.get_xticks()) == list(range(H)) and list(ax.get_yticks()) == list(range(L))
     image = ax.images[0]
     assert image.colorbar is not None

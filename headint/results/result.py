@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..metrics import normalize
-from . import io, plots, stats
+from . import io, plots, report, stats
 from .grid import AXES_CHOICES, cell_name, head_set_name
 
 __all__ = ["ScanResult", "AXES_CHOICES", "head_set_name"]
@@ -317,14 +317,34 @@ class ScanResult:
 
     # ------------------------------------------------------------------ plots
 
-    def heatmap(self, path: str | os.PathLike | None = None, *, title: str | None = None, value: str = "effect"):
+    def heatmap(self, path: str | os.PathLike | None = None, *, title: str | None = None, value: str = "effect",
+                tokens: Sequence[str] | None = None, singles: "ScanResult | None" = None):
         """Plot the scan; returns a ``matplotlib.figure.Figure`` (PNG saved to ``path`` if given).
 
         See :func:`headint.results.plots.heatmap`: layer x head and (layer, head) x position
         images, or for head sets a bar chart whose error bars are the standard error of the
-        plotted quantity (``effect_stderr`` for the effect, ``stderr`` for the value).
+        plotted quantity (``effect_stderr`` for the effect, ``stderr`` for the value). The
+        title states the method, direction and N. tokens: ``P`` strings labelling the position
+        axis of a per-position scan (e.g. ``headint.to_str_tokens(tokenizer, ids)``); singles:
+        for a head-set scan, the single-head scan whose summed effects are drawn beside each
+        set's joint effect.
         """
-        return plots.heatmap(self, path, title=title, value=value)
+        return plots.heatmap(self, path, title=title, value=value, tokens=tokens, singles=singles)
+
+    def to_html(self, path: str | os.PathLike, *, tokens: Sequence[str] | None = None, patterns=None,
+                pattern_tokens: Sequence[str] | None = None, singles: "ScanResult | None" = None,
+                title: str | None = None, top: int = 10, warnings: Sequence[str] = (), figures=()) -> Path:
+        """Write a self-contained HTML report (inline PNGs, no network) to ``path``: settings,
+        the heatmap, the ``top`` cells with standard errors and, when ``patterns``
+        (``{(layer, head): [Tq, Tk]}`` attention probabilities of one example, labelled with
+        ``pattern_tokens``) are given, one pattern image per head; ``warnings`` (lines) are shown
+        at the top; ``figures`` (``[(caption, Figure)]``) are appended. See :mod:`headint.results.report`. Returns the path."""
+        return report.write_report(self, path, tokens=tokens, patterns=patterns, pattern_tokens=pattern_tokens,
+                                   singles=singles, title=title, top=top, warnings=list(warnings), figures=figures)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: a summary line and the top 10 cells."""
+        return report.table_html(self, top=10)
 
     # ------------------------------------------------------------------ persistence
 

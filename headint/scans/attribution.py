@@ -10,6 +10,7 @@ import torch
 
 from ..plan import TensorPlan
 from ..results import ScanResult
+from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .setup import prepare_scan
 
@@ -113,7 +114,7 @@ def attribution_scan(
         per_example = estimates[:, :, 0] + base_values.cpu()[None, None, :]
         axes = ("layer", "head")
     settings = dict(setup.settings, method=method, direction=direction if method == "patch" else None, per_position=per_position,
-                    base_baseline=float(base_values.mean()), batch_rows=batch_size,
+                    base_baseline=float(finite_mean(base_values)), batch_rows=batch_size,
                     cost={**runs.cost(), "backward_passes": backward_passes})
     return ScanResult(per_example, axes, metric_name=setup.metric.name, **setup.baselines(), settings=settings,
                       base_per_example=base_values)

@@ -16,6 +16,7 @@ import torch
 from ..metrics import Metric, as_metric
 from ..integration.adapter import model_shape
 from ..shape import ModelShape
+from ..results.stats import finite_mean
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
 from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
@@ -68,9 +69,10 @@ class ScanSetup:
         return self.runs.corrupt_values
 
     def baselines(self) -> dict:
-        """``clean_baseline`` / ``corrupt_baseline`` (means over examples) for a ScanResult."""
-        return dict(clean_baseline=float(self.clean_values.mean()),
-                    corrupt_baseline=None if self.corrupt_values is None else float(self.corrupt_values.mean()))
+        """``clean_baseline`` / ``corrupt_baseline`` (means over the examples where the metric is
+        finite, so one NaN example does not make every effect NaN) for a ScanResult."""
+        return dict(clean_baseline=float(finite_mean(self.clean_values)),
+                    corrupt_baseline=None if self.corrupt_values is None else float(finite_mean(self.corrupt_values)))
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
