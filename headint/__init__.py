@@ -6,7 +6,8 @@ Model level: :func:`intervene`, :func:`record` and the intervention objects
 (:class:`Ablate`, :class:`Patch`, :class:`Scale`, :class:`Knockout`, :class:`PatchQKV`;
 :class:`Intervention` to define your own).
 Scans: :func:`scan` (exact, batched), :func:`attribution_scan`, :func:`path_patch`,
-returning :class:`ScanResult` tables and heatmaps.
+returning :class:`ScanResult` tables and heatmaps; :func:`learn_gates`, :func:`prune_curve`,
+:func:`knockout_scan`.
 """
 
 from .activations import ActivationCache
@@ -20,6 +21,7 @@ from .shape import ModelShape
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
 from .tokens import to_str_tokens
+from .scans import knockout_scan, learn_gates, prune_curve
 from . import metrics, models
 
 __version__ = "0.1.0"
@@ -28,6 +30,6 @@ __all__ = [
     "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
-    "scan", "attribution_scan", "path_patch", "all_pairs", "ScanResult", "NaNMetricWarning", "metrics", "models",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "ScanResult", "NaNMetricWarning", "metrics", "models",
     "to_str_tokens",
 ]

@@ -1,9 +1,13 @@
-"""Causal scans over attention heads: exact (batched), attribution patching, path patching."""
+"""Causal scans over attention heads: exact (batched), attribution patching, path patching; learned
+head gates, pruning curves and attention-knockout scans."""
 
 from .attribution import attribution_scan
 from .checkpoint import CheckpointError
 from .exact import scan
 from .path import path_patch
 from .variants import Variant, all_pairs
+from .gates import learn_gates
+from .knockout import knockout_scan
+from .prune import prune_curve
 
-__all__ = ["scan", "attribution_scan", "path_patch", "all_pairs", "Variant", "CheckpointError"]
+__all__ = ["scan", "attribution_scan", "path_patch", "all_pairs", "Variant", "CheckpointError", "learn_gates", "prune_curve", "knockout_scan"]
