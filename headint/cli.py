@@ -73,7 +73,9 @@ def run_scan(args) -> int:
     from .prompts import load_prompts
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError
+    from .distributed import init_from_env, is_main, main_rank_done
 
+    init_from_env()  # torchrun: a process group; the scan splits over it, rank 0 writes the outputs
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         return _fail(f"{model_dir} is not a transformers checkpoint (no config.json)")
@@ -121,6 +123,9 @@ def run_scan(args) -> int:
                           batch_size=batch_size, progress=not args.no_progress, checkpoint=args.checkpoint, backend=args.backend)
     except (ValueError, CheckpointError) as e:
         return _fail(str(e))
+    if not is_main():
+        main_rank_done()
+        return 0
     if args.normalize:
         result = result.normalized_result()
     out = Path(args.out)
@@ -132,6 +137,7 @@ def run_scan(args) -> int:
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     print(result.top(args.top).to_string(index=False))
     print(f"\nwrote {out / 'scan.csv'}, {out / 'heatmap.png'}, {out / 'settings.json'}")
+    main_rank_done()
     return 0
 
 
