@@ -325,6 +325,9 @@ def run_scan(args) -> int:
         clean, corrupt = read_prompts(args, model_dir, tokenizer, config)
         out = Path(args.out)
         check_out(out)
+        from .distributed import init_from_env
+
+        init_from_env()  # under torchrun: a process group; the scan splits over it, rank 0 writes the outputs
         model = load_causal_lm(model_dir, args.no_progress)
         return _scan_and_write(args, model, model_dir, tokenizer, clean, corrupt, out)
     except UsageError as e:
@@ -333,6 +336,7 @@ def run_scan(args) -> int:
 
 def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out: Path) -> int:
     from . import attribution_scan, scan
+    from .distributed import is_main, main_rank_done
     from .ops import BackendUnavailable
     from .pattern_views import head_patterns, top_heads
     from .integration.adapter import model_shape
@@ -373,6 +377,9 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
                                  top_heads(result, PATTERN_HEADS), backend=args.backend)
     except (ValueError, CheckpointError, BackendUnavailable) as e:
         return _fail(str(e))
+    if not is_main():  # torchrun: rank 0 writes the outputs, the others wait for it
+        main_rank_done()
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.method} scan of {model_dir.name} ({args.metric})"
     tokens = position_tokens(clean, tokenizer) if args.per_position else None
@@ -391,6 +398,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     files.append(out / "settings.json")
     print(result.top(args.top).to_string(index=False))
     print(f"\nwrote {', '.join(str(f) for f in files)}")
+    main_rank_done()
     return 0
 
 

@@ -140,10 +140,20 @@ def padding_position_ids(model, attention_mask: torch.Tensor | None) -> torch.Te
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _is_sharded(weight) -> bool:
+    """Whether ``weight`` is a DTensor (split over the ranks by tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(weight, DTensor)
+
+
 @dataclass
 class ModelParts:
     """``blocks``: the ``nn.ModuleList`` of transformer blocks; ``base``: the model without its
-    head (returns ``last_hidden_state``); ``unembed``: the output embedding (``Linear``) or None."""
+    head (returns ``last_hidden_state``); ``unembed``: the output embedding (``Linear``) or None
+    (none, or sharded by tensor parallelism)."""
 
     model: nn.Module
     blocks: nn.ModuleList
@@ -163,6 +173,6 @@ def model_parts(model) -> ModelParts:
         raise TypeError(f"{type(model).__name__}: found no ModuleList of its {shape.n_layers} transformer blocks")
     base = getattr(model, "base_model", model)
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is model or not isinstance(unembed, nn.Linear):
-        unembed = None
+    if base is model or not isinstance(unembed, nn.Linear) or _is_sharded(unembed.weight):
+        unembed = None  # a tensor-parallel unembedding is read through the model's own (gathered) logits
     return ModelParts(model, blocks, base, unembed, shape)

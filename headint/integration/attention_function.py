@@ -3,7 +3,9 @@
 It only translates: it finds the calling thread's session for the calling module, asks the
 session's :class:`~headint.plan.Plan` for this call's operands, applies q/k/v edits, calls
 :func:`headint.attention`, adds the plan's head bias, and hands the head outputs to the
-session's recorder.
+session's recorder. The operands are moved to the call's device (models split across
+devices); under tensor parallelism (:func:`headint.distributed.head_shard`) they are sliced to
+the heads this rank holds, and recordings are gathered to every head.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Any
 
 import torch
 
+from ..distributed import gather_heads, head_shard, is_active, take_heads
 from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
+from .adapter import model_shape
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
@@ -85,9 +89,17 @@ def headint_attention_forward(
     q_start = session.q_start
     if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
         q_start = None
+    shard = None  # tensor parallel: this rank holds a slice of the heads; plans name global heads
+    if layer is not None and is_active():
+        shape = model_shape(session.model)
+        shard = head_shard(module, Hq, key.shape[1], shape.n_heads, shape.n_kv_heads)
     plan = None
     if session.plan is not None and layer is not None:
         plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+        if plan is not None:
+            plan = plan.to(query.device)
+            if shard is not None:
+                plan = plan.for_heads(shard.q, shard.kv, shape.n_heads, take=lambda x, sl: take_heads(x, sl, shard))
     kw: dict[str, Any] = {}
     if plan is not None:
         if plan.qkv_edits:
@@ -99,12 +111,14 @@ def headint_attention_forward(
 
     rec = session.recorder
     if rec is not None and layer is not None:
-        rec.add(layer, "z", out.transpose(1, 2), concat_dim=1)
-        rec.add(layer, "q", query, concat_dim=2)
-        rec.add(layer, "k", key, concat_dim=None)
-        rec.add(layer, "v", value, concat_dim=None)
+        def full(x, dim):  # every rank records all heads (a collective under tensor parallelism)
+            return x if shard is None else gather_heads(x, dim, shard)
+
+        for what, x, dim, concat in (("z", out.transpose(1, 2), 2, 1), ("q", query, 1, 2), ("k", key, 1, None), ("v", value, 1, None)):
+            if what in rec.what:
+                rec.add(layer, what, full(x, dim), concat_dim=concat)
         if "pattern" in rec.what:
             args = prepare(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window,
                            knockout=kw.get("knockout"), score_scale=kw.get("score_scale"))
-            rec.add(layer, "pattern", reference_probs(args), concat_dim=None)
+            rec.add(layer, "pattern", full(reference_probs(args), 1), concat_dim=None)
     return out.transpose(1, 2).contiguous(), None

@@ -51,6 +51,49 @@ class CallPlan:
         return (self.head_mask is None and self.head_bias is None and self.score_scale is None
                 and not self.knockouts and not self.qkv_edits)
 
+    def to(self, device) -> "CallPlan":
+        """This plan with every tensor on ``device`` (the attention call's: a model split across
+        devices gets each layer's operands on that layer's device); self when all already are."""
+        device = torch.device(device)
+
+        def mv(x):
+            return x if x is None or x.device == device else x.to(device)
+
+        tensors = [self.head_mask, self.head_patch, self.head_bias, self.score_scale]
+        tensors += [t for ko in self.knockouts for t in (ko.queries, ko.keys) if isinstance(t, torch.Tensor)]
+        tensors += [t for _, s, v in self.qkv_edits for t in (s, v)]
+        if all(t is None or t.device == device for t in tensors):
+            return self
+        knockouts = [EdgeKnockout(mv(ko.queries) if isinstance(ko.queries, torch.Tensor) else ko.queries,
+                                  mv(ko.keys) if isinstance(ko.keys, torch.Tensor) else ko.keys) for ko in self.knockouts]
+        return CallPlan(mv(self.head_mask), mv(self.head_patch), mv(self.head_bias), mv(self.score_scale),
+                        knockouts, [(w, mv(s), mv(v)) for w, s, v in self.qkv_edits])
+
+    def for_heads(self, q: slice, kv: slice, n_heads: int, take=None) -> "CallPlan":
+        """The operands of the heads one tensor-parallel rank holds: query heads ``q`` and
+        key/value heads ``kv`` of the global numbering (``n_heads`` query heads). Per-head
+        tensors are sliced on their head dim (dim 1) by ``take(x, sl)`` (default ``x[:, sl]``;
+        the attention function passes one whose backward sums gradients over the ranks); a
+        head dim of 1 broadcasts and is kept."""
+        take = take or (lambda x, sl: x[:, sl])
+
+        def heads(x, sl):
+            return x if x is None or x.shape[1] == 1 else take(x, sl)
+
+        def ko_side(x):
+            return heads(x, q) if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] in (1, n_heads) else x
+
+        for ko in self.knockouts:
+            for side in (ko.queries, ko.keys):
+                if not (isinstance(side, torch.Tensor) and side.dim() == 3 and side.shape[1] in (1, n_heads)):
+                    raise ValueError(f"a tensor-parallel call needs knockout selectors as [B, {n_heads} or 1, T] tensors, "
+                                     f"got {type(side).__name__} {list(side.shape) if isinstance(side, torch.Tensor) else side!r}")
+        return CallPlan(
+            heads(self.head_mask, q), heads(self.head_patch, q), heads(self.head_bias, q), heads(self.score_scale, q),
+            [EdgeKnockout(ko_side(ko.queries), ko_side(ko.keys)) for ko in self.knockouts],
+            [(w, heads(s, q if w == "q" else kv), heads(v, q if w == "q" else kv)) for w, s, v in self.qkv_edits],
+        )
+
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a / torch.where(b != 0, b, torch.ones_like(b))

@@ -12,6 +12,7 @@ from ..plan import TensorPlan
 from ..results import ScanResult
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
+from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
 from .setup import prepare_scan
 
 ATTRIBUTION_METHODS = ("patch", "mask")
@@ -42,6 +43,7 @@ def attribution_scan(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     backend: str = "auto",
+    distributed: bool | str = "auto",
 ) -> ScanResult:
     """Approximate scan: the first-order change of ``metric`` for every head (and position).
 
@@ -64,6 +66,10 @@ def attribution_scan(
     that runs out of memory is retried in halves. Left-padded inputs get position ids from
     their mask.
 
+    ``distributed``: ``"auto"`` splits the example chunks over the ranks of an initialised
+    torch.distributed process group (see :mod:`headint.scans.distributed`); every rank returns
+    the identical result, equal to a single process's. ``False``: this process only.
+
     Returns a :class:`~headint.results.ScanResult` whose per-example values are
     ``base metric + estimate``, directly comparable with :func:`headint.scan`.
     """
@@ -78,7 +84,8 @@ def attribution_scan(
     shape, N, T, device = setup.shape, setup.N, setup.T, setup.device
     Tm = T if per_position else 1
 
-    with setup.base_runs() as runs:
+    ranks = data_parallel_ranks(distributed, model, "headint.attribution_scan")
+    with running(ranks), setup.base_runs() as runs:
         if method == "patch" and direction == "denoising":
             base, source = runs.corrupt, runs.clean
         else:
@@ -87,6 +94,7 @@ def attribution_scan(
         if batch_size is None:
             geometry = setup.row_geometry(base, patched_layers=shape.n_layers, keeps_graph=True)
             batch_size = auto_rows(geometry, setup.memory_budget(memory_budget))
+        batch_size = agree_rows(ranks, batch_size)
         backward_passes = 0
 
         def estimate(ex_cpu: torch.Tensor) -> torch.Tensor:
@@ -94,7 +102,7 @@ def attribution_scan(
             nonlocal backward_passes
             ex = ex_cpu.to(device)
             masks = [torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for _ in range(shape.n_layers)]
-            spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex].transpose(1, 2) if method == "patch" else None}
+            spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None}
                     for l, m in enumerate(masks)}
             with torch.enable_grad():
                 values = base.run_differentiable(ex, TensorPlan(spec))
@@ -102,10 +110,13 @@ def attribution_scan(
             backward_passes += 1
             return -torch.stack([g.detach().float().cpu() for g in grads], dim=1)
 
+        starts = list(range(0, N, batch_size))
         with _frozen_parameters(model):
-            parts = [run_in_halves(estimate, torch.arange(s, min(N, s + batch_size)), device, "headint.attribution_scan")
-                     for s in range(0, N, batch_size)]
-        estimates = torch.cat(parts).permute(1, 2, 3, 0)  # [L, H, Tm, N]
+            parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
+                estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
+                progress=False, desc="headint.attribution_scan")
+        estimates = torch.cat([parts[i] for i in range(len(starts))]).permute(1, 2, 3, 0)  # [L, H, Tm, N]
+        run_settings = settings_of(ranks, {**runs.cost(), "backward_passes": backward_passes})
 
     if per_position:
         per_example = estimates + base_values.cpu()[None, None, None, :]
@@ -115,6 +126,6 @@ def attribution_scan(
         axes = ("layer", "head")
     settings = dict(setup.settings, method=method, direction=direction if method == "patch" else None, per_position=per_position,
                     base_baseline=float(finite_mean(base_values)), batch_rows=batch_size,
-                    cost={**runs.cost(), "backward_passes": backward_passes})
+                    **run_settings)
     return ScanResult(per_example, axes, metric_name=setup.metric.name, **setup.baselines(), settings=settings,
                       base_per_example=base_values)

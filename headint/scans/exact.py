@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from ..distributed import is_active
 from ..results import ScanResult
 from .batching import auto_rows, positive_int, run_in_halves
 from .checkpoint import ScanCheckpoint, fingerprint
+from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
 from .runner import VariantRunner, as_batch
 from .setup import prepare_scan
@@ -53,6 +54,7 @@ def scan(
     checkpoint: str | os.PathLike | None = None,
     backend: str = "auto",
     seed: int = 0,
+    distributed: bool | str = "auto",
 ) -> ScanResult:
     """Exact causal scan of attention heads.
 
@@ -88,6 +90,10 @@ def scan(
             subfolder per scan, so scans sharing the folder keep their progress). A scan killed
             midway and re-run with the same arguments resumes from it and gives exactly the
             uninterrupted result (with the chunk size it started with).
+        distributed: ``"auto"`` splits the chunks over the ranks of an initialised
+            torch.distributed process group (e.g. under ``torchrun``; see
+            :mod:`headint.scans.distributed`), every rank returning the identical result, equal
+            to a single process's; ``False`` runs everything in this process; ``True`` requires a group.
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -120,12 +126,16 @@ def scan(
                     layers=layers, heads=heads, head_sets=None if head_sets is None else [list(map(list, s)) for s in head_sets],
                     positions=positions, seed=seed)
 
-    with setup.base_runs() as runs:
+    ranks = data_parallel_ranks(distributed, model, "headint.scan")
+
+    with running(ranks), setup.base_runs() as runs:
         base = runs.corrupt if (method == "patch" and direction == "denoising") else runs.clean
         patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction)
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
-        position_reuse = per_position and base.causal and metric.position == "last"
+        # Not where the model may be tensor-parallel (a process group, the scan not split by data): the
+        # cached keys/values hold every head, a sharded module's cache only its own.
+        position_reuse = per_position and base.causal and metric.position == "last" and not (is_active() and ranks is None)
         groups: dict[tuple[int, int], list[int]] = {}
         for vi, v in enumerate(variants):
             start_pos = v.position if (position_reuse and v.position is not None) else 0
@@ -135,25 +145,31 @@ def scan(
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
         else:
             rows_per_batch = positive_int(batch_size)
+        rows_per_batch = agree_rows(ranks, rows_per_batch)
         # The fingerprint leaves the chunk size out: a resumed scan keeps the chunks it started with.
         key = fingerprint(model, [setup.clean, setup.corrupt], settings)
-        ckpt = ScanCheckpoint(checkpoint, key, rows_per_batch, settings)
+        ckpt = open_checkpoint(ranks, lambda: ScanCheckpoint(checkpoint, key, rows_per_batch, settings))
         rows_per_batch = ckpt.rows_per_batch
         chunks = _chunks(groups, N, rows_per_batch)
         ckpt.check_chunks([len(c.ex) for c in chunks])
 
+        def compute(i: int) -> torch.Tensor:
+            c = chunks[i]
+            ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos))
+            return ckpt.done[i]
+
+        todo = [i for i in range(len(chunks)) if i not in ckpt.done]
+        ckpt.done.update(run_chunks(ranks, todo, compute, progress=progress, desc="headint.scan"))
         values = torch.full((len(variants), N), float("nan"))
-        for i, c in enumerate(tqdm(chunks, desc="headint.scan", disable=not progress, unit="batch")):
-            if i not in ckpt.done:
-                ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos))
+        for i, c in enumerate(chunks):
             values[c.var, c.ex] = ckpt.done[i]
+        settings.update(settings_of(ranks, runs.cost()))
 
     per_example = torch.full((*grid_shape, N), float("nan"))
     for vi, idx in enumerate(index):
         per_example[idx] = values[vi]
     V = len(variants)
     L = shape.n_layers
-    settings["cost"] = runs.cost()
     settings["cost_one_forward_per_intervention"] = dict(layer_forwards=V * N * L, token_layer_forwards=V * N * L * T)
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse
@@ -238,6 +254,7 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         return lambda layer, ex: means[layer].transpose(0, 1)[None].to(zs[layer].dtype)  # [1, H, T, D]
     if method == "resample":
         perm = _derangement(base.N, seed).to(base.batch["input_ids"].device)
-        return lambda layer, ex: base.base.z[layer][perm[ex]].transpose(1, 2)
+        return lambda layer, ex: base.base.z[layer][perm[ex].to(base.base.z[layer].device)].transpose(1, 2)
     source = clean_runner if direction == "denoising" else corrupt_runner
-    return lambda layer, ex: source.base.z[layer][ex].transpose(1, 2)
+    # each layer's cached z sits on that layer's device (models split across devices)
+    return lambda layer, ex: source.base.z[layer][ex.to(source.base.z[layer].device)].transpose(1, 2)

@@ -12,6 +12,7 @@ from ..plan import InterventionPlan, ModelShape, TensorPlan
 from ..integration.record import Recorder
 from ..results import ScanResult
 from .batching import auto_rows, check_batch_size, run_in_halves
+from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
 from .runner import VariantRunner
 from .setup import prepare_scan
 from .variants import head_grid
@@ -46,6 +47,7 @@ def path_patch(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     backend: str = "auto",
+    distributed: bool | str = "auto",
 ) -> ScanResult:
     """Path patching from each sender (or sender set) to the receivers' q/k/v inputs.
 
@@ -65,6 +67,9 @@ def path_patch(
         batch_size: rows (sender x example) per pair of runs; None sizes them from
             ``memory_budget`` (bytes; default a share of the free memory). A chunk that runs
             out of memory is retried in halves.
+        distributed: ``"auto"`` splits the chunks of rows over the ranks of an initialised
+            torch.distributed process group (see :mod:`headint.scans.distributed`); every rank
+            returns the identical result, equal to a single process's. ``False``: this process only.
 
     MLPs and other non-attention components are recomputed in step 1 (as in Wang et al.), so
     paths sender -> MLP -> receiver count; paths through other attention heads do not.
@@ -81,12 +86,14 @@ def path_patch(
     top = max(l for l, _, _ in recv)
     sets = _sender_sets(senders, shape, top)
 
-    with setup.base_runs() as runs:
+    ranks = data_parallel_ranks(distributed, model, "headint.path_patch")
+    with running(ranks), setup.base_runs() as runs:
         clean_runner = runs.clean
         zc, zx = clean_runner.base.z, runs.corrupt.base.z
         if batch_size is None:
             geometry = setup.row_geometry(clean_runner, patched_layers=top + 1)
             batch_size = auto_rows(geometry, setup.memory_budget(memory_budget))
+        batch_size = agree_rows(ranks, batch_size)
         var = torch.arange(len(sets)).repeat_interleave(N)
         exs = torch.arange(N).repeat(len(sets))
         whats = tuple(sorted({w for _, _, w in recv}))
@@ -98,11 +105,12 @@ def path_patch(
             # Step 1: senders corrupt, every other head frozen clean; record receivers' inputs.
             spec = {}
             for l in range(top + 1):
-                patch = zc[l][ex].transpose(1, 2).clone()  # [R, H, T, D]
+                at = ex.to(zc[l].device)  # each layer's cached z sits on that layer's device
+                patch = zc[l][at].transpose(1, 2).clone()  # [R, H, T, D]
                 for r, vi in enumerate(v_rows.tolist()):
                     for sl, sh in sets[vi]:
                         if sl == l:
-                            patch[r, sh] = zx[l][ex[r], :, sh]
+                            patch[r, sh] = zx[l][at[r], :, sh]
                 spec[l] = {"head_mask": torch.zeros(R, shape.n_heads, 1, device=device), "head_patch": patch}
             rec = Recorder(whats)
             _record_run(clean_runner, ex, TensorPlan(spec), rec)
@@ -111,12 +119,17 @@ def path_patch(
             plan = InterventionPlan(shape, rows=[ivs] * R)
             return clean_runner.run(ex, plan, start_layer=min(l for l, _, _ in recv)).float().cpu()
 
+        chunks = [torch.arange(s, min(len(var), s + batch_size)) for s in range(0, len(var), batch_size)]
+        done = run_chunks(ranks, range(len(chunks)), lambda i: run_in_halves(patch_paths, chunks[i], device, "headint.path_patch"),
+                          progress=False, desc="headint.path_patch")
         values = torch.empty(len(sets), N)
-        for s in range(0, len(var), batch_size):
-            rows = torch.arange(s, min(len(var), s + batch_size))
-            values[var[rows], exs[rows]] = run_in_halves(patch_paths, rows, device, "headint.path_patch")
+        for i, rows in enumerate(chunks):
+            values[var[rows], exs[rows]] = done[i]
+        run_settings = settings_of(ranks, runs.cost())
 
     settings = dict(setup.settings, receivers=[list(r) for r in recv], batch_rows=batch_size)
+    if "distributed" in run_settings:
+        settings["distributed"] = run_settings["distributed"]
     return ScanResult(values, ("head_set",), labels=[list(s) for s in sets], metric_name=setup.metric.name,
                       **setup.baselines(), settings=settings, base_per_example=runs.clean_values)
 

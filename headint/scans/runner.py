@@ -248,14 +248,14 @@ class VariantRunner:
         replayed = [None] * start_layer
         if start_layer:
             replayed[-1] = map_tensors(self.base.block_outputs[start_layer - 1],
-                                       lambda t: t[ex][:, start_pos:] if t.dim() >= 2 and t.shape[0] == self.N else t)
+                                       lambda t: t[ex.to(t.device)][:, start_pos:] if t.dim() >= 2 and t.shape[0] == self.N else t)
         past = None
         if start_pos:
             from transformers import DynamicCache
 
             past = DynamicCache(config=self.model.config)
             for l in range(self.parts.shape.n_layers):
-                past.update(self.base.k[l][ex][:, :, :start_pos], self.base.v[l][ex][:, :, :start_pos], l)
+                past.update(self.base.k[l][ex.to(self.base.k[l].device)][:, :, :start_pos], self.base.v[l][ex.to(self.base.v[l].device)][:, :, :start_pos], l)
         with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed):
             out, is_hidden = self._forward(inputs, past)
         L = self.parts.shape.n_layers
