@@ -69,7 +69,7 @@ def run_scan(args) -> int:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import attribution_scan, scan
-    from .integration.adapter import model_shape
+    from .integration.structure import model_shape
     from .prompts import load_prompts
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError

@@ -1,7 +1,9 @@
 """The attention function headint registers in ``transformers`` as ``"headint"``.
 
-It only translates: it finds the calling thread's session for the calling module, asks the
-session's :class:`~headint.plan.Plan` for this call's operands, applies q/k/v edits, calls
+It only translates: it finds the calling thread's session for the calling module and the
+module's site ``(stack, layer)``, asks the session's :class:`~headint.plan.Plan` for this call's
+operands (:meth:`~headint.plan.Plan.for_call` for the default stack,
+:meth:`~headint.plan.Plan.for_stack_call` for the others), applies q/k/v edits, calls
 :func:`headint.attention`, adds the plan's head bias, and hands the head outputs to the
 session's recorder.
 """
@@ -81,13 +83,17 @@ def headint_attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     session.calls += 1
-    layer = session.layer_of(module)
+    site = session.site_of(module)
+    stack, layer = site if site is not None else (None, None)
     q_start = session.q_start
     if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
         q_start = None
     plan = None
-    if session.plan is not None and layer is not None:
-        plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+    if session.plan is not None and site is not None:
+        if stack == session.structure.shape.default_stack:
+            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+        else:
+            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
     kw: dict[str, Any] = {}
     if plan is not None:
         if plan.qkv_edits:
@@ -97,8 +103,10 @@ def headint_attention_forward(
     if plan is not None and plan.head_bias is not None:
         out = out + plan.head_bias.to(out.device, out.dtype)
 
+    if session.observer is not None:
+        session.observer(module, query, key, value, out.transpose(1, 2), kwargs)
     rec = session.recorder
-    if rec is not None and layer is not None:
+    if rec is not None and site is not None and rec.records(stack, session.structure.shape.default_stack):
         rec.add(layer, "z", out.transpose(1, 2), concat_dim=1)
         rec.add(layer, "q", query, concat_dim=2)
         rec.add(layer, "k", key, concat_dim=None)
