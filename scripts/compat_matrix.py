@@ -22,7 +22,8 @@ reason), ``skipped`` (no tiny model or no oracle, with the reason), ``wrong`` (a
 from the oracle) or ``crash`` (an unclear exception). ``wrong`` and ``crash`` make the script
 exit non-zero.
 
-    python scripts/compat_matrix.py [--only llama,gpt2] [--out docs/compatibility.md] [--json PATH]
+    python scripts/compat_matrix.py --out docs/compatibility.md --json docs/compatibility.json   # the full walk
+    python scripts/compat_matrix.py --only llama,gpt2 --reuse docs/compatibility.json --out ... --json ...  # recheck some
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def _shrink(cfg, seen: set) -> None:
     L0 = getattr(cfg, "num_hidden_layers", None)
     keep = None
     kinds = getattr(cfg, "layer_types", None)
+    if not isinstance(kinds, (list, tuple)):
+        kinds = getattr(cfg, "layers_block_type", None)
     pattern = getattr(cfg, "hybrid_override_pattern", None)
     if isinstance(pattern, str) and isinstance(L0, int) and len(pattern) == L0 and not isinstance(kinds, (list, tuple)):
         kinds = list(pattern)
@@ -132,6 +135,8 @@ def _shrink(cfg, seen: set) -> None:
             for i, k in enumerate(kinds):
                 if k not in [kinds[j] for j in first]:
                     first.append(i)
+            # one softmax-attention layer first, then the other kinds in order
+            first.sort(key=lambda i: 0 if "attention" in str(kinds[i]) and "linear" not in str(kinds[i]) else 1)
             keep = sorted((first + [i for i in range(L0) if i not in first])[:LAYERS])
         else:
             keep = list(range(LAYERS))
@@ -143,8 +148,10 @@ def _shrink(cfg, seen: set) -> None:
             setattr(cfg, k, HIDDEN)
         elif isinstance(v, float) and ("dropout" in k or k.endswith("pdrop")):
             setattr(cfg, k, 0.0)
-        elif keep is not None and isinstance(v, (list, tuple, str)) and len(v) == L0 and L0 > 1:
-            setattr(cfg, k, "".join(v[i] for i in keep) if isinstance(v, str) else type(v)(v[i] for i in keep))
+        elif keep is not None and isinstance(v, (list, tuple)) and len(v) == L0:
+            setattr(cfg, k, type(v)(v[i] for i in keep))
+        elif keep is not None and k == "hybrid_override_pattern" and isinstance(v, str) and len(v) == L0:
+            setattr(cfg, k, "".join(v[i] for i in keep))
     for k in ("layers_block_type",):
         v = getattr(cfg, k, None)
         if keep is not None and isinstance(v, (list, tuple)) and len(v) == L0:
@@ -591,6 +598,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated model types")
     ap.add_argument("--out", default=None, help="write the markdown table here (default: print)")
     ap.add_argument("--json", default=None, help="write per-check results as JSON here")
+    ap.add_argument("--reuse", default=None, help="a JSON written by --json: its rows stand for the model types not in --only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     types = candidate_types()
@@ -607,6 +615,10 @@ def main(argv=None) -> int:
         bad = {k: v for k, v in row.checks.items() if v.startswith(("WRONG", "CRASH"))}
         if bad:
             print("    ", bad, flush=True)
+    if args.reuse:
+        checked = {r.model_type for r in rows}
+        rows += [Row(**r) for r in json.loads(Path(args.reuse).read_text()) if r["model_type"] not in checked]
+        rows.sort(key=lambda r: r.model_type)
     text = render(rows, transformers.__version__)
     if args.out:
         Path(args.out).write_text(text)

@@ -71,3 +71,14 @@ def test_full_walk_has_no_wrong_or_crash(cm, tmp_path):
     out = tmp_path / "compatibility.md"
     assert cm.main(["--out", str(out)]) == 0
     assert "wrong 0, crash 0" in out.read_text()
+
+
+def test_recheck_some_types_reusing_a_previous_walk(cm, tmp_path):
+    prev = tmp_path / "prev.json"
+    prev.write_text('[{"model_type": "zzz", "cls": "Z", "status": "refused", "reason": "old reason", "checks": {}, "seconds": 0.0},'
+                    ' {"model_type": "gpt2", "cls": "GPT2LMHeadModel", "status": "crash", "reason": "stale", "checks": {}, "seconds": 0.0}]')
+    out = tmp_path / "m.md"
+    assert cm.main(["--only", "gpt2", "--reuse", str(prev), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| gpt2 | GPT2LMHeadModel | supported |" in text and "stale" not in text
+    assert "| zzz | Z | refused | old reason |" in text
