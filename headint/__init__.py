@@ -17,7 +17,7 @@ from .integration.record import record
 from .interventions import Ablate, Intervention, Knockout, Patch, PatchQKV, Scale
 from .ops import BackendUnavailable, EdgeKnockout, attention, available_backends, last_backend
 from .plan import InterventionPlan, Plan, TensorPlan
-from .shape import ModelShape
+from .shape import LayerShape, ModelShape
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
 from .tokens import to_str_tokens
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
-    "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape",
+    "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape", "LayerShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
     "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "ScanResult", "NaNMetricWarning", "metrics", "models",
     "to_str_tokens",

@@ -318,9 +318,9 @@ def run_scan(args) -> int:
         check_options(args)
         model_dir = Path(args.model_dir)
         config = check_model_dir(model_dir)
-        from .integration.adapter import model_shape
+        from .integration.adapter import config_shape
 
-        check_heads(args, model_shape(config))
+        check_heads(args, config_shape(config))
         tokenizer = find_tokenizer(model_dir)
         clean, corrupt = read_prompts(args, model_dir, tokenizer, config)
         out = Path(args.out)
@@ -339,7 +339,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     from .distributed import is_main, main_rank_done
     from .ops import BackendUnavailable
     from .pattern_views import head_patterns, top_heads
-    from .integration.adapter import model_shape
+    from .integration.structure import model_shape
     from .results.pairs import pair_frame
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .integration.adapter import model_shape
+from .integration.structure import model_shape
 from .integration.hf import intervene
 from .integration.record import record
 from .interventions import Ablate

@@ -5,7 +5,8 @@ with ``B`` rows, ``Tq`` queries and ``Tk`` keys (queries at absolute positions
 ``q_start .. q_start + Tq - 1``, default ``Tk - Tq``), which operands apply?
 (:meth:`Plan.for_call` returns a :class:`~headint.interventions.call.CallPlan`.)
 
-- :class:`InterventionPlan` dispatches intervention objects: it groups them by layer (and by
+- :class:`InterventionPlan` dispatches intervention objects: it groups them by site
+  (attention stack and layer, see :mod:`headint.shape`) (and by
   row, when one list per batch row is given) and lets each one lower itself onto an
   :class:`~headint.interventions.call.AttentionCall`. It knows no intervention kind.
 - :class:`TensorPlan` carries ready-made per-row tensors over absolute positions; scans
@@ -19,9 +20,8 @@ from typing import Any, Sequence
 import torch
 
 from .interventions import AttentionCall, CallPlan, Intervention
-from .interventions.base import as_int
 from .ops.knockout import EdgeKnockout
-from .shape import ModelShape
+from .shape import LayerShape, ModelShape
 
 __all__ = ["Plan", "InterventionPlan", "TensorPlan", "CallPlan", "ModelShape"]
 
@@ -33,13 +33,21 @@ class Plan:
         raise NotImplementedError
 
     def for_call(self, layer: int, B: int, Tq: int, Tk: int, device, dtype, q_start: int | None = None) -> CallPlan | None:
-        """Operands for a call whose queries sit at absolute positions ``q_start .. q_start+Tq-1``
-        (default ``Tk - Tq``) and whose keys end with the last query; None when nothing applies."""
+        """Operands for a call at ``layer`` of the model's default attention stack whose queries sit
+        at absolute positions ``q_start .. q_start+Tq-1`` (default ``Tk - Tq``) and whose keys end
+        with the last query; None when nothing applies."""
         raise NotImplementedError
 
+    def for_stack_call(self, stack: str, layer: int, B: int, Tq: int, Tk: int, device, dtype,
+                       q_start: int | None = None) -> CallPlan | None:
+        """Like :meth:`for_call`, for a call at ``layer`` of another attention ``stack`` (e.g.
+        ``"encoder.self"``, ``"decoder.cross"``). The default: nothing applies (a plan that knows
+        no stacks acts on the default stack only)."""
+        return None
 
-def check_intervention(iv: Any, shape: ModelShape) -> int:
-    """Validate one intervention object; return its layer."""
+
+def check_intervention(iv: Any, shape: ModelShape) -> tuple[str, int]:
+    """Validate one intervention object; return its site ``(stack, layer)``."""
     if isinstance(iv, EdgeKnockout):
         raise TypeError(
             "EdgeKnockout is the op-level selector for headint.attention(knockout=...); to knock out edges "
@@ -49,7 +57,7 @@ def check_intervention(iv: Any, shape: ModelShape) -> int:
         raise TypeError(f"interventions must be headint.Intervention objects (Ablate, Patch, Scale, PatchQKV, Knockout "
                         f"or your own subclass); got {type(iv).__name__}")
     iv.validate(shape)
-    return as_int(iv.layer, f"{type(iv).__name__}.layer")
+    return iv.site(shape)
 
 
 class InterventionPlan(Plan):
@@ -63,36 +71,42 @@ class InterventionPlan(Plan):
         self._cache: dict = {}
 
     def layers(self) -> set[int]:
-        return {l for l, _ in self.shared} | {l for r in self.rows or [] for l, _ in r}
+        """The default stack's layers that some intervention acts on."""
+        d = self.shape.default_stack
+        return {l for (s, l), _ in self.shared if s == d} | {l for r in self.rows or [] for (s, l), _ in r if s == d}
 
     def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
+        return self.for_stack_call(self.shape.default_stack, layer, B, Tq, Tk, device, dtype, q_start)
+
+    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
         q_start = Tk - Tq if q_start is None else q_start
-        key = (layer, B, Tq, Tk, q_start, str(device), dtype)
+        key = (stack, layer, B, Tq, Tk, q_start, str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = self._build(layer, B, Tq, Tk, device, q_start)
+            self._cache[key] = self._build((stack, layer), B, Tq, Tk, device, q_start)
         return self._cache[key]
 
-    def _build(self, layer, B, Tq, Tk, device, q_start) -> CallPlan | None:
+    def _build(self, site, B, Tq, Tk, device, q_start) -> CallPlan | None:
+        stack, layer = site
         if self.rows is not None and len(self.rows) != B:
             raise ValueError(f"per-row interventions were given for {len(self.rows)} rows but the batch has {B} rows")
         groups = [self.shared] if self.rows is None else [self.shared + r for r in self.rows]
         plans = []
         for i, group in enumerate(groups):
-            call = AttentionCall(self.shape, layer, B, Tq, Tk, device, q_start, row=None if self.rows is None else i)
-            for l, iv in group:
-                if l == layer:
+            call = AttentionCall(self.shape, layer, B, Tq, Tk, device, q_start, row=None if self.rows is None else i, stack=stack)
+            for at, iv in group:
+                if at == site:
                     iv.lower(call)
             plans.append(call.plan())
         if all(p.empty for p in plans):
             return None
         if len(plans) == 1:
             return plans[0]
-        return _stack(plans, self.shape, Tq, Tk, device)
+        return _stack(plans, self.shape.layer(layer, stack), Tq, Tk, device)
 
 
-def _stack(plans: list[CallPlan], s: ModelShape, Tq: int, Tk: int, device) -> CallPlan:
-    """Stack single-row plans into one batched plan."""
-    H, D = s.n_heads, s.head_dim
+def _stack(plans: list[CallPlan], s: LayerShape, Tq: int, Tk: int, device) -> CallPlan:
+    """Stack single-row plans (of one layer, shape ``s``) into one batched plan."""
+    H, D = s.n_heads, s.v_head_dim
     out = CallPlan()
     if any(p.head_mask is not None for p in plans):
         out.head_mask = torch.cat([p.head_mask if p.head_mask is not None else torch.ones(1, H, Tq, device=device) for p in plans])
@@ -118,6 +132,7 @@ def _stack(plans: list[CallPlan], s: ModelShape, Tq: int, Tk: int, device) -> Ca
     for which in whiches:
         n = H if which == "q" else s.n_kv_heads
         T = Tq if which == "q" else Tk
+        D = s.v_head_dim if which == "v" else s.head_dim
         sels, vals = [], []
         for p in plans:
             sel = torch.zeros(1, n, T, dtype=torch.bool, device=device)
@@ -135,7 +150,8 @@ def _stack(plans: list[CallPlan], s: ModelShape, Tq: int, Tk: int, device) -> Ca
 
 
 class TensorPlan(Plan):
-    """Ready-made per-layer tensors over absolute positions (used by scans).
+    """Ready-made per-layer tensors over absolute positions (used by scans), for the layers of the
+    model's default attention stack.
 
     ``layers[l]`` is a dict with any of: ``head_mask`` ``[B, H, T]`` (T may be 1 = all
     positions), ``head_patch`` ``[B, H, T, D]`` (or ``[1, ...]``), ``head_bias``

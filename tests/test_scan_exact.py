@@ -166,7 +166,7 @@ def test_positions_subset_leaves_nan(gpt2):
 
 @pytest.mark.parametrize("method,direction", METHODS, ids=METHOD_IDS)
 def test_all_pairs_matches_oracle(model, method, direction):
-    shape = headint.integration.adapter.model_shape(model)
+    shape = headint.integration.structure.model_shape(model)
     pairs = headint.all_pairs(shape)
     assert [tuple(map(tuple, p)) for p in pairs] == all_head_pairs(L, H)
     batch = make_batch(3, 6, seed=31, pad="left", lengths=[6, 5, 3])

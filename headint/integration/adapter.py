@@ -1,13 +1,15 @@
-"""Everything headint guesses about a ``transformers`` model's structure, in one place.
+"""Everything headint reads or guesses about a ``transformers`` model's structure, in one place.
 
-- which models are supported (:func:`check_supported`) and which ``transformers`` major version
-  this adapter was written for (:data:`WRITTEN_FOR`; a different installed major warns once);
-- the attention geometry (:func:`model_shape`), every config to switch (:func:`model_configs`);
-- attention modules and their layer index (:class:`LayerIndex`), the sub-models whose forward
-  starts a sequence (:func:`submodels`);
+- which ``transformers`` major version this adapter was written for (:data:`WRITTEN_FOR`; a
+  different installed major warns once);
+- the geometry a config declares (:func:`config_shape`), every config to switch
+  (:func:`model_configs`), the sub-models whose forward starts a sequence (:func:`submodels`);
 - the list of transformer blocks, the base model and the unembedding (:func:`model_parts`);
 - whether the forward takes ``position_ids`` that padding would otherwise shift
   (:func:`padding_position_ids`).
+
+What a model's attention looks like (sites, per-layer shapes, whether it is supported) is not
+guessed here but observed by a probe forward: :mod:`.structure`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _warned: set[str] = set()
 
 
 class UnsupportedModelError(TypeError):
-    """The model does not route its attention through ``transformers``' AttentionInterface."""
+    """headint cannot intervene in this model; the message names the model and the reason (e.g. its
+    attention does not go through ``transformers``' AttentionInterface)."""
 
 
 def check_transformers_version() -> None:
@@ -48,30 +51,17 @@ def check_transformers_version() -> None:
         )
 
 
-def check_supported(model) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``model`` uses the attention registry."""
-    from transformers import PreTrainedModel
-
-    check_transformers_version()
-    if not isinstance(model, PreTrainedModel):
-        raise UnsupportedModelError(f"headint.intervene needs a transformers PreTrainedModel, got {type(model).__name__}")
-    if not getattr(type(model), "_supports_attention_backend", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
-            "so headint cannot intervene in it (no per-model fallback is provided)"
-        )
-
-
-def _text_config(config):
+def text_config(config):
+    """The config of the text model (``config.get_text_config()`` where it exists)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def model_shape(model_or_config) -> ModelShape:
-    """The attention geometry of a model (or of its config): read from the text config's
+def config_shape(config) -> ModelShape:
+    """The attention geometry a config declares, every layer alike: the text config's
     ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the query
-    head count) and ``head_dim`` (default ``hidden_size // num_attention_heads``)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    cfg = _text_config(config)
+    head count) and ``head_dim`` (default ``hidden_size // num_attention_heads``). A model's
+    exact per-layer geometry comes from :func:`headint.integration.structure.model_shape`."""
+    cfg = text_config(getattr(config, "config", config))
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -102,27 +92,6 @@ def submodels(model) -> list[nn.Module]:
     from transformers import PreTrainedModel
 
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
-
-
-class LayerIndex:
-    """Which layer an attention module belongs to.
-
-    If the model's attention modules carry ``layer_idx``, those are the layers interventions
-    name, and attention modules without one (e.g. a vision tower) have none. Otherwise modules
-    are numbered in the order of their first call.
-    """
-
-    def __init__(self, model):
-        self.indexed = any(isinstance(getattr(m, "layer_idx", None), int) for m in model.modules() if "Attention" in type(m).__name__)
-        self._order: dict[int, int] = {}
-
-    def layer_of(self, module) -> int | None:
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int):
-            return idx
-        if self.indexed:
-            return None
-        return self._order.setdefault(id(module), len(self._order))
 
 
 def padding_position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,8 +131,9 @@ class ModelParts:
     shape: ModelShape
 
 
-def model_parts(model) -> ModelParts:
-    shape = model_shape(model)
+def model_parts(model, shape: ModelShape) -> ModelParts:
+    """The blocks (the first ``ModuleList`` with ``shape.n_layers`` entries), base model and
+    unembedding of ``model`` (``shape``: its :class:`~headint.shape.ModelShape`)."""
     blocks = None
     for _, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == shape.n_layers:

@@ -1,7 +1,9 @@
 """The attention function headint registers in ``transformers`` as ``"headint"``.
 
-It only translates: it finds the calling thread's session for the calling module, asks the
-session's :class:`~headint.plan.Plan` for this call's operands, applies q/k/v edits, calls
+It only translates: it finds the calling thread's session for the calling module and the
+module's site ``(stack, layer)``, asks the session's :class:`~headint.plan.Plan` for this call's
+operands (:meth:`~headint.plan.Plan.for_call` for the default stack,
+:meth:`~headint.plan.Plan.for_stack_call` for the others), applies q/k/v edits, calls
 :func:`headint.attention`, adds the plan's head bias, and hands the head outputs to the
 session's recorder. The operands are moved to the call's device (models split across
 devices); under tensor parallelism (:func:`headint.distributed.head_shard`) they are sliced to
@@ -18,7 +20,6 @@ from ..distributed import gather_heads, head_shard, is_active, take_heads
 from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
-from .adapter import model_shape
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
@@ -85,17 +86,21 @@ def headint_attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     session.calls += 1
-    layer = session.layer_of(module)
+    site = session.site_of(module)
+    stack, layer = site if site is not None else (None, None)
     q_start = session.q_start
     if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
         q_start = None
     shard = None  # tensor parallel: this rank holds a slice of the heads; plans name global heads
     if layer is not None and is_active():
-        shape = model_shape(session.model)
+        shape = session.structure.shape
         shard = head_shard(module, Hq, key.shape[1], shape.n_heads, shape.n_kv_heads)
     plan = None
-    if session.plan is not None and layer is not None:
-        plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+    if session.plan is not None and site is not None:
+        if stack == session.structure.shape.default_stack:
+            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+        else:
+            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
         if plan is not None:
             plan = plan.to(query.device)
             if shard is not None:
@@ -109,8 +114,10 @@ def headint_attention_forward(
     if plan is not None and plan.head_bias is not None:
         out = out + plan.head_bias.to(out.device, out.dtype)
 
+    if session.observer is not None:
+        session.observer(module, query, key, value, out.transpose(1, 2), kwargs)
     rec = session.recorder
-    if rec is not None and layer is not None:
+    if rec is not None and site is not None and rec.records(stack, session.structure.shape.default_stack):
         def full(x, dim):  # every rank records all heads (a collective under tensor parallelism)
             return x if shard is None else gather_heads(x, dim, shard)
 

@@ -41,11 +41,20 @@ def capture_block_outputs(parts: ModelParts, store: list) -> Iterator[None]:
 
 
 class _Replay(nn.Module):
-    """Stands in for a block: returns a cached output instead of computing it."""
+    """Stands in for ``block``: returns a cached output instead of computing it. Every other
+    attribute the model's forward reads from the block (e.g. ModernBERT's ``attention_type``) is
+    the original block's."""
 
-    def __init__(self, output: Any):
+    def __init__(self, output: Any, block: nn.Module):
         super().__init__()
         self.output = output
+        object.__setattr__(self, "_block", block)  # not a submodule: its parameters are not this module's
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
 
     def forward(self, *args, **kwargs):
         return self.output
@@ -61,7 +70,7 @@ def replay_blocks(parts: ModelParts, upto: int, outputs: list) -> Iterator[None]
     originals = [parts.blocks[i] for i in range(upto)]
     try:
         for i in range(upto):
-            parts.blocks[i] = _Replay(outputs[i] if i == upto - 1 else outputs[upto - 1])
+            parts.blocks[i] = _Replay(outputs[i] if i == upto - 1 else outputs[upto - 1], originals[i])
         yield
     finally:
         for i, block in enumerate(originals):

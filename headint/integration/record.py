@@ -11,21 +11,28 @@ import torch
 from ..activations import RECORDABLE, ActivationCache
 from .adapter import padding_position_ids
 from .hf import intervene
+from .structure import model_shape
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 
 
 class Recorder:
     """Collects activations from inside the attention function during a run: ``tensors`` maps
-    ``(what, layer)`` to the layouts of :data:`headint.activations.LAYOUTS`."""
+    ``(what, layer)`` to the layouts of :data:`headint.activations.LAYOUTS`, for the layers of
+    one attention stack (``stack``; None: the model's default stack)."""
 
-    def __init__(self, what: Iterable[str]):
+    def __init__(self, what: Iterable[str], stack: str | None = None):
         what = tuple(what)
+        self.stack = stack
         for w in what:
             if w not in RECORDABLE:
                 raise ValueError(f"record: unknown activation {w!r}; choose from {RECORDABLE}")
         self.what = what
         self.tensors: dict[tuple[str, int], torch.Tensor] = {}
+
+    def records(self, stack: str, default_stack: str) -> bool:
+        """Whether calls of ``stack`` are recorded (this recorder's stack; None: the default)."""
+        return stack == (self.stack or default_stack)
 
     def add(self, layer: int, what: str, x: torch.Tensor, concat_dim: int | None) -> None:
         if what not in self.what:
@@ -37,7 +44,8 @@ class Recorder:
         self.tensors[key] = x
 
 
-def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), backend: str = "auto", **forward_kwargs) -> ActivationCache:
+def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), backend: str = "auto", stack: str | None = None,
+           **forward_kwargs) -> ActivationCache:
     """Run ``model`` once and return its per-layer head activations.
 
     Args:
@@ -46,6 +54,9 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
         what: any of ``"z"``, ``"q"``, ``"k"``, ``"v"``, ``"pattern"`` (see
             :data:`headint.activations.LAYOUTS`).
         interventions: optional interventions applied during the run.
+        stack: the attention stack whose layers are recorded (None: the model's default stack,
+            see :mod:`headint.shape`); the cache's ``meta["stack"]`` names it, and patching
+            from it on another stack is refused.
         forward_kwargs: more model inputs (e.g. ``attention_mask=``), passed to the forward.
 
     The attention mask (from ``inputs`` or a keyword) is stored in the cache, so means skip
@@ -53,7 +64,7 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
     mask when the model takes them (see
     :func:`headint.integration.adapter.padding_position_ids`), so padding changes no value.
     """
-    recorder = Recorder(what)
+    recorder = Recorder(what, stack)
     if isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
     inputs = dict(inputs)
@@ -63,10 +74,26 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
                 raise TypeError(f"record: {k} was given both in inputs and as a keyword")
             inputs[k] = forward_kwargs.pop(k)
     mask = inputs.get("attention_mask")
+    shape = model_shape(model)
+    resolved = shape.resolve_stack(stack, "record stack")
+    if resolved.startswith("decoder."):  # decoder positions: the decoder's mask (if given), not the encoder's
+        mask = inputs.get("decoder_attention_mask")
     if "position_ids" not in inputs:
         pos = padding_position_ids(model, mask)
         if pos is not None:
             inputs["position_ids"] = pos
     with torch.no_grad(), intervene(model, interventions, backend=backend, recorder=recorder):
         model(**inputs, **forward_kwargs)
-    return ActivationCache(recorder.tensors, mask, {"what": list(recorder.what)})
+    if mask is not None:
+        lengths = {t.shape[1] for (w, _), t in recorder.tensors.items() if w == "z"}
+        if lengths and lengths != {mask.shape[-1]}:
+            if not bool(mask.bool().all()):
+                raise ValueError(
+                    f"record: the attention mask covers {mask.shape[-1]} positions but the {resolved!r} stack's head outputs "
+                    f"cover {sorted(lengths)}; pass the mask of that stack's inputs (e.g. decoder_attention_mask)"
+                )
+            mask = None  # an all-ones mask of another stack's inputs: no padding to leave out
+    meta = {"what": list(recorder.what)}
+    if stack is not None:
+        meta["stack"] = stack
+    return ActivationCache(recorder.tensors, mask, meta)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .adapter import LayerIndex, UnsupportedModelError, model_configs, submodels
+from .adapter import UnsupportedModelError, model_configs, submodels
 
 ATTN_NAME = "headint"
 _IMPL = "_attn_implementation_internal"
@@ -40,23 +40,31 @@ def _stack() -> list["Session"]:
 
 class Session:
     """One ``intervene`` block: the plan, backend and recorder that apply to ``model``'s forwards
-    in the thread that opened it. ``q_start`` is where the current forward's first query sits."""
+    in the thread that opened it. ``q_start`` is where the current forward's first query sits.
 
-    def __init__(self, model, plan, backend: str, recorder=None):
+    ``structure`` (a :class:`~headint.integration.structure.ModelStructure`, or None) tells each
+    attention module's site ``(stack, layer)``; without it no call has a site (the probe's own
+    session). ``observer``, if set, is called as ``observer(module, query, key, value, out,
+    kwargs)`` after every attention call (``out`` ``[B, Tq, H, Dv]``).
+    """
+
+    def __init__(self, model, plan, backend: str, recorder=None, structure=None):
         self.model = model
         self.plan = plan
         self.backend = backend
         self.recorder = recorder
         self.module_ids = {id(m) for m in model.modules()}
-        self.layers = LayerIndex(model)
+        self.structure = structure
+        self.observer = None
         self.q_start: int | None = None
         self.calls = 0  # attention calls handled for this session
         self._forward_starts: list[int] = []
         self._stack: list | None = None
         self.state = "new"
 
-    def layer_of(self, module) -> int | None:
-        return self.layers.layer_of(module)
+    def site_of(self, module) -> tuple[str, int] | None:
+        """``(stack, layer)`` of an attention module, or None (no interventions or recording apply)."""
+        return None if self.structure is None else self.structure.site_of(module)
 
 
 class _Switch:

@@ -17,7 +17,9 @@ class Ablate(Intervention):
 
     For ``kind="mean"``, ``value`` is an :class:`~headint.activations.ActivationCache`
     (its mean over the batch is used, per position where it has them, padding left out) or a
-    tensor ``[H, D]`` / ``[T, H, D]`` of this layer's mean head outputs.
+    tensor ``[H, D]`` / ``[T, H, D]`` of this layer's mean head outputs (``D``: the layer's value
+    head dim). ``stack``: which attention stack ``layer`` counts in (None: the model's default; see
+    :mod:`headint.shape`).
     """
 
     layer: int
@@ -25,18 +27,20 @@ class Ablate(Intervention):
     positions: Any = None
     kind: str = "zero"
     value: Any = None
+    stack: str | None = None
 
     def validate(self, shape) -> None:
         super().validate(shape)
         if self.kind not in ("zero", "mean"):
             raise ValueError(f"Ablate.kind must be 'zero' or 'mean', got {self.kind!r}")
         if self.kind == "mean":
+            ls = self.layer_shape(shape)
             v = mean_source(self.value, as_int(self.layer, "layer"))
-            if tuple(v.shape[-2:]) != (shape.n_heads, shape.head_dim):
+            if tuple(v.shape[-2:]) != (ls.n_heads, ls.v_head_dim):
                 seen = list(self.value.shape) if isinstance(self.value, torch.Tensor) else list(v.shape[1:])
                 raise ValueError(
-                    f"Ablate mean value for layer {self.layer} has shape {seen}; expected [{shape.n_heads}, {shape.head_dim}] "
-                    f"or [T, {shape.n_heads}, {shape.head_dim}] ([H, D] or [T, H, D])"
+                    f"Ablate mean value for layer {self.layer} has shape {seen}; expected [{ls.n_heads}, {ls.v_head_dim}] "
+                    f"or [T, {ls.n_heads}, {ls.v_head_dim}] ([H, D] or [T, H, D])"
                 )
 
     def lower(self, call) -> None:

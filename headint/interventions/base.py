@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..shape import ModelShape
+from ..shape import LayerShape, ModelShape
 
 
 def as_int(x: Any, what: str) -> int:
@@ -100,35 +100,60 @@ def positions_form(pos: Any, name: str) -> Any:
 class Intervention:
     """Base class of model-level interventions; subclass it to define your own kind.
 
-    A subclass has a ``layer`` attribute (the attention layer it acts on) and implements
-    :meth:`lower`. :func:`headint.intervene` calls :meth:`validate` once, before the model is
-    touched, then :meth:`lower` for every attention call at ``layer`` (once per batch row when
+    A subclass has a ``layer`` attribute (the attention layer it acts on), optionally a
+    ``stack`` attribute (which attention stack ``layer`` counts in: ``"self"``,
+    ``"encoder.self"``, ``"decoder.self"``, ``"decoder.cross"``, ...; None, the default, means
+    the model's default stack, see :mod:`headint.shape`), and implements :meth:`lower`.
+    :func:`headint.intervene` calls :meth:`validate` once, before the model is touched, then
+    :meth:`lower` for every attention call at that layer of that stack (once per batch row when
     interventions are given per row).
     """
 
     layer: int
+    stack: str | None = None
 
     def validate(self, shape: ModelShape) -> None:
         """Raise ``TypeError``/``ValueError`` naming the argument for input that cannot work.
 
-        The default checks ``layer`` against ``shape.n_layers`` and, where the object has them,
-        ``head`` (query heads) and ``positions``. Override to check more (call ``super()``).
+        The default checks ``stack`` and ``layer`` (see :meth:`check_layer`) and, where the object
+        has them, ``head`` (query heads of that layer) and ``positions``. Override to check more
+        (call ``super()``).
         """
         name = type(self).__name__
         layer = self.check_layer(shape)
         if hasattr(self, "head"):
-            head_list(self.head, shape.n_heads, "query", layer)
+            head_list(self.head, self.layer_shape(shape).n_heads, "query", layer)
         if hasattr(self, "positions"):
             positions_form(self.positions, f"{name}.positions")
 
+    def site(self, shape: ModelShape) -> tuple[str, int]:
+        """``(stack, layer)`` this intervention acts on, the stack resolved (None: the default)."""
+        return shape.resolve_stack(getattr(self, "stack", None), f"{type(self).__name__}.stack"), self.check_layer(shape)
+
+    def layer_shape(self, shape: ModelShape) -> LayerShape:
+        """The :class:`~headint.shape.LayerShape` of the layer this intervention acts on."""
+        stack, layer = self.site(shape)
+        return shape.layer(layer, stack)
+
     def check_layer(self, shape: ModelShape) -> int:
-        """``self.layer`` as an int in ``0 .. shape.n_layers - 1``, or an error naming it."""
+        """``self.layer`` as an int naming an attention layer of ``self.stack`` (None: the model's
+        default stack), or an error naming it: out of range, or a layer without attention (in a
+        hybrid model) named with its kind."""
         name = type(self).__name__
+        stack = shape.resolve_stack(getattr(self, "stack", None), f"{name}.stack")
         if getattr(self, "layer", None) is None:
             raise TypeError(f"{name} needs layer= (the attention layer it acts on)")
         layer = as_int(self.layer, f"{name}.layer")
-        if not 0 <= layer < shape.n_layers:
-            raise ValueError(f"{name}: layer {layer} out of range; the model has {shape.n_layers} layers (0..{shape.n_layers - 1})")
+        n = len(shape.stacks[stack])
+        where = "" if len(shape.stacks) == 1 else f" in the {stack!r} stack"
+        if not 0 <= layer < n:
+            raise ValueError(f"{name}: layer {layer} out of range; the model has {n} layers{where} (0..{n - 1})")
+        ls = shape.stacks[stack][layer]
+        if not ls.has_attention:
+            raise ValueError(
+                f"{name}: layer {layer}{where} is a {ls.kind!r} layer without attention; the layers with attention "
+                f"are {shape.attention_layers_of(stack)}"
+            )
         return layer
 
     def lower(self, call) -> None:

@@ -102,11 +102,13 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AttentionCall:
     """One attention call at ``layer``, handed to :meth:`Intervention.lower`.
 
-    Geometry: ``layer``; ``B`` rows in the model's batch; ``Tq`` queries at absolute positions
-    ``q_positions`` (``[Tq]``, long) and ``Tk`` keys at ``k_positions`` (``[Tk]``; a
-    sliding-window cache keeps only the last ``Tk``); ``device``; ``shape`` (a
-    :class:`~headint.shape.ModelShape`: ``n_heads``, ``n_kv_heads``, ``head_dim``); ``row``: the
-    batch row these edits are for (per-row interventions) or None (every row).
+    Geometry: ``stack`` and ``layer``; ``B`` rows in the model's batch; ``Tq`` queries at
+    absolute positions ``q_positions`` (``[Tq]``, long) and ``Tk`` keys at ``k_positions``
+    (``[Tk]``; a sliding-window cache keeps only the last ``Tk``); ``device``; ``shape``: this
+    layer's :class:`~headint.shape.LayerShape` (``n_heads``, ``n_kv_heads``, ``head_dim``,
+    ``v_head_dim``; head outputs are ``[.., n_heads, v_head_dim]``), ``model_shape``: the
+    model's :class:`~headint.shape.ModelShape`; ``row``: the batch row these edits are for
+    (per-row interventions) or None (every row).
 
     Selectors: :meth:`select`, :meth:`select_keys`, :meth:`select_qkv`, :meth:`positions`.
     Values: :meth:`batch` (a per-row source's rows for this call), :meth:`values_at` (a
@@ -115,15 +117,18 @@ class AttentionCall:
     :meth:`replace_qkv`. :meth:`plan` returns the resulting :class:`CallPlan`.
     """
 
-    def __init__(self, shape: ModelShape, layer: int, B: int, Tq: int, Tk: int, device, q_start: int, row: int | None = None):
-        self.shape = shape
+    def __init__(self, shape: ModelShape, layer: int, B: int, Tq: int, Tk: int, device, q_start: int,
+                 row: int | None = None, stack: str | None = None):
+        self.model_shape = shape
+        self.stack = shape.resolve_stack(stack)
+        self.shape = shape.layer(layer, self.stack)
         self.layer = layer
         self.B, self.Tq, self.Tk = B, Tq, Tk
         self.device = device
         self.row = row
         self.q_positions = torch.arange(q_start, q_start + Tq, device=device)
         self.k_positions = torch.arange(q_start + Tq - Tk, q_start + Tq, device=device)
-        H, D = shape.n_heads, shape.head_dim
+        H, D = self.shape.n_heads, self.shape.v_head_dim
         self._m: torch.Tensor | None = None  # [Bs, H, Tq]
         self._p: torch.Tensor | None = None  # [Bs, H, Tq, D]
         self._b: torch.Tensor | None = None  # [Bs, H, Tq, D]

@@ -17,6 +17,8 @@ class Knockout(Intervention):
     ``queries`` / ``keys``: absolute token positions (an int, a list of ints, ``None`` for every
     position, or a bool tensor ``[T]`` / ``[B, T]``); ``head``: an int, a list, or ``None`` for
     every head of the layer. A query whose every key is removed gets a zero output.
+    ``stack``: which attention stack ``layer`` counts in (None: the model's default; see
+    :mod:`headint.shape`).
 
     For one attention call the edges become a :class:`headint.ops.EdgeKnockout`, the op-level
     selector that :func:`headint.attention` takes.
@@ -26,10 +28,11 @@ class Knockout(Intervention):
     keys: Any = None
     layer: int | None = None
     head: Any = None
+    stack: str | None = None
 
     def validate(self, shape) -> None:
         layer = self.check_layer(shape)
-        head_list(self.head, shape.n_heads, "query", layer)
+        head_list(self.head, self.layer_shape(shape).n_heads, "query", layer)
         positions_form(self.queries, "Knockout.queries")
         positions_form(self.keys, "Knockout.keys")
 
@@ -42,4 +45,4 @@ class Knockout(Intervention):
         def short(x):
             return f"Tensor{list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
 
-        return f"Knockout(queries={short(self.queries)}, keys={short(self.keys)}, layer={self.layer}, head={self.head!r})"
+        return f"Knockout(queries={short(self.queries)}, keys={short(self.keys)}, layer={self.layer}, head={self.head!r}, stack={self.stack!r})"

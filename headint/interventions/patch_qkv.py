@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Intervention, head_list, positions_form
-from .sources import qkv_source
+from .sources import check_source_stack, qkv_source
 
 
 @dataclass(frozen=True, eq=False)
@@ -16,7 +16,9 @@ class PatchQKV(Intervention):
     ``which``: ``"q"``, ``"k"`` or ``"v"``. For ``"k"``/``"v"`` under grouped-query
     attention, ``head`` indexes key/value heads. ``source``: an
     :class:`~headint.activations.ActivationCache` recorded with that tensor, or a tensor
-    ``[B, H, T, D]`` (H the number of query or key/value heads).
+    ``[B, H, T, D]`` (H the number of query or key/value heads, D the layer's query/key or value
+    head dim). ``stack``: which attention stack ``layer`` counts in (None: the model's default; see
+    :mod:`headint.shape`). A cache recorded on another stack is refused.
     """
 
     layer: int
@@ -24,6 +26,7 @@ class PatchQKV(Intervention):
     which: str = "v"
     positions: Any = None
     source: Any = None
+    stack: str | None = None
 
     def validate(self, shape) -> None:
         if self.which not in ("q", "k", "v"):
@@ -31,17 +34,20 @@ class PatchQKV(Intervention):
         kv = self.which != "q"
         layer = self.check_layer(shape)  # not super().validate: `head` may name key/value heads
         positions_form(self.positions, "PatchQKV.positions")
-        head_list(self.head, shape.n_kv_heads if kv else shape.n_heads, "key/value" if kv else "query", layer)
+        ls = self.layer_shape(shape)
+        head_list(self.head, ls.n_kv_heads if kv else ls.n_heads, "key/value" if kv else "query", layer)
         if self.source is None:
             raise ValueError("PatchQKV needs source=: an ActivationCache or a tensor [B, H, T, D]")
+        check_source_stack(self.source, self.site(shape)[0], shape.default_stack, "PatchQKV.source")
 
     def lower(self, call) -> None:
         which, shape = self.which, call.shape
         n = shape.n_heads if which == "q" else shape.n_kv_heads
+        d = shape.v_head_dim if which == "v" else shape.head_dim
         src = qkv_source(self.source, which, call.layer, "PatchQKV.source")
-        if src.dim() != 4 or src.shape[1] != n or src.shape[3] != shape.head_dim:
+        if src.dim() != 4 or src.shape[1] != n or src.shape[3] != d:
             raise ValueError(f"PatchQKV(which={which!r}).source for layer {call.layer} has shape {list(src.shape)}; "
-                             f"expected [B, {n}, T, {shape.head_dim}]")
+                             f"expected [B, {n}, T, {d}]")
         sel = call.select_qkv(which, self.head, self.positions, "PatchQKV.positions")
         axis = "q" if which == "q" else "k"
         vals = call.values_at(call.batch(src, "PatchQKV.source").transpose(1, 2), sel, axis,

@@ -12,13 +12,15 @@ from .base import Intervention, as_real
 class Scale(Intervention):
     """Multiply a head's output (``target="output"``) or its pre-softmax scores
     (``target="scores"``, all positions) by ``factor`` (a finite real number: int, float,
-    numpy scalar or 0-dim tensor)."""
+    numpy scalar or 0-dim tensor). ``stack``: which attention stack ``layer`` counts in (None: the model's default; see
+    :mod:`headint.shape`)."""
 
     layer: int
     head: Any = None
     positions: Any = None
     factor: Any = 1.0
     target: str = "output"
+    stack: str | None = None
 
     def validate(self, shape) -> None:
         super().validate(shape)

@@ -9,6 +9,15 @@ import torch
 from ..activations import ActivationCache
 
 
+def check_source_stack(x: Any, stack: str, default_stack: str, what: str) -> None:
+    """A cache recorded on one attention stack cannot patch another: refuse naming both."""
+    if isinstance(x, ActivationCache):
+        recorded = x.meta.get("stack") or default_stack
+        if recorded != stack:
+            raise ValueError(f"{what} was recorded on the {recorded!r} attention stack, but the intervention acts on the "
+                             f"{stack!r} stack; record with stack={stack!r}")
+
+
 def z_source(x: Any, layer: int, what: str) -> torch.Tensor:
     """A recorded head output for ``layer`` as ``[Bs, T, H, D]``."""
     if isinstance(x, ActivationCache):

@@ -101,14 +101,17 @@ def attribution_scan(
             """``[R, L, H, Tm]``: minus the metric's gradient with respect to each head mask."""
             nonlocal backward_passes
             ex = ex_cpu.to(device)
-            masks = [torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for _ in range(shape.n_layers)]
+            att = shape.attention_layers  # a hybrid model's other layers have no heads: NaN rows
+            masks = {l: torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for l in att}
             spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None}
-                    for l, m in enumerate(masks)}
+                    for l, m in masks.items()}
             with torch.enable_grad():
                 values = base.run_differentiable(ex, TensorPlan(spec))
-                grads = torch.autograd.grad(values.sum(), masks)
+                grads = torch.autograd.grad(values.sum(), list(masks.values()))
             backward_passes += 1
-            return -torch.stack([g.detach().float().cpu() for g in grads], dim=1)
+            out = torch.full((len(ex), shape.n_layers, shape.n_heads, Tm), float("nan"))
+            out[:, att] = -torch.stack([g.detach().float().cpu() for g in grads], dim=1)
+            return out
 
         starts = list(range(0, N, batch_size))
         with _frozen_parameters(model):

@@ -28,6 +28,9 @@ def _receivers(receivers, shape: ModelShape) -> list[tuple[int, int, str]]:
             raise ValueError(f"receivers: which must be made of 'q', 'k', 'v'; got {which!r}")
         if not 0 <= l < shape.n_layers:
             raise ValueError(f"receivers: layer {l} out of range; the model has {shape.n_layers} layers")
+        if not shape.layer(l).has_attention:
+            raise ValueError(f"receivers: layer {l} is a {shape.layer(l).kind!r} layer without attention; "
+                             f"the layers with attention are {shape.attention_layers}")
         for w in which:
             n = shape.n_heads if w == "q" else shape.n_kv_heads
             if not 0 <= h < n:
@@ -105,6 +108,8 @@ def path_patch(
             # Step 1: senders corrupt, every other head frozen clean; record receivers' inputs.
             spec = {}
             for l in range(top + 1):
+                if l not in zc:  # a layer without attention (hybrid models)
+                    continue
                 at = ex.to(zc[l].device)  # each layer's cached z sits on that layer's device
                 patch = zc[l][at].transpose(1, 2).clone()  # [R, H, T, D]
                 for r, vi in enumerate(v_rows.tolist()):

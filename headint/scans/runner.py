@@ -27,6 +27,7 @@ import torch
 
 from ..integration.hf import intervene
 from ..integration.adapter import ModelParts, model_parts
+from ..integration.structure import model_shape
 from ..integration.blocks import capture_block_outputs, map_tensors, replay_blocks
 from ..metrics import Metric, last_positions, select_logits
 from ..plan import Plan
@@ -115,7 +116,7 @@ class VariantRunner:
         self.batch = batch
         self.metric = metric
         self.backend = backend
-        self.parts: ModelParts = model_parts(model)
+        self.parts: ModelParts = model_parts(model, model_shape(model))
         self.cost = Cost()
         self.clean_logits = clean_logits
         self.N, self.T = batch["input_ids"].shape
@@ -123,6 +124,7 @@ class VariantRunner:
             causal = any(getattr(m, "is_causal", False) for m in self.parts.blocks[0].modules())
         self.causal = bool(causal)
         self.restricted = False
+        self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
         self.base: CleanPass | None = None
         self._base_values: torch.Tensor | None = None
 
@@ -209,14 +211,15 @@ class VariantRunner:
         # unembedding the base model's output reproduces the model's own logits.
         if self.parts.unembed is not None and hasattr(out, "logits") and base_out:
             hidden = getattr(base_out[-1], "last_hidden_state", None)
-            if isinstance(hidden, torch.Tensor):
+            if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == self.parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
                 self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
         logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
         full_last = None
         if self.metric.needs_clean or self.metric.token_ids(self.batch) is None:
             full_last = full[torch.arange(self.N), last_positions(self.batch["attention_mask"])]
-        self.base = CleanPass(store, {l: rec.tensors[("z", l)] for l in range(L)},
-                              {l: rec.tensors[("k", l)] for l in range(L)}, {l: rec.tensors[("v", l)] for l in range(L)},
+        att = self.parts.shape.attention_layers  # layers without attention (hybrid models) record nothing
+        self.base = CleanPass(store, {l: rec.tensors[("z", l)] for l in att},
+                              {l: rec.tensors[("k", l)] for l in att}, {l: rec.tensors[("v", l)] for l in att},
                               logits, full_last)
         return self.base
 
@@ -240,8 +243,8 @@ class VariantRunner:
         positions come from the clean keys/values).
         """
         assert self.base is not None, "call clean_pass() first"
-        if start_pos and not (self.causal and self.metric.position == "last"):
-            start_pos = 0
+        if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention):
+            start_pos = 0  # position reuse needs every layer's state as keys/values
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.

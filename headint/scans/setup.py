@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
-from ..integration.adapter import model_shape
+from ..integration.structure import model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
@@ -111,4 +111,6 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     device = next(model.parameters()).device
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
+    if shape.attention_layers != list(range(shape.n_layers)):  # a hybrid model: scans cover its attention layers only
+        settings["attention_layers"] = shape.attention_layers
     return ScanSetup(model, metric, shape, clean_b, corrupt_b, device, backend, settings)

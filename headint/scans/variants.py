@@ -24,12 +24,16 @@ class Variant:
 
 
 def head_grid(shape: ModelShape, layers: Sequence[int] | None, heads: Sequence[int] | None) -> list[tuple[int, int]]:
-    """Every ``(layer, head)`` in the scan's selection, validated."""
-    layers = list(range(shape.n_layers)) if layers is None else list(layers)
+    """Every ``(layer, head)`` in the scan's selection, validated (default: every layer with
+    attention; a hybrid model's other layers are refused, naming their kind)."""
+    layers = list(shape.attention_layers) if layers is None else list(layers)
     heads = list(range(shape.n_heads)) if heads is None else list(heads)
     for l in layers:
         if not 0 <= l < shape.n_layers:
             raise ValueError(f"layers: {l} out of range; the model has {shape.n_layers} layers")
+        if not shape.layer(l).has_attention:
+            raise ValueError(f"layers: layer {l} is a {shape.layer(l).kind!r} layer without attention; "
+                             f"the layers with attention are {shape.attention_layers}")
     for h in heads:
         if not 0 <= h < shape.n_heads:
             raise ValueError(f"heads: {h} out of range; the model has {shape.n_heads} heads per layer")

@@ -1,0 +1,84 @@
+"""The compatibility matrix script: a fast subset in the default suite, the full walk marked slow."""
+
+from __future__ import annotations
+
+import pytest
+
+from _compat import matrix
+
+# model type -> expected status: decoder-only (GPT-2, Llama), encoder-only (ModernBERT, whose scan
+# needs the block attributes replayed), hybrid (LFM2), encoder-decoder (BART), a model without
+# `_supports_attention_backend` that calls the registry (StableLM), refused ones (DiffLlama,
+# BitNet's sub-norm, T5's position bias passed as a keyword).
+SUBSET = {
+    "gpt2": "supported", "llama": "supported", "modernbert": "supported", "lfm2": "supported", "bart": "supported",
+    "stablelm": "supported", "diffllama": "refused", "bitnet": "refused", "t5": "refused",
+}
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return matrix()
+
+
+@pytest.mark.parametrize("model_type", sorted(SUBSET))
+def test_subset_matches_oracle_or_is_refused(cm, model_type):
+    classes = dict(cm.candidate_types())
+    assert cm.uses_registry(model_type, classes[model_type])
+    row = cm.check_model(model_type, classes[model_type])
+    assert row.status == SUBSET[model_type], (row.status, row.reason, row.checks)
+    if row.status == "supported":
+        ran = {k: v for k, v in row.checks.items() if not v.startswith("n/a")}
+        assert all(v.startswith("ok") for v in ran.values()), ran
+        # every intervention kind actually ran against the oracle
+        for k in ("none", "zero", "mean", "patch", "scale_output", "scale_scores", "knockout"):
+            assert row.checks[k].startswith("ok"), (k, row.checks[k])
+        if model_type != "bart":
+            assert row.checks["scan"].startswith("ok")
+        if model_type in ("gpt2", "llama", "lfm2", "stablelm"):
+            assert row.checks["generate"].startswith("ok")
+        if model_type == "bart":
+            assert row.checks["other_stacks"].startswith("ok")  # encoder.self and decoder.cross
+    else:
+        assert "cannot intervene" in row.reason and len(row.reason) > 60
+
+
+def test_oracle_detects_a_wrong_intervention(cm, monkeypatch):
+    """The matrix can fail: an Ablate that silently edits another head is reported as wrong."""
+    import headint
+
+    real = headint.Ablate.lower
+
+    def off_by_one(self, call):
+        object.__setattr__(self, "head", (self.head + 1) % call.shape.n_heads)
+        real(self, call)
+
+    monkeypatch.setattr(headint.Ablate, "lower", off_by_one)
+    row = cm.check_model("llama", "LlamaForCausalLM")
+    assert row.status == "wrong"
+    assert row.checks["zero"].startswith("WRONG")
+
+
+def test_render_counts_and_exit_status(cm, tmp_path):
+    rows = [cm.Row("a", "A", "supported"), cm.Row("b", "B", "refused", "because"), cm.Row("c", "C", "crash", "boom")]
+    text = cm.render(rows, "x")
+    assert "supported 1, refused 1, skipped 0, wrong 0, crash 1 (of 3)" in text
+    assert "| b | B | refused | because |" in text
+
+
+@pytest.mark.slow
+def test_full_walk_has_no_wrong_or_crash(cm, tmp_path):
+    out = tmp_path / "compatibility.md"
+    assert cm.main(["--out", str(out)]) == 0
+    assert "wrong 0, crash 0" in out.read_text()
+
+
+def test_recheck_some_types_reusing_a_previous_walk(cm, tmp_path):
+    prev = tmp_path / "prev.json"
+    prev.write_text('[{"model_type": "zzz", "cls": "Z", "status": "refused", "reason": "old reason", "checks": {}, "seconds": 0.0},'
+                    ' {"model_type": "gpt2", "cls": "GPT2LMHeadModel", "status": "crash", "reason": "stale", "checks": {}, "seconds": 0.0}]')
+    out = tmp_path / "m.md"
+    assert cm.main(["--only", "gpt2", "--reuse", str(prev), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| gpt2 | GPT2LMHeadModel | supported |" in text and "stale" not in text
+    assert "| zzz | Z | refused | old reason |" in text
