@@ -141,7 +141,11 @@ class TensorPlan(Plan):
     positions), ``head_patch`` ``[B, H, T, D]`` (or ``[1, ...]``), ``head_bias``
     ``[B, H, T, D]`` (added to the head outputs), ``score_scale`` ``[B, H]``, ``knockout``
     (:class:`~headint.ops.EdgeKnockout` with selectors over absolute query/key positions
-    ``[B, H, T]``). ``T`` must cover every absolute position the model is run at (or be 1).
+    ``[B, H, T]``), ``qkv``: a list of ``(which, select [B, Hx, T] bool, values [B or 1, Hx,
+    T, D])`` replacing queries (``which="q"``, ``Hx`` query heads, ``T`` over query positions)
+    or keys/values (``"k"``/``"v"``, ``Hx`` key/value heads, ``T`` over key positions) before
+    attention, after rotary embeddings. ``T`` must cover every absolute position the model is
+    run at (or be 1).
     """
 
     def __init__(self, layers: dict[int, dict[str, Any]]):
@@ -175,4 +179,7 @@ class TensorPlan(Plan):
         ko = spec.get("knockout")
         if ko is not None:
             plan.knockouts.append(EdgeKnockout(window(ko.queries, q_start, q_start + Tq), window(ko.keys, k_start, k_start + Tk)))
+        for which, sel, values in spec.get("qkv") or ():
+            lo, n = (q_start, Tq) if which == "q" else (k_start, Tk)
+            plan.qkv_edits.append((which, window(sel, lo, lo + n), window(values, lo, lo + n)))
         return None if plan.empty else plan
