@@ -213,3 +213,122 @@ def test_argument_errors():
         headint.scan(model, batch, "logit_diff", effect="indirect", progress=False)
     with pytest.raises(ValueError, match=r"head_sets are scanned with target='z' only, got target='q'"):
         headint.scan(model, batch, "logit_diff", target="q", head_sets=[[(0, 1)]], progress=False)
+
+
+# ------------------------------------------------------------------------------ pattern patching
+
+PATTERN_ORACLE = "m15b_pattern_oracle"
+_PATTERN_SPECS: list = []
+
+
+def _pattern_oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Plain eager attention: records each layer's probabilities ``[B, H, T, T]`` and replaces
+    ``(layer, head, query position or None) -> probs [B, T, T]`` rows when asked."""
+    spec = _PATTERN_SPECS[-1]
+    layer = module.layer_idx
+    B, H, T, D = query.shape
+    group = H // key.shape[1]
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else D ** -0.5)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, : k.shape[2]]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    else:
+        scores = scores.masked_fill(~torch.ones(T, k.shape[2], dtype=torch.bool).tril(), float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)
+    spec["record"][layer] = probs.detach().clone()
+    for (l, h, p), src in spec["edits"].items():
+        if l == layer:
+            rows = slice(None) if p is None else slice(p, p + 1)
+            probs[:, h, rows] = src.expand(B, -1, -1)[:, rows]
+    return (probs @ v).transpose(1, 2).contiguous(), None
+
+
+def pattern_run(model, batch, edits=None):
+    """``(logits, {layer: probs [N, H, T, T]})`` of one forward with the oracle attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(PATTERN_ORACLE, _pattern_oracle_forward)
+    AttentionMaskInterface.register(PATTERN_ORACLE, eager_mask)
+    spec = {"record": {}, "edits": dict(edits or {})}
+    before = model.config._attn_implementation
+    _PATTERN_SPECS.append(spec)
+    model.set_attn_implementation(PATTERN_ORACLE)
+    try:
+        with torch.no_grad():
+            logits = model(**model_inputs(batch)).logits
+    finally:
+        model.set_attn_implementation(before)
+        _PATTERN_SPECS.remove(spec)
+    return logits, spec["record"]
+
+
+def oracle_pattern_scan(model, batch, metric, *, method, corrupt=None, direction="denoising", per_position=False, heads=None, seed=0):
+    L, H = n_layers(model), n_heads(model)
+    N, T = batch["input_ids"].shape
+    clean_logits, clean_probs = pattern_run(model, batch)
+    base = corrupt if (method == "patch" and direction == "denoising") else batch
+    base_probs = pattern_run(model, base)[1]
+    if method == "mean":
+        w = batch["attention_mask"].double()[:, None, :, None]
+        src = {l: ((x.double() * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp_min(1)).float() for l, x in base_probs.items()}
+    elif method == "resample":
+        src = {l: x[derangement(N, seed)] for l, x in base_probs.items()}
+    else:
+        src = clean_probs if direction == "denoising" else pattern_run(model, corrupt)[1]
+    heads = range(H) if heads is None else heads
+    cells = itertools.product(range(L), heads, range(T)) if per_position else itertools.product(range(L), heads, [None])
+    out = torch.full((L, H, T, N) if per_position else (L, H, N), float("nan"))
+    for l, h, p in cells:
+        logits, _ = pattern_run(model, base, {(l, h, p): src[l][:, h]})
+        out[(l, h, p) if per_position else (l, h)] = oracle_metric(metric, logits, base, clean_logits)
+    return out
+
+
+@pytest.mark.parametrize("method,direction", METHODS[1:], ids=METHOD_IDS[1:])
+def test_pattern_per_head_matches_oracle(model, method, direction):
+    """Unpadded for mean/resample (patterns of differently padded examples do not transfer:
+    see test_pattern_padding_mismatch_is_refused); left-padded for patch (padded alike)."""
+    pad = dict(pad="left", lengths=[7, 6, 5]) if method == "patch" else {}
+    batch = make_batch(3, 7, seed=41, **pad)
+    corrupt = corrupt_of(batch) if method == "patch" else None
+    kw = dict(corrupt=corrupt, method=method, direction=direction or "denoising")
+    r = headint.scan(model, batch, "logit_diff", target="pattern", progress=False, backend=BACKEND, **kw)
+    expected = oracle_pattern_scan(model, batch, "logit_diff", **kw)
+    assert_matches(r, expected)
+    assert (expected - r.base_per_example).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_pattern_per_position_matches_oracle(model, direction):
+    batch = make_batch(2, 6, seed=42)
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction=direction, per_position=True, heads=[1])
+    r = headint.scan(model, batch, "kl", target="pattern", progress=False, backend=BACKEND, batch_size=5, **kw)
+    assert r.settings["position_reuse"] is True
+    assert_matches(r, oracle_pattern_scan(model, batch, "kl", **kw))
+
+
+def test_pattern_on_default_backend_and_direct(model):
+    """The pattern edit rides on the kernels' head-output replacement: any backend gives the
+    oracle's values; with effect='direct' the last layer equals the total effect."""
+    batch = make_batch(2, 6, seed=43)
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction="noising")
+    r = headint.scan(model, batch, "logit_diff", target="pattern", progress=False, **kw)
+    assert_matches(r, oracle_pattern_scan(model, batch, "logit_diff", **kw))
+    d = headint.scan(model, batch, "logit_diff", target="pattern", effect="direct", progress=False, backend=BACKEND, **kw)
+    assert torch.allclose(d.per_example[-1], r.per_example[-1], atol=1e-5)
+
+
+def test_pattern_zero_is_refused():
+    with pytest.raises(ValueError, match="target='pattern' takes method 'patch', 'mean' or 'resample'"):
+        headint.scan(tiny_gpt2(), make_batch(2, 5), "logit_diff", target="pattern", method="zero", progress=False)
+
+
+@pytest.mark.parametrize("method", ["mean", "resample"])
+def test_pattern_padding_mismatch_is_refused(method):
+    batch = make_batch(3, 7, seed=44, pad="left", lengths=[7, 6, 5])
+    with pytest.raises(ValueError, match=rf"target='pattern' with method='{method}': the source attention pattern for example \d+ \(layer 0\) puts weight on keys that are padding"):
+        headint.scan(tiny_gpt2(), batch, "logit_diff", target="pattern", method=method, progress=False, backend=BACKEND)

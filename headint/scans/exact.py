@@ -106,6 +106,13 @@ def scan(
             then indexes the ``n_kv_heads`` key/value heads (``settings["head_kind"]`` says
             ``"key/value"``), and ``heads=`` selects key/value heads. ``head_sets`` are for
             ``"z"`` only. ``"q"`` sources cost one extra recording forward per source run.
+            ``"pattern"``: the head's attention probabilities are replaced by the source's (the
+            other run's, the per-position mean over examples, another example's), per head or
+            per head and query position; the head's output becomes ``probs @ v`` with this
+            run's values, computed on the reference path for the affected heads and handed to
+            the kernel as a head-output replacement. Memory: the source probabilities are kept
+            for every layer, ``O(N*H*T^2)``, and every patched layer holds ``O(B*H*T^2)`` per
+            batch of ``B`` rows. Methods ``"patch"``, ``"mean"``, ``"resample"``.
         effect: ``"total"`` (default): every later component recomputes, so the result is the
             head's total effect. ``"direct"``: the head's effect through the residual stream
             straight to the logits: every attention head of every layer above the variant's
@@ -142,6 +149,9 @@ def scan(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, got {effect!r}")
+    if target == "pattern" and method == "zero":
+        raise ValueError("target='pattern' takes method 'patch', 'mean' or 'resample'; zero attention probabilities "
+                         "would equal zeroing the head output (target='z')")
     if target != "z" and head_sets is not None:
         raise ValueError(f"head_sets are scanned with target='z' only, got target={target!r}")
     if not (isinstance(batch_size, str) and batch_size == "auto") and positive_int(batch_size) is None:
@@ -159,6 +169,8 @@ def scan(
     with running(ranks), setup.base_runs() as runs:
         base = runs.corrupt if (method == "patch" and direction == "denoising") else runs.clean
         patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction, target)
+        if target == "pattern":
+            _check_pattern_padding(patch_source, base, shape.n_layers, method)
         freeze_source = _freeze_source(base) if effect == "direct" else None
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
@@ -174,6 +186,9 @@ def scan(
             if effect == "direct":
                 patched = shape.n_layers - min(v.start_layer for v in variants)
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
+            if target == "pattern":  # + per row: the replacement probabilities, its window and P @ v scratch
+                per_row = 3 * shape.n_heads * T * (T + shape.head_dim) * 4
+                rows_per_batch = max(1, min(rows_per_batch, setup.memory_budget(memory_budget) // max(1, per_row)))
         else:
             rows_per_batch = positive_int(batch_size)
         rows_per_batch = agree_rows(ranks, rows_per_batch)
@@ -266,6 +281,23 @@ def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, d
     return run_in_halves(run, torch.arange(len(ex)), device)
 
 
+def _check_pattern_padding(patch_source, base: VariantRunner, n_layers: int, method: str) -> None:
+    """Source attention probabilities must put no weight on keys that are padding in the example
+    they are patched into (such weight would read padding's values: padding would change the
+    result). Checked once, for every example and layer."""
+    mask = base.batch["attention_mask"].bool()
+    ex = torch.arange(base.N, device=mask.device)
+    for l in range(n_layers):
+        probs = patch_source(l, ex)  # [N or 1, H, T, T]
+        m = mask.to(probs.device)
+        leak = (probs.abs() * (m[:, None, :, None] & ~m[:, None, None, :])).amax(dim=(1, 2, 3))  # [N]
+        if bool((leak > 0).any()):
+            n = int((leak > 0).nonzero()[0])
+            raise ValueError(f"target='pattern' with method={method!r}: the source attention pattern for example {n} (layer {l}) "
+                             f"puts weight on keys that are padding in that example; patterns only transfer between examples "
+                             f"padded alike (use unpadded inputs, or method='patch' with corrupt inputs padded like the clean ones)")
+
+
 def _freeze_source(base: VariantRunner):
     """``fn(layer, ex) -> [R, H, T, D]``: the base run's head outputs, to freeze (direct effects)."""
     return lambda layer, ex: base.base.z[layer][ex.to(base.base.z[layer].device)].transpose(1, 2)
@@ -273,7 +305,8 @@ def _freeze_source(base: VariantRunner):
 
 def _recorded(runner: VariantRunner, target: str, model=None, backend: str = "auto") -> dict[int, torch.Tensor]:
     """``{layer: [N, Hx, T, D]}``: the runner's base-run values of ``target``, head-major.
-    ``z``, ``k`` and ``v`` come from the clean pass; ``q`` is recorded by one more forward."""
+    ``z``, ``k`` and ``v`` come from the clean pass; ``q`` and ``pattern`` (``[N, H, T, T]``)
+    are recorded by one more forward."""
     if target == "z":
         return {l: z.transpose(1, 2) for l, z in runner.base.z.items()}
     if target in ("k", "v"):
@@ -308,7 +341,7 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
                 acts = {l: x.transpose(1, 2) for l, x in acts.items()}
             mask = ref["attention_mask"]
         means = {}
-        for l, x in acts.items():  # x [N, Hx, T, D]; per-position mean over the non-padding examples
+        for l, x in acts.items():  # x [N, Hx, T, D or T]; per-position mean over the non-padding examples
             w = mask.to(x.device).float()[:, None, :, None]
             means[l] = ((x.float() * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp_min(1)).to(x.dtype)
         return lambda layer, ex: means[layer]  # [1, Hx, T, D]

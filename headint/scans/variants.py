@@ -45,7 +45,7 @@ def all_pairs(shape: ModelShape, layers: Sequence[int] | None = None, heads: Seq
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1 :]]
 
 
-TARGETS = ("z", "q", "k", "v")
+TARGETS = ("z", "q", "k", "v", "pattern")
 
 
 def target_heads(shape: ModelShape, target: str) -> int:
@@ -70,8 +70,9 @@ def build_plan(
     ``target``: what each variant's heads replace: ``"z"`` the head output (``head_mask`` /
     ``head_patch``), ``"q"`` the query (heads and positions index queries), ``"k"``/``"v"`` the
     key/value (heads index key/value heads, positions index keys), all after rotary embeddings
-    (``qkv`` edits). ``patch_source(layer, ex) -> [R or 1, Hx, T, D] | None`` gives the
-    replacement values, head-major (None: zeros).
+    (``qkv`` edits), ``"pattern"`` the attention probabilities (positions index queries).
+    ``patch_source(layer, ex) -> [R or 1, Hx, T, D] | None`` gives the replacement values,
+    head-major (None: zeros); for ``"pattern"``, ``[R or 1, H, T, T]`` probabilities.
 
     ``freeze_source(layer, ex) -> [R, H, T, D]`` (direct effects): every head output of every
     layer above a row's variant's lowest layer is replaced by it (the base run's ``z``), except
@@ -101,6 +102,8 @@ def build_plan(
     for l, sel in sels.items():
         if target == "z":
             layers[l] = {"head_mask": (~sel).float(), "head_patch": patch_source(l, ex)}
+        elif target == "pattern":
+            layers[l] = {"pattern": (sel, patch_source(l, ex))}
         else:
             values = patch_source(l, ex)
             if values is None:
