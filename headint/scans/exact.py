@@ -119,9 +119,10 @@ def scan(
             (lowest) layer keeps its output ``z`` of the run being intervened on (the base run:
             corrupt for denoising, clean otherwise). Not frozen: MLPs (headint has no per-model
             MLP hooks; an attention-only model has no MLP path) and the final LayerNorm's scale
-            (recomputed from the changed residual stream, as in TransformerLens's
-            ``get_act_patch``-style direct paths when ``ln_final`` is not frozen). So on a model
-            with MLPs, "direct" still includes paths through later MLPs. See :func:`direct_vs_total`.
+            (recomputed from the changed residual stream). So on a model with MLPs, "direct"
+            still includes paths through later MLPs; on an attention-only model it is the path
+            straight to the unembedding. Layers at and below the variant's recompute as in
+            ``"total"``. See :func:`headint.direct_vs_total`.
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
