@@ -20,6 +20,7 @@ from .plan import InterventionPlan, Plan, TensorPlan
 from .shape import LayerShape, ModelShape
 from .results import NaNMetricWarning, ScanResult
 from .scans import all_pairs, attribution_scan, path_patch, scan
+from .scans import DirectTotal, direct_vs_total
 from .tokens import to_str_tokens
 from .scans import knockout_scan, learn_gates, prune_curve
 from . import metrics, models
@@ -30,6 +31,6 @@ __all__ = [
     "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape", "LayerShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
-    "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "ScanResult", "NaNMetricWarning", "metrics", "models",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "direct_vs_total", "DirectTotal", "ScanResult", "NaNMetricWarning", "metrics", "models",
     "to_str_tokens",
 ]

@@ -157,7 +157,14 @@ class TensorPlan(Plan):
     positions), ``head_patch`` ``[B, H, T, D]`` (or ``[1, ...]``), ``head_bias``
     ``[B, H, T, D]`` (added to the head outputs), ``score_scale`` ``[B, H]``, ``knockout``
     (:class:`~headint.ops.EdgeKnockout` with selectors over absolute query/key positions
-    ``[B, H, T]``). ``T`` must cover every absolute position the model is run at (or be 1).
+    ``[B, H, T]``), ``qkv``: a list of ``(which, select [B, Hx, T] bool, values [B or 1, Hx,
+    T, D])`` replacing queries (``which="q"``, ``Hx`` query heads, ``T`` over query positions)
+    or keys/values (``"k"``/``"v"``, ``Hx`` key/value heads, ``T`` over key positions) before
+    attention, after rotary embeddings; ``pattern``: ``(select [B, H, T] bool, probs [B or 1, H,
+    T, T])``: the selected heads' attention probabilities at the selected queries replaced by
+    ``probs`` (rows: absolute query positions, columns: absolute key positions; O(B*H*T^2)
+    memory). ``T`` must cover every absolute position the model is
+    run at (or be 1).
     """
 
     def __init__(self, layers: dict[int, dict[str, Any]]):
@@ -191,4 +198,13 @@ class TensorPlan(Plan):
         ko = spec.get("knockout")
         if ko is not None:
             plan.knockouts.append(EdgeKnockout(window(ko.queries, q_start, q_start + Tq), window(ko.keys, k_start, k_start + Tk)))
+        for which, sel, values in spec.get("qkv") or ():
+            lo, n = (q_start, Tq) if which == "q" else (k_start, Tk)
+            plan.qkv_edits.append((which, window(sel, lo, lo + n), window(values, lo, lo + n)))
+        if spec.get("pattern") is not None:
+            sel, probs = spec["pattern"]
+            if probs.shape[2] < q_start + Tq or probs.shape[3] < k_start + Tk or k_start < 0:
+                raise ValueError(f"TensorPlan pattern for layer {layer} covers {list(probs.shape[2:])} positions, the call needs "
+                                 f"queries up to {q_start + Tq} and keys up to {k_start + Tk}")
+            plan.pattern_edits.append((window(sel, q_start, q_start + Tq), probs[:, :, q_start : q_start + Tq, k_start : k_start + Tk]))
         return None if plan.empty else plan

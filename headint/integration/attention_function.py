@@ -20,6 +20,7 @@ from ..distributed import gather_heads, head_shard, is_active, take_heads
 from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
+from .pattern_patch import apply_pattern_edits
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
@@ -110,6 +111,8 @@ def headint_attention_forward(
         if plan.qkv_edits:
             query, key, value = _apply_qkv_edits(plan.qkv_edits, query, key, value)
         kw = dict(head_mask=plan.head_mask, head_patch=plan.head_patch, score_scale=plan.score_scale, knockout=plan.knockouts or None)
+        if plan.pattern_edits:
+            kw["head_mask"], kw["head_patch"] = apply_pattern_edits(plan.pattern_edits, value, plan.head_mask, plan.head_patch)
     out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw)
     if plan is not None and plan.head_bias is not None:
         out = out + plan.head_bias.to(out.device, out.dtype)

@@ -36,7 +36,10 @@ class CallPlan:
     for :func:`headint.attention`; head_bias ``[Bp, H, Tq, D]`` float32 added to the attention's
     output ``[B, H, Tq, D]`` right after it; score_scale ``[Bp, H]``; knockouts: a list of
     :class:`~headint.ops.EdgeKnockout`; qkv_edits: ``(which, select [Bp, Hx, T] bool,
-    values [Bp, Hx, T, D])`` applied to q/k/v before attention.
+    values [Bp, Hx, T, D])`` applied to q/k/v before attention; pattern_edits: ``(select
+    [Bp, H, Tq] bool, probs [Bp, H, Tq, Tk])``: those heads' outputs at those queries become
+    ``probs @ v`` (attention probabilities replaced; see
+    :mod:`headint.integration.pattern_patch`).
     """
 
     head_mask: torch.Tensor | None = None
@@ -45,11 +48,12 @@ class CallPlan:
     score_scale: torch.Tensor | None = None
     knockouts: list = field(default_factory=list)
     qkv_edits: list = field(default_factory=list)
+    pattern_edits: list = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return (self.head_mask is None and self.head_bias is None and self.score_scale is None
-                and not self.knockouts and not self.qkv_edits)
+                and not self.knockouts and not self.qkv_edits and not self.pattern_edits)
 
     def to(self, device) -> "CallPlan":
         """This plan with every tensor on ``device`` (the attention call's: a model split across
@@ -62,12 +66,14 @@ class CallPlan:
         tensors = [self.head_mask, self.head_patch, self.head_bias, self.score_scale]
         tensors += [t for ko in self.knockouts for t in (ko.queries, ko.keys) if isinstance(t, torch.Tensor)]
         tensors += [t for _, s, v in self.qkv_edits for t in (s, v)]
+        tensors += [t for s, p in self.pattern_edits for t in (s, p)]
         if all(t is None or t.device == device for t in tensors):
             return self
         knockouts = [EdgeKnockout(mv(ko.queries) if isinstance(ko.queries, torch.Tensor) else ko.queries,
                                   mv(ko.keys) if isinstance(ko.keys, torch.Tensor) else ko.keys) for ko in self.knockouts]
         return CallPlan(mv(self.head_mask), mv(self.head_patch), mv(self.head_bias), mv(self.score_scale),
-                        knockouts, [(w, mv(s), mv(v)) for w, s, v in self.qkv_edits])
+                        knockouts, [(w, mv(s), mv(v)) for w, s, v in self.qkv_edits],
+                        [(mv(s), mv(p)) for s, p in self.pattern_edits])
 
     def for_heads(self, q: slice, kv: slice, n_heads: int, take=None) -> "CallPlan":
         """The operands of the heads one tensor-parallel rank holds: query heads ``q`` and
@@ -92,6 +98,7 @@ class CallPlan:
             heads(self.head_mask, q), heads(self.head_patch, q), heads(self.head_bias, q), heads(self.score_scale, q),
             [EdgeKnockout(ko_side(ko.queries), ko_side(ko.keys)) for ko in self.knockouts],
             [(w, heads(s, q if w == "q" else kv), heads(v, q if w == "q" else kv)) for w, s, v in self.qkv_edits],
+            [(heads(s, q), heads(p, q)) for s, p in self.pattern_edits],
         )
 
 

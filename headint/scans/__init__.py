@@ -4,10 +4,11 @@ head gates, pruning curves and attention-knockout scans."""
 from .attribution import attribution_scan
 from .checkpoint import CheckpointError
 from .exact import scan
+from .effects import DirectTotal, direct_vs_total
 from .path import path_patch
 from .variants import Variant, all_pairs
 from .gates import learn_gates
 from .knockout import knockout_scan
 from .prune import prune_curve
 
-__all__ = ["scan", "attribution_scan", "path_patch", "all_pairs", "Variant", "CheckpointError", "learn_gates", "prune_curve", "knockout_scan"]
+__all__ = ["scan", "attribution_scan", "path_patch", "all_pairs", "Variant", "CheckpointError", "learn_gates", "prune_curve", "knockout_scan", "direct_vs_total", "DirectTotal"]

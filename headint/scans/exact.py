@@ -17,10 +17,11 @@ from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_c
 from .positions import with_position_ids
 from .runner import VariantRunner, as_batch
 from .setup import prepare_scan
-from .variants import Variant, build_plan, head_grid
+from .variants import TARGETS, Variant, build_plan, head_grid, target_heads
 
 METHODS = ("zero", "mean", "resample", "patch")
 DIRECTIONS = ("denoising", "noising")
+EFFECTS = ("total", "direct")
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
@@ -55,13 +56,15 @@ def scan(
     backend: str = "auto",
     seed: int = 0,
     distributed: bool | str = "auto",
+    target: str = "z",
+    effect: str = "total",
 ) -> ScanResult:
     """Exact causal scan of attention heads.
 
-    For each head (or head at each position, or each head set) the head output ``z`` is
-    replaced and ``metric`` recomputed, for every example; the result holds per-example
-    values. It equals patching ``z`` one intervention at a time with a hook on the output
-    projection, computed in far fewer layer-forwards.
+    For each head (or head at each position, or each head set) the head output ``z`` (or the
+    head's query, key or value: ``target``) is replaced and ``metric`` recomputed, for every
+    example; the result holds per-example values. It equals patching one intervention at a
+    time with hooks, computed in far fewer layer-forwards.
 
     Args:
         inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask`` and what
@@ -94,6 +97,32 @@ def scan(
             torch.distributed process group (e.g. under ``torchrun``; see
             :mod:`headint.scans.distributed`), every rank returning the identical result, equal
             to a single process's; ``False`` runs everything in this process; ``True`` requires a group.
+        target: what is replaced: ``"z"`` (head outputs, default), ``"q"`` (the head's queries),
+            ``"k"`` or ``"v"`` (keys or values), all after rotary embeddings, with the method's
+            values of that tensor (the other run's, the mean's, another example's, or zeros).
+            With ``per_position=True`` a ``"q"`` position is a query position and a ``"k"``/``"v"``
+            position a key position (the keys every later query reads). Under grouped-query
+            attention ``"k"``/``"v"`` scans are over key/value heads: the result's ``"head"`` axis
+            then indexes the ``n_kv_heads`` key/value heads (``settings["head_kind"]`` says
+            ``"key/value"``), and ``heads=`` selects key/value heads. ``head_sets`` are for
+            ``"z"`` only. ``"q"`` sources cost one extra recording forward per source run.
+            ``"pattern"``: the head's attention probabilities are replaced by the source's (the
+            other run's, the per-position mean over examples, another example's), per head or
+            per head and query position; the head's output becomes ``probs @ v`` with this
+            run's values, computed on the reference path for the affected heads and handed to
+            the kernel as a head-output replacement. Memory: the source probabilities are kept
+            for every layer, ``O(N*H*T^2)``, and every patched layer holds ``O(B*H*T^2)`` per
+            batch of ``B`` rows. Methods ``"patch"``, ``"mean"``, ``"resample"``.
+        effect: ``"total"`` (default): every later component recomputes, so the result is the
+            head's total effect. ``"direct"``: the head's effect through the residual stream
+            straight to the logits: every attention head of every layer above the variant's
+            (lowest) layer keeps its output ``z`` of the run being intervened on (the base run:
+            corrupt for denoising, clean otherwise). Not frozen: MLPs (headint has no per-model
+            MLP hooks; an attention-only model has no MLP path) and the final LayerNorm's scale
+            (recomputed from the changed residual stream). So on a model with MLPs, "direct"
+            still includes paths through later MLPs; on an attention-only model it is the path
+            straight to the unembedding. Layers at and below the variant's recompute as in
+            ``"total"``. See :func:`headint.direct_vs_total`.
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -117,12 +146,22 @@ def scan(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {EFFECTS}, got {effect!r}")
+    if target == "pattern" and method == "zero":
+        raise ValueError("target='pattern' takes method 'patch', 'mean' or 'resample'; zero attention probabilities "
+                         "would equal zeroing the head output (target='z')")
+    if target != "z" and head_sets is not None:
+        raise ValueError(f"head_sets are scanned with target='z' only, got target={target!r}")
     if not (isinstance(batch_size, str) and batch_size == "auto") and positive_int(batch_size) is None:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
-    variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions)
-    settings = dict(setup.settings, method=method, direction=direction if method == "patch" else None, per_position=per_position,
+    variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions, target)
+    settings = dict(setup.settings, target=target, effect=effect, head_kind="key/value" if target in ("k", "v") else "query",
+                    method=method, direction=direction if method == "patch" else None, per_position=per_position,
                     layers=layers, heads=heads, head_sets=None if head_sets is None else [list(map(list, s)) for s in head_sets],
                     positions=positions, seed=seed)
 
@@ -130,7 +169,10 @@ def scan(
 
     with running(ranks), setup.base_runs() as runs:
         base = runs.corrupt if (method == "patch" and direction == "denoising") else runs.clean
-        patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction)
+        patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction, target)
+        if target == "pattern":
+            _check_pattern_padding(patch_source, base, shape.n_layers, method)
+        freeze_source = _freeze_source(base) if effect == "direct" else None
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
         # Not where the model may be tensor-parallel (a process group, the scan not split by data): the
@@ -142,7 +184,12 @@ def scan(
             groups.setdefault((v.start_layer, start_pos), []).append(vi)
         if batch_size == "auto":
             patched = max(len({l for l, _ in v.heads}) for v in variants)
+            if effect == "direct":
+                patched = shape.n_layers - min(v.start_layer for v in variants)
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
+            if target == "pattern":  # + per row: the replacement probabilities, its window and P @ v scratch
+                per_row = 3 * shape.n_heads * T * (T + shape.head_dim) * 4
+                rows_per_batch = max(1, min(rows_per_batch, setup.memory_budget(memory_budget) // max(1, per_row)))
         else:
             rows_per_batch = positive_int(batch_size)
         rows_per_batch = agree_rows(ranks, rows_per_batch)
@@ -155,7 +202,8 @@ def scan(
 
         def compute(i: int) -> torch.Tensor:
             c = chunks[i]
-            ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos))
+            ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos,
+                                  target, freeze_source))
             return ckpt.done[i]
 
         todo = [i for i in range(len(chunks)) if i not in ckpt.done]
@@ -178,9 +226,9 @@ def scan(
                       settings=settings, base_per_example=base.base_values())
 
 
-def _variants(shape, T, per_position, layers, heads, head_sets, positions):
+def _variants(shape, T, per_position, layers, heads, head_sets, positions, target="z"):
     """The scan's variants and result grid: ``(variants, index of each in the grid, axes,
-    grid shape, labels)``; arguments validated."""
+    grid shape, labels)``; arguments validated. ``"k"``/``"v"`` targets range over key/value heads."""
     if head_sets is not None:
         if per_position:
             raise ValueError("head_sets and per_position=True cannot be combined: head sets are scanned over all positions")
@@ -190,16 +238,17 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions):
         for s in sets:
             head_grid(shape, [l for l, _ in s], [h for _, h in s])
         return [Variant(s) for s in sets], list(range(len(sets))), ("head_set",), (len(sets),), [list(s) for s in sets]
-    pairs = head_grid(shape, layers, heads)
+    n = target_heads(shape, target)
+    pairs = head_grid(shape, layers, heads, n_heads=n, kind="key/value " if target in ("k", "v") else "")
     if not per_position:
-        return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, shape.n_heads), None
+        return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, n), None
     pos = list(range(T)) if positions is None else [int(p) for p in positions]
     for p in pos:
         if not 0 <= p < T:
             raise ValueError(f"positions: {p} out of range for inputs of length {T}")
     variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
     index = [(l, h, p) for l, h in pairs for p in pos]
-    return variants, index, ("layer", "head", "position"), (shape.n_layers, shape.n_heads, T), None
+    return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
 
 
 @dataclass(frozen=True)
@@ -222,39 +271,85 @@ def _chunks(groups: dict[tuple[int, int], list[int]], N: int, rows_per_batch: in
     return chunks
 
 
-def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0) -> torch.Tensor:
+def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0, target="z", freeze_source=None) -> torch.Tensor:
     """Evaluate one chunk ``[R]``; on out-of-memory (CUDA or CPU), split it in halves and retry."""
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
-        plan = build_plan(shape, variants, e, var[rows], T, patch_source, device)
+        plan = build_plan(shape, variants, e, var[rows], T, patch_source, device, target, freeze_source)
         return base.run(e, plan, start_layer=l0, start_pos=p0).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 
 
-def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction):
-    """``fn(layer, ex) -> [R or 1, H, T, D] | None``: replacement head outputs for rows ``ex``."""
+def _check_pattern_padding(patch_source, base: VariantRunner, n_layers: int, method: str) -> None:
+    """Source attention probabilities must put no weight on keys that are padding in the example
+    they are patched into (such weight would read padding's values: padding would change the
+    result). Checked once, for every example and layer."""
+    mask = base.batch["attention_mask"].bool()
+    ex = torch.arange(base.N, device=mask.device)
+    for l in range(n_layers):
+        probs = patch_source(l, ex)  # [N or 1, H, T, T]
+        m = mask.to(probs.device)
+        leak = (probs.abs() * (m[:, None, :, None] & ~m[:, None, None, :])).amax(dim=(1, 2, 3))  # [N]
+        if bool((leak > 0).any()):
+            n = int((leak > 0).nonzero()[0])
+            raise ValueError(f"target='pattern' with method={method!r}: the source attention pattern for example {n} (layer {l}) "
+                             f"puts weight on keys that are padding in that example; patterns only transfer between examples "
+                             f"padded alike (use unpadded inputs, or method='patch' with corrupt inputs padded like the clean ones)")
+
+
+def _freeze_source(base: VariantRunner):
+    """``fn(layer, ex) -> [R, H, T, D]``: the base run's head outputs, to freeze (direct effects)."""
+    return lambda layer, ex: base.base.z[layer][ex.to(base.base.z[layer].device)].transpose(1, 2)
+
+
+def _recorded(runner: VariantRunner, target: str, model=None, backend: str = "auto") -> dict[int, torch.Tensor]:
+    """``{layer: [N, Hx, T, D]}``: the runner's base-run values of ``target``, head-major.
+    ``z``, ``k`` and ``v`` come from the clean pass; ``q`` and ``pattern`` (``[N, H, T, T]``)
+    are recorded by one more forward."""
+    if target == "z":
+        return {l: z.transpose(1, 2) for l, z in runner.base.z.items()}
+    if target in ("k", "v"):
+        return dict(runner.base.k if target == "k" else runner.base.v)
+    cache = _record_inputs(model, runner.batch, target, backend)
+    return {l: cache.get(target, l) for l in cache.layers()}
+
+
+def _record_inputs(model, batch: dict, target: str, backend: str):
+    from ..integration.record import record
+
+    return record(model, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch},
+                  what=(target,), backend=backend)
+
+
+def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction, target="z"):
+    """``fn(layer, ex) -> [R or 1, Hx, T, D] | None``: replacement values of ``target`` (head
+    outputs, queries, keys or values, head-major) for rows ``ex``."""
     if method == "zero":
         return lambda layer, ex: None
     if method == "mean":
         if mean_inputs is None:
-            zs, mask = base.base.z, base.batch["attention_mask"]
+            acts, mask = _recorded(base, target, model, backend), base.batch["attention_mask"]
         else:
-            from ..integration.record import record
-
             ref = with_position_ids(model, as_batch(mean_inputs), "mean_inputs")
             if ref["input_ids"].shape[1] != base.T:
                 raise ValueError(f"mean_inputs have length {ref['input_ids'].shape[1]} (shape {list(ref['input_ids'].shape)}); "
                                  f"the per-position mean needs the inputs' length {base.T}")
-            cache = record(model, {k: ref[k] for k in ("input_ids", "attention_mask", "position_ids") if k in ref}, what=("z",), backend=backend)
-            zs, mask = {l: cache.get("z", l) for l in cache.layers()}, ref["attention_mask"]
-        w = mask.float()
-        means = {l: ((z.float() * w[..., None, None]).sum(0) / w.sum(0).clamp_min(1)[:, None, None]) for l, z in zs.items()}
-        return lambda layer, ex: means[layer].transpose(0, 1)[None].to(zs[layer].dtype)  # [1, H, T, D]
+            cache = _record_inputs(model, ref, target, backend)
+            acts = {l: cache.get(target, l) for l in cache.layers()}
+            if target == "z":
+                acts = {l: x.transpose(1, 2) for l, x in acts.items()}
+            mask = ref["attention_mask"]
+        means = {}
+        for l, x in acts.items():  # x [N, Hx, T, D or T]; per-position mean over the non-padding examples
+            w = mask.to(x.device).float()[:, None, :, None]
+            means[l] = ((x.float() * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp_min(1)).to(x.dtype)
+        return lambda layer, ex: means[layer]  # [1, Hx, T, D]
     if method == "resample":
+        acts = _recorded(base, target, model, backend)
         perm = _derangement(base.N, seed).to(base.batch["input_ids"].device)
-        return lambda layer, ex: base.base.z[layer][perm[ex].to(base.base.z[layer].device)].transpose(1, 2)
-    source = clean_runner if direction == "denoising" else corrupt_runner
-    # each layer's cached z sits on that layer's device (models split across devices)
-    return lambda layer, ex: source.base.z[layer][ex.to(source.base.z[layer].device)].transpose(1, 2)
+        return lambda layer, ex: acts[layer][perm[ex].to(acts[layer].device)]
+    acts = _recorded(clean_runner if direction == "denoising" else corrupt_runner, target, model, backend)
+    # each layer's cached values sit on that layer's device (models split across devices)
+    return lambda layer, ex: acts[layer][ex.to(acts[layer].device)]

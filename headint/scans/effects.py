@@ -1,0 +1,51 @@
+"""Direct vs total effects of heads, side by side: how much of a head's effect later heads
+undo (self-repair, McGrath et al. 2023 "the Hydra effect"; Rushing & Nanda 2024) or amplify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..results import ScanResult
+from .exact import scan
+
+
+@dataclass(frozen=True)
+class DirectTotal:
+    """Two scans over the same grid and examples: ``total`` (every later component recomputed)
+    and ``direct`` (every later attention head frozen at the base run's output; see
+    :func:`headint.scan`'s ``effect``)."""
+
+    total: ScanResult
+    direct: ScanResult
+
+    @property
+    def self_repair(self) -> torch.Tensor:
+        """``total.effect - direct.effect`` ``[*grid]``: how far later heads move the metric back
+        from where the head's direct path alone puts it. Positive when they compensate a
+        negative direct effect (self-repair); negative when they amplify it (e.g. a
+        previous-token head whose output induction heads read)."""
+        return self.total.effect - self.direct.effect
+
+    def to_frame(self):
+        """A pandas DataFrame: one row per grid cell with its ``direct``, ``total`` and
+        ``self_repair`` effects."""
+        frame = self.total.to_frame()[list(self.total.axes)].copy()
+        frame["direct"] = self.direct.effect.reshape(-1).numpy()
+        frame["total"] = self.total.effect.reshape(-1).numpy()
+        frame["self_repair"] = self.self_repair.reshape(-1).numpy()
+        return frame
+
+
+def direct_vs_total(model, inputs, metric, **scan_kwargs) -> DirectTotal:
+    """Scan every head twice, ``effect="total"`` and ``effect="direct"``, with the same
+    arguments (``scan_kwargs``: those of :func:`headint.scan` but ``effect``); returns both
+    and their difference per head (:attr:`DirectTotal.self_repair`)."""
+    if "effect" in scan_kwargs:
+        raise TypeError("direct_vs_total runs both effects; do not pass effect=")
+    if scan_kwargs.get("head_sets") is not None:
+        raise ValueError("direct_vs_total compares single heads; head_sets are not supported here")
+    total = scan(model, inputs, metric, effect="total", **scan_kwargs)
+    direct = scan(model, inputs, metric, effect="direct", **scan_kwargs)
+    return DirectTotal(total, direct)

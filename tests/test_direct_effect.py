@@ -1,0 +1,162 @@
+"""effect="direct" (every later attention head frozen at the base run's output) against a hook
+oracle, and direct vs total effects on the embedded induction model.
+
+Oracle: one forward per intervention, forward pre-hooks on the output projections replace the
+scanned head's output and set every head output of every later layer to the base run's
+(recorded by a plain forward of the base inputs).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import headint
+from headint.metrics import LogitDiff
+from scan_oracles import (
+    corrupt_of,
+    make_batch,
+    masked_mean_z,
+    model_inputs,
+    n_heads,
+    n_layers,
+    oracle_metric,
+    record_z,
+    replace_heads,
+    tiny_gpt2,
+    tiny_llama,
+)
+from test_scan_targets import assert_matches, scan_and_oracle
+
+BACKEND = "reference"
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    return tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+
+
+def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="denoising", per_position=False,
+                  heads=None, positions=None, head_sets=None) -> torch.Tensor:
+    L, H = n_layers(model), n_heads(model)
+    N, T = batch["input_ids"].shape
+    z_clean, clean_logits = record_z(model, batch)
+    base = corrupt if (method == "patch" and direction == "denoising") else batch
+    z_base = record_z(model, base)[0]
+    if method == "zero":
+        src = None
+    elif method == "mean":
+        src = masked_mean_z(z_clean, batch["attention_mask"])
+    else:
+        src = z_clean if direction == "denoising" else record_z(model, corrupt)[0]
+
+    def run(cells):
+        """cells: (layer, head, position or None) replaced by the source; later layers frozen."""
+        low = min(l for l, _, _ in cells)
+        own = {(l, h) for l, h, _ in cells}
+        edits = [(l2, h2, None, z_base[l2][:, :, h2]) for l2 in range(low + 1, L) for h2 in range(H) if (l2, h2) not in own]
+        edits += [(l, h, p, None if src is None else src[l][:, :, h]) for l, h, p in cells]
+        with torch.no_grad(), replace_heads(model, edits):
+            logits = model(**model_inputs(base)).logits
+        return oracle_metric(metric, logits, base, clean_logits)
+
+    if head_sets is not None:
+        return torch.stack([run([(l, h, None) for l, h in s]) for s in head_sets])
+    heads = range(H) if heads is None else heads
+    if per_position:
+        out = torch.full((L, H, T, N), float("nan"))
+        for l, h, p in itertools.product(range(L), heads, range(T) if positions is None else positions):
+            out[l, h, p] = run([(l, h, p)])
+        return out
+    out = torch.full((L, H, N), float("nan"))
+    for l, h in itertools.product(range(L), heads):
+        out[l, h] = run([(l, h, None)])
+    return out
+
+
+@pytest.mark.parametrize("method,direction", [("zero", None), ("mean", None), ("patch", "denoising"), ("patch", "noising")],
+                         ids=["zero", "mean", "patch-denoising", "patch-noising"])
+def test_direct_per_head_matches_oracle(model, method, direction):
+    batch = make_batch(3, 7, seed=31, pad="left", lengths=[7, 5, 6])
+    corrupt = corrupt_of(batch) if method == "patch" else None
+    kw = dict(corrupt=corrupt, method=method, direction=direction or "denoising")
+    r = headint.scan(model, batch, "logit_diff", effect="direct", progress=False, backend=BACKEND, **kw)
+    assert r.settings["effect"] == "direct"
+    expected = oracle_direct(model, batch, "logit_diff", **kw)
+    assert_matches(r, expected)
+    total = headint.scan(model, batch, "logit_diff", progress=False, backend=BACKEND, **kw)
+    # the last layer has nothing after it: direct == total, bit for bit
+    assert torch.equal(r.per_example[-1], total.per_example[-1])
+    # below it, freezing later heads changes the values (the test can fail)
+    assert (r.per_example[:-1] - total.per_example[:-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_direct_per_position_matches_oracle(model, direction):
+    batch = make_batch(2, 6, seed=32)
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction=direction, per_position=True, heads=[2])
+    r = headint.scan(model, batch, "kl", effect="direct", progress=False, backend=BACKEND, batch_size=4, **kw)
+    expected = oracle_direct(model, batch, "kl", **{k: v for k, v in kw.items()})
+    assert_matches(r, expected)
+
+
+def test_direct_head_sets_match_oracle(model):
+    """A set spanning layers: the lower layer's other heads are not frozen; at the upper
+    layer the set's own head takes the source value, the others are frozen."""
+    batch = make_batch(3, 6, seed=33)
+    corrupt = corrupt_of(batch)
+    sets = [[(0, 1), (1, 2)], [(0, 0), (0, 3)], [(1, 1), (2, 0)]]
+    r = headint.scan(model, batch, "logprob", corrupt=corrupt, method="patch", direction="noising", head_sets=sets,
+                     effect="direct", progress=False, backend=BACKEND)
+    expected = oracle_direct(model, batch, "logprob", method="patch", corrupt=corrupt, direction="noising", head_sets=sets)
+    assert torch.allclose(r.per_example, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["q", "v"])
+def test_direct_qkv_matches_oracle(model, which):
+    batch = make_batch(3, 6, seed=34)
+    result, expected = scan_and_oracle(model, batch, which, "patch", "noising", effect="direct")
+    assert_matches(result, expected)
+
+
+# ------------------------------------------------------------------------ the embedded model
+
+
+@pytest.fixture(scope="module")
+def induction():
+    from headint.tasks.induction import induction_prompts
+
+    model = headint.models.load("induction-2l")
+    p = induction_prompts(12, seq_len=32, vocab=model.config.vocab_size)
+    clean = {"input_ids": p.clean, "target": p.target, "contrast": p.contrast}
+    corrupt = {"input_ids": p.corrupted, "target": p.target, "contrast": p.contrast}
+    return model, clean, corrupt
+
+
+@pytest.mark.parametrize("method", ["mean", "patch"])
+def test_embedded_direct_vs_total(induction, method):
+    """Attention-only, 2 layers: layer-1 heads have nothing after them (direct == total); L0H0,
+    the previous-token head the induction heads read, acts almost only through them."""
+    model, clean, corrupt = induction
+    kw = dict(method=method, corrupt=corrupt if method == "patch" else None, direction="noising")
+    both = headint.direct_vs_total(model, clean, LogitDiff(), progress=False, **kw)
+    assert torch.equal(both.direct.per_example[1], both.total.per_example[1])
+    assert torch.equal(both.self_repair[1], torch.zeros(4))
+    total, direct = float(both.total.effect[0, 0]), float(both.direct.effect[0, 0])
+    assert total < -3.0, total
+    assert abs(direct) < 0.2 * abs(total), (direct, total)
+    assert float(both.self_repair[0, 0]) == pytest.approx(total - direct)
+    frame = both.to_frame()
+    assert list(frame.columns) == ["layer", "head", "direct", "total", "self_repair"] and len(frame) == 8
+    assert frame.loc[0, "total"] == pytest.approx(total)
+
+
+def test_direct_vs_total_arguments(induction):
+    model, clean, _ = induction
+    with pytest.raises(TypeError, match="do not pass effect="):
+        headint.direct_vs_total(model, clean, LogitDiff(), effect="direct")
+    with pytest.raises(ValueError, match="head_sets are not supported"):
+        headint.direct_vs_total(model, clean, LogitDiff(), head_sets=[[(0, 0)]])
