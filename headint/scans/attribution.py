@@ -4,7 +4,6 @@ and gradient head importance (Michel et al. 2019)."""
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -13,22 +12,10 @@ from ..results import ScanResult
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
+from .masking import frozen_parameters
 from .setup import prepare_scan
 
 ATTRIBUTION_METHODS = ("patch", "mask")
-
-
-@contextlib.contextmanager
-def _frozen_parameters(model):
-    """No parameter gradients inside (only the head masks need them); flags restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 def attribution_scan(
@@ -114,7 +101,7 @@ def attribution_scan(
             return out
 
         starts = list(range(0, N, batch_size))
-        with _frozen_parameters(model):
+        with frozen_parameters(model):
             parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
                 estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
                 progress=False, desc="headint.attribution_scan")

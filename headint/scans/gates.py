@@ -19,7 +19,6 @@ gradients come from the fused kernels' ``d head_mask`` (see :mod:`.masking`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -27,23 +26,10 @@ from tqdm.auto import tqdm
 
 from ..results.gates import GateResult
 from .batching import check_batch_size, run_in_halves
-from .masking import ablation_patches, check_ablation, mask_plan, metric_direction, removed_masks
+from .masking import ablation_patches, frozen_parameters, check_ablation, mask_plan, metric_direction, removed_masks
 from .setup import prepare_scan
 
 GATE_KINDS = ("hard_concrete", "sigmoid")
-
-
-@contextlib.contextmanager
-def frozen_parameters(model):
-    """Every parameter's ``requires_grad`` False inside; each flag restored on exit (also on error)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 class HardConcrete:

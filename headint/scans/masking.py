@@ -10,6 +10,7 @@ their backward pass (no hooks).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -18,6 +19,19 @@ from ..metrics import Metric
 from ..plan import TensorPlan
 from ..shape import ModelShape
 from .runner import VariantRunner
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """Every parameter's ``requires_grad`` False inside; each flag restored on exit (also on error)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
 
 ABLATIONS = ("zero", "mean")
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..results.gates import GateResult
 from ..results.prune import PruneCurve
 from .batching import auto_rows, check_batch_size, run_in_halves
-from .gates import frozen_parameters
+from .masking import frozen_parameters
 from .masking import ablation_patches, check_ablation, check_head, mask_plan, metric_direction, removed_masks
 from .setup import prepare_scan
 
