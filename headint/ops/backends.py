@@ -129,11 +129,11 @@ def _triton_device_limits(device: torch.device) -> str | None:
 
 
 def _triton_limits(a: AttentionArgs) -> UnsupportedShape | None:
-    D = a.q.shape[-1]
-    if D > TRITON_MAX_HEAD_DIM:
-        return UnsupportedShape(
-            f"backend 'triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q of shape {list(a.q.shape)}"
-        )
+    for name, x in (("q", a.q), ("v", a.v)):
+        if x.shape[-1] > TRITON_MAX_HEAD_DIM:
+            return UnsupportedShape(
+                f"backend 'triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got {name} of shape {list(x.shape)}"
+            )
     return None
 
 
