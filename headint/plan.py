@@ -92,7 +92,7 @@ class InterventionPlan(Plan):
 
 def _stack(plans: list[CallPlan], s: ModelShape, Tq: int, Tk: int, device) -> CallPlan:
     """Stack single-row plans into one batched plan."""
-    H, D = s.n_heads, s.head_dim
+    H, D = s.n_heads, s.v_head_dim  # head outputs have the value head dim
     out = CallPlan()
     if any(p.head_mask is not None for p in plans):
         out.head_mask = torch.cat([p.head_mask if p.head_mask is not None else torch.ones(1, H, Tq, device=device) for p in plans])
@@ -118,6 +118,7 @@ def _stack(plans: list[CallPlan], s: ModelShape, Tq: int, Tk: int, device) -> Ca
     for which in whiches:
         n = H if which == "q" else s.n_kv_heads
         T = Tq if which == "q" else Tk
+        D = s.v_head_dim if which == "v" else s.head_dim
         sels, vals = [], []
         for p in plans:
             sel = torch.zeros(1, n, T, dtype=torch.bool, device=device)

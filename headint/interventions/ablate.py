@@ -32,11 +32,11 @@ class Ablate(Intervention):
             raise ValueError(f"Ablate.kind must be 'zero' or 'mean', got {self.kind!r}")
         if self.kind == "mean":
             v = mean_source(self.value, as_int(self.layer, "layer"))
-            if tuple(v.shape[-2:]) != (shape.n_heads, shape.head_dim):
+            if tuple(v.shape[-2:]) != (shape.n_heads, shape.v_head_dim):
                 seen = list(self.value.shape) if isinstance(self.value, torch.Tensor) else list(v.shape[1:])
                 raise ValueError(
-                    f"Ablate mean value for layer {self.layer} has shape {seen}; expected [{shape.n_heads}, {shape.head_dim}] "
-                    f"or [T, {shape.n_heads}, {shape.head_dim}] ([H, D] or [T, H, D])"
+                    f"Ablate mean value for layer {self.layer} has shape {seen}; expected [{shape.n_heads}, {shape.v_head_dim}] "
+                    f"or [T, {shape.n_heads}, {shape.v_head_dim}] ([H, D] or [T, H, D])"
                 )
 
     def lower(self, call) -> None:

@@ -62,7 +62,8 @@ class AttentionCall:
     Geometry: ``layer``; ``B`` rows in the model's batch; ``Tq`` queries at absolute positions
     ``q_positions`` (``[Tq]``, long) and ``Tk`` keys at ``k_positions`` (``[Tk]``; a
     sliding-window cache keeps only the last ``Tk``); ``device``; ``shape`` (a
-    :class:`~headint.shape.ModelShape`: ``n_heads``, ``n_kv_heads``, ``head_dim``); ``row``: the
+    :class:`~headint.shape.ModelShape`: ``n_heads``, ``n_kv_heads``, ``head_dim``, ``v_head_dim``:
+    ``D`` below is the value head dim); ``row``: the
     batch row these edits are for (per-row interventions) or None (every row).
 
     Selectors: :meth:`select`, :meth:`select_keys`, :meth:`select_qkv`, :meth:`positions`.
@@ -80,7 +81,7 @@ class AttentionCall:
         self.row = row
         self.q_positions = torch.arange(q_start, q_start + Tq, device=device)
         self.k_positions = torch.arange(q_start + Tq - Tk, q_start + Tq, device=device)
-        H, D = shape.n_heads, shape.head_dim
+        H, D = shape.n_heads, shape.v_head_dim  # head outputs have the value head dim
         self._m: torch.Tensor | None = None  # [Bs, H, Tq]
         self._p: torch.Tensor | None = None  # [Bs, H, Tq, D]
         self._b: torch.Tensor | None = None  # [Bs, H, Tq, D]

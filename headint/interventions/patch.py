@@ -27,8 +27,8 @@ class Patch(Intervention):
         super().validate(shape)
         layer = as_int(self.layer, "Patch.layer")
         z = z_source(self.source, layer, "Patch.source")
-        if z.dim() != 4 or tuple(z.shape[2:]) != (shape.n_heads, shape.head_dim):
-            raise ValueError(f"Patch.source for layer {layer} has shape {list(z.shape)}; expected [B, T, {shape.n_heads}, {shape.head_dim}]")
+        if z.dim() != 4 or tuple(z.shape[2:]) != (shape.n_heads, shape.v_head_dim):
+            raise ValueError(f"Patch.source for layer {layer} has shape {list(z.shape)}; expected [B, T, {shape.n_heads}, {shape.v_head_dim}]")
 
     def lower(self, call) -> None:
         sel = call.select(self.head, self.positions, "Patch.positions")

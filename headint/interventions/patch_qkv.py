@@ -39,9 +39,10 @@ class PatchQKV(Intervention):
         which, shape = self.which, call.shape
         n = shape.n_heads if which == "q" else shape.n_kv_heads
         src = qkv_source(self.source, which, call.layer, "PatchQKV.source")
-        if src.dim() != 4 or src.shape[1] != n or src.shape[3] != shape.head_dim:
+        d = shape.v_head_dim if which == "v" else shape.head_dim
+        if src.dim() != 4 or src.shape[1] != n or src.shape[3] != d:
             raise ValueError(f"PatchQKV(which={which!r}).source for layer {call.layer} has shape {list(src.shape)}; "
-                             f"expected [B, {n}, T, {shape.head_dim}]")
+                             f"expected [B, {n}, T, {d}]")
         sel = call.select_qkv(which, self.head, self.positions, "PatchQKV.positions")
         axis = "q" if which == "q" else "k"
         vals = call.values_at(call.batch(src, "PatchQKV.source").transpose(1, 2), sel, axis,
