@@ -207,7 +207,6 @@ def default_variants(full: bool = False, arch: int = 90) -> list[Variant]:
         out.append(Variant("fwd", "bf16", 64, SOFTCAP_SINKS, worst("fwd", 64, "bf16", SOFTCAP_SINKS), "sc+sinks"))
         for dtype, d, dv, flags, lbl in [
             ("bf16", 128, None, EVERYTHING, "everything"),
-            ("bf16", 192, 128, CAUSAL, "mla"),
             ("bf16", 192, 128, EVERYTHING, "mla+all"),
             ("fp32", 24, 12, EVERYTHING, "mla-tiny+all"),
             ("fp16", 64, 256, SOFTCAP_SINKS, "dv>d+sc"),

@@ -52,8 +52,9 @@ def attention(
         sinks: attention sinks (gpt-oss): one logit per head, ``[Hq]`` or ``[B, Hq]``, that joins
             every row's softmax denominator and contributes no value:
             ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``. Differentiable.
-        backend: ``"auto"``, ``"reference"``, ``"sdpa"`` (PyTorch SDPA + blend; no knockouts, sinks, soft-capping or
-            score scales), ``"triton"`` or ``"cpu"``; :func:`headint.last_backend` tells which one ran.
+        backend: ``"auto"``, ``"reference"``, ``"sdpa"`` (PyTorch SDPA + blend; no knockouts,
+            score scales, sinks or soft-capping), ``"triton"`` or ``"cpu"``;
+            :func:`headint.last_backend` tells which one ran.
 
     Removed keys and empty rows: a key removed from a query row by ``attn_mask`` (False, or an
     additive ``-inf``), causality, the window or a knockout is never read by that row. A query
@@ -62,13 +63,14 @@ def attention(
 
     NaN (the same on every backend, forward and backward): a NaN in anything a row reads - its
     query, the keys and values it keeps, ``scale``, its head's ``score_scale``, the additive mask
-    at its kept keys, its head's sink - makes that row's attention output NaN (the whole row); ``+inf``
-    scores (e.g. an additive ``+inf``) and non-finite values in kept keys/values count as NaN,
-    while a ``-inf`` score removes the key. A NaN at a removed key never leaks into any row's
+    at its kept keys, its head's sink - makes that row's attention output NaN (the whole row);
+    ``+inf`` scores (e.g. an additive ``+inf``), a ``+inf`` sink and non-finite values in kept
+    keys/values count as NaN, while a ``-inf`` score removes the key (a ``-inf`` sink: no sink). A NaN at a removed key never leaks into any row's
     output, nor into any gradient. The head blend ``m * attn + (1 - m) * head_patch`` is then
     computed elementwise (a NaN ``m`` gives a NaN row, a NaN in ``head_patch`` a NaN element).
     In the backward, a row made NaN by its query, keys, values or scores sends NaN gradients
-    along the edges it read and nothing along the others (a NaN head mask scales the row's
+    along the edges it read (and to its head's sink, which every row reads) and nothing along
+    the others (a NaN head mask scales the row's
     upstream gradient itself, so it reaches every value gradient of its key/value head).
 
     Returns:

@@ -200,6 +200,26 @@ def test_nan_or_plus_inf_sink_makes_its_heads_rows_nan(backend, bad):
     torch.testing.assert_close(out[~bad_heads], clean[~bad_heads])
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_a_nan_row_sends_nan_to_its_heads_sink_gradient_only(backend):
+    q, k, v = _qkv()
+    q_nan = q.clone()
+    q_nan[0, 1, 2, 5] = float("nan")
+    grads = {}
+    for name, qq in (("nan", q_nan), ("clean", q)):
+        sinks = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        vv = v.clone().requires_grad_(True)
+        out = _run(backend, qq, k, vv, causal=True, softcap=2.0, sinks=sinks)
+        grads[name] = torch.autograd.grad(out, (sinks, vv), torch.ones_like(out))
+    dsink, dv = grads["nan"]
+    # query row 2 sits at position 4: it reads keys 0..4 of kv head 0 (query head 1, GQA 2)
+    assert torch.isnan(dsink[0, 1]) and torch.isnan(dv[0, 0, :5]).all() and torch.isfinite(dv[0, 0, 5:]).all()
+    others = torch.ones(2, 4, dtype=torch.bool)
+    others[0, 1] = False
+    torch.testing.assert_close(dsink[others], grads["clean"][0][others])
+    torch.testing.assert_close(dv[1], grads["clean"][1][1])  # batch row 1 reads nothing of the NaN row
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # interpreted tanh of huge scores
 @pytest.mark.parametrize("backend", KERNELS)
 def test_saturated_and_gentle_soft_caps(backend):
