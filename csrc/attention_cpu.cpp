@@ -4,12 +4,15 @@
 // the tiles: GQA, causal / sliding window (queries aligned to the end of the keys), a general
 // keep (bool) or additive (float) mask read through its strides (stride 0 on broadcast dims),
 // compact knockout words (q_bits[i] & k_bits[j] != 0 removes edge i -> j), a per-(b, h) score
-// scale, and the head_mask / head_patch blend in the epilogue.
+// scale, logit soft-capping (s -> softcap * tanh(s / softcap), before the masks), attention sinks
+// (a per-(b, h) logit in the softmax denominator that carries no value), a value head dim Dv that
+// may differ from the query/key head dim D, and the head_mask / head_patch blend in the epilogue.
 //
 // Forward  : parallel over (b, h, query tile); keys are streamed in tiles with a running
 //            max / sum; no Tq x Tk matrix exists beyond one BQ x BK tile per thread.
 // Backward : probabilities are recomputed per tile from the saved lse.
-//            pass 0 (b, h, rows)     : delta = rowsum(dA * A), dhead_mask = rowsum(dO * (A - patch))
+//            pass 0 (b, h, rows)     : delta = rowsum(dA * A), dhead_mask = rowsum(dO * (A - patch)),
+//                                      dsink = -sum_i exp(sink - lse_i) * delta_i
 //            pass 1 (b, kvh, k tile) : dK, dV (loops over the query heads of the GQA group) - no races
 //            pass 2 (b, h, q tile)   : dQ and per-tile partial sums of dscore_scale
 // All arithmetic is fp32 (tiles of fp16 / bf16 / fp64 operands are converted on load).
@@ -48,9 +51,9 @@
 namespace headint_cpu {
 
 // Tensor operands, in the field order of headint.ops.arguments.AttentionArgs.
-enum Operand : int { Q, K, V, MASK, Q_BITS, K_BITS, HEAD_MASK, HEAD_PATCH, SCORE_SCALE, N_OPERANDS };
+enum Operand : int { Q, K, V, MASK, Q_BITS, K_BITS, HEAD_MASK, HEAD_PATCH, SCORE_SCALE, SINKS, N_OPERANDS };
 static const char* const OPERAND_NAMES[N_OPERANDS] = {
-    "q", "k", "v", "mask", "q_bits", "k_bits", "head_mask", "head_patch", "score_scale"};
+    "q", "k", "v", "mask", "q_bits", "k_bits", "head_mask", "head_patch", "score_scale", "sinks"};
 
 using OperandList = c10::List<c10::optional<at::Tensor>>;
 
@@ -219,10 +222,11 @@ struct OutView4 {
 
 // Everything a tile needs to know about the intervention of one (b, h) pair.
 struct Plan {
-  int64_t B, Hq, Hkv, group, Tq, Tk, D, Dp, off;
+  int64_t B, Hq, Hkv, group, Tq, Tk, D, Dp, Dv, Dvp, off;  // Dp / Dvp: D / Dv rounded up to VW
   bool causal;
   int64_t window;  // <= 0: none
   float scale;
+  float softcap = 0.f;  // <= 0: none
   // mask
   MaskKind mk = MASK_NONE;
   const char* mask_p = nullptr;
@@ -239,6 +243,10 @@ struct Plan {
   const void* ss_p = nullptr;
   bool ss_f64 = false;
   int64_t sss[2] = {0, 0};
+  // sinks [B, H]: fp32 (fp64 when the attention runs in fp64)
+  const void* sk_p = nullptr;
+  bool sk_f64 = false;
+  int64_t sks[2] = {0, 0};
 
   // Keys j kept structurally for query row i: lo(i) <= j <= hi(i) (empty when hi < lo).
   int64_t lo(int64_t i) const {
@@ -255,6 +263,20 @@ struct Plan {
     if (!ss_p) return 1.0f;
     const int64_t o = b * sss[0] + h * sss[1];
     return ss_f64 ? static_cast<float>(static_cast<const double*>(ss_p)[o]) : static_cast<const float*>(ss_p)[o];
+  }
+  float sink(int64_t b, int64_t h) const {  // -inf: no sink
+    if (!sk_p) return NEG_INF;
+    const int64_t o = b * sks[0] + h * sks[1];
+    return sk_f64 ? static_cast<float>(static_cast<const double*>(sk_p)[o]) : static_cast<const float*>(sk_p)[o];
+  }
+  // Soft-cap the first nk scores of a row in place; with `dcap`, store d cap / d s = 1 - tanh^2 there.
+  void cap_scores(float* row, int nk, float* dcap = nullptr) const {
+    const float c = softcap, inv = 1.0f / softcap;
+    for (int jj = 0; jj < nk; ++jj) {
+      const float t = std::tanh(row[jj] * inv);
+      row[jj] = c * t;
+      if (dcap) dcap[jj] = 1.0f - t * t;
+    }
   }
   float head_mask(int64_t b, int64_t h, int64_t i) const {
     if (!hm_p) return 1.0f;
@@ -361,9 +383,12 @@ static MaskKind mask_kind(const c10::optional<at::Tensor>& mask) {
 
 static bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optional<int64_t> window_opt) {
+static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optional<int64_t> window_opt,
+                      c10::optional<double> softcap) {
   const at::Tensor& q = ops.get(Q);
   const at::Tensor& k = ops.get(K);
+  const at::Tensor& v = ops.get(V);
+  const c10::optional<at::Tensor>& sinks = ops.opt(SINKS);
   const c10::optional<at::Tensor>& mask = ops.opt(MASK);
   const c10::optional<at::Tensor>& q_bits = ops.opt(Q_BITS);
   const c10::optional<at::Tensor>& k_bits = ops.opt(K_BITS);
@@ -371,7 +396,9 @@ static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optio
   const c10::optional<at::Tensor>& score_scale = ops.opt(SCORE_SCALE);
   const int64_t window = window_opt.has_value() ? *window_opt : 0;
   TORCH_CHECK(!window_opt.has_value() || *window_opt > 0, "headint cpu attention: window must be positive");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "headint cpu attention: q, k must be 4-d");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "headint cpu attention: q, k, v must be 4-d");
+  TORCH_CHECK(!softcap.has_value() || (*softcap > 0 && std::isfinite(*softcap)),
+              "headint cpu attention: softcap must be positive and finite");
   Plan P;
   P.B = q.size(0);
   P.Hq = q.size(1);
@@ -381,8 +408,13 @@ static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optio
   P.Tk = k.size(2);
   TORCH_CHECK(P.Hkv > 0 && P.Hq % P.Hkv == 0, "headint cpu attention: Hq must be a multiple of Hkv");
   TORCH_CHECK(k.size(3) == P.D && k.size(0) == P.B, "headint cpu attention: q / k shapes disagree");
+  TORCH_CHECK(v.size(0) == P.B && v.size(1) == P.Hkv && v.size(2) == P.Tk,
+              "headint cpu attention: k / v shapes disagree ([B, Hkv, Tk, D] / [B, Hkv, Tk, Dv])");
+  P.Dv = v.size(3);
   P.group = P.Hq / P.Hkv;
   P.Dp = ((P.D + VW - 1) / VW) * VW;
+  P.Dvp = ((P.Dv + VW - 1) / VW) * VW;
+  P.softcap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
   P.off = P.Tk - P.Tq;
   P.causal = causal;
   P.window = window;
@@ -423,6 +455,14 @@ static Plan make_plan(const Operands& ops, double scale, bool causal, c10::optio
     P.ss_p = score_scale->data_ptr();
     P.ss_f64 = score_scale->scalar_type() == at::kDouble;
     for (int i = 0; i < 2; ++i) P.sss[i] = score_scale->stride(i);
+  }
+  if (present(sinks)) {
+    TORCH_CHECK((sinks->scalar_type() == at::kFloat || sinks->scalar_type() == at::kDouble) && sinks->dim() == 2 &&
+                    sinks->size(0) == P.B && sinks->size(1) == P.Hq,
+                "headint cpu attention: sinks must be float32/float64 [B, Hq]");
+    P.sk_p = sinks->data_ptr();
+    P.sk_f64 = sinks->scalar_type() == at::kDouble;
+    for (int i = 0; i < 2; ++i) P.sks[i] = sinks->stride(i);
   }
   return P;
 }
@@ -497,10 +537,10 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
   float* lse_p = lse.data_ptr<float>();
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int64_t nQT = (P.Tq + BQ - 1) / BQ;
-  const int64_t D = P.D, Dp = P.Dp;
+  const int64_t D = P.D, Dp = P.Dp, Dv = P.Dv, Dvp = P.Dvp;
 
   at::parallel_for(0, P.B * P.Hq * nQT, 1, [&](int64_t begin, int64_t end) {
-    Buf qt(BQ * Dp), kt(Dp * BK), krow(BK * Dp), vt(BK * Dp), st(BQ * BK), ot(BQ * Dp), mrow(BQ), lrow(BQ);
+    Buf qt(BQ * Dp), kt(Dp * BK), krow(BK * Dp), vt(BK * Dvp), st(BQ * BK), ot(BQ * Dvp), mrow(BQ), lrow(BQ);
     std::vector<int32_t> kb(BK), qbad(BQ), kvbad(BK), rowbad(BQ);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / (P.Hq * nQT), h = (w / nQT) % P.Hq, t = w % nQT;
@@ -509,7 +549,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
       const int nq = static_cast<int>(std::min<int64_t>(BQ, P.Tq - i0));
       const float ss = P.score_scale(b, h);
       load_rows(Q, b, h, i0, nq, D, P.scale, qt(), Dp, qbad.data());
-      std::memset(ot(), 0, sizeof(float) * BQ * Dp);
+      std::memset(ot(), 0, sizeof(float) * BQ * Dvp);
       for (int r = 0; r < BQ; ++r) {
         mrow()[r] = NEG_INF;
         lrow()[r] = 0.f;
@@ -538,7 +578,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         }
         {
           int32_t vbad[BK];
-          load_rows(V, b, kvh, j0, nk, D, 1.0f, vt(), Dp, vbad);
+          load_rows(V, b, kvh, j0, nk, Dv, 1.0f, vt(), Dvp, vbad);
           for (int jj = 0; jj < nk; ++jj) kvbad[jj] |= vbad[jj];
         }
         const bool full = P.structurally_full(i0, nq, j0, nk);
@@ -548,6 +588,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
           float* row = st() + r * BK;
           if (ss != 1.0f)
             for (int c = 0; c < BK; c += VW) vstore(row + c, vload(row + c) * ss);
+          if (P.softcap > 0.f) P.cap_scores(row, nk);
           if (bias) P.apply_bias(row, b, h, i0 + r, j0, nk, full, kb.data());
           for (int c = nk; c < BK; ++c) row[c] = NEG_INF;
           if (!rowbad[r] && Plan::row_is_bad(row, qbad[r] != 0, kvbad.data())) rowbad[r] = 1;
@@ -574,31 +615,45 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
           lrow()[r] = lrow()[r] * alpha + hsum(acc);
           mrow()[r] = mnew;
           if (alpha != 1.0f) {
-            float* o = ot() + r * Dp;
+            float* o = ot() + r * Dvp;
             const vf av = vsplat(alpha);
-            for (int64_t c = 0; c < Dp; c += VW) vstore(o + c, vload(o + c) * av);
+            for (int64_t c = 0; c < Dvp; c += VW) vstore(o + c, vload(o + c) * av);
           }
         }
-        gemm_acc(nq, static_cast<int>(Dp), nk, st(), BK, 1, vt(), Dp, ot(), Dp);
+        gemm_acc(nq, static_cast<int>(Dvp), nk, st(), BK, 1, vt(), Dvp, ot(), Dvp);
       }
+      // the sink joins each row's denominator (and running max) and adds no value; a NaN / +inf
+      // sink makes every row of the head NaN
+      const float sk = P.sink(b, h);
+      if (P.sk_p)
+        for (int r = 0; r < nq; ++r) {
+          if (std::isnan(sk) || sk == POS_INF) rowbad[r] = 1;
+          if (rowbad[r] || sk == NEG_INF) continue;
+          const float mold = mrow()[r], mnew = std::max(mold, sk);
+          const float alpha = mold == NEG_INF ? 0.f : std::exp(mold - mnew);
+          lrow()[r] = lrow()[r] * alpha + std::exp(sk - mnew);
+          mrow()[r] = mnew;
+          float* o = ot() + r * Dvp;
+          for (int64_t c = 0; c < Dvp; ++c) o[c] *= alpha;
+        }
       // epilogue: normalise, lse, blend
       for (int r = 0; r < nq; ++r) {
         const int64_t i = i0 + r;
         const float l = lrow()[r];
         const float inv = rowbad[r] ? QNAN : (l > 0.f ? 1.0f / l : 0.f);
         lse_p[b * ls0 + h * ls1 + i * ls2] = rowbad[r] ? QNAN : (l > 0.f ? mrow()[r] + std::log(l) : NEG_INF);
-        const float* o = ot() + r * Dp;
+        const float* o = ot() + r * Dvp;
         T* dst = O.row(b, h, i);
         const int64_t sd = O.s[3];
         if (!blend) {
-          for (int64_t d = 0; d < D; ++d) dst[d * sd] = static_cast<T>(o[d] * inv);
+          for (int64_t d = 0; d < Dv; ++d) dst[d * sd] = static_cast<T>(o[d] * inv);
         } else {
           const float m = P.head_mask(b, h, i);
           T* adst = A.row(b, h, i);
           const int64_t asd = A.s[3];
           const T* pp = has_patch ? PT.row(b, h, i) : nullptr;
           const int64_t psd = PT.s[3];
-          for (int64_t d = 0; d < D; ++d) {
+          for (int64_t d = 0; d < Dv; ++d) {
             const T a = static_cast<T>(o[d] * inv);
             adst[d * asd] = a;
             const float pv = pp ? static_cast<float>(pp[d * psd]) : 0.f;
@@ -611,7 +666,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
 }
 
 void attention_fwd(const OperandList& operands, double scale, bool causal, c10::optional<int64_t> window,
-                   at::Tensor out, at::Tensor lse, at::Tensor attn) {
+                   c10::optional<double> softcap, at::Tensor out, at::Tensor lse, at::Tensor attn) {
   const Operands ops(operands);
   const at::Tensor &q = ops.get(Q), &k = ops.get(K), &v = ops.get(V);
   const c10::optional<at::Tensor>& head_patch = ops.opt(HEAD_PATCH);
@@ -622,12 +677,13 @@ void attention_fwd(const OperandList& operands, double scale, bool causal, c10::
               "headint cpu attention: q, k, v must share a dtype");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && lse.scalar_type() == at::kFloat,
               "headint cpu attention: bad output dtypes");
-  const Plan P = make_plan(ops, scale, causal, window);
+  const Plan P = make_plan(ops, scale, causal, window, softcap);
+  TORCH_CHECK(out.dim() == 4 && out.size(3) == P.Dv, "headint cpu attention: out must be [B, Hq, Tq, Dv]");
   TORCH_CHECK(!present(head_patch) || present(head_mask), "headint cpu attention: head_patch needs head_mask");
   TORCH_CHECK(!present(head_patch) || head_patch->scalar_type() == q.scalar_type(),
               "headint cpu attention: head_patch must have q's dtype");
   TORCH_CHECK(!present(head_mask) || (attn.dim() == 4 && attn.scalar_type() == q.scalar_type()),
-              "headint cpu attention: attn output must be [B, Hq, Tq, D] when head_mask is given");
+              "headint cpu attention: attn output must be [B, Hq, Tq, Dv] when head_mask is given");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headint_attention_fwd", [&] {
     forward_impl<scalar_t>(P, q, k, v, head_patch, out, lse, attn);
   });
@@ -636,7 +692,8 @@ void attention_fwd(const OperandList& operands, double scale, bool causal, c10::
 // ------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------
-// P = exp(raw * ss + bias - lse) in place of `row` (raw kept in `raw`), dS = P * (dP - delta) * ss in `dp`.
+// P = exp(cap(raw * ss) + bias - lse) in `prob` (raw kept in `row`), dS = P * (dP - delta) * cap' * ss in `dp`
+// (cap the soft-cap, cap' = 1 - tanh^2; the identity and 1 without one).
 // Returns sum_j dS_j * raw_j (before the ss factor) for dscore_scale.
 static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* prob, int64_t b, int64_t h, int64_t i,
                                  int64_t j0, int nk, bool full, bool bias, const int32_t* kb, float ss, float lse,
@@ -650,6 +707,12 @@ static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* pr
   }
   const vf ssv = vsplat(ss), lv = vsplat(lse), dv = vsplat(delta);
   for (int c = 0; c < BK; c += VW) vstore(prob + c, vload(row + c) * ssv);
+  float dcap[BK];
+  const bool capped = P.softcap > 0.f;
+  if (capped) {
+    std::fill(dcap, dcap + BK, 1.0f);
+    P.cap_scores(prob, nk, dcap);
+  }
   if (bias) P.apply_bias(prob, b, h, i, j0, nk, full, kb);
   for (int c = nk; c < BK; ++c) prob[c] = NEG_INF;
   vf acc = vsplat(0.f);
@@ -659,7 +722,9 @@ static inline float probs_and_ds(const Plan& P, float* row, float* dp, float* pr
     const vi rd = s != ninf;
     const vf p = vselect(rd, vexp(s - lv), zero);
     vstore(prob + c, p);
-    const vf ds = vselect(rd, p * (vload(dp + c) - dv), zero);
+    vf g = p * (vload(dp + c) - dv);
+    if (capped) g = g * vload(dcap + c);
+    const vf ds = vselect(rd, g, zero);
     acc += vselect(rd, ds * vload(row + c), zero);
     vstore(dp + c, ds * ssv);
   }
@@ -685,13 +750,15 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
   OutView4<T> DQ(grads[Operand::Q]), DK(grads[Operand::K]), DV(grads[Operand::V]);
   const at::Tensor& dhm = grads[HEAD_MASK];
   const at::Tensor& dss = grads[SCORE_SCALE];
+  const at::Tensor& dsk = grads[SINKS];
   OutView4<T> DPT;
   if (has_patch) DPT = OutView4<T>(grads[HEAD_PATCH]);
   const float* lse_p = lse.data_ptr<float>();
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
-  const int64_t B = P.B, Hq = P.Hq, Tq = P.Tq, Tk = P.Tk, D = P.D, Dp = P.Dp;
+  const int64_t B = P.B, Hq = P.Hq, Tq = P.Tq, Tk = P.Tk, D = P.D, Dp = P.Dp, Dv = P.Dv, Dvp = P.Dvp;
   const bool want_dhm = P.hm_p != nullptr;
   const bool want_dss = P.ss_p != nullptr;
+  const bool want_dsk = P.sk_p != nullptr;
 
   // pass 0: delta[b, h, i] = sum_d m * dO * A ; dhead_mask = sum_d dO * (A - patch) ; dpatch = (1 - m) dO
   at::Tensor delta_t = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));
@@ -707,7 +774,7 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
       const T* a = AT.row(b, h, i);
       const T* pp = has_patch ? PT.row(b, h, i) : nullptr;
       float s_da = 0.f, s_dm = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
+      for (int64_t d = 0; d < Dv; ++d) {
         const float g = static_cast<float>(go[d * DO.s[3]]);
         const float av = static_cast<float>(a[d * AT.s[3]]);
         s_da += g * av;
@@ -718,23 +785,41 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
       if (want_dhm) store_f(dhm_p, dhm_f64, b * dhs0 + h * dhs1 + i * dhs2, s_dm);
       if (has_patch) {
         T* dp = DPT.row(b, h, i);
-        for (int64_t d = 0; d < D; ++d)
+        for (int64_t d = 0; d < Dv; ++d)
           dp[d * DPT.s[3]] = static_cast<T>((1.0f - m) * static_cast<float>(go[d * DO.s[3]]));
       }
     }
   });
+  // dsink[b, h] = -sum_i p_sink_i * delta_i with p_sink_i = exp(sink - lse_i) (lse includes the sink):
+  // the sink's logit moves every probability of its row by -p_sink * p_j. Rows with lse = -inf
+  // (nothing kept, a -inf sink) have no sink probability; NaN rows give NaN.
+  if (want_dsk) {
+    void* o = dsk.data_ptr();
+    const bool f64 = dsk.scalar_type() == at::kDouble;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float sk = P.sink(b, h);
+        double acc = 0.0;
+        for (int64_t i = 0; i < Tq; ++i) {
+          const float l = lse_p[b * ls0 + h * ls1 + i * ls2];
+          if (l == NEG_INF) continue;
+          acc += static_cast<double>(std::exp(sk - l)) * delta[(b * Hq + h) * Tq + i];
+        }
+        store_f(o, f64, b * dsk.stride(0) + h * dsk.stride(1), -acc);
+      }
+  }
 
   // loads Qsc = q * scale and dA = m * dO of q rows [i0, i0 + nq) of head (b, h)
   // (q and k load with non-finite elements zeroed, as in the forward: no NaN leaks along unread edges)
   auto load_q_da = [&](int64_t b, int64_t h, int64_t i0, int nq, float* qt, float* dat) {
     int32_t bad[BQ];
     load_rows(Q, b, h, i0, nq, D, P.scale, qt, Dp, bad);
-    load_rows(DO, b, h, i0, nq, D, 1.0f, dat, Dp);
+    load_rows(DO, b, h, i0, nq, Dv, 1.0f, dat, Dvp);
     if (P.hm_p)
       for (int r = 0; r < nq; ++r) {
         const float m = P.head_mask(b, h, i0 + r);
-        float* row = dat + r * Dp;
-        for (int64_t d = 0; d < D; ++d) row[d] *= m;
+        float* row = dat + r * Dvp;
+        for (int64_t d = 0; d < Dv; ++d) row[d] *= m;
       }
   };
 
@@ -743,17 +828,17 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
 
   // pass 1: dK, dV over (b, kv head, key tile)
   at::parallel_for(0, B * P.Hkv * nKT, 1, [&](int64_t begin, int64_t end) {
-    Buf kt(Dp * BK), vtt(Dp * BK), qt(BQ * Dp), dat(BQ * Dp), st(BQ * BK), dpt(BQ * BK), pt(BQ * BK),
-        dkt(BK * Dp), dvt(BK * Dp);
+    Buf kt(Dp * BK), vtt(Dvp * BK), qt(BQ * Dp), dat(BQ * Dvp), st(BQ * BK), dpt(BQ * BK), pt(BQ * BK),
+        dkt(BK * Dp), dvt(BK * Dvp);
     std::vector<int32_t> kb(BK);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / (P.Hkv * nKT), kvh = (w / nKT) % P.Hkv, t = w % nKT;
       const int64_t j0 = t * BK;
       const int nk = static_cast<int>(std::min<int64_t>(BK, Tk - j0));
       load_cols(K, b, kvh, j0, nk, D, kt(), BK);
-      load_cols(V, b, kvh, j0, nk, D, vtt(), BK);
+      load_cols(V, b, kvh, j0, nk, Dv, vtt(), BK);
       std::memset(dkt(), 0, sizeof(float) * BK * Dp);
-      std::memset(dvt(), 0, sizeof(float) * BK * Dp);
+      std::memset(dvt(), 0, sizeof(float) * BK * Dvp);
       for (int64_t g = 0; g < P.group; ++g) {
         const int64_t h = kvh * P.group + g;
         const float ss = P.score_scale(b, h);
@@ -764,7 +849,7 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
           if (!P.rows_touch(i0, nq, j0, nk)) continue;
           load_q_da(b, h, i0, nq, qt(), dat());
           gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
-          gemm_set(nq, BK, static_cast<int>(D), dat(), Dp, 1, vtt(), BK, dpt(), BK);
+          gemm_set(nq, BK, static_cast<int>(Dv), dat(), Dvp, 1, vtt(), BK, dpt(), BK);
           const bool full = P.structurally_full(i0, nq, j0, nk);
           const bool bias = !full || P.has_elementwise();
           for (int r = 0; r < nq; ++r) {
@@ -773,7 +858,7 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
                          ss, lse_p[b * ls0 + h * ls1 + i * ls2], delta[(b * Hq + h) * Tq + i]);
           }
           // dV += P^T dA ; dK += (dS * ss)^T Qsc
-          gemm_acc(nk, static_cast<int>(Dp), nq, pt(), 1, BK, dat(), Dp, dvt(), Dp);
+          gemm_acc(nk, static_cast<int>(Dvp), nq, pt(), 1, BK, dat(), Dvp, dvt(), Dvp);
           gemm_acc(nk, static_cast<int>(Dp), nq, dpt(), 1, BK, qt(), Dp, dkt(), Dp);
         }
       }
@@ -781,11 +866,9 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
         T* a = DK.row(b, kvh, j0 + jj);
         T* c = DV.row(b, kvh, j0 + jj);
         const float* sk = dkt() + jj * Dp;
-        const float* sv = dvt() + jj * Dp;
-        for (int64_t d = 0; d < D; ++d) {
-          a[d * DK.s[3]] = static_cast<T>(sk[d]);
-          c[d * DV.s[3]] = static_cast<T>(sv[d]);
-        }
+        const float* sv = dvt() + jj * Dvp;
+        for (int64_t d = 0; d < D; ++d) a[d * DK.s[3]] = static_cast<T>(sk[d]);
+        for (int64_t d = 0; d < Dv; ++d) c[d * DV.s[3]] = static_cast<T>(sv[d]);
       }
     }
   });
@@ -793,7 +876,7 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
   // pass 2: dQ (and dscore_scale partial sums) over (b, h, query tile)
   std::vector<float> dss_part(want_dss ? B * Hq * nQT : 0, 0.f);
   at::parallel_for(0, B * Hq * nQT, 1, [&](int64_t begin, int64_t end) {
-    Buf kt(Dp * BK), kr(BK * Dp), vtt(Dp * BK), qt(BQ * Dp), dat(BQ * Dp), st(BQ * BK), dpt(BQ * BK),
+    Buf kt(Dp * BK), kr(BK * Dp), vtt(Dvp * BK), qt(BQ * Dp), dat(BQ * Dvp), st(BQ * BK), dpt(BQ * BK),
         pt(BQ * BK), dqt(BQ * Dp);
     std::vector<int32_t> kb(BK);
     for (int64_t w = begin; w < end; ++w) {
@@ -811,10 +894,10 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
         load_cols(K, b, kvh, j0, nk, D, kt(), BK);
         int32_t kbad[BK];
         load_rows(K, b, kvh, j0, nk, D, 1.0f, kr(), Dp, kbad);
-        load_cols(V, b, kvh, j0, nk, D, vtt(), BK);
+        load_cols(V, b, kvh, j0, nk, Dv, vtt(), BK);
         if (P.qb_p) P.load_kbits(b, h, j0, nk, kb.data());
         gemm_set(nq, BK, static_cast<int>(D), qt(), Dp, 1, kt(), BK, st(), BK);
-        gemm_set(nq, BK, static_cast<int>(D), dat(), Dp, 1, vtt(), BK, dpt(), BK);
+        gemm_set(nq, BK, static_cast<int>(Dv), dat(), Dvp, 1, vtt(), BK, dpt(), BK);
         const bool full = P.structurally_full(i0, nq, j0, nk);
         const bool bias = !full || P.has_elementwise();
         for (int r = 0; r < nq; ++r) {
@@ -846,7 +929,8 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
 }
 
 void attention_bwd(const at::Tensor& dout, const at::Tensor& attn, const at::Tensor& lse, const OperandList& operands,
-                   double scale, bool causal, c10::optional<int64_t> window, at::TensorList grads) {
+                   double scale, bool causal, c10::optional<int64_t> window, c10::optional<double> softcap,
+                   at::TensorList grads) {
   const Operands ops(operands);
   const at::Tensor &q = ops.get(Q), &k = ops.get(K), &v = ops.get(V);
   TORCH_CHECK(q.device().is_cpu(), "headint cpu attention: CPU tensors only");
@@ -854,16 +938,18 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& attn, const at::Ten
                   dout.scalar_type() == q.scalar_type() && attn.scalar_type() == q.scalar_type(),
               "headint cpu attention: dout, q, k, v, attn must share a dtype");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "headint cpu attention: lse must be float32");
-  TORCH_CHECK(dout.sizes() == q.sizes() && attn.sizes() == q.sizes(), "headint cpu attention: dout / attn shape");
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == attn.sizes() && dout.size(0) == q.size(0) && dout.size(1) == q.size(1) &&
+                  dout.size(2) == q.size(2) && dout.size(3) == v.size(3),
+              "headint cpu attention: dout / attn must be [B, Hq, Tq, Dv]");
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == N_OPERANDS, "headint cpu attention: expected ", N_OPERANDS,
               " gradient slots, got ", grads.size());
-  for (Operand o : {Q, K, V, HEAD_MASK, HEAD_PATCH, SCORE_SCALE}) {
+  for (Operand o : {Q, K, V, HEAD_MASK, HEAD_PATCH, SCORE_SCALE, SINKS}) {
     if (!ops.has(o)) continue;
     const at::Tensor& g = grads[o];
     TORCH_CHECK(g.sizes() == ops.get(o).sizes() && g.scalar_type() == ops.get(o).scalar_type(),
                 "headint cpu attention: gradient slot ", OPERAND_NAMES[o], " must match its operand's shape and dtype");
   }
-  const Plan P = make_plan(ops, scale, causal, window);
+  const Plan P = make_plan(ops, scale, causal, window, softcap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headint_attention_bwd", [&] {
     backward_impl<scalar_t>(P, ops, dout, attn, lse, grads);
   });
@@ -878,11 +964,12 @@ int64_t vector_width() { return VW; }
 TORCH_LIBRARY(headint_cpu, m) {
   // operands: indexed by enum Operand; the scalars in AttentionArgs field order
   m.def(
-      "attention_fwd(Tensor?[] operands, float scale, bool causal, int? window, "
+      "attention_fwd(Tensor?[] operands, float scale, bool causal, int? window, float? softcap, "
       "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) attn) -> ()",
       &headint_cpu::attention_fwd);
   m.def(
       "attention_bwd(Tensor dout, Tensor attn, Tensor lse, Tensor?[] operands, float scale, bool causal, int? window, "
+      "float? softcap, "
       "Tensor(a!)[] grads) -> ()",
       &headint_cpu::attention_bwd);
   m.def("operand_names() -> str[]", &headint_cpu::operand_names);

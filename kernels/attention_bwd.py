@@ -2,7 +2,7 @@
 
 Three kernels:
 
-``_attn_bwd_pre``  grid (query tiles, B * Hq)
+``_attn_bwd_pre``  grid (query tiles, B * Hq), over the value head dim (launched with ``HEAD_DIM = Dv``)
     ``dA = m * dO`` is the gradient of the pre-blend output ``A``; writes
     ``Delta[b,h,i] = sum_d dA * A`` and ``dHeadMask[b,h,i] = sum_d dO * (A - patch)``.
 ``_attn_bwd_dq``   grid (query tiles, B * Hq)
@@ -13,9 +13,12 @@ Three kernels:
     read it and over their query tiles, so the grouped-query reduction of dK/dV happens in its
     fp32 registers: no atomics, no scratch, deterministic.
 
-With ``s = raw * score_scale + additive_mask``, ``raw = q.k * scale``, ``P = softmax(s)``:
-``dP = dA . v``, ``dS = P * (dP - Delta)``, ``dq = dS . k * scale * ss``, ``dk = dS^T . q * scale * ss``,
-``dv = P^T . dA``, ``dscore_scale = sum dS * raw``. The head mask is folded into ``P`` / ``dP``
+With ``s = cap(raw * score_scale) + additive_mask``, ``raw = q.k * scale``, ``P = softmax(s)`` (a
+sink, if any, in the denominator: it is in ``lse``), ``cap`` the soft-cap (identity without):
+``dP = dA . v``, ``dS = P * (dP - Delta) * cap'``, ``cap' = 1 - tanh^2``, ``dq = dS . k * scale * ss``,
+``dk = dS^T . q * scale * ss``, ``dv = P^T . dA``, ``dscore_scale = sum dS * raw``; the sink's
+gradient ``dsink = -sum_i exp(sink - lse_i) * Delta_i`` is reduced by the launcher from ``Delta``.
+Keys have head dim ``HEAD_DIM`` (tile ``BLOCK_D``), values ``HEAD_DIM_V`` (tile ``BLOCK_DV``). The head mask is folded into ``P`` / ``dP``
 (``dA`` is never rounded to the input dtype). Removed entries have ``P = dS = 0`` exactly hence
 zero gradient, also in rows whose lse is NaN (rows that read a NaN: their read entries get NaN
 gradients); rows with ``lse = -inf`` (nothing kept) contribute nothing. q, k and v are loaded with
@@ -28,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import config, tuning
-from .common import _finite_or_zero, _key_range, _masked_scores, _query_range
+from .common import _capped_scores, _finite_or_zero, _key_range, _masked_scores, _query_range
 
 
 @triton.jit
@@ -86,11 +89,11 @@ def _attn_bwd_dq_kernel(
     stride_kbb, stride_kbh, stride_kbn,
     stride_hmb, stride_hmh, stride_hmm,
     stride_ssb, stride_ssh,
-    H, GROUP, Tq, Tk, scale, window, n_part,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, GROUP, Tq, Tk, scale, window, softcap, n_part,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_KNOCKOUT: tl.constexpr,
-    HAS_SCORE_SCALE: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+    HAS_SCORE_SCALE: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -104,15 +107,17 @@ def _attn_bwd_dq_kernel(
     offs_m64 = offs_m.to(tl.int64)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     io = m_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=io, other=0.0)
     q, _q_bad = _finite_or_zero(q)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=io, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -128,6 +133,7 @@ def _attn_bwd_dq_kernel(
     if HAS_SCORE_SCALE:
         ss = tl.load(ScoreScale + b * stride_ssb + h * stride_ssh).to(tl.float32)
     qk_scale2 = scale * ss * 1.4426950408889634
+    cap2 = softcap * 1.4426950408889634
     qb = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_KNOCKOUT:
         qb = tl.load(QBits + b * stride_qbb + h * stride_qbh + offs_m64 * stride_qbm, mask=m_ok, other=0)
@@ -143,17 +149,19 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + offs_n0
         n_ok = offs_n < Tk
         offs_n64 = offs_n.to(tl.int64)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         k, _k_bad = _finite_or_zero(k)
         v, _v_bad = _finite_or_zero(v)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        sc2 = _capped_scores(qk, qk_scale2, cap2, HAS_SOFTCAP)
         s2 = _masked_scores(
-            qk, offs_m, offs_n, Tq, Tk, window, qk_scale2,
+            sc2, offs_m, offs_n, Tq, Tk, window,
             mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
             IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
         )
@@ -162,7 +170,11 @@ def _attn_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_HEAD_MASK:
             dp = dp * hm[:, None]
-        ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
+        if HAS_SOFTCAP:  # through the cap: d(c tanh(s / c)) / ds = 1 - tanh^2
+            th = sc2 / cap2
+            ds = tl.where(read, p * (dp - delta[:, None]) * (1.0 - th * th), 0.0)
+        else:
+            ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
         if HAS_SCORE_SCALE:
             dss += tl.sum(ds * qk, 1)
         if DOT_FP32:
@@ -192,11 +204,11 @@ def _attn_bwd_dkdv_kernel(
     stride_kbb, stride_kbh, stride_kbn,
     stride_hmb, stride_hmh, stride_hmm,
     stride_ssb, stride_ssh,
-    H, HKV, GROUP, Tq, Tk, scale, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, HKV, GROUP, Tq, Tk, scale, window, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_KNOCKOUT: tl.constexpr,
-    HAS_SCORE_SCALE: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+    HAS_SCORE_SCALE: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -209,14 +221,17 @@ def _attn_bwd_dkdv_kernel(
     offs_n64 = offs_n.to(tl.int64)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Tk
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     kv_mask = n_ok[:, None] & d_ok[None, :]
+    vv_mask = n_ok[:, None] & dv_ok[None, :]
 
     k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=vv_mask, other=0.0)
     k, _k_bad = _finite_or_zero(k)
     v, _v_bad = _finite_or_zero(v)
     if DOT_FP32:
@@ -224,7 +239,8 @@ def _attn_bwd_dkdv_kernel(
         v = v.to(tl.float32)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    cap2 = softcap * 1.4426950408889634
     lo, hi = _query_range(start_n, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for g in range(0, GROUP):
         h = kvh * GROUP + g
@@ -244,7 +260,8 @@ def _attn_bwd_dkdv_kernel(
             io = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io, other=0.0)
             q, _q_bad = _finite_or_zero(q)
-            do = tl.load(do_base + offs_m64[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=io, other=0.0)
+            do = tl.load(do_base + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
             if DOT_FP32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -255,8 +272,9 @@ def _attn_bwd_dkdv_kernel(
             if HAS_KNOCKOUT:
                 qb = tl.load(QBits + b * stride_qbb + h * stride_qbh + offs_m64 * stride_qbm, mask=m_ok, other=0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            sc2 = _capped_scores(qk, qk_scale2, cap2, HAS_SOFTCAP)
             s2 = _masked_scores(
-                qk, offs_m, offs_n, Tq, Tk, window, qk_scale2,
+                sc2, offs_m, offs_n, Tq, Tk, window,
                 mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
                 IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
             )
@@ -270,7 +288,11 @@ def _attn_bwd_dkdv_kernel(
                 dp = dp * hm
             else:
                 pm = p
-            ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
+            if HAS_SOFTCAP:
+                th = sc2 / cap2
+                ds = tl.where(read, p * (dp - delta[:, None]) * (1.0 - th * th), 0.0)
+            else:
+                ds = tl.where(read, p * (dp - delta[:, None]), 0.0)
             if HAS_SCORE_SCALE:
                 ds = ds * ss
             if DOT_FP32:
@@ -283,8 +305,8 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n64[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n64[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=vv_mask)
 
 
 _KEY = [*tuning.FLAG_KEY, "TQ_BUCKET", "TK_BUCKET"]  # bucketed lengths: see kernels/tuning.py

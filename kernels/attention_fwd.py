@@ -5,11 +5,16 @@ key/value tiles of its KV head (``h // GROUP``: grouped-query attention without 
 and folds each ``[BLOCK_M, BLOCK_N]`` score tile into an online softmax; the ``Tq x Tk`` matrix
 never exists. Every operand is read through explicit strides (0 on broadcast dims). All
 interventions are behind constexpr flags, so the plain variant compiles to plain attention.
+Keys have head dim ``HEAD_DIM`` (tile ``BLOCK_D``), values and outputs ``HEAD_DIM_V`` (tile
+``BLOCK_DV``). Soft-capping (``HAS_SOFTCAP``) caps each score tile before the masks; a sink
+(``HAS_SINKS``, one logit per (b, h)) is folded into the running max / sum after the last key
+tile: it joins the denominator and adds nothing to the accumulator.
 
-Outputs: ``Out`` (post-blend), ``Lse`` (natural-log log-sum-exp, fp32, ``-inf`` for rows with no
-kept key) and, with a head mask, ``Attn`` (the pre-blend head output the backward needs).
-Fully removed rows get ``attn = 0``. Rows that read a non-finite query, key, value or score get
-NaN ``attn`` / ``Out`` and a NaN ``Lse`` (:func:`.common._nan_reads`); removed keys are never read.
+Outputs: ``Out`` (post-blend), ``Lse`` (natural-log log-sum-exp of the kept scores and the sink,
+fp32, ``-inf`` for rows with no kept key and no sink) and, with a head mask, ``Attn`` (the
+pre-blend head output the backward needs). Fully removed rows get ``attn = 0``. Rows that read a non-finite query, key, value, score or
+sink (NaN / +inf) get NaN ``attn`` / ``Out`` and a NaN ``Lse`` (:func:`.common._nan_reads`); removed
+keys are never read.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import triton
 import triton.language as tl
 
 from . import config, tuning
-from .common import _finite_or_zero, _key_range, _masked_scores, _nan_reads
+from .common import _capped_scores, _finite_or_zero, _key_range, _masked_scores, _nan_reads
 
 
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Attn,
-    Mask, QBits, KBits, HeadMask, Patch, ScoreScale,
+    Mask, QBits, KBits, HeadMask, Patch, ScoreScale, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -36,11 +41,13 @@ def _attn_fwd_kernel(
     stride_hmb, stride_hmh, stride_hmm,
     stride_pb, stride_ph, stride_pm, stride_pd,
     stride_ssb, stride_ssh,
-    H, GROUP, Tq, Tk, scale, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_skb, stride_skh,
+    H, GROUP, Tq, Tk, scale, window, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_KNOCKOUT: tl.constexpr,
     HAS_SCORE_SCALE: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, HAS_PATCH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -54,8 +61,10 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     offs_m64 = offs_m.to(tl.int64)
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -67,6 +76,7 @@ def _attn_fwd_kernel(
     qk_scale2 = scale * 1.4426950408889634
     if HAS_SCORE_SCALE:
         qk_scale2 = qk_scale2 * tl.load(ScoreScale + b * stride_ssb + h * stride_ssh).to(tl.float32)
+    cap2 = softcap * 1.4426950408889634
 
     qb = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_KNOCKOUT:
@@ -79,7 +89,7 @@ def _attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_bad = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     lo, hi = _key_range(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
@@ -89,8 +99,8 @@ def _attn_fwd_kernel(
         offs_n64 = offs_n.to(tl.int64)
         k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         k, k_bad = _finite_or_zero(k)
         v, v_bad = _finite_or_zero(v)
         if DOT_FP32:
@@ -98,7 +108,7 @@ def _attn_fwd_kernel(
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s2 = _masked_scores(
-            qk, offs_m, offs_n, Tq, Tk, window, qk_scale2,
+            _capped_scores(qk, qk_scale2, cap2, HAS_SOFTCAP), offs_m, offs_n, Tq, Tk, window,
             mask_base, stride_mm, stride_mn, qb, kbits_base, stride_kbn,
             IS_CAUSAL, HAS_WINDOW, HAS_MASK, MASK_IS_BOOL, HAS_KNOCKOUT,
         )
@@ -116,6 +126,18 @@ def _attn_fwd_kernel(
             acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if HAS_SINKS:  # the sink joins the denominator (and the running max), adds no value
+        sk = tl.load(Sinks + b * stride_skb + h * stride_skh).to(tl.float32) * 1.4426950408889634
+        sink_bad = (sk != sk) | (sk == float("inf"))  # a NaN / +inf sink makes every row NaN
+        row_bad = tl.where(sink_bad, 1, row_bad)
+        sk = tl.where(sink_bad, float("-inf"), sk)
+        m_new = tl.maximum(m_i, sk)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.exp2(sk - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
     alive = l_i > 0.0
     bad = row_bad != 0
     attn = acc / tl.where(alive, l_i, 1.0)[:, None]
@@ -125,20 +147,20 @@ def _attn_fwd_kernel(
     lse = tl.where(bad, float("nan"), lse)
     tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m64, lse, mask=m_ok)
 
-    io_mask = m_ok[:, None] & d_ok[None, :]
+    io_mask = m_ok[:, None] & dv_ok[None, :]
     if HAS_HEAD_MASK:
-        a_ptrs = Attn + b * stride_ab + h * stride_ah + offs_m64[:, None] * stride_am + offs_d[None, :] * stride_ad
+        a_ptrs = Attn + b * stride_ab + h * stride_ah + offs_m64[:, None] * stride_am + offs_dv[None, :] * stride_ad
         tl.store(a_ptrs, attn.to(Attn.dtype.element_ty), mask=io_mask)
         hm = tl.load(HeadMask + b * stride_hmb + h * stride_hmh + offs_m64 * stride_hmm, mask=m_ok, other=0.0)
         hm = hm.to(tl.float32)[:, None]
         out = hm * attn
         if HAS_PATCH:
-            p_ptrs = Patch + b * stride_pb + h * stride_ph + offs_m64[:, None] * stride_pm + offs_d[None, :] * stride_pd
+            p_ptrs = Patch + b * stride_pb + h * stride_ph + offs_m64[:, None] * stride_pm + offs_dv[None, :] * stride_pd
             patch = tl.load(p_ptrs, mask=io_mask, other=0.0).to(tl.float32)
             out = out + (1.0 - hm) * patch
     else:
         out = attn
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
 
 

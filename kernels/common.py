@@ -1,7 +1,8 @@
 """Helpers shared by the forward and backward attention kernels.
 
 Scores are kept in the log2 domain (``s2 = s * log2(e)``) so the softmax uses ``exp2``;
-``s = q.k * scale * score_scale + additive_mask`` is the natural-log score of the reference.
+``s = cap(q.k * scale * score_scale) + additive_mask`` is the natural-log score of the reference,
+``cap(x) = softcap * tanh(x / softcap)`` with soft-capping, the identity without.
 """
 
 from __future__ import annotations
@@ -67,8 +68,38 @@ def _query_range(start_n, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @device_fn
+def _tanh(x):
+    """``tanh`` of an fp32 tile to ~2 ulp (no libdevice call: the interpreter has none).
+
+    Small ``|x|`` use the odd Taylor series to ``x^9`` (truncation < 1e-8 relative below 0.25), the
+    rest ``1 - 2 / (exp(2|x|) + 1)`` with the sign restored; +-inf give +-1, NaN gives NaN.
+    """
+    ax = tl.abs(x)
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    big = 1.0 - 2.0 / (tl.exp2(ax * 2.8853900817779268) + 1.0)  # exp(2|x|) = exp2(2|x| log2(e))
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.25, poly, big)
+
+
+@device_fn
+def _capped_scores(qk, qk_scale2, cap2, HAS_SOFTCAP: tl.constexpr):
+    """Log2-domain scores of a tile before the masks: ``s2 = qk * qk_scale2``, soft-capped to
+    ``cap2 * tanh(s2 / cap2)`` (``cap2 = softcap * log2(e)``, so ``s2 / cap2 = s / softcap``).
+
+    ``qk`` is the raw fp32 ``q . k`` tile; ``qk_scale2 = scale * score_scale * log2(e)``. The
+    backward reads ``d cap / d s = 1 - (s2 / cap2)^2`` off the result.
+    """
+    s2 = qk * qk_scale2
+    if HAS_SOFTCAP:
+        s2 = cap2 * _tanh(s2 / cap2)
+    return s2
+
+
+@device_fn
 def _masked_scores(
-    qk, offs_m, offs_n, Tq, Tk, window, qk_scale2,
+    s2, offs_m, offs_n, Tq, Tk, window,
     mask_base, stride_mm, stride_mn,
     qb, kbits_base, stride_kbn,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -76,10 +107,10 @@ def _masked_scores(
 ):
     """Log2-domain scores of a [BLOCK_M, BLOCK_N] tile with every removal applied (-inf).
 
-    ``qk`` is the raw fp32 ``q . k`` tile; ``qk_scale2 = scale * score_scale * log2(e)``.
-    Removed: keys/queries out of range, causality, window, bool mask False, knocked-out edges.
+    ``s2`` are the tile's scores before the masks (:func:`_capped_scores`); the additive mask is
+    added here. Removed: keys/queries out of range, causality, window, bool mask False,
+    knocked-out edges.
     """
-    s2 = qk * qk_scale2
     m_ok = offs_m < Tq
     n_ok = offs_n < Tk
     keep = m_ok[:, None] & n_ok[None, :]

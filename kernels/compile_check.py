@@ -24,7 +24,7 @@ DTYPE_STR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 # pointer operands holding the input dtype / fp32 / int32
 _IO_PTRS = {"Q", "K", "V", "Out", "Attn", "Patch", "DO", "DQ", "DK", "DV", "A"}
-_F32_PTRS = {"Lse", "Delta", "DHeadMask", "DSSPart", "HeadMask", "ScoreScale"}
+_F32_PTRS = {"Lse", "Delta", "DHeadMask", "DSSPart", "HeadMask", "ScoreScale", "Sinks"}
 _I32_PTRS = {"QBits", "KBits"}
 # tensors whose non-innermost strides are multiples of 16 elements when contiguous (hinted like a launch)
 _ALIGNED_STRIDE_PREFIXES = ("stride_q", "stride_k", "stride_v", "stride_o", "stride_a", "stride_do", "stride_dq",
@@ -40,6 +40,11 @@ class Variant:
     flags: dict = field(default_factory=dict)
     tile: tuple = (64, 64, 4, 2)  # BLOCK_M, BLOCK_N, num_warps, num_stages
     label: str = ""
+    head_dim_v: int | None = None  # the value head dim (None: head_dim)
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
 
 PLAIN = {}
@@ -50,9 +55,11 @@ ALL_INTERVENTIONS = {
 }
 HEADMASK_KO = {"HAS_KNOCKOUT": True, "HAS_HEAD_MASK": True, "HAS_PATCH": True}
 ADDITIVE = {"HAS_MASK": True, "MASK_IS_BOOL": False, "HAS_SCORE_SCALE": True}
+SOFTCAP_SINKS = {"IS_CAUSAL": True, "HAS_SOFTCAP": True, "HAS_SINKS": True}
+EVERYTHING = {**ALL_INTERVENTIONS, "HAS_SOFTCAP": True, "HAS_SINKS": True}
 
 _FLAG_NAMES = ("IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "MASK_IS_BOOL", "HAS_KNOCKOUT", "HAS_SCORE_SCALE",
-               "HAS_HEAD_MASK", "HAS_PATCH")
+               "HAS_HEAD_MASK", "HAS_PATCH", "HAS_SOFTCAP", "HAS_SINKS")
 
 
 def _kernels():
@@ -80,8 +87,11 @@ def build_source(v: Variant):
             "and cannot be compiled; run the compile check in a process without it"
         )
     bm, bn, _, _ = v.tile
-    consts = {"HEAD_DIM": v.head_dim, "BLOCK_D": config.block_d(v.head_dim), "BLOCK_M": bm}
-    if v.kernel != "pre":
+    if v.kernel == "pre":  # the preprocess works on outputs: the value head dim
+        consts = {"HEAD_DIM": v.value_dim, "BLOCK_D": config.block_d(v.value_dim), "BLOCK_M": bm}
+    else:
+        consts = {"HEAD_DIM": v.head_dim, "BLOCK_D": config.block_d(v.head_dim), "BLOCK_M": bm,
+                  "HEAD_DIM_V": v.value_dim, "BLOCK_DV": config.block_d(v.value_dim)}
         consts["BLOCK_N"] = bn
         consts["DOT_FP32"] = False
         consts["DOT_PRECISION"] = "ieee" if v.dtype == "fp32" else "tf32"
@@ -102,7 +112,7 @@ def build_source(v: Variant):
             signature[name] = "*i32"
         elif name == "Mask":
             signature[name] = mask_ptr
-        elif name == "scale":
+        elif name in ("scale", "softcap"):
             signature[name] = "fp32"
         elif name.startswith("stride_") and name.endswith("d") and not name.startswith(_KNOCKOUT_STRIDES):
             # innermost (head-dim) strides are 1 on contiguous tensors: a real launch specialises them
@@ -169,7 +179,7 @@ def default_variants(full: bool = False, arch: int = 90) -> list[Variant]:
     try on ``sm_<arch>``)."""
     from . import config
 
-    def usable(kind, d, dtype="bf16", flags=None):
+    def usable(kind, d, dtype="bf16", flags=None):  # d: the larger of the two head dims (what the pruner uses)
         flags = flags or {}
         mask = None if not flags.get("HAS_MASK") else ("bool" if flags.get("MASK_IS_BOOL") else "add")
         return config.usable_tiles(kind, d, interpret=False, arch=arch, elem=_ELEM[dtype], mask=mask)
@@ -193,6 +203,17 @@ def default_variants(full: bool = False, arch: int = 90) -> list[Variant]:
             for kind in ("fwd", "dq", "dkdv"):
                 out.append(Variant(kind, dtype, d, flags, worst(kind, d, dtype, flags), lbl))
         out.append(Variant("pre", "bf16", 128, {"HAS_HEAD_MASK": True, "HAS_PATCH": True}, worst("pre", 128), "hm"))
+        # soft-capping, sinks and a value head dim != the query/key one (DeepSeek-V3: 192 / 128)
+        out.append(Variant("fwd", "bf16", 64, SOFTCAP_SINKS, worst("fwd", 64, "bf16", SOFTCAP_SINKS), "sc+sinks"))
+        for dtype, d, dv, flags, lbl in [
+            ("bf16", 128, None, EVERYTHING, "everything"),
+            ("bf16", 192, 128, EVERYTHING, "mla+all"),
+            ("fp32", 24, 12, EVERYTHING, "mla-tiny+all"),
+            ("fp16", 64, 256, SOFTCAP_SINKS, "dv>d+sc"),
+        ]:
+            for kind in ("fwd", "dq", "dkdv"):
+                dmax = max(d, dv or d)
+                out.append(Variant(kind, dtype, d, flags, worst(kind, dmax, dtype, flags), lbl, head_dim_v=dv))
         return out
     for d in (16, 32, 64, 80, 96, 128, 256):
         for kind in ("fwd", "dq", "dkdv"):
@@ -204,11 +225,15 @@ def default_variants(full: bool = False, arch: int = 90) -> list[Variant]:
         for kind in ("fwd", "dq", "dkdv"):
             for tile in usable(kind, 128, dtype, ALL_INTERVENTIONS):
                 out.append(Variant(kind, dtype, 128, ALL_INTERVENTIONS, tile, "all"))
+    for d, dv in ((192, 128), (64, 256), (24, 12)):
+        for kind in ("fwd", "dq", "dkdv"):
+            for tile in usable(kind, max(d, dv), "bf16", EVERYTHING):
+                out.append(Variant(kind, "bf16", d, EVERYTHING, tile, "everything", head_dim_v=dv))
     return out
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':6} {'dtype':5} {'D':>4} {'variant':12} {'BM':>4} {'BN':>4} {'w':>2} {'s':>2} {'arch':>5} " \
+    head = f"{'kernel':6} {'dtype':5} {'D':>4} {'Dv':>4} {'variant':12} {'BM':>4} {'BN':>4} {'w':>2} {'s':>2} {'arch':>5} " \
            f"{'smem KB':>8} {'limit':>6} {'regs':>5} {'spill':>5} {'ok':>3}"
     lines = [head, "-" * len(head)]
     from .config import smem_limit
@@ -217,7 +242,8 @@ def format_table(rows: list[dict]) -> str:
         bm, bn, w, s = r["tile"]
         smem = "-" if r["shared"] is None else f"{r['shared'] / 1024:.1f}"
         lim = smem_limit(r["arch"]) // 1024
-        lines.append(f"{r['kernel']:6} {r['dtype']:5} {r['head_dim']:>4} {r['label']:12} {bm:>4} {bn:>4} {w:>2} {s:>2} "
+        dv = r.get("head_dim_v") or r["head_dim"]
+        lines.append(f"{r['kernel']:6} {r['dtype']:5} {r['head_dim']:>4} {dv:>4} {r['label']:12} {bm:>4} {bn:>4} {w:>2} {s:>2} "
                      f"sm_{r['arch']:<2} {smem:>8} {lim:>6} {str(r['n_regs'] or '-'):>5} {str(r.get('local', '-')):>5} "
                      f"{'yes' if r['ok'] else 'NO':>3}")
     return "\n".join(lines)

@@ -175,6 +175,8 @@ def pruner(kind: str):
         if len(configs_) == 1:
             return configs_
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        head_dim_v = kwargs.get("HEAD_DIM_V", named_args.get("HEAD_DIM_V")) or head_dim
+        head_dim = max(head_dim, head_dim_v)  # the tiles are sized for the larger of the two
         q = named_args.get("Q")
         elem = q.element_size() if hasattr(q, "element_size") else 2
         has_mask = kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False))

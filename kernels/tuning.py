@@ -28,7 +28,8 @@ MIN_BUCKET = 16
 LENGTH_BUCKETS = {"TQ_BUCKET": "Tq", "TK_BUCKET": "Tk"}
 
 #: Flags that change the best tile: the autotune key of the forward / dQ / dK-dV kernels.
-FLAG_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "MASK_IS_BOOL", "HAS_KNOCKOUT", "HAS_HEAD_MASK"]
+FLAG_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "MASK_IS_BOOL", "HAS_KNOCKOUT",
+            "HAS_HEAD_MASK", "HAS_SOFTCAP"]
 
 
 def length_bucket(n: int) -> int:

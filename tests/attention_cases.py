@@ -1,8 +1,9 @@
 """One case format for every attention backend test: :class:`Case`, its inputs, and the checks.
 
-A :class:`Case` names a shape (``B, Hq, Hkv, Tq, Tk, D``), a dtype and the features of one
-``headint.attention`` call (causality, window, masks, knockouts, head mask / patch, score
-scale, memory layout) in a few short strings. :func:`make_inputs` turns it into fresh random
+A :class:`Case` names a shape (``B, Hq, Hkv, Tq, Tk, D``, and ``Dv`` when the value head dim
+differs), a dtype and the features of one ``headint.attention`` call (causality, window, masks,
+knockouts, head mask / patch, score scale, soft-capping, sinks, memory layout) in a few short
+strings. :func:`make_inputs` turns it into fresh random
 keyword arguments for ``headint.attention`` (seeded per case, at user-level shapes).
 :func:`compare` runs a backend on them and checks its output (and gradients) against the
 ``"reference"`` backend run in float64, the ground truth:
@@ -13,7 +14,7 @@ keyword arguments for ``headint.attention`` (seeded per case, at user-level shap
   machine epsilon for outputs, ``min(4 eps, LOWP_GRAD_EPS)`` for gradients.
 
 Vocabulary of the feature strings (dims strings use ``b``=B, ``h``=Hq, ``q``=Tq, ``k``=Tk,
-``d``=D, ``1``=a broadcast dim of size 1):
+``d``=D (``Dv`` in ``head_patch``), ``1``=a broadcast dim of size 1):
 
 - ``mask``: ``"<kind>:<dims>"``, kind ``bool`` (True = keep, ~70 % kept), ``add`` (additive,
   N(0, 2) with ~10 % ``-inf``), ``addf`` (additive, finite), ``pad`` (bool key padding: batch
@@ -30,8 +31,12 @@ Vocabulary of the feature strings (dims strings use ``b``=B, ``h``=Hq, ``q``=Tq,
 - ``head_mask``: dims ``h`` / ``bh`` / ``bhq`` / ``bhq1``; ``head_mask_values``: ``unit``
   (U[0,1)), ``wide`` (U[-0.25,1.25)), ``zero``, ``one``, ``quarter`` (0.25), ``scalar`` (0.3
   expanded from a 0-dim tensor: stride 0 everywhere).
-- ``head_patch``: dims ``hd`` / ``hqd`` / ``bhqd``. ``score_scale``: dims ``h`` (U[0,2)) or
-  ``bh`` (U[-0.5,1.5) with one exact 0).
+- ``head_patch``: dims ``hd`` / ``hqd`` / ``bhqd`` (``d`` is the value head dim). ``score_scale``:
+  dims ``h`` (U[0,2)) or ``bh`` (U[-0.5,1.5) with one exact 0).
+- ``softcap``: a float (the logit soft-cap) or None. ``sinks``: dims ``h`` (N(0, 1)), ``bh``
+  (N(0, 2) with one ``-inf``: no sink in that row of heads), or ``big`` (``[Hq]``, 4 + N(0, 1):
+  sinks that dominate the softmax).
+- ``Dv``: the value head dim (None: ``D``); v is ``[B, Hkv, Tk, Dv]`` and so are the outputs.
 - ``layout``: ``bhtd`` (contiguous) or ``bthd`` (q, k, v are transposed views of
   ``[B, T, H, D]`` storage, like Hugging Face projections).
 """
@@ -55,7 +60,7 @@ FP32_ATOL = 1e-6  # per element, in the norm: sqrt(numel) * FP32_ATOL
 LOWP_FACTOR = 2.0
 LOWP_GRAD_EPS = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
-GRAD_NAMES = ("q", "k", "v", "head_mask", "head_patch", "score_scale")
+GRAD_NAMES = ("q", "k", "v", "head_mask", "head_patch", "score_scale", "sinks")
 CPU = torch.device("cpu")
 
 
@@ -81,12 +86,20 @@ class Case:
     head_mask_values: str = "wide"
     head_patch: str | None = None
     score_scale: str | None = None
+    softcap: float | None = None
+    sinks: str | None = None
+    Dv: int | None = None
     layout: str = "bhtd"
     seed: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
         return (self.B, self.Hq, self.Hkv, self.Tq, self.Tk, self.D)
+
+    @property
+    def value_dim(self) -> int:
+        """The value head dim (``Dv``, or ``D`` when not set)."""
+        return self.D if self.Dv is None else self.Dv
 
     @property
     def rng_seed(self) -> int:
@@ -117,8 +130,9 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _sizes(case: Case, dims: str) -> tuple[int, ...]:
-    full = {"b": case.B, "h": case.Hq, "q": case.Tq, "k": case.Tk, "d": case.D, "1": 1}
+def _sizes(case: Case, dims: str, value: bool = False) -> tuple[int, ...]:
+    """Sizes of a dims string; ``value``: ``d`` is the value head dim."""
+    full = {"b": case.B, "h": case.Hq, "q": case.Tq, "k": case.Tk, "d": case.value_dim if value else case.D, "1": 1}
     try:
         return tuple(full[c] for c in dims)
     except KeyError:
@@ -235,15 +249,27 @@ def _score_scale(case: Case, g) -> torch.Tensor:
     raise ValueError(f"case {case.name}: unknown score_scale dims {case.score_scale!r}")
 
 
+def _sinks(case: Case, g) -> torch.Tensor:
+    if case.sinks == "h":
+        return torch.randn(case.Hq, generator=g)
+    if case.sinks == "bh":
+        s = torch.randn(case.B, case.Hq, generator=g) * 2.0
+        s.view(-1)[0] = float("-inf")  # no sink for this (b, h)
+        return s
+    if case.sinks == "big":
+        return torch.randn(case.Hq, generator=g) + 4.0
+    raise ValueError(f"case {case.name}: unknown sinks {case.sinks!r}")
+
+
 def _qkv(case: Case, g):
     B, Hq, Hkv, Tq, Tk, D = case.shape
     if case.layout == "bhtd":
-        make = lambda H, T: torch.randn(B, H, T, D, generator=g).to(case.dtype)  # noqa: E731
+        make = lambda H, T, d=D: torch.randn(B, H, T, d, generator=g).to(case.dtype)  # noqa: E731
     elif case.layout == "bthd":
-        make = lambda H, T: torch.randn(B, T, H, D, generator=g).to(case.dtype).transpose(1, 2)  # noqa: E731
+        make = lambda H, T, d=D: torch.randn(B, T, H, d, generator=g).to(case.dtype).transpose(1, 2)  # noqa: E731
     else:
         raise ValueError(f"case {case.name}: unknown layout {case.layout!r}")
-    return make(Hq, Tq), make(Hkv, Tk), make(Hkv, Tk)
+    return make(Hq, Tq), make(Hkv, Tk), make(Hkv, Tk, case.value_dim)
 
 
 def make_inputs(case: Case) -> dict:
@@ -260,15 +286,19 @@ def make_inputs(case: Case) -> dict:
     if case.head_mask is not None:
         kw["head_mask"] = _head_mask(case, g)
     if case.head_patch is not None:
-        kw["head_patch"] = torch.randn(_sizes(case, case.head_patch), generator=g).to(case.dtype)
+        kw["head_patch"] = torch.randn(_sizes(case, case.head_patch, value=True), generator=g).to(case.dtype)
     if case.score_scale is not None:
         kw["score_scale"] = _score_scale(case, g)
+    if case.softcap is not None:
+        kw["softcap"] = case.softcap
+    if case.sinks is not None:
+        kw["sinks"] = _sinks(case, g)
     return kw
 
 
 def grad_output(case: Case) -> torch.Tensor:
-    """The seeded upstream gradient ``[B, Hq, Tq, D]`` (float32) of a case."""
-    return torch.randn(case.B, case.Hq, case.Tq, case.D, generator=gen(case.rng_seed + 12345))
+    """The seeded upstream gradient ``[B, Hq, Tq, Dv]`` (float32) of a case."""
+    return torch.randn(case.B, case.Hq, case.Tq, case.value_dim, generator=gen(case.rng_seed + 12345))
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,8 +399,8 @@ def compare(kw: dict, backend: str, grads: bool = False, grad_out: torch.Tensor 
     dtype = kw["q"].dtype
     skip_unless_runs(backend, kw)
     if grads and grad_out is None:
-        B, H, Tq, D = kw["q"].shape
-        grad_out = torch.randn(B, H, Tq, D, generator=gen(B * 1000 + Tq))
+        B, H, Tq, _ = kw["q"].shape
+        grad_out = torch.randn(B, H, Tq, kw["v"].shape[-1], generator=gen(B * 1000 + Tq))
     out, gr = run(kw, backend, grad_out, grads)
     ref64, gr64 = run(cast_inputs(kw, torch.float64), "reference", grad_out, grads)
     ref_lp, gr_lp = None, {}

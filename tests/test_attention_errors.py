@@ -49,7 +49,7 @@ def test_k_v_wrong_rank(qkv):
 
 def test_k_v_shape_mismatch(qkv):
     q, k, v = qkv
-    with pytest.raises(ValueError, match=r"k and v must have the same shape \[B, Hkv, Tk, D\]; "
+    with pytest.raises(ValueError, match=r"k and v must share \[B, Hkv, Tk\] \(k \[B, Hkv, Tk, D\], v \[B, Hkv, Tk, Dv\]\); "
                                          r"got k \[2, 2, 6, 8\], v \[2, 2, 5, 8\]"):
         attention(q, k, v[:, :, :5], backend="reference")
 
@@ -146,12 +146,12 @@ def test_head_mask_int_dtype(qkv):
 @pytest.mark.parametrize("shape", [(HQ, D + 1), (HQ + 1, D), (HQ, TQ + 1, D), (B + 1, HQ, TQ, D), (B, HQ, TQ, 1, D)])
 def test_head_patch_wrong_shape(qkv, shape):
     with pytest.raises(ValueError, match=r"head_patch has shape " + esc(str(list(shape)))
-                       + r"; expected one of \[Hq, D\], \[Hq, Tq, D\] or \[B, Hq, Tq, D\]"):
+                       + r"; expected one of \[Hq, Dv\], \[Hq, Tq, Dv\] or \[B, Hq, Tq, Dv\]"):
         attention(*qkv, head_mask=torch.zeros(HQ), head_patch=torch.zeros(shape), backend="reference")
 
 
 def test_head_patch_wrong_shape_names_sizes(qkv):
-    with pytest.raises(ValueError, match=r"head_patch has shape \[4, 7\].*B=2, Hq=4, Tq=5, D=8"):
+    with pytest.raises(ValueError, match=r"head_patch has shape \[4, 7\].*B=2, Hq=4, Tq=5, Dv=8"):
         attention(*qkv, head_mask=torch.zeros(HQ), head_patch=torch.zeros(HQ, 7), backend="reference")
 
 

@@ -59,13 +59,16 @@ def text_config(config):
 def config_shape(config) -> ModelShape:
     """The attention geometry a config declares, every layer alike: the text config's
     ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the query
-    head count) and ``head_dim`` (default ``hidden_size // num_attention_heads``). A model's
-    exact per-layer geometry comes from :func:`headint.integration.structure.model_shape`."""
+    head count), ``qk_head_dim`` or else ``head_dim`` (default ``hidden_size //
+    num_attention_heads``) and ``v_head_dim`` (default: the query/key head dim). DeepSeek's MLA
+    configs carry ``qk_head_dim`` (their ``head_dim`` is the rotary part only) and ``v_head_dim``.
+    A model's exact per-layer geometry comes from :func:`headint.integration.structure.model_shape`."""
     cfg = text_config(getattr(config, "config", config))
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    return ModelShape(int(cfg.num_hidden_layers), int(n_heads), int(n_kv), int(head_dim))
+    head_dim = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    v_head_dim = getattr(cfg, "v_head_dim", None) or head_dim
+    return ModelShape(int(cfg.num_hidden_layers), int(n_heads), int(n_kv), int(head_dim), int(v_head_dim))
 
 
 def model_configs(model) -> list:

@@ -55,8 +55,9 @@ def headint_attention_forward(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]``; returns ``([B, Tq, Hq, D], None)``
-    as ``transformers`` expects."""
+    """Query ``[B, Hq, Tq, D]``, key ``[B, Hkv, Tk, D]``, value ``[B, Hkv, Tk, Dv]``; returns
+    ``([B, Tq, Hq, Dv], None)`` as ``transformers`` expects. ``softcap`` (Gemma 2) and ``s_aux``
+    (gpt-oss's per-head sinks) become the ``softcap`` / ``sinks`` operands."""
     session = current_session(module)
     if session is None and not switched_by_any_session(module):
         raise RuntimeError(
@@ -66,10 +67,7 @@ def headint_attention_forward(
     model_name = type(session.model).__name__ if session is not None else type(module).__name__
     if dropout and dropout > 0:
         raise ValueError(f"headint attention does not implement attention dropout (dropout={dropout}); call model.eval()")
-    if softcap is not None:
-        raise NotImplementedError(f"{model_name} uses attention logit soft-capping, which headint does not implement")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{model_name} uses attention sinks, which headint does not implement")
+    ops = dict(softcap=softcap, sinks=kwargs.get("s_aux"))  # Gemma 2's soft-cap, gpt-oss's per-head sinks
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
 
@@ -83,7 +81,7 @@ def headint_attention_forward(
         window = sliding_window
 
     if session is None:  # another thread's session switched the model: this forward is not intervened
-        out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend="auto")
+        out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend="auto", **ops)
         return out.transpose(1, 2).contiguous(), None
 
     session.calls += 1
@@ -113,7 +111,7 @@ def headint_attention_forward(
         kw = dict(head_mask=plan.head_mask, head_patch=plan.head_patch, score_scale=plan.score_scale, knockout=plan.knockouts or None)
         if plan.pattern_edits:
             kw["head_mask"], kw["head_patch"] = apply_pattern_edits(plan.pattern_edits, value, plan.head_mask, plan.head_patch)
-    out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw)
+    out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw, **ops)
     if plan is not None and plan.head_bias is not None:
         out = out + plan.head_bias.to(out.device, out.dtype)
 
@@ -129,6 +127,6 @@ def headint_attention_forward(
                 rec.add(layer, what, full(x, dim), concat_dim=concat)
         if "pattern" in rec.what:
             args = prepare(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window,
-                           knockout=kw.get("knockout"), score_scale=kw.get("score_scale"))
+                           knockout=kw.get("knockout"), score_scale=kw.get("score_scale"), **ops)
             rec.add(layer, "pattern", full(reference_probs(args), 1), concat_dim=None)
     return out.transpose(1, 2).contiguous(), None

@@ -58,15 +58,20 @@ def scalar_operand(schema_type: str):
 class AttentionArgs:
     """Canonical operands of one intervened attention call.
 
-    q ``[B, Hq, Tq, D]``; k, v ``[B, Hkv, Tk, D]``.
+    q ``[B, Hq, Tq, D]``; k ``[B, Hkv, Tk, D]``; v ``[B, Hkv, Tk, Dv]`` (the value head dim ``Dv`` may
+    differ from the query/key one ``D``, as in DeepSeek's MLA; outputs are ``[B, Hq, Tq, Dv]``).
     mask: ``None`` or ``[B, Hq, Tq, Tk]`` bool (True = keep) or float (additive), a view.
     q_bits / k_bits: ``None`` or int32 ``[B, Hq, Tq]`` / ``[B, Hq, Tk]`` knockout words.
-    head_mask: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq, Tq]``; head_patch: ``None`` (zeros) or ``[B, Hq, Tq, D]``.
+    head_mask: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq, Tq]``; head_patch: ``None`` (zeros) or ``[B, Hq, Tq, Dv]``.
     score_scale: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq]``.
+    sinks: ``None`` or float32 (float64 for float64 inputs) ``[B, Hq]``: a learned logit per head that
+    joins every row's softmax denominator and contributes no value (gpt-oss attention sinks).
     scale: the score scale. causal: keys after each query are removed.
     window: ``None`` or the sliding-window size: with ``causal``, keys with ``0 <= i' - j < window``
     are kept; without, keys with ``|i' - j| < window`` (``i'`` the query's position aligned to the
     end of the keys).
+    softcap: ``None`` or the logit soft-cap ``c > 0``: scores become ``c * tanh(s / c)`` after the
+    scale and score scale, before the masks (Gemma 2).
 
     Field order is the operand order of the custom op and of the C++ kernel (see the module
     docstring); tensor fields come first, then the scalars.
@@ -81,9 +86,11 @@ class AttentionArgs:
     head_mask: torch.Tensor | None = tensor_operand(differentiable=True)
     head_patch: torch.Tensor | None = tensor_operand(differentiable=True)
     score_scale: torch.Tensor | None = tensor_operand(differentiable=True)
+    sinks: torch.Tensor | None = tensor_operand(differentiable=True)
     scale: float = scalar_operand("float")
     causal: bool = scalar_operand("bool")
     window: int | None = scalar_operand("int?")
+    softcap: float | None = scalar_operand("float?")
 
     # -- the field list, by kind ------------------------------------------------------------
 
@@ -95,6 +102,13 @@ class AttentionArgs:
     @classmethod
     def optional_operand_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "tensor" and f.metadata["optional"])
+
+    @classmethod
+    def optional_names(cls) -> tuple[str, ...]:
+        """Every operand a call may leave out (``None``): the optional tensors, then the optional
+        scalars (schema type ``T?``), in field order. Backends declare which of these they take."""
+        scalars = tuple(f.name for f in fields(cls) if f.metadata["kind"] == "scalar" and f.metadata["schema"].endswith("?"))
+        return cls.optional_operand_names() + scalars
 
     @classmethod
     def differentiable_names(cls) -> tuple[str, ...]:
@@ -145,6 +159,12 @@ class AttentionArgs:
     @property
     def has_intervention(self) -> bool:
         return any(x is not None for x in (self.q_bits, self.head_mask, self.score_scale))
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """``(B, Hq, Tq, Dv)``: the shape of the output (and of the pre-blend attention)."""
+        B, Hq, Tq, _ = self.q.shape
+        return (B, Hq, Tq, self.v.shape[-1])
 
     @property
     def blends(self) -> bool:
@@ -199,21 +219,28 @@ def prepare(
     knockout=None,
     score_scale=None,
     window: int | None = None,
+    softcap: float | None = None,
+    sinks=None,
 ) -> AttentionArgs:
     """Validate the user's arguments and return their canonical views."""
     q = _check_tensor(q, "q", "[B, Hq, Tq, D]")
     k = _check_tensor(k, "k", "[B, Hkv, Tk, D]")
-    v = _check_tensor(v, "v", "[B, Hkv, Tk, D]")
+    v = _check_tensor(v, "v", "[B, Hkv, Tk, Dv]")
     if q.dim() != 4:
         raise ValueError(f"q has shape {_shape(q)}; expected 4 dims [B, Hq, Tq, D]")
     if k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"k and v must be 4-dim [B, Hkv, Tk, D]; got k {_shape(k)}, v {_shape(v)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, Tk, D]; got k {_shape(k)}, v {_shape(v)}")
+        raise ValueError(f"k and v must be 4-dim [B, Hkv, Tk, D] and [B, Hkv, Tk, Dv]; got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must share [B, Hkv, Tk] (k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]); got k {_shape(k)}, v {_shape(v)}"
+        )
     B, Hq, Tq, D = q.shape
     _, Hkv, Tk, Dk = k.shape
+    Dv = v.shape[3]
     if D == 0:
         raise ValueError(f"q has shape {_shape(q)}: head dim D = 0; expected [B, Hq, Tq, D] with D >= 1")
+    if Dv == 0:
+        raise ValueError(f"v has shape {_shape(v)}: value head dim Dv = 0; expected [B, Hkv, Tk, Dv] with Dv >= 1")
     if k.shape[0] != B:
         raise ValueError(f"k has batch size {k.shape[0]} (shape {_shape(k)}) but q has {B} (shape {_shape(q)})")
     if Dk != D:
@@ -236,6 +263,12 @@ def prepare(
         window = int(window)
         if window < 1:
             raise ValueError(f"window must be a positive int, got {window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__} {softcap!r}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a positive finite float (scores become softcap * tanh(s / softcap)), got {softcap}")
 
     full4 = (B, Hq, Tq, Tk)
     mask = None
@@ -276,7 +309,7 @@ def prepare(
             (B, Hq, Tq, 1), "[Hq], [B, Hq], [B, Hq, Tq] or [B, Hq, Tq, 1]", ("B", "Hq", "Tq", "1"),
         )[..., 0]
     if head_patch is not None:
-        head_patch = _check_tensor(head_patch, "head_patch", "broadcastable to [B, Hq, Tq, D]")
+        head_patch = _check_tensor(head_patch, "head_patch", "broadcastable to [B, Hq, Tq, Dv]")
         if not head_patch.is_floating_point():
             raise TypeError(f"head_patch must be floating, got {head_patch.dtype}")
         if head_patch.device != device:
@@ -284,15 +317,21 @@ def prepare(
         head_patch = _view_as(
             head_patch.to(q.dtype), "head_patch",
             {2: (1, 3), 3: (1, 2, 3), 4: (0, 1, 2, 3)},
-            (B, Hq, Tq, D), "[Hq, D], [Hq, Tq, D] or [B, Hq, Tq, D]",
+            (B, Hq, Tq, Dv), "[Hq, Dv], [Hq, Tq, Dv] or [B, Hq, Tq, Dv]", ("B", "Hq", "Tq", "Dv"),
         )
     if score_scale is not None:
         score_scale = _as_float(score_scale, "score_scale", device, q.dtype)
         score_scale = _view_as(score_scale, "score_scale", {1: (1,), 2: (0, 1)}, (B, Hq), "[Hq] or [B, Hq]", ("B", "Hq"))
+    if sinks is not None:
+        sinks = _check_tensor(sinks, "sinks", "[Hq] or [B, Hq]")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating tensor [Hq] or [B, Hq] (one logit per head), got {sinks.dtype}")
+        sinks = _as_float(sinks, "sinks", device, q.dtype)
+        sinks = _view_as(sinks, "sinks", {1: (1,), 2: (0, 1)}, (B, Hq), "[Hq] or [B, Hq]", ("B", "Hq"))
 
     return AttentionArgs(
         q=q, k=k, v=v, mask=mask, q_bits=q_bits, k_bits=k_bits, head_mask=head_mask, head_patch=head_patch,
-        score_scale=score_scale, scale=scale, causal=bool(causal), window=window,
+        score_scale=score_scale, sinks=sinks, scale=scale, causal=bool(causal), window=window, softcap=softcap,
     )
 
 

@@ -84,7 +84,8 @@ class Backend:
 
     name: what ``backend=`` takes. devices: device types it runs (empty: any). dtypes: input
     dtypes it takes.
-    operands: the optional operands of :class:`AttentionArgs` it takes (None: every one).
+    operands: the optional operands of :class:`AttentionArgs` it takes, tensors and scalars
+    (:meth:`AttentionArgs.optional_names`; None: every one).
     run: the whole call ``run(args) -> out``, for backends whose autograd is PyTorch's; or
     load: returns the :class:`Kernel` run by the fused op (raising BackendUnavailable if it
     cannot be loaded here; called once per process).
@@ -128,11 +129,11 @@ def _triton_device_limits(device: torch.device) -> str | None:
 
 
 def _triton_limits(a: AttentionArgs) -> UnsupportedShape | None:
-    D = a.q.shape[-1]
-    if D > TRITON_MAX_HEAD_DIM:
-        return UnsupportedShape(
-            f"backend 'triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q of shape {list(a.q.shape)}"
-        )
+    for name, x in (("q", a.q), ("v", a.v)):
+        if x.shape[-1] > TRITON_MAX_HEAD_DIM:
+            return UnsupportedShape(
+                f"backend 'triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got {name} of shape {list(x.shape)}"
+            )
     return None
 
 
@@ -207,7 +208,7 @@ def _sdpa_limits(a: AttentionArgs) -> str | None:
 TABLE: tuple[Backend, ...] = (
     Backend(name="reference", devices=(), dtypes=_ALL_FLOATS, run=reference_attention, auto_devices=("*",), auto_rank=3),
     Backend(
-        name="sdpa", devices=(), dtypes=_ALL_FLOATS, operands=frozenset({"mask", "head_mask", "head_patch"}),
+        name="sdpa", devices=(), dtypes=_ALL_FLOATS, operands=frozenset({"mask", "head_mask", "head_patch", "window"}),
         run=sdpa_attention, limits=_sdpa_limits, auto_devices=("cpu",), auto_rank=2,
     ),
     Backend(
@@ -273,7 +274,7 @@ def _args_problem(b: Backend, a: AttentionArgs) -> BackendUnavailable | None:
         names = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
         return UnsupportedDtype(f"backend {b.name!r} takes {names} inputs, got q of dtype {a.q.dtype}")
     if b.operands is not None:
-        for name in AttentionArgs.optional_operand_names():
+        for name in AttentionArgs.optional_names():
             if getattr(a, name) is not None and name not in b.operands:
                 what = _OPERAND_WORDS.get(name, name)
                 return BackendUnavailable(f"backend {b.name!r} does not support {what} (use 'reference', 'cpu' or 'triton')")
@@ -286,7 +287,10 @@ def _as_error(reason) -> BackendUnavailable | None:
     return BackendUnavailable(reason)
 
 
-_OPERAND_WORDS = {"q_bits": "compact knockouts", "k_bits": "compact knockouts"}
+_OPERAND_WORDS = {
+    "q_bits": "compact knockouts", "k_bits": "compact knockouts", "sinks": "attention sinks (sinks)",
+    "softcap": "logit soft-capping (softcap)", "window": "sliding windows (window)",
+}
 
 
 def _problem(name: str, device: torch.device, args: AttentionArgs | None) -> BackendUnavailable | None:

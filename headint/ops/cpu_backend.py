@@ -254,10 +254,10 @@ def _ops():
 
 def forward(a: AttentionArgs):
     """``(out, lse, attn or None)``: see :mod:`headint.ops.fused`."""
-    B, H, T, D = a.q.shape
-    out = _alloc((B, H, T, D), a.q.dtype)
-    lse = _alloc((B, H, T), torch.float32)
-    attn = _alloc((B, H, T, D), a.q.dtype) if a.blends else a.q.new_empty(0)
+    shape = a.output_shape
+    out = _alloc(shape, a.q.dtype)
+    lse = _alloc(shape[:3], torch.float32)
+    attn = _alloc(shape, a.q.dtype) if a.blends else a.q.new_empty(0)
     _ops().attention_fwd(a.operands(), *a.scalars(), out, lse, attn)
     return out, lse, (attn if a.blends else None)
 

@@ -10,7 +10,7 @@ The implementation of each op rebuilds the :class:`AttentionArgs` and hands it t
 the backend named by the ``backend`` argument (:func:`headint.ops.backends.kernel`), a
 :class:`~headint.ops.backends.Kernel` with
 
-``forward(args) -> (out [B,Hq,Tq,D] q.dtype, lse [B,Hq,Tq] float32, attn [B,Hq,Tq,D] q.dtype or None)``
+``forward(args) -> (out [B,Hq,Tq,Dv] q.dtype, lse [B,Hq,Tq] float32, attn [B,Hq,Tq,Dv] q.dtype or None)``
     ``attn`` is the head output before the head_mask/head_patch blend, given when ``args.blends``
     (else None: then ``attn == out``). Rows whose every key is removed have ``attn = 0`` and
     ``lse = -inf``; rows that read a NaN have ``lse = NaN`` (see :func:`headint.attention`).
@@ -47,10 +47,10 @@ def _split(flat):
 
 
 def _empty_like_output(a: AttentionArgs) -> tuple[Tensor, Tensor, Tensor]:
-    B, H, T, D = a.q.shape
-    out = a.q.new_empty(B, H, T, D)
-    lse = a.q.new_empty(B, H, T, dtype=torch.float32)
-    attn = a.q.new_empty(B, H, T, D) if a.blends else a.q.new_empty(0)
+    shape = a.output_shape
+    out = a.q.new_empty(shape)
+    lse = a.q.new_empty(shape[:3], dtype=torch.float32)
+    attn = a.q.new_empty(shape) if a.blends else a.q.new_empty(0)
     return out, lse, attn
 
 
@@ -130,5 +130,5 @@ def fused_forward(a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor, Tenso
 
 
 def fused_attention(a: AttentionArgs, backend: str) -> Tensor:
-    """Run the fused operator on canonical :class:`AttentionArgs`; returns ``[B, Hq, Tq, D]``."""
+    """Run the fused operator on canonical :class:`AttentionArgs`; returns ``[B, Hq, Tq, Dv]``."""
     return fused_forward(a, backend)[0]

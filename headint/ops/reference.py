@@ -40,21 +40,28 @@ def _finite_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_probs(a: AttentionArgs, return_lse: bool = False):
     """Attention probabilities ``[B, Hq, Tq, Tk]`` (float32) with every mask and knockout applied.
 
+    Scores: ``s = q.k * scale * score_scale``, soft-capped (``softcap * tanh(s / softcap)``) when
+    ``softcap`` is set, then the additive mask; removed keys are ``-inf``. With ``sinks``, the head's
+    sink logit joins each row's softmax denominator: ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``
+    (the probabilities then sum to less than 1; the sink carries no value).
+
     Rows whose every key is removed are all zeros. With ``return_lse`` also returns the
-    log-sum-exp of the kept scores ``[B, Hq, Tq]`` (``-inf`` for such rows).
+    log-sum-exp of the kept scores and the sink ``[B, Hq, Tq]`` (``-inf`` for such rows without a
+    sink, the sink itself with one).
 
     NaN semantics (see :func:`headint.attention`): q, k and v enter the products with their
     non-finite elements zeroed; a row that reads a key (kept, with a score above ``-inf``) and
     has a non-finite query, reads a non-finite key or value, or has a NaN / ``+inf`` score at a
     key it reads, gets NaN added to the scores it reads: its probabilities (and lse) are NaN and
-    its gradients flow to exactly what it read. Removed entries are exact zeros.
+    its gradients flow to exactly what it read. Removed entries are exact zeros. Every row reads
+    its head's sink: a NaN or ``+inf`` sink makes the row NaN (``-inf`` is no sink).
     """
     q, q_bad = _finite_or_zero(a.q)
     k, k_bad = _finite_or_zero(a.k)
     v_bad = (~torch.isfinite(a.v)).any(dim=-1)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if Tk == 0:  # no keys at all: every row is empty
+    if Tk == 0 and a.sinks is None:  # no keys at all: every row is empty
         probs = q.new_zeros(B, Hq, Tq, 0, dtype=torch.promote_types(q.dtype, torch.float32))
         return (probs, probs.new_full((B, Hq, Tq), float("-inf"))) if return_lse else probs
     group = Hq // Hkv
@@ -68,6 +75,8 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
     if a.score_scale is not None:
         scores = scores * a.score_scale[:, :, None, None].to(scores.dtype)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32
+    if a.softcap is not None:  # logit soft-capping, before the masks
+        scores = a.softcap * torch.tanh(scores / a.softcap)
 
     keep = torch.ones(B, Hq, Tq, Tk, dtype=torch.bool, device=q.device)
     if a.mask is not None:
@@ -84,16 +93,28 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
     read = keep & (scores != float("-inf"))  # NaN scores are read (and make the row NaN)
     bad_entry = read & (q_bad[..., :, None] | kv_bad[..., None, :] | torch.isnan(scores) | (scores == float("inf")))
     bad_row = bad_entry.any(dim=-1, keepdim=True)
+    sink = None
+    if a.sinks is not None:  # every row reads its head's sink: NaN / +inf there make the row NaN
+        sink = a.sinks[:, :, None, None].to(scores.dtype).expand(B, Hq, Tq, 1)
+        bad_row = bad_row | torch.isnan(sink) | (sink == float("inf"))
     nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
     scores = scores + torch.where(bad_row & read, nan, torch.zeros_like(nan))  # (an addition: gradients flow)
     scores = scores.masked_fill(~read, float("-inf"))
 
     # Softmax that gives an all-zero row (not NaN) when every key is removed; exact zeros at
-    # removed entries even in a NaN row.
-    row_max = scores.masked_fill(bad_row, 0.0).amax(dim=-1, keepdim=True)
+    # removed entries even in a NaN row. A sink joins the denominator only.
+    if Tk > 0:
+        row_max = scores.masked_fill(bad_row, 0.0).amax(dim=-1, keepdim=True)
+    else:  # no keys, only the sink
+        row_max = scores.new_full((B, Hq, Tq, 1), float("-inf"))
+    if sink is not None:
+        sink = sink + torch.where(bad_row, nan, torch.zeros_like(nan))
+        row_max = torch.maximum(row_max, sink.masked_fill(bad_row, 0.0))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max.detach())  # the shift cancels; no gradient through it
     denom = weights.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max.detach())
     probs = torch.where(read, weights / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0)
     if return_lse:
         return probs, (row_max + torch.log(denom)).squeeze(-1)
@@ -101,13 +122,17 @@ def reference_probs(a: AttentionArgs, return_lse: bool = False):
 
 
 def reference_attention(a: AttentionArgs, return_lse: bool = False):
-    """Intervened attention, step by step. Returns ``[B, Hq, Tq, D]`` (and lse ``[B, Hq, Tq]``)."""
+    """Intervened attention, step by step. Returns ``[B, Hq, Tq, Dv]`` (and lse ``[B, Hq, Tq]``)."""
     probs, lse = reference_probs(a, return_lse=True)
     group = a.q.shape[1] // a.v.shape[1]
     v, _ = _finite_or_zero(a.v)  # a row reading a non-finite value already has NaN probabilities
     if group > 1:
         v = v.repeat_interleave(group, dim=1)
     attn = torch.matmul(probs.to(v.dtype), v)
+    if a.sinks is not None:  # a row reading a NaN / +inf sink is NaN even if it reads no key
+        sink_bad = torch.isnan(a.sinks) | (a.sinks == float("inf"))
+        nan = torch.full((), float("nan"), dtype=attn.dtype, device=attn.device)
+        attn = attn + torch.where(sink_bad[:, :, None, None], nan, torch.zeros_like(nan))
 
     if a.head_mask is not None:
         m = a.head_mask[..., None].to(attn.dtype)

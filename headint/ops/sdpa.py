@@ -1,6 +1,6 @@
 """``"sdpa"`` backend: PyTorch's fused ``scaled_dot_product_attention`` plus the head blend.
 
-Covers calls without knockouts or score scales (those need the score tile, which SDPA does
+Covers calls without knockouts, score scales, sinks or soft-capping (those need the score tile, which SDPA does
 not expose): plain attention, bool masks, windows, and the head_mask/head_patch blend applied
 after the attention (what it supports is declared in its entry of :mod:`headint.ops.backends`).
 On CPU, ``"auto"`` uses it for such calls, since it is much faster than the reference and

@@ -1,5 +1,5 @@
 """Backward conformance: every backend's gradients of q, k, v, head_mask (every accepted shape),
-head_patch and score_scale against the float64 reference's autograd, through
+head_patch, score_scale and sinks (with soft-capping and value head dims != D too) against the float64 reference's autograd, through
 ``headint.attention(..., backend=...)`` (the fused op's registered autograd for the kernels)."""
 
 from __future__ import annotations
@@ -119,6 +119,50 @@ LARGE_FEATURES = (
 )
 
 
+# ---- soft-capping, sinks (their gradient too), a value head dim != the query/key one ---------------
+VDIM = (2, 4, 2, 19, 23, 24)
+SOFTCAP_SINKS_VDIM = [
+    case("sc1-causal", GQA2_ODD, softcap=1.0, causal=True),
+    case("sc0.5+ss_bh+add_bhqk", GQA2_4, softcap=0.5, score_scale="bh", mask="add:bhqk"),
+    case("sc2+ko_pair+rows+hm+patch-causal", GQA4, softcap=2.0, knockout=("pair", "rows"), head_mask="bhq",
+         head_mask_values="unit", head_patch="bhqd", causal=True),
+    case("sc3-window4-decode", DECODE, softcap=3.0, causal=True, window=4),
+    case("sinks_h", GQA2_ODD, sinks="h"),
+    case("sinks_bh-causal", GQA2_4, sinks="bh", causal=True),
+    case("sinks_big+pad+hm+patch-decode", DECODE, sinks="big", mask="pad", head_mask="bh", head_patch="hd",
+         causal=True),
+    case("sinks_h+ko_deadrows+ss-causal", GQA2_4, sinks="h", knockout=("deadrows",), score_scale="bh", causal=True),
+    case("sinks_bh+ko_all+hm+patch", (2, 2, 2, 20, 20, 16), sinks="bh", knockout=("all",), head_mask="bh",
+         head_patch="hd"),
+    case("sinks_h-no_keys+hm+patch", (2, 2, 1, 5, 0, 16), sinks="h", head_mask="bh", head_patch="hd"),
+    case("vdim12-causal", VDIM, Dv=12, causal=True),
+    case("vdim12+hm_bhq+patch_bhqd+ss", VDIM, Dv=12, head_mask="bhq", head_patch="bhqd", score_scale="h"),
+    case("vdim64-d16+ko+window6", (1, 2, 2, 17, 26, 16), Dv=64, knockout=("perhead",), window=6),
+    case("vdim96-d32+pad-decode", (2, 4, 2, 1, 29, 32), Dv=96, mask="pad", causal=True),
+    case("vdim16-d128+bthd", (1, 2, 1, 18, 21, 128), Dv=16, layout="bthd", causal=True),
+    case("all3-everything-causal-window10", VDIM, Dv=12, softcap=2.0, sinks="bh", knockout=("pair", "rows"),
+         score_scale="bh", mask="add:bhqk", head_mask="bhq", head_patch="bhqd", causal=True, window=10),
+]
+LARGE_SOFTCAP_SINKS_VDIM = [
+    case("l_sc2+ss_bh-causal", (2, 4, 2, 70, 75, 64), softcap=2.0, score_scale="bh", causal=True),
+    case("l_sinks_bh+deadrows+hm-causal", (2, 2, 2, 70, 70, 16), sinks="bh", knockout=("deadrows",), head_mask="h",
+         head_mask_values="unit", causal=True),
+    case("l_vdim40-d80-decode", (1, 8, 2, 1, 200, 80), Dv=40, causal=True),
+    case("l_all3-everything", (2, 8, 2, 66, 129, 80), Dv=24, softcap=3.0, sinks="h", causal=True, window=100,
+         mask="addf:b1qk", knockout=("perhead",), head_mask="bhq", head_mask_values="unit", head_patch="bhqd",
+         score_scale="bh"),
+]
+LOW_PRECISION_SOFTCAP_SINKS_VDIM = [
+    c.but(dtype=dt)
+    for dt in (F16, BF16)
+    for c in (
+        case("lp-sc2+sinks_h+vdim40-causal", GQA2_ODD, softcap=2.0, sinks="h", Dv=40, causal=True),
+        case("lp-sc1+sinks_bh+hm+patch+ko", GQA4, softcap=1.0, sinks="bh", head_mask="bhq", head_mask_values="unit",
+             head_patch="bhqd", knockout=("pair",), score_scale="h"),
+    )
+]
+
+
 @pytest.mark.parametrize("backend,case", backend_params(PLAIN + FEATURES + LARGE_FEATURES, grads=True))
 def test_backward_fp32(backend, case):
     compare_case(case, backend, grads=True)
@@ -126,4 +170,14 @@ def test_backward_fp32(backend, case):
 
 @pytest.mark.parametrize("backend,case", backend_params(LOW_PRECISION, grads=True))
 def test_backward_low_precision(backend, case):
+    compare_case(case, backend, grads=True)
+
+
+@pytest.mark.parametrize("backend,case", backend_params(SOFTCAP_SINKS_VDIM + LARGE_SOFTCAP_SINKS_VDIM, grads=True))
+def test_backward_softcap_sinks_vdim_fp32(backend, case):
+    compare_case(case, backend, grads=True)
+
+
+@pytest.mark.parametrize("backend,case", backend_params(LOW_PRECISION_SOFTCAP_SINKS_VDIM, grads=True))
+def test_backward_softcap_sinks_vdim_low_precision(backend, case):
     compare_case(case, backend, grads=True)

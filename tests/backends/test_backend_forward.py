@@ -2,7 +2,8 @@
 
 Shapes are awkward for every kernel's tiles (the interpreter's 16 x 16, the C++ kernel's 64 x 64):
 lengths that are not multiples of the tile, Tq != Tk both ways, decoding (Tq = 1, Tk > Tq),
-GQA ratios 1 / 2 / 4, head dims 16 / 32 / 64 / 80 / 96 / 128 / 256, no keys at all (Tk = 0).
+GQA ratios 1 / 2 / 4, head dims 16 / 32 / 64 / 80 / 96 / 128 / 256, no keys at all (Tk = 0); and
+soft-capping, sinks and value head dims != the query/key one, alone and with every other feature.
 """
 
 from __future__ import annotations
@@ -146,6 +147,61 @@ LARGE_FEATURES = (
 )
 
 
+# ---- soft-capping, sinks, a value head dim != the query/key one (issue #11) --------------------
+VDIM = (2, 4, 2, 19, 23, 24)  # with Dv=12: DeepSeek-V3-like (qk 24, v 12), GQA 2
+SOFTCAP_SINKS_VDIM = [
+    case("sc1-causal", GQA2_ODD, softcap=1.0, causal=True),
+    case("sc30-full", MHA_D16, softcap=30.0, scale=1.0),
+    case("sc2+add_bhqk+ss_bh", GQA2_4, softcap=2.0, mask="add:bhqk", score_scale="bh"),
+    case("sc0.5+ko_pair+rows+hm+patch-causal", GQA2_ODD, softcap=0.5, knockout=("pair", "rows"), head_mask="bhq",
+         head_patch="bhqd", causal=True),
+    case("sc3-window6-decode", DECODE, softcap=3.0, causal=True, window=6),
+    case("sc1-no_keys", (1, 4, 2, 3, 0, 32), softcap=1.0, causal=True),
+    case("sinks_h", GQA2_ODD, sinks="h"),
+    case("sinks_bh-causal", GQA2_4, sinks="bh", causal=True),
+    case("sinks_big-pad-decode", DECODE, sinks="big", mask="pad", causal=True),
+    case("sinks_h+ko_deadrows-causal", GQA2_4, sinks="h", knockout=("deadrows",), causal=True),
+    case("sinks_bh+ko_all+hm+patch", GQA2_4, sinks="bh", knockout=("all",), head_mask="bh", head_patch="hd"),
+    case("sinks_h+holes-add", GQA2_4, sinks="h", mask="addholes:qk", causal=True),
+    case("sinks_bh+ss_h+hm-window5", SQUARE, sinks="bh", score_scale="h", head_mask="bhq", window=5, causal=True),
+    case("sinks_h-no_keys+hm+patch", (2, 2, 1, 5, 0, 16), sinks="h", head_mask="bh", head_patch="hd"),
+    case("sinks_bh+bthd", GQA2_4, sinks="bh", layout="bthd"),
+    case("vdim12-causal", VDIM, Dv=12, causal=True),
+    case("vdim12+hm_bhq+patch_bhqd", VDIM, Dv=12, head_mask="bhq", head_patch="bhqd"),
+    case("vdim64-d16+ko_pair+patch_hd-causal", MHA_D16, Dv=64, knockout=("pair",), head_mask="h", head_patch="hd",
+         causal=True),
+    case("vdim80-d32+pad-decode", (2, 4, 2, 1, 45, 32), Dv=80, mask="pad", causal=True),
+    case("vdim16-d128+ss_bh+bthd", (1, 2, 1, 18, 21, 128), Dv=16, score_scale="bh", layout="bthd", causal=True),
+    case("vdim256-d64+hm+patch", (1, 2, 1, 9, 13, 64), Dv=256, head_mask="bhq", head_patch="hqd"),
+    case("vdim12-no_keys+hm+patch", (2, 2, 1, 5, 0, 24), Dv=12, head_mask="bh", head_patch="hd"),
+    case("all3-everything-causal-window11", VDIM, Dv=12, softcap=2.0, sinks="bh", knockout=("pair", "rows"),
+         score_scale="bh", mask="add:bhqk", head_mask="bhq", head_patch="bhqd", causal=True, window=11),
+    case("all3-gqa-bthd-bool", GQA2_4, Dv=48, softcap=1.5, sinks="h", mask="bool:b1qk", knockout=("perhead",),
+         head_mask="bhq", head_mask_values="unit", head_patch="hd", layout="bthd", causal=True),
+]
+LARGE_SOFTCAP_SINKS_VDIM = [
+    case("l_sc2+ss_bh-causal", (2, 4, 2, 70, 75, 64), softcap=2.0, score_scale="bh", causal=True),
+    case("l_sinks_bh+lens+bthd", (3, 4, 4, 90, 90, 64), sinks="bh", mask="lens", layout="bthd", causal=True),
+    case("l_sinks_h+deadrows+hm+patch", (2, 2, 2, 70, 70, 16), sinks="h", knockout=("deadrows",), head_mask="h",
+         head_mask_values="quarter", head_patch="hqd", causal=True),
+    case("l_vdim40-d80-gqa4-decode", (1, 8, 2, 1, 200, 80), Dv=40, causal=True),
+    case("l_vdim128-d16", (2, 4, 2, 67, 67, 16), Dv=128, head_mask="bhq", head_patch="bhqd", causal=True),
+    case("l_all3-everything", (2, 8, 2, 66, 129, 80), Dv=24, softcap=3.0, sinks="bh", causal=True, window=100,
+         mask="addf:b1qk", knockout=("perhead", "one"), head_mask="bhq", head_mask_values="unit", head_patch="bhqd",
+         score_scale="bh"),
+]
+LOW_PRECISION_SOFTCAP_SINKS_VDIM = [
+    c.but(dtype=dt)
+    for dt in (F16, BF16)
+    for c in (
+        case("lp-sc2+sinks_h+vdim40-causal", GQA2_ODD, softcap=2.0, sinks="h", Dv=40, causal=True),
+        case("lp-sc1+sinks_bh+hm+patch+ko", SQUARE, softcap=1.0, sinks="bh", head_mask="bhq", head_patch="bhqd",
+             knockout=("pair",), score_scale="h"),
+        case("lp-large-all3", (2, 4, 2, 83, 92, 64), Dv=32, softcap=5.0, sinks="h", causal=True),
+    )
+]
+
+
 @pytest.mark.parametrize("backend,case", backend_params(PLAIN + FEATURES + LARGE_FEATURES))
 def test_forward_fp32(backend, case):
     compare_case(case, backend)
@@ -153,4 +209,14 @@ def test_forward_fp32(backend, case):
 
 @pytest.mark.parametrize("backend,case", backend_params(LOW_PRECISION))
 def test_forward_low_precision(backend, case):
+    compare_case(case, backend)
+
+
+@pytest.mark.parametrize("backend,case", backend_params(SOFTCAP_SINKS_VDIM + LARGE_SOFTCAP_SINKS_VDIM))
+def test_forward_softcap_sinks_vdim_fp32(backend, case):
+    compare_case(case, backend)
+
+
+@pytest.mark.parametrize("backend,case", backend_params(LOW_PRECISION_SOFTCAP_SINKS_VDIM))
+def test_forward_softcap_sinks_vdim_low_precision(backend, case):
     compare_case(case, backend)

@@ -26,7 +26,7 @@ def test_backend_names():
 def test_every_entry_runs_one_way():
     for b in backends.TABLE:
         assert (b.run is None) != (b.load is None), f"{b.name}: exactly one of run / load"
-        assert b.operands is None or b.operands <= set(AttentionArgs.optional_operand_names()), b.name
+        assert b.operands is None or b.operands <= set(AttentionArgs.optional_names()), b.name
 
 
 def _cli_choices(command: str) -> tuple:

@@ -19,8 +19,8 @@ from headint.ops.arguments import AttentionArgs, prepare
 
 from _ops_helpers import require_backend
 
-TENSORS = ("q", "k", "v", "mask", "q_bits", "k_bits", "head_mask", "head_patch", "score_scale")
-SCALARS = ("scale", "causal", "window")
+TENSORS = ("q", "k", "v", "mask", "q_bits", "k_bits", "head_mask", "head_patch", "score_scale", "sinks")
+SCALARS = ("scale", "causal", "window", "softcap")
 
 
 def _full_args(dtype=torch.float32, seed=0) -> AttentionArgs:
@@ -33,15 +33,16 @@ def _full_args(dtype=torch.float32, seed=0) -> AttentionArgs:
         q, k, v, causal=True, window=6, attn_mask=torch.randn(T, T, generator=g).to(dtype),
         knockout=EdgeKnockout(torch.rand(Hq, T, generator=g) < 0.3, torch.rand(T, generator=g) < 0.5),
         head_mask=torch.rand(B, Hq, T, generator=g), head_patch=torch.randn(Hq, D, generator=g).to(dtype),
-        score_scale=torch.rand(Hq, generator=g) + 0.5,
+        score_scale=torch.rand(Hq, generator=g) + 0.5, sinks=torch.randn(Hq, generator=g), softcap=2.5,
     )
 
 
 def test_field_list_describes_the_operands():
     assert AttentionArgs.operand_names() == TENSORS
     assert AttentionArgs.scalar_names() == SCALARS
-    assert AttentionArgs.differentiable_names() == ("q", "k", "v", "head_mask", "head_patch", "score_scale")
+    assert AttentionArgs.differentiable_names() == ("q", "k", "v", "head_mask", "head_patch", "score_scale", "sinks")
     assert AttentionArgs.optional_operand_names() == TENSORS[3:]
+    assert AttentionArgs.optional_names() == TENSORS[3:] + ("window", "softcap")
     assert [f.name for f in dataclasses.fields(AttentionArgs)] == list(TENSORS + SCALARS)
 
 
@@ -49,12 +50,12 @@ def test_flatten_unflatten_roundtrip():
     a = _full_args()
     a.head_patch = None  # an absent operand in the middle of the list
     tensors, present, scalars = a.flatten()
-    assert present == [True] * 7 + [False, True] and len(tensors) == 8
+    assert present == [True] * 7 + [False, True, True] and len(tensors) == 9
     b = AttentionArgs.unflatten(tensors, present, scalars)
     for name in TENSORS:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None and y is None) or x is y, name
-    assert b.scalars() == [a.scale, True, 6]
+    assert b.scalars() == [a.scale, True, 6, 2.5]
     with pytest.raises(ValueError, match="present"):
         AttentionArgs.unflatten(tensors[:-1], present, scalars)
 
@@ -66,6 +67,7 @@ def test_custom_op_schema_is_derived_from_the_fields():
         types = {a.name: str(a.type) for a in args}
         assert types["operands"] == "List[Tensor]" and types["present"] == "List[bool]"
         assert types["scale"] == "float" and types["causal"] == "bool" and types["window"] == "Optional[int]"
+        assert types["softcap"] == "Optional[float]"
 
 
 def test_fused_module_names_no_optional_operand():
@@ -73,7 +75,7 @@ def test_fused_module_names_no_optional_operand():
     source = Path(fused.__file__).read_text()
     code = re.sub(r'"""[\s\S]*?"""', "", source)  # docstrings may explain
     code = "\n".join(line.split("#")[0] for line in code.splitlines())
-    for name in AttentionArgs.optional_operand_names() + ("k", "v", "scale", "causal", "window"):
+    for name in AttentionArgs.optional_names() + ("k", "v", "scale", "causal"):
         assert not re.search(rf"\b{name}\b", code.replace("a.q", "")), f"fused.py names operand {name!r}"
 
 
@@ -127,13 +129,15 @@ def test_gradients_of_every_differentiable_operand(backend):
         q=torch.randn(B, Hq, T, D, generator=g), k=torch.randn(B, Hkv, T, D, generator=g),
         v=torch.randn(B, Hkv, T, D, generator=g), head_mask=torch.rand(Hq, generator=g),
         head_patch=torch.randn(Hq, T, D, generator=g), score_scale=torch.rand(B, Hq, generator=g) + 0.5,
+        sinks=torch.randn(Hq, generator=g),
     )
     dout = torch.randn(B, Hq, T, D, generator=g)
     grads = {}
     for be in (backend, "reference"):
         xs = {n: x.clone().requires_grad_(True) for n, x in leaves.items()}
         out = attention(xs["q"], xs["k"], xs["v"], causal=True, head_mask=xs["head_mask"],
-                        head_patch=xs["head_patch"], score_scale=xs["score_scale"], backend=be)
+                        head_patch=xs["head_patch"], score_scale=xs["score_scale"], sinks=xs["sinks"],
+                        softcap=3.0, backend=be)
         grads[be] = dict(zip(xs, torch.autograd.grad(out, list(xs.values()), dout)))
     for n, x in leaves.items():
         got, ref = grads[backend][n], grads["reference"][n]

@@ -1,4 +1,5 @@
-"""The kernels compile to real GPU code (sm_90 and sm_80) on this CPU-only machine.
+"""The kernels compile to real GPU code (sm_90 and sm_80) on this CPU-only machine, including the
+soft-capping / sink variants and value head dims != the query/key one.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the full pipeline
 down to a cubin with the ptxas shipped in the triton wheel; no GPU is needed. It catches
@@ -50,13 +51,32 @@ def _check_fits(rows: list[dict]) -> None:
         print("register spills (local memory):\n" + compile_check.format_table(spills))
 
 
-def test_compile_representative_variants(tmp_path):
+@pytest.fixture(scope="module")
+def representative_rows(tmp_path_factory) -> list[dict]:
+    """The default compile check's rows (compiled once for the tests of this module)."""
+    return _run_check(tmp_path_factory.mktemp("compile"))
+
+
+def test_compile_representative_variants(representative_rows):
     """Forward / dQ / dK-dV / preprocess, fp16 / bf16 / fp32, head dims 32..256, with and without
     interventions, each with its largest-shared-memory autotune config, for sm_90 and sm_80."""
-    rows = _run_check(tmp_path)
+    rows = representative_rows
     assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "pre"}
     assert {r["arch"] for r in rows} == {80, 90}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
+    _check_fits(rows)
+
+
+def test_compile_softcap_sinks_and_value_head_dims(representative_rows):
+    """The soft-capping / sink variants and value head dims != the query/key one (DeepSeek-V3's
+    192 / 128, a tiny 24 / 12, 64 / 256) compile for sm_90 and sm_80, forward and backward, and fit."""
+    rows = [r for r in representative_rows if r["flags"].get("HAS_SOFTCAP") or r["head_dim_v"]]
+    for kind in ("fwd", "dq", "dkdv"):
+        for arch in (80, 90):
+            mine = [r for r in rows if r["kernel"] == kind and r["arch"] == arch]
+            assert any(r["flags"].get("HAS_SOFTCAP") for r in mine), (kind, arch)
+            assert {(r["head_dim"], r["head_dim_v"]) for r in mine if r["head_dim_v"]} == {(192, 128), (24, 12), (64, 256)}
+    assert any(r["flags"].get("HAS_SINKS") and r["kernel"] == "fwd" for r in rows)
     _check_fits(rows)
 
 
@@ -64,7 +84,8 @@ def test_compile_representative_variants(tmp_path):
 def test_compile_every_autotune_config(tmp_path):
     """Every kept autotune config of every kernel at every supported head dim (16..256)."""
     rows = _run_check(tmp_path, "--full", "--workers", str(max(1, min(4, os.cpu_count() or 1))), timeout=3600)
-    assert {r["head_dim"] for r in rows} == {16, 32, 64, 80, 96, 128, 256}
+    assert {r["head_dim"] for r in rows} == {16, 32, 64, 80, 96, 128, 256, 192, 24}
+    assert {(r["head_dim"], r["head_dim_v"]) for r in rows if r["head_dim_v"]} == {(192, 128), (64, 256), (24, 12)}
     _check_fits(rows)
 
 
