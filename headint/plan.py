@@ -48,6 +48,9 @@ class CallPlan:
     head_mask ``[Bp, H, Tq]`` float32, head_patch ``[Bp, H, Tq, D]`` float32 (or None: zeros),
     score_scale ``[Bp, H]``, knockouts: op-level :class:`Knockout` list,
     qkv_edits: ``(which, select [Bp, Hx, T] bool, values [Bs, Hx, T, D])`` applied before attention.
+    output: the call's result ``[B, H, Tq, D]`` when the plan already knows it (a scan's variant
+    whose inputs to this layer are the clean run's: the clean head outputs blended with the
+    replacement); the attention function then returns it without computing attention.
     """
 
     head_mask: torch.Tensor | None = None
@@ -55,10 +58,11 @@ class CallPlan:
     score_scale: torch.Tensor | None = None
     knockouts: list = field(default_factory=list)
     qkv_edits: list = field(default_factory=list)
+    output: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:
-        return self.head_mask is None and self.score_scale is None and not self.knockouts and not self.qkv_edits
+        return self.head_mask is None and self.score_scale is None and not self.knockouts and not self.qkv_edits and self.output is None
 
 
 class Plan:

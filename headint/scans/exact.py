@@ -53,6 +53,7 @@ def scan(
     checkpoint: str | os.PathLike | None = None,
     backend: str = "auto",
     seed: int = 0,
+    group_positions: int | str = "auto",
 ) -> ScanResult:
     """Exact causal scan of attention heads.
 
@@ -88,6 +89,11 @@ def scan(
             subfolder per scan, so scans sharing the folder keep their progress). A scan killed
             midway and re-run with the same arguments resumes from it and gives exactly the
             uninterrupted result (with the chunk size it started with).
+        group_positions: per-position scans with position reuse run the variants of each
+            position from that position on; this many neighbouring scanned positions share
+            their runs instead (fed from the first of them), which makes bigger batches at the
+            price of a few more tokens. ``"auto"``: 1 on CPU (bigger batches do not pay there);
+            on CUDA as many as fill one batch (``batch_size`` rows).
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -113,6 +119,8 @@ def scan(
         raise ValueError("method='patch' needs corrupt= inputs")
     if not (isinstance(batch_size, str) and batch_size == "auto") and positive_int(batch_size) is None:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    if not (isinstance(group_positions, str) and group_positions == "auto") and positive_int(group_positions) is None:
+        raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
     variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions)
@@ -125,16 +133,18 @@ def scan(
         patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction)
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
-        position_reuse = per_position and base.causal and metric.position == "last"
-        groups: dict[tuple[int, int], list[int]] = {}
-        for vi, v in enumerate(variants):
-            start_pos = v.position if (position_reuse and v.position is not None) else 0
-            groups.setdefault((v.start_layer, start_pos), []).append(vi)
+        position_reuse = per_position and base.causal and base.metric.position == "last"
         if batch_size == "auto":
             patched = max(len({l for l, _ in v.heads}) for v in variants)
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
         else:
             rows_per_batch = positive_int(batch_size)
+        group = _position_group(group_positions, variants, N, rows_per_batch, setup.device) if position_reuse else 1
+        starts = _group_starts(variants, group) if position_reuse else {}
+        settings["group_positions"] = group  # part of the checkpoint fingerprint: it shapes the chunks
+        groups: dict[tuple[int, int], list[int]] = {}
+        for vi, v in enumerate(variants):
+            groups.setdefault((v.start_layer, starts.get(v.position, 0)), []).append(vi)
         # The fingerprint leaves the chunk size out: a resumed scan keeps the chunks it started with.
         key = fingerprint(model, [setup.clean, setup.corrupt], settings)
         ckpt = ScanCheckpoint(checkpoint, key, rows_per_batch, settings)
@@ -158,6 +168,8 @@ def scan(
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse
     settings["restricted_logits"] = base.restricted
+    settings["metric_logits"] = runs.metric_path
+    settings["final_block"] = base.last_query_note
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
 
@@ -186,6 +198,29 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions):
     return variants, index, ("layer", "head", "position"), (shape.n_layers, shape.n_heads, T), None
 
 
+def _position_group(group_positions, variants, N: int, rows_per_batch: int, device) -> int:
+    """How many neighbouring scanned positions share their runs (see ``scan(group_positions=)``)."""
+    if isinstance(group_positions, str):
+        if group_positions != "auto":
+            raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+        if torch.device(device).type != "cuda":
+            return 1
+        n_pos = len({v.position for v in variants})
+        rows_per_position = max(1, len(variants) // max(n_pos, 1) * N)
+        return max(1, min(n_pos, rows_per_batch // rows_per_position))
+    g = positive_int(group_positions)
+    if g is None:
+        raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+    return g
+
+
+def _group_starts(variants, group: int) -> dict[int, int]:
+    """``{position: the position its runs start from}``: the scanned positions, sorted, in runs of
+    ``group``, each starting from the first of its run."""
+    pos = sorted({v.position for v in variants if v.position is not None})
+    return {p: pos[i - i % group] for i, p in enumerate(pos)}
+
+
 @dataclass(frozen=True)
 class _Chunk:
     """One forward's rows: ``var[r]`` applied to example ``ex[r]``, starting at a layer and position."""
@@ -212,7 +247,7 @@ def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, d
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
         plan = build_plan(shape, variants, e, var[rows], T, patch_source, device)
-        return base.run(e, plan, start_layer=l0, start_pos=p0).float().cpu()
+        return base.run(e, plan, start_layer=l0, start_pos=p0, clean_attention=True, last_query=True).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 
