@@ -279,11 +279,13 @@ def flop_accounting(L: int, d: int, d_ffn: int, V: int, N: int, T: int, H: int) 
     hi = mn = 0
     for l in range(L):
         if l < L - 1:
-            runs = T * per_tok + (L - 2 - l) * full_block + T * qkv + (per_tok - qkv) + 4 * d * T
-            need = T * rest + (L - 2 - l) * full_block + (T - 1) * kv + (q + per_tok - qkv) + 4 * d * T
-        else:
-            runs = T * qkv + (per_tok - qkv)
-            need = per_tok - qkv
+            # block l: everything but attention; blocks in between: everything; final block:
+            # q/k/v of every token, then the last token in full
+            runs = T * per_tok + (L - 2 - l) * full_block + T * qkv + per_tok + 4 * d * T
+            need = T * rest + (L - 2 - l) * full_block + T * kv + q + rest + 4 * d * T
+        else:  # the final block is the intervened one: its attention is the clean one
+            runs = T * qkv + per_tok
+            need = rest
         hi += H * N * (runs + 2 * 2 * d)
         mn += H * N * (need + 2 * 2 * d)
     hi += 2 * N * (L * full_block + logits_all)

@@ -178,7 +178,9 @@ def test_all_pairs_matches_oracle(model, method, direction):
     N = batch["input_ids"].shape[0]
     clean_passes = 2 if method == "patch" else 1
     expected_cost = clean_passes * N * L + sum(N * (L - min(l for l, _ in s)) for s in pairs)
-    assert result.settings["cost"]["layer_forwards"] == expected_cost
+    # + the final block's second call (last query) of every row, and of the 2 rows the check runs
+    assert result.settings["cost"]["layer_forwards"] == expected_cost + len(pairs) * N + 2 * min(N, 2)
+    assert result.settings["cost"]["last_query_rows"] == len(pairs) * N + min(N, 2)
 
 
 @pytest.mark.parametrize("metric_name", ["kl", "loss", "callable"])

@@ -395,3 +395,35 @@ def test_group_positions_auto_and_errors(gpt2):
     for bad in (0, -1, "all", 1.5, True):
         with pytest.raises(ValueError, match="group_positions must be a positive int or 'auto'"):
             scan(gpt2, batch, "logit_diff", method="zero", per_position=True, group_positions=bad)
+
+
+# ------------------------------------------------------------------------------ the benchmark's smoke test
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """``bench/scan_vs_hooks.py --quick`` runs every default section on a tiny model, checks every
+    exact method against the hook loop before timing, and writes its JSON (peers that are not
+    installed are skipped and say so)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *sys.path]))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "scan_vs_hooks.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "scan_vs_hooks.json").read_text())
+    sections = {s["section"]: s for s in data["sections"]}
+    assert set(sections) == {"peers", "per_position", "breakdown", "long_context"}
+    peers = sections["peers"]
+    assert {"hook loop", "headint.scan LogitDiff", "headint.scan callable", "attribution_scan"} <= set(peers["median_s"])
+    for name, diff in peers["max_abs_diff"].items():
+        assert diff <= 1e-5, (name, diff)
+    assert peers["paths"]["headint.scan callable"]["metric_logits"] == "last position, form single"
+    assert peers["paths"]["headint.scan LogitDiff"]["final_block"] == LAST_QUERY
+    assert peers["flops"]["headint"] < peers["flops"]["hook_loop"]
+    assert all(r["max_abs_diff"] <= 1e-4 for r in sections["long_context"]["runs"])
+    assert data["environment"]["cpu"] and "load_avg_end" in data["environment"]

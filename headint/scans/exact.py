@@ -19,6 +19,8 @@ from .setup import prepare_scan
 from .variants import Variant, build_plan, head_grid
 
 METHODS = ("zero", "mean", "resample", "patch")
+# The runner's exact shortcuts (see VariantRunner.run); switched off only to measure what each saves.
+SHORTCUTS = {"clean_attention": True, "last_query": True}
 DIRECTIONS = ("denoising", "noising")
 
 
@@ -247,7 +249,7 @@ def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, d
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
         plan = build_plan(shape, variants, e, var[rows], T, patch_source, device)
-        return base.run(e, plan, start_layer=l0, start_pos=p0, clean_attention=True, last_query=True).float().cpu()
+        return base.run(e, plan, start_layer=l0, start_pos=p0, **SHORTCUTS).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 
