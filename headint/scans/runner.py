@@ -309,7 +309,8 @@ class VariantRunner:
         return values
 
     def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool):
-        """One forward of rows ``ex`` under ``plan``: (final hidden states or logits, is_hidden, rows)."""
+        """One forward of rows ``ex`` under ``plan``: ``(final hidden states or logits, is_hidden, rows,
+        (whether the final block ran for the last query only, tokens of its second call or 0))``."""
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
