@@ -295,7 +295,7 @@ def flop_accounting(L: int, d: int, d_ffn: int, V: int, N: int, T: int, H: int) 
 
 
 PEER_NAMES = ("hook loop", "transformer-lens", "nnsight (trace per head)", "nnsight (batched invokes)",
-              "headint.scan LogitDiff", "headint.scan callable", "attribution_scan")
+              "headint.scan LogitDiff", "headint.scan callable", "headint.scan LogitDiff, backend sdpa", "attribution_scan")
 
 
 def section_peers(model, batch, args, rec) -> dict:
@@ -316,6 +316,8 @@ def section_peers(model, batch, args, rec) -> dict:
         "attribution_scan": lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(), method="patch",
                                                              direction="denoising", backend=args.backend),
     }
+    if args.backend == "auto" and args.device == "cpu":  # what auto's choice of kernel costs here
+        fns["headint.scan LogitDiff, backend sdpa"] = lambda: headint.scan(model, hi_clean, LogitDiff(), **dict(scan_kw, backend="sdpa"))
     versions = peers.available()
     skipped = {}
     if "transformer_lens" in args.skip_peers:
@@ -338,6 +340,7 @@ def section_peers(model, batch, args, rec) -> dict:
         print(f"  {k}: skipped, {why}")
     print(f"\n[peers] all {L * H} heads, activation patching (denoising), N={N}, T={T}: warm-up (one call each) ...")
     warm = {k: f() for k, f in fns.items()}  # also the values checked below
+    headint.scan(model, hi_clean, LogitDiff(), **dict(scan_kw, layers=[L - 1]))
     backend_ran = headint.last_backend()
     ref = warm["hook loop"]
 
