@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scan_vs_hooks import flop_accounting  # noqa: E402
 
 
 def fmt(v, digits=2) -> str:
@@ -42,12 +46,47 @@ def render(path: str) -> str:
     env = data["environment"]
     md = [f"### {path}", "",
           f"{env['date']}, {env['device']}, {env.get('config')} N={env.get('n')} T={env.get('t')} {env.get('dtype')}, "
-          f"{env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, git {env.get('git_commit')}"
+          f"{env['threads']} threads on {env.get('nproc')} cores ({env.get('cpu')}), torch {env['torch']}, transformers {env['transformers']}, "
+          f"peers {env.get('peers')}, git {env.get('git_commit')}"
           f"{' (+ uncommitted changes)' if env.get('git_dirty') else ''}; load average {env['load_avg_start']:.1f} at start, "
           f"{env.get('load_avg_end', float('nan')):.1f} at end; total {env.get('total_s', 0):.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in env.get('section_elapsed_s', {}).items())})", ""]
     for s in data["sections"]:
         kind = s["section"]
+        if kind == "peers":
+            md += [f"**All heads, activation patching** ({s['n_variants']} heads, N={s['N']}, T={s['T']}, headint backend "
+                   f"{s['backend']}; every exact method checked against the hook loop before timing)", ""]
+            rows = [[r["method"], r["median_s"], r["speedup_vs_hooks"], r["cpu_s"], r["cpu_speedup"],
+                     "-" if r["max_abs_diff"] != r["max_abs_diff"] else f"{r['max_abs_diff']:.2g}", reps(s["times"][r["method"]]),
+                     reps(s["cpu_times"][r["method"]])] for r in s["rows"]]
+            md += [table(["method", "median wall s", "speed-up vs hook loop (wall)", "median CPU s", "speed-up (CPU)",
+                          "max abs diff vs hook loop", "wall s, each repeat", "CPU s, each repeat"], rows), ""]
+            names = [r["method"] for r in s["rows"]]
+            md += ["Ratio of median wall times (row is this many times faster than column):", ""]
+            md += [table([""] + names, [[a] + [s["ratios"][a][b] for b in names] for a in names]), ""]
+            for k, why in s.get("skipped", {}).items():
+                md += [f"- {k}: skipped, {why}"]
+            m = env["model"]  # recomputed from the shape, so the accounting can be corrected after a run
+            f = flop_accounting(m["n_layer"], m["n_embd"], 4 * m["n_embd"], m["vocab_size"], s["N"], s["T"], m["n_head"])
+            md += [f"Fastest of the others: {s['fastest_baseline']}; headint.scan is {s['speedup_logitdiff_vs_fastest']:.2f}x faster "
+                   f"with LogitDiff and {s['speedup_callable_vs_fastest']:.2f}x with the callable. Paths: "
+                   + "; ".join(f"{k}: metric logits {v['metric_logits']}, {v['final_block']}" for k, v in s["paths"].items())
+                   + f". Rows per batch {s['batch_rows']}; attribution vs exact effects r = {s['attribution_exact_corr']:.3f}.", "",
+                   f"FLOPs (multiply-adds x2, `flop_accounting`): hook loop {f['hook_loop']:.3g}, headint.scan {f['headint']:.3g}, "
+                   f"the minimum of an exact scan {f['minimum']:.3g}: hook loop / headint = {f['hook_over_headint']:.2f}x, "
+                   f"hook loop / minimum = {f['hook_over_minimum']:.2f}x.", ""]
+            continue
+        if kind == "long_context":
+            c = s["config"]
+            md += [f"**Long context** ({c['n_layer']} layers x {c['n_head']} heads, d_model {c['n_embd']}, vocabulary {c['vocab_size']}, "
+                   f"N={s['N']}; activation patching of all heads; peak memory above the start of each call; attention share: "
+                   "self time of ops named *attention* under torch.profiler)", ""]
+            md += [table(["T", "method", "median wall s", "speed-up vs hook loop", "median CPU s", "peak memory MiB", "attention share"],
+                         [[r["T"], r["method"], r["median_s"], r["speedup_vs_hooks"], r["cpu_s"], r["peak_mem_mib"],
+                           f"{r['attention_share']:.0%}"] for r in s["rows"]]), ""]
+            md += ["; ".join(f"T={r['T']}: max abs diff exact vs hook loop {r['max_abs_diff']:.2g}, rows per batch {r['batch_rows']}, "
+                             f"{r['final_block']}" for r in s["runs"]), ""]
+            continue
         if kind in ("all_heads", "per_position"):
             title = ("All heads" if kind == "all_heads" else
                      f"Per position: layers {s['layers']} x heads {s['heads']} x positions {s['positions']}")

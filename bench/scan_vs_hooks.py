@@ -1,41 +1,41 @@
-"""Whole-model scan throughput: ``headint.scan`` against the hook loop users write today.
+"""Whole-model scans side by side: headint against the hook loop, TransformerLens and nnsight.
 
-    python bench/scan_vs_hooks.py                    # CPU, GPT-2-small shaped, ~10 min on 2 cores
+    python bench/scan_vs_hooks.py                    # CPU, GPT-2-small shaped, every section (~1 h on 2 cores)
     python bench/scan_vs_hooks.py --plot             # also bench/scan_time_vs_heads.png
     python bench/scan_vs_hooks.py --device cuda      # GPT-2-medium shaped, batch 32, T=128, triton backend
     python bench/scan_vs_hooks.py --quick            # tiny model, seconds: a smoke test of every section
 
-The model is built from its ``transformers.GPT2Config`` (random weights, seeded; no download).
-Prompts are seeded random token ids; the metric is the logit difference between two fixed token
-ids at the last position (``headint.metrics.LogitDiff``).
+Run it with the benchmark venv (``bench/README.md``) to include TransformerLens and nnsight; in a
+venv without them their rows are skipped (and say so). The model is built from its
+``transformers.GPT2Config`` (random weights, seeded; no download); prompts are seeded random
+token ids; the metric is the logit difference of two fixed token ids at the last position.
 
 Sections (each prints a table; everything also goes to ``--out``/scan_vs_hooks.json and .csv):
 
-all_heads     zero-ablation of every head: ``headint.scan(method="zero")`` against the hook loop,
-              one full forward per head with a ``register_forward_pre_hook`` on
-              ``transformer.h[l].attn.c_proj`` zeroing that head's slice of its input, full logits,
-              the same metric. Before anything is reported the per-example values of both are
-              compared (max abs diff).
-attribution   ``headint.attribution_scan(method="mask")`` (the first-order estimate of
-              zero-ablation) timed in the same interleaved loop.
-per_position  the same comparison per (head, position) on a subset (default: head 0 of layers 0 and 6
-              at positions 0, 4, ..., 28 and 31: 18 variants; ``--pp-layers``, ``--pp-heads``,
-              ``--pp-positions``), where headint also reuses positions (KV cache of clean keys).
+peers         every head, activation patching (denoising: the corrupted run with one head's clean
+              output patched in), all implementations in one interleaved loop: the hook loop (one
+              forward per head, a pre-hook on ``c_proj``), TransformerLens
+              ``get_act_patch_attn_head_out_all_pos``, nnsight one trace per head, nnsight batched
+              invokes (the heads of a layer in one forward), ``headint.scan`` with
+              ``headint.metrics.LogitDiff`` and with a plain callable on full logits, and
+              ``headint.attribution_scan``. Every exact method's per-example values are checked
+              against the hook loop's first (``--tol``); medians, the ratio of every pair.
+per_position  zero ablation per (head, position) on a subset (``--pp-layers``, ``--pp-heads``,
+              ``--pp-positions``) against the hook loop; headint reuses positions (KV cache).
 breakdown     where a hook-loop forward spends its time (full logits vs ``logits_to_keep=1`` vs blocks
               only) and how many token-layer-forwards per CPU second the blocks run at the hook loop's
               batch (N rows) and at a scan-like batch (``--breakdown-rows``).
-transformer_lens  ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos`` on the same weights
-              (converted with ``convert_gpt2_weights``), zero ablation through a zeroed ``hook_z``
-              cache; skipped when transformer-lens is not installed.
+long_context  a small model at T = 1024 and 4096 (``--long-t``): exact and attribution scans against
+              the hook loop, time, peak memory and attention's share (see ``long_context.py``).
 heads_sweep   (``--plot``) scan time against the number of heads scanned, heads taken from the
-              first layers, headint and hook loop; plot in ``--plot-path``.
-profile       (``--profile``) torch.profiler op tables of a one-layer scan and of its hook loop,
-              written to ``--out``.
+              first layers, headint and hook loop (zero ablation); plot in ``--plot-path``.
+profile       (``--profile``) torch.profiler op tables of a one-layer scan and of its hook loop.
 
 Timing: each measured call is preceded by a warm-up, implementations alternate within every
 repeat (the order flips every repeat), the reported figure is the median over ``--repeats`` and
-the speed-up is the ratio of medians. On CUDA every timed call is bracketed by
-``torch.cuda.synchronize()``.
+each speed-up is a ratio of medians. CPU seconds (all threads of the process) are reported next
+to wall seconds, and the load average at start and end, because the machine may be shared. On
+CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ CONFIGS = {
     "gpt2-small": dict(),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
     # seconds-long smoke test of every code path
-    "tiny": dict(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, n_positions=128),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=128),
 }
 
 
@@ -86,12 +86,17 @@ def build_model(config: str | dict = "gpt2-small", seed: int = 0, device: str = 
 
 
 def make_batch(model, n: int, t: int, seed: int = 1, device: str = "cpu") -> dict:
+    """``input_ids`` ``[n, t]``, ``corrupt_ids`` (the same with every 4th token redrawn),
+    ``target``/``contrast`` ``[n]`` (two fixed ids)."""
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (n, t), generator=g)
+    corrupt = ids.clone()
+    corrupt[:, ::4] = torch.randint(0, V, corrupt[:, ::4].shape, generator=g)
     target, contrast = TARGET_ID % V, CONTRAST_ID % V
     return {
         "input_ids": ids.to(device),
+        "corrupt_ids": corrupt.to(device),
         "target": torch.full((n,), target, dtype=torch.long, device=device),
         "contrast": torch.full((n,), contrast, dtype=torch.long, device=device),
     }
@@ -242,61 +247,151 @@ def _fmt(v) -> str:
 def check_agree(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> float:
     diff = float((a.float().cpu() - b.float().cpu()).abs().max())
     scale = float(b.float().abs().max())
-    print(f"  check {name}: max |headint - baseline| = {diff:.3g} (values up to {scale:.3g}; tolerance {tol:g})")
+    print(f"  check {name}: max abs diff {diff:.3g} (values up to {scale:.3g}; tolerance {tol:g})")
     if not diff <= tol:
-        raise SystemExit(f"FAILED: {name}: headint and the baseline disagree (max abs diff {diff:.3g} > {tol:g}); nothing reported")
+        raise SystemExit(f"FAILED: {name}: the values disagree (max abs diff {diff:.3g} > {tol:g}); nothing reported")
     return diff
 
 
-def section_all_heads(model, batch, args, rec) -> dict:
+def flop_accounting(L: int, d: int, d_ffn: int, V: int, N: int, T: int, H: int) -> dict:
+    """Multiply-add FLOPs (2 per MAC) of an all-heads patching scan on a GPT-2 block stack.
+
+    Per token and block: q/k/v ``6 d^2``, output projection ``2 d^2``, MLP ``4 d d_ffn``;
+    attention of a query at position ``t``: ``4 d (t + 1)`` (scores and weighted sum, causal).
+
+    - ``hook_loop``: per head, every block over every token, then full-vocabulary logits at
+      every position (``2 d V`` per token), plus one clean forward;
+    - ``headint``: what ``headint.scan`` runs: two clean passes with full logits; a head of layer
+      ``l`` runs block ``l`` without attention (the clean one is reused) but with its q/k/v,
+      blocks ``l+1 .. L-2`` in full and the final block as q/k/v over all tokens plus everything
+      for the last token (for ``l = L-1``: q/k/v over all tokens, the rest for the last token,
+      no attention); 2 logits per row;
+    - ``minimum``: what an exact scan must compute: the same without the q/k/v of block ``l``,
+      without the final block's queries except the last, and without full-vocabulary logits.
+    """
+    per_tok = 6 * d * d + 2 * d * d + 4 * d * d_ffn
+    attn = sum(4 * d * (t + 1) for t in range(T))  # all queries of one row, one block
+    full_block = T * per_tok + attn
+    logits_all = 2 * d * V * T
+    qkv, kv, q = 6 * d * d, 4 * d * d, 2 * d * d
+    rest = per_tok - qkv  # output projection and MLP
+    hook = H * L * N * (L * full_block + logits_all) + N * (L * full_block)
+    hi = mn = 0
+    for l in range(L):
+        if l < L - 1:
+            # block l: everything but attention; blocks in between: everything; final block:
+            # q/k/v of every token, then the last token in full
+            runs = T * per_tok + (L - 2 - l) * full_block + T * qkv + per_tok + 4 * d * T
+            need = T * rest + (L - 2 - l) * full_block + T * kv + q + rest + 4 * d * T
+        else:  # the final block is the intervened one: its attention is the clean one
+            runs = T * qkv + per_tok
+            need = rest
+        hi += H * N * (runs + 2 * 2 * d)
+        mn += H * N * (need + 2 * 2 * d)
+    hi += 2 * N * (L * full_block + logits_all)
+    mn += 2 * N * (L * full_block + 2 * 2 * d)
+    return dict(hook_loop=hook, headint=hi, minimum=mn, hook_over_headint=hook / hi, hook_over_minimum=hook / mn,
+                headint_over_minimum=hi / mn)
+
+
+PEER_NAMES = ("hook loop", "transformer-lens", "nnsight (trace per head)", "nnsight (batched invokes)",
+              "headint.scan LogitDiff", "headint.scan callable", "headint.scan LogitDiff, backend sdpa", "attribution_scan")
+
+
+def section_peers(model, batch, args, rec) -> dict:
+    """All heads, activation patching (denoising), every implementation in one interleaved loop."""
+    import peers
+
     L, H, T, N, V = model.config.n_layer, model.config.n_head, batch["input_ids"].shape[1], batch["input_ids"].shape[0], model.config.vocab_size
-    pairs = [(l, h) for l in range(L) for h in range(H)]
-    metric = LogitDiff()
-    run_scan = lambda: headint.scan(model, batch, metric, method="zero", backend=args.backend, progress=False)
-    run_hooks = lambda: hook_loop(model, batch, pairs)
-    run_attr = lambda: headint.attribution_scan(model, batch, metric=metric, method="mask", backend=args.backend)
-    print(f"\n[all heads] zero-ablation of {len(pairs)} heads, N={N}, T={T}: warm-up ...")
-    warm_scan = headint.scan(model, batch, metric, method="zero", layers=[L - 1], backend=args.backend, progress=False)
-    hook_loop(model, batch, pairs[:1])
-    run_attr()
+    clean, corrupt = batch["input_ids"], batch["corrupt_ids"]
+    tgt, con = int(batch["target"][0]), int(batch["contrast"][0])
+    hi_clean = {"input_ids": clean, "target": batch["target"], "contrast": batch["contrast"]}
+    hi_corrupt = {"input_ids": corrupt, "target": batch["target"], "contrast": batch["contrast"]}
+    callable_metric = lambda logits: logits[:, -1, tgt] - logits[:, -1, con]  # noqa: E731 - what a user writes
+    scan_kw = dict(corrupt=hi_corrupt, method="patch", direction="denoising", backend=args.backend, progress=False)
+    fns = {
+        "hook loop": lambda: peers.hook_loop(model, clean, corrupt, tgt, con),
+        "headint.scan LogitDiff": lambda: headint.scan(model, hi_clean, LogitDiff(), **scan_kw),
+        "headint.scan callable": lambda: headint.scan(model, hi_clean, callable_metric, **scan_kw),
+        "attribution_scan": lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(), method="patch",
+                                                             direction="denoising", backend=args.backend),
+    }
+    if args.backend == "auto" and args.device == "cpu":  # what auto's choice of kernel costs here
+        fns["headint.scan LogitDiff, backend sdpa"] = lambda: headint.scan(model, hi_clean, LogitDiff(), **dict(scan_kw, backend="sdpa"))
+    versions = peers.available()
+    skipped = {}
+    if "transformer_lens" in args.skip_peers:
+        skipped["transformer-lens"] = "--skip-peers"
+    elif versions["transformer_lens"] is None:
+        skipped["transformer-lens"] = "not installed (see bench/README.md)"
+    else:
+        tl = peers.build_transformer_lens(model)
+        fns["transformer-lens"] = lambda: peers.transformer_lens(tl, clean, corrupt, tgt, con)
+    if "nnsight" in args.skip_peers:
+        skipped["nnsight"] = "--skip-peers"
+    elif versions["nnsight"] is None:
+        skipped["nnsight"] = "not installed (see bench/README.md)"
+    else:
+        nn_model, lm = peers.wrap_nnsight(model), peers.wrap_nnsight_language_model(model)
+        fns["nnsight (trace per head)"] = lambda: peers.nnsight_per_head(nn_model, clean, corrupt, tgt, con)
+        fns["nnsight (batched invokes)"] = lambda: peers.nnsight_batched(lm, clean, corrupt, tgt, con)
+    fns = {k: fns[k] for k in PEER_NAMES if k in fns}
+    for k, why in skipped.items():
+        print(f"  {k}: skipped, {why}")
+    print(f"\n[peers] all {L * H} heads, activation patching (denoising), N={N}, T={T}: warm-up (one call each) ...")
+    warm = {k: f() for k, f in fns.items()}  # also the values checked below
+    headint.scan(model, hi_clean, LogitDiff(), **dict(scan_kw, layers=[L - 1]))
     backend_ran = headint.last_backend()
-    fns = {"headint.scan": run_scan, "hook loop": run_hooks, "attribution_scan": run_attr}
-    times, cpu, first = interleaved(fns, args.repeats, args.device)
-    res, hooks = first["headint.scan"], first["hook loop"]
-    diff = check_agree("all heads, zero ablation", headint_values(res, pairs), hooks, args.tol)
+    ref = warm["hook loop"]
 
-    attr = first["attribution_scan"]
-    exact_eff = (res.per_example.mean(-1) - res.clean_baseline).flatten()
-    attr_eff = (attr.per_example.mean(-1) - attr.clean_baseline).flatten()
+    def values(name, out):
+        if name.startswith("headint.scan"):
+            return out.per_example.reshape(L * H, N)
+        if name == "attribution_scan":
+            return None  # an estimate, compared by correlation below
+        return out
+
+    diffs = {}
+    for k, out in warm.items():
+        v = values(k, out)
+        if v is not None and k != "hook loop":
+            diffs[k] = check_agree(f"{k} vs hook loop", v, ref, args.tol)
+    paths = {k: dict(metric_logits=warm[k].settings["metric_logits"], final_block=warm[k].settings["final_block"])
+             for k in warm if k.startswith("headint.scan")}
+    exact_eff = (warm["headint.scan LogitDiff"].per_example.mean(-1) - warm["headint.scan LogitDiff"].corrupt_baseline).flatten()
+    attr_eff = (warm["attribution_scan"].per_example.mean(-1) - warm["attribution_scan"].corrupt_baseline).flatten()
     corr = float(torch.corrcoef(torch.stack([exact_eff, attr_eff]))[0, 1])
-
-    hc = hook_loop_cost(len(pairs), N, L, T, V)
-    sc = res.settings["cost"]
-    m_scan, m_hook, m_attr = med(times["headint.scan"]), med(times["hook loop"]), med(times["attribution_scan"])
-    c_scan, c_hook, c_attr = med(cpu["headint.scan"]), med(cpu["hook loop"]), med(cpu["attribution_scan"])
-    rows = [
-        dict(method="hook loop (1 forward/head)", median_s=m_hook, cpu_s=c_hook, cpu_speedup=1.0, heads_per_s=len(pairs) / m_hook, layer_forwards=hc["layer_forwards"],
-             token_layer_forwards=hc["token_layer_forwards"], logits=hc["unembedded_logits"], speedup_vs_hooks=1.0),
-        dict(method="headint.scan (exact)", median_s=m_scan, cpu_s=c_scan, cpu_speedup=c_hook / c_scan, heads_per_s=len(pairs) / m_scan,
-             layer_forwards=sc["layer_forwards"],
-             token_layer_forwards=sc["token_layer_forwards"], logits=headint_unembedded(res, N, T, V), speedup_vs_hooks=m_hook / m_scan),
-        dict(method="attribution_scan (mask)", median_s=m_attr, cpu_s=c_attr, cpu_speedup=c_hook / c_attr, heads_per_s=len(pairs) / m_attr,
-             layer_forwards=attr.settings["cost"]["layer_forwards"],
-             token_layer_forwards=attr.settings["cost"]["token_layer_forwards"], logits=float("nan"), speedup_vs_hooks=m_hook / m_attr),
-    ]
-    print_table(f"all {len(pairs)} heads, zero ablation (median of {args.repeats}; backend {backend_ran})", rows,
-                ["method", "median_s", "speedup_vs_hooks", "cpu_s", "cpu_speedup", "heads_per_s", "layer_forwards", "token_layer_forwards", "logits"])
-    print(f"  ratio of medians hook loop / headint.scan = {m_hook / m_scan:.2f}x wall, {c_hook / c_scan:.2f}x cpu;  "
-          f"headint.scan / attribution_scan = {m_scan / m_attr:.1f}x wall, {c_scan / c_attr:.1f}x cpu")
-    print(f"  layer-forwards: hook loop / headint.scan = {hc['layer_forwards'] / sc['layer_forwards']:.2f}x;  "
-          f"attribution vs exact effect (mean over examples) correlation r = {corr:.3f}")
-    out = dict(section="all_heads", n_variants=len(pairs), N=N, T=T, backend=backend_ran, times=times, cpu_times=cpu,
-               median_s={k: med(v) for k, v in times.items()}, cpu_median_s={k: med(v) for k, v in cpu.items()},
-               speedup_scan_vs_hooks=m_hook / m_scan, cpu_speedup_scan_vs_hooks=c_hook / c_scan,
-               speedup_attr_vs_scan=m_scan / m_attr, cpu_speedup_attr_vs_scan=c_scan / c_attr, max_abs_diff=diff, cost_headint=sc,
-               cost_headint_settings_one_forward=res.settings["cost_one_forward_per_intervention"], cost_hooks=hc,
-               unembedded_logits_headint=headint_unembedded(res, N, T, V), batch_rows=res.settings["batch_rows"],
-               attribution_cost=attr.settings["cost"], attribution_exact_corr=corr, rows=rows)
+    times, cpu, _ = interleaved(fns, args.repeats, args.device)
+    m = {k: med(v) for k, v in times.items()}
+    c = {k: med(v) for k, v in cpu.items()}
+    sc = warm["headint.scan LogitDiff"].settings["cost"]
+    hc = hook_loop_cost(L * H, N, L, T, V)
+    rows = [dict(method=k, median_s=m[k], speedup_vs_hooks=m["hook loop"] / m[k], cpu_s=c[k], cpu_speedup=c["hook loop"] / c[k],
+                 max_abs_diff=diffs.get(k, 0.0 if k == "hook loop" else float("nan"))) for k in fns]
+    print_table(f"all {L * H} heads, activation patching (median of {args.repeats}; headint backend {backend_ran})", rows,
+                ["method", "median_s", "speedup_vs_hooks", "cpu_s", "cpu_speedup", "max_abs_diff"])
+    names = list(fns)
+    ratios = {a: {b: m[b] / m[a] for b in names} for a in names}  # ratios[a][b]: how many times faster a is than b
+    print("\n  ratio of medians (row is this many times faster than column):")
+    print("  " + " " * 28 + "".join(f"{b[:14]:>15s}" for b in names))
+    for a in names:
+        print(f"  {a[:28]:<28s}" + "".join(f"{ratios[a][b]:15.2f}" for b in names))
+    baselines = [k for k in ("hook loop", "transformer-lens", "nnsight (trace per head)", "nnsight (batched invokes)") if k in m]
+    fastest = min(baselines, key=lambda k: m[k])
+    print(f"  fastest of {baselines}: {fastest} ({m[fastest]:.1f} s); headint LogitDiff {m[fastest] / m['headint.scan LogitDiff']:.2f}x, "
+          f"callable {m[fastest] / m['headint.scan callable']:.2f}x faster than it")
+    print(f"  paths: {paths}; attribution vs exact effect correlation r = {corr:.3f}")
+    c_ = model.config
+    flops = flop_accounting(L, c_.n_embd, c_.n_inner or 4 * c_.n_embd, V, N, T, H)
+    print(f"  FLOPs: hook loop {flops['hook_loop']:.3g}, headint.scan {flops['headint']:.3g}, minimum of an exact scan "
+          f"{flops['minimum']:.3g}: hook loop / headint {flops['hook_over_headint']:.2f}x, hook loop / minimum "
+          f"{flops['hook_over_minimum']:.2f}x")
+    out = dict(section="peers", n_variants=L * H, N=N, T=T, backend=backend_ran, versions=versions, skipped=skipped, times=times,
+               cpu_times=cpu, median_s=m, cpu_median_s=c, ratios=ratios, fastest_baseline=fastest,
+               speedup_logitdiff_vs_fastest=m[fastest] / m["headint.scan LogitDiff"],
+               speedup_callable_vs_fastest=m[fastest] / m["headint.scan callable"], max_abs_diff=diffs, paths=paths,
+               cost_headint=sc, cost_hooks=hc, batch_rows=warm["headint.scan LogitDiff"].settings["batch_rows"],
+               attribution_cost=warm["attribution_scan"].settings["cost"], attribution_exact_corr=corr, flops=flops, rows=rows)
     rec.append(out)
     return out
 
@@ -342,7 +437,7 @@ def section_per_position(model, batch, args, rec) -> dict:
     return out
 
 
-def section_breakdown(model, batch, args, rec, all_heads=None) -> dict:
+def section_breakdown(model, batch, args, rec, peers_out=None) -> dict:
     """Where the hook loop's time goes, and how fast the blocks run at the hook loop's batch vs a scan's."""
     ids = batch["input_ids"]
     N, T = ids.shape
@@ -367,15 +462,11 @@ def section_breakdown(model, batch, args, rec, all_heads=None) -> dict:
     times, cpu, _ = interleaved(fns, args.repeats, args.device)
     rows = [dict(what=k, median_s=med(times[k]), cpu_s=med(cpu[k]), token_layer_forwards=tlf[k],
                  tlf_per_cpu_s=tlf[k] / med(cpu[k])) for k in fns]
-    if all_heads is not None:
-        sc = all_heads["cost_headint"]["token_layer_forwards"]
-        rows.append(dict(what="headint.scan, all heads (whole scan, from the all-heads section)", median_s=all_heads["median_s"]["headint.scan"],
-                         cpu_s=all_heads["cpu_median_s"]["headint.scan"], token_layer_forwards=sc,
-                         tlf_per_cpu_s=sc / all_heads["cpu_median_s"]["headint.scan"]))
-        hc = all_heads["cost_hooks"]["token_layer_forwards"]
-        rows.append(dict(what="hook loop, all heads (whole loop, from the all-heads section)", median_s=all_heads["median_s"]["hook loop"],
-                         cpu_s=all_heads["cpu_median_s"]["hook loop"], token_layer_forwards=hc,
-                         tlf_per_cpu_s=hc / all_heads["cpu_median_s"]["hook loop"]))
+    if peers_out is not None:
+        for key, cost in (("headint.scan LogitDiff", peers_out["cost_headint"]), ("hook loop", peers_out["cost_hooks"])):
+            tl = cost["token_layer_forwards"]
+            rows.append(dict(what=f"{key}, all heads, patching (whole scan, from the peers section)", median_s=peers_out["median_s"][key],
+                             cpu_s=peers_out["cpu_median_s"][key], token_layer_forwards=tl, tlf_per_cpu_s=tl / peers_out["cpu_median_s"][key]))
     print_table(f"breakdown (median of {args.repeats}); tlf = token-layer-forwards", rows,
                 ["what", "median_s", "cpu_s", "token_layer_forwards", "tlf_per_cpu_s"])
     k_full, k_keep, k_blocks, k_big = list(fns)
@@ -412,121 +503,7 @@ def section_profile(model, batch, args, out_dir: Path) -> None:
         print("\n".join(table.splitlines()[:18]))
 
 
-def _tl_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("transformer-lens")
-    except Exception:
-        return None
-
-
-def build_transformer_lens(model, args):
-    """The same weights in TransformerLens; returns (tl_model, api) with api "bridge" (TL >= 4) or "hooked" (TL < 4).
-
-    TL >= 4 removed ``HookedTransformer``: a ``TransformerBridge`` is built around a copy of the HF
-    model (``build_bridge_from_module``, no hub access; it switches the copy to eager attention).
-    TL < 4: a ``HookedTransformer`` from a config, loaded with ``convert_gpt2_weights`` (no folding).
-    """
-    import copy
-
-    try:
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-    except ImportError:
-        build_bridge_from_module = None
-    if build_bridge_from_module is not None:
-        tl = build_bridge_from_module(copy.deepcopy(model), "GPT2LMHeadModel", hf_config=model.config)
-        return tl.eval(), "bridge"
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
-    c = model.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
-        d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
-        device=args.device, dtype=next(model.parameters()).dtype, default_prepend_bos=False,
-    )
-    tl = HookedTransformer(cfg)
-    tl.load_and_process_state_dict(convert_gpt2_weights(model, cfg), fold_ln=False, center_writing_weights=False,
-                                   center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
-    return tl.eval(), "hooked"
-
-
-def section_transformer_lens(model, batch, args, rec, headint_all=None) -> dict | None:
-    try:
-        from transformer_lens import ActivationCache
-        from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
-    except Exception as e:  # ImportError, or a broken install
-        msg = "skipped: transformer-lens not installed (pip install headint[bench])"
-        print(f"\n[transformer-lens] {msg}" + ("" if isinstance(e, ModuleNotFoundError) else f"  ({type(e).__name__}: {e})"))
-        rec.append(dict(section="transformer_lens", skipped=msg, error=f"{type(e).__name__}: {e}"))
-        return None
-    tl, api = build_transformer_lens(model, args)
-    ids = batch["input_ids"]
-    with torch.no_grad():
-        diff_logits = float((tl(ids) - model(ids).logits).abs().max())
-        _, cache = tl.run_with_cache(ids)
-    L = model.config.n_layer
-    zeros = {f"blocks.{l}.attn.hook_z": torch.zeros_like(cache[f"blocks.{l}.attn.hook_z"]) for l in range(L)}
-    zero_cache = ActivationCache(zeros, tl)  # zero ablation = patching a cache of zeros into the run
-    del cache
-    tgt, con = batch["target"], batch["contrast"]
-    version = _tl_version()
-    # TL >= 4 can keep per-example values (reduce="none"); older TL wants a scalar metric (the mean)
-    per_example = api == "bridge"
-
-    def tl_metric(logits):
-        last = logits[:, -1].float()
-        d = last.gather(1, tgt[:, None])[:, 0] - last.gather(1, con[:, None])[:, 0]
-        return d if per_example else d.mean()
-
-    kw = dict(reduce="none") if per_example else {}
-    print(f"\n[transformer-lens {version}, {'TransformerBridge' if api == 'bridge' else 'HookedTransformer'}] "
-          f"same weights: max |TL logits - HF logits| = {diff_logits:.3g}; warm-up ...")
-    with _quiet_tqdm():
-        run_tl = lambda: get_act_patch_attn_head_out_all_pos(tl, ids, zero_cache, tl_metric, **kw)
-        metric = LogitDiff()
-        run_scan = lambda: headint.scan(model, batch, metric, method="zero", backend=args.backend, progress=False)
-        with torch.no_grad():
-            tl.run_with_hooks(ids, fwd_hooks=[])
-        times, cpu, first = interleaved({"headint.scan": run_scan, "transformer-lens": run_tl}, args.tl_repeats, args.device)
-    res = first["transformer-lens"]
-    if per_example:
-        tl_vals, hi_vals, what = res.values.float().cpu(), first["headint.scan"].per_example, "per example"
-    else:
-        tl_vals, hi_vals, what = res.float().cpu(), first["headint.scan"].per_example.mean(-1), "mean over examples"
-    diff = check_agree(f"transformer-lens get_act_patch_attn_head_out_all_pos ({what})", hi_vals, tl_vals, args.tol)
-    m_scan, m_tl = med(times["headint.scan"]), med(times["transformer-lens"])
-    c_scan, c_tl = med(cpu["headint.scan"]), med(cpu["transformer-lens"])
-    rows = [dict(method="transformer_lens get_act_patch_attn_head_out_all_pos", median_s=m_tl, speedup_vs_tl=1.0, cpu_s=c_tl, cpu_speedup=1.0),
-            dict(method="headint.scan (exact)", median_s=m_scan, speedup_vs_tl=m_tl / m_scan, cpu_s=c_scan, cpu_speedup=c_tl / c_scan)]
-    if headint_all is not None:
-        mh, ch = headint_all["median_s"]["hook loop"], headint_all["cpu_median_s"]["hook loop"]
-        rows.append(dict(method="HF hook loop (all-heads section)", median_s=mh, speedup_vs_tl=m_tl / mh, cpu_s=ch, cpu_speedup=c_tl / ch))
-    print_table(f"TransformerLens {version}, all heads, zero ablation (median of {args.tl_repeats})", rows,
-                ["method", "median_s", "speedup_vs_tl", "cpu_s", "cpu_speedup"])
-    out = dict(section="transformer_lens", version=version, api=api, times=times, cpu_times=cpu,
-               median_s={k: med(v) for k, v in times.items()}, cpu_median_s={k: med(v) for k, v in cpu.items()},
-               speedup_scan_vs_tl=m_tl / m_scan, cpu_speedup_scan_vs_tl=c_tl / c_scan, max_abs_diff=diff, compared=what,
-               logits_conversion_diff=diff_logits, rows=rows)
-    rec.append(out)
-    return out
-
-
-@contextlib.contextmanager
-def _quiet_tqdm():
-    """TransformerLens' patching draws a tqdm bar per call; replace it by a pass-through while timing."""
-    import transformer_lens.patching as tlp
-
-    old = getattr(tlp, "tqdm", None)
-    tlp.tqdm = lambda it, *a, **k: it
-    try:
-        yield
-    finally:
-        tlp.tqdm = old
-
-
-def section_heads_sweep(model, batch, args, rec, all_heads=None) -> dict:
+def section_heads_sweep(model, batch, args, rec) -> dict:
     """Scan time against the number of heads scanned, heads from the first layers on."""
     L, H = model.config.n_layer, model.config.n_head
     counts = [k for k in (args.sweep_heads or [H, 3 * H, 6 * H, L * H]) if k <= L * H]
@@ -538,19 +515,13 @@ def section_heads_sweep(model, batch, args, rec, all_heads=None) -> dict:
         layers = sorted({l for l, _ in pairs})
         if k % H:
             raise SystemExit(f"--sweep-heads: {k} is not a multiple of the {H} heads per layer")
-        if all_heads is not None and k == L * H:
-            t_scan, t_hook = all_heads["median_s"]["headint.scan"], all_heads["median_s"]["hook loop"]
-            ct_scan, ct_hook = all_heads["cpu_median_s"]["headint.scan"], all_heads["cpu_median_s"]["hook loop"]
-            reps = len(all_heads["times"]["hook loop"])
-            print(f"  {k:4d} heads: reusing the all-heads medians")
-        else:
-            run_scan = lambda: headint.scan(model, batch, metric, method="zero", layers=layers, backend=args.backend, progress=False)
-            run_hooks = lambda: hook_loop(model, batch, pairs)
-            times, cpu, first = interleaved({"headint.scan": run_scan, "hook loop": run_hooks}, args.sweep_repeats, args.device,
-                                       log=lambda s: print("  " + s.strip()))
-            check_agree(f"{k} heads", headint_values(first["headint.scan"], pairs), first["hook loop"], args.tol)
-            t_scan, t_hook, reps = med(times["headint.scan"]), med(times["hook loop"]), args.sweep_repeats
-            ct_scan, ct_hook = med(cpu["headint.scan"]), med(cpu["hook loop"])
+        run_scan = lambda: headint.scan(model, batch, metric, method="zero", layers=layers, backend=args.backend, progress=False)
+        run_hooks = lambda: hook_loop(model, batch, pairs)
+        times, cpu, first = interleaved({"headint.scan": run_scan, "hook loop": run_hooks}, args.sweep_repeats, args.device,
+                                        log=lambda s: print("  " + s.strip()))
+        check_agree(f"{k} heads", headint_values(first["headint.scan"], pairs), first["hook loop"], args.tol)
+        t_scan, t_hook, reps = med(times["headint.scan"]), med(times["hook loop"]), args.sweep_repeats
+        ct_scan, ct_hook = med(cpu["headint.scan"]), med(cpu["hook loop"])
         points.append(dict(heads=k, layers=f"0-{layers[-1]}", headint_s=t_scan, hooks_s=t_hook, speedup=t_hook / t_scan,
                            headint_cpu_s=ct_scan, hooks_cpu_s=ct_hook, cpu_speedup=ct_hook / ct_scan, repeats=reps))
     print_table("scan time vs heads scanned (heads of the first layers)", points,
@@ -595,10 +566,23 @@ def plot_sweep(points: list[dict], path: str, title: str = "") -> None:
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args) -> dict:
+    import peers
+
     env = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), python=platform.python_version(),
                torch=torch.__version__, transformers=transformers.__version__, headint=headint.__version__,
-               threads=torch.get_num_threads(), nproc=os.cpu_count(), cpu=platform.processor() or platform.machine(),
+               peers=peers.available(), threads=torch.get_num_threads(), nproc=os.cpu_count(), cpu=cpu_model(),
                load_avg_start=_load(), argv=sys.argv)
     try:
         env["git_commit"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
@@ -614,29 +598,25 @@ def environment(args) -> dict:
 
 def write_outputs(out_dir: Path, env: dict, sections: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "scan_vs_hooks" if env["device"] == "cpu" else f"scan_vs_hooks_{env['device']}"
+    stem = ("scan_vs_hooks" if env["device"] == "cpu" else f"scan_vs_hooks_{env['device']}") + env.get("stem_suffix", "")
     with open(out_dir / f"{stem}.json", "w") as f:
         json.dump(dict(environment=env, sections=sections), f, indent=2, default=str)
-    names = {"hook loop": "hook loop", "HF hook loop": None, "headint.scan": "headint.scan", "attribution_scan": "attribution_scan",
-             "transformer_lens": "transformer-lens"}
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["section", "method", "median_wall_s", "speedup_wall", "median_cpu_s", "speedup_cpu", "layer_forwards",
-                    "token_layer_forwards", "wall_s_each_repeat", "cpu_s_each_repeat", "max_abs_diff"])
+        w.writerow(["section", "T", "method", "median_wall_s", "speedup_vs_hooks_wall", "median_cpu_s", "speedup_vs_hooks_cpu",
+                    "max_abs_diff", "peak_mem_mib", "attention_share"])
         for s in sections:
             if s["section"] == "heads_sweep":
                 for p in s["points"]:
-                    w.writerow([f"heads_sweep_{p['heads']}", "hook loop", p["hooks_s"], 1.0, p["hooks_cpu_s"], 1.0, "", "", "", "", ""])
-                    w.writerow([f"heads_sweep_{p['heads']}", "headint.scan", p["headint_s"], p["speedup"], p["headint_cpu_s"], p["cpu_speedup"],
-                                "", "", "", "", ""])
+                    w.writerow([f"heads_sweep_{p['heads']}", "", "hook loop", p["hooks_s"], 1.0, p["hooks_cpu_s"], 1.0, "", "", ""])
+                    w.writerow([f"heads_sweep_{p['heads']}", "", "headint.scan", p["headint_s"], p["speedup"], p["headint_cpu_s"],
+                                p["cpu_speedup"], "", "", ""])
                 continue
             for r in s.get("rows", []):
-                method = r.get("method", r.get("what"))
-                name = next((v for k, v in names.items() if method.startswith(k)), method if s["section"] == "breakdown" else None)
-                reps = lambda d: ";".join(f"{t:.4f}" for t in s.get(d, {}).get(name, [])) if name else ""
-                w.writerow([s["section"], method, r["median_s"], r.get("speedup_vs_hooks", r.get("speedup_vs_tl", "")), r.get("cpu_s", ""),
-                            r.get("cpu_speedup", ""), r.get("layer_forwards", ""), r.get("token_layer_forwards", ""), reps("times"),
-                            reps("cpu_times"), s.get("max_abs_diff", "")])
+                w.writerow([s["section"], r.get("T", s.get("T", "")), r.get("method", r.get("what")), r["median_s"],
+                            r.get("speedup_vs_hooks", ""), r.get("cpu_s", ""), r.get("cpu_speedup", ""),
+                            r.get("max_abs_diff", s.get("max_abs_diff", "") if not isinstance(s.get("max_abs_diff"), dict) else ""),
+                            r.get("peak_mem_mib", ""), r.get("attention_share", "")])
     print(f"\nresults written to {out_dir / (stem + '.json')} and {out_dir / (stem + '.csv')}")
 
 
@@ -650,11 +630,16 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the all-heads and per-position sections")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on cpu")
     ap.add_argument("--backend", default="auto", help="headint attention backend (auto: triton on CUDA, the fastest available on CPU)")
-    ap.add_argument("--tol", type=float, help="max abs diff allowed between headint and the hook loop (default 1e-3 fp32, 5e-2 otherwise)")
+    ap.add_argument("--tol", type=float, help="max abs diff allowed between any exact method and the hook loop (default 1e-5 fp32, 5e-2 otherwise)")
     ap.add_argument("--pp-layers", type=lambda s: [int(x) for x in s.split(",")], default=[0, 6], help="per-position subset: layers")
     ap.add_argument("--pp-heads", type=lambda s: [int(x) for x in s.split(",")], default=[0], help="per-position subset: heads")
     ap.add_argument("--pp-positions", type=lambda s: [int(x) for x in s.split(",")], help="per-position subset: positions (default every T/8-th and the last)")
-    ap.add_argument("--tl-repeats", type=int, default=1, help="interleaved repeats of the TransformerLens section")
+    ap.add_argument("--skip-peers", default="", help="comma-separated peers left out of the peers section: transformer_lens, nnsight")
+    ap.add_argument("--long-t", type=lambda s: [int(x) for x in s.split(",")], help="long-context lengths (default 1024,4096)")
+    ap.add_argument("--long-n", type=int, default=2, help="long-context prompts")
+    ap.add_argument("--long-repeats", type=int, default=1, help="interleaved repeats of the long-context section")
+    ap.add_argument("--long-tol", type=float, default=1e-4, help="max abs diff allowed between headint and the hook loop at long context")
+    ap.add_argument("--stem-suffix", default="", help="appended to the output files' stem (e.g. _quick)")
     ap.add_argument("--plot", action="store_true", help="also run the heads sweep and draw --plot-path")
     ap.add_argument("--plot-path", default=str(HERE / "scan_time_vs_heads.png"))
     ap.add_argument("--sweep-heads", type=lambda s: [int(x) for x in s.split(",")],
@@ -663,7 +648,7 @@ def parse_args(argv=None):
     ap.add_argument("--breakdown-rows", type=int, help="rows of the batched blocks-only forward in the breakdown section (default 8 N)")
     ap.add_argument("--profile", action="store_true", help="also write torch.profiler tables of a one-layer scan and its hook loop")
     ap.add_argument("--profile-layer", type=int, default=0)
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: all_heads, per_position, breakdown, transformer_lens")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: peers, per_position, breakdown, long_context")
     ap.add_argument("--quick", action="store_true", help="tiny model, N=4, T=16, 1 repeat: a smoke test")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -671,15 +656,18 @@ def parse_args(argv=None):
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine")
     if args.quick:
-        args.config, args.n, args.t, args.repeats = args.config or "tiny", args.n or 4, args.t or 16, 1
-        args.pp_layers, args.pp_heads = [0, 2], [0, 1]
+        args.config, args.n, args.t, args.repeats = args.config or "tiny", args.n or 2, args.t or 8, 1
+        args.pp_layers, args.pp_heads, args.pp_positions = [0, 1], [0], args.pp_positions or [0, 7]
+        args.long_t, args.long_n = args.long_t or [32], 1
     args.config = args.config or ("gpt2-medium" if cuda else "gpt2-small")
     args.n = args.n or (32 if cuda else 8)
     args.t = args.t or (128 if cuda else 32)
     args.breakdown_rows = args.breakdown_rows or 8 * args.n
     if args.tol is None:
-        args.tol = 1e-3 if args.dtype == "float32" else 5e-2
+        args.tol = 1e-5 if args.dtype == "float32" else 5e-2
+    args.long_t = args.long_t or [1024, 4096]
     args.skip = {s for s in args.skip.split(",") if s}
+    args.skip_peers = {s for s in args.skip_peers.split(",") if s}
     if not args.plot:
         args.plot_path = None
     return args
@@ -697,7 +685,7 @@ def main(argv=None) -> int:
                         f"N={args.n}, T={args.t}, {args.device}, {torch.get_num_threads() if args.device == 'cpu' else ''}"
                         f"{' threads' if args.device == 'cpu' else ''}").rstrip(", ")
     env = environment(args)
-    env.update(device=args.device, config=args.config, n=args.n, t=args.t, dtype=args.dtype, repeats=args.repeats,
+    env.update(stem_suffix=args.stem_suffix, device=args.device, config=args.config, n=args.n, t=args.t, dtype=args.dtype, repeats=args.repeats,
                model=dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size),
                backends_available=headint.available_backends(args.device))
     print(f"headint {headint.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; {args.model_title}; "
@@ -713,18 +701,22 @@ def main(argv=None) -> int:
             return fn(*a)
         finally:
             elapsed[name] = time.perf_counter() - t0
+            env["load_avg_end"] = _load()
+            write_outputs(Path(args.out), env, sections)  # after every section: a long run keeps what it finished
 
-    all_heads = None
-    if "all_heads" not in args.skip:
-        all_heads = run("all_heads", section_all_heads, model, batch, args, sections)
+    peers_out = None
+    if "peers" not in args.skip:
+        peers_out = run("peers", section_peers, model, batch, args, sections)
     if "per_position" not in args.skip:
         run("per_position", section_per_position, model, batch, args, sections)
     if "breakdown" not in args.skip:
-        run("breakdown", section_breakdown, model, batch, args, sections, all_heads)
-    if "transformer_lens" not in args.skip:
-        run("transformer_lens", section_transformer_lens, model, batch, args, sections, all_heads)
+        run("breakdown", section_breakdown, model, batch, args, sections, peers_out)
+    if "long_context" not in args.skip:
+        from long_context import section_long_context
+
+        run("long_context", section_long_context, args, sections, interleaved, med, check_agree, print_table)
     if args.plot:
-        run("heads_sweep", section_heads_sweep, model, batch, args, sections, all_heads)
+        run("heads_sweep", section_heads_sweep, model, batch, args, sections)
     if args.profile:
         run("profile", section_profile, model, batch, args, Path(args.out))
     env["total_s"] = time.perf_counter() - t_start

@@ -78,6 +78,8 @@ def head_dim(model) -> int:
 def out_proj(model, layer: int) -> torch.nn.Module:
     if is_gpt2(model):
         return model.transformer.h[layer].attn.c_proj
+    if hasattr(model, "bert"):
+        return model.bert.encoder.layer[layer].attention.output.dense
     return model.model.layers[layer].self_attn.o_proj
 
 

@@ -178,7 +178,9 @@ def test_all_pairs_matches_oracle(model, method, direction):
     N = batch["input_ids"].shape[0]
     clean_passes = 2 if method == "patch" else 1
     expected_cost = clean_passes * N * L + sum(N * (L - min(l for l, _ in s)) for s in pairs)
-    assert result.settings["cost"]["layer_forwards"] == expected_cost
+    # + the final block's second call (last query) of every row, and of the 2 rows the check runs
+    assert result.settings["cost"]["layer_forwards"] == expected_cost + len(pairs) * N + 2 * min(N, 2)
+    assert result.settings["cost"]["last_query_rows"] == len(pairs) * N + min(N, 2)
 
 
 @pytest.mark.parametrize("metric_name", ["kl", "loss", "callable"])
@@ -290,13 +292,22 @@ def test_cost_depth_reuse(model, with_corrupt):
                           progress=False, backend=BACKEND, batch_size=5)
     cost = result.settings["cost"]
     clean_passes = 2 if with_corrupt else 1
-    expected = clean_passes * N * L + H * N * _tri(L)
+    # Every variant row runs its final block twice (all tokens up to the keys/values, then the
+    # last token only); the last-query check runs the final block both ways on 2 base rows.
+    rows = L * H * N
+    checked = min(N, 2)
+    expected = clean_passes * N * L + H * N * _tri(L) + rows + 2 * checked
     assert cost["layer_forwards"] == expected
-    assert cost["token_layer_forwards"] == expected * T
-    assert cost["rows"] == clean_passes * N + L * H * N
+    assert cost["token_layer_forwards"] == (clean_passes * N * L + H * N * _tri(L)) * T + rows + checked * (T + 1)
+    assert cost["rows"] == clean_passes * N + rows + checked
+    assert cost["last_query_rows"] == rows + checked
+    assert cost["clean_attention_rows"] == rows
+    assert result.settings["final_block"] == "final block for the last query only"
     one_per = L * H * N * L
     assert result.settings["cost_one_forward_per_intervention"] == {"layer_forwards": one_per, "token_layer_forwards": one_per * T}
-    assert cost["layer_forwards"] < one_per
+    # block calls: the two-step final block counts twice, so compare the work, in tokens
+    assert cost["token_layer_forwards"] < one_per * T
+    assert cost["layer_forwards"] - cost["last_query_rows"] < one_per
     assert result.settings["restricted_logits"] is True
 
 
@@ -309,9 +320,14 @@ def test_cost_position_reuse(model):
     cost = r.settings["cost"]
     assert r.settings["position_reuse"] is True
     P = len(positions)
-    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L)
+    # rows fed >= 2 tokens (p < T - 1) run the final block a second time for the last token;
+    # the last-query check runs it on 2 base rows
+    two_step = L * H * N * sum(1 for p in positions if T - p >= 2)
+    checked = min(N, 2)
+    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L) + two_step + 2 * checked
     with_reuse = N * L * T + H * N * _tri(L) * sum(T - p for p in positions)
-    assert cost["token_layer_forwards"] == with_reuse
+    assert cost["token_layer_forwards"] == with_reuse + two_step + checked * (T + 1)
+    assert cost["last_query_rows"] == two_step + checked
     without_reuse = N * L * T + H * N * _tri(L) * P * T
     assert with_reuse < without_reuse
     one_per = L * H * P * N * L
@@ -322,6 +338,7 @@ def test_cost_position_reuse(model):
                       progress=False, backend=BACKEND)
     assert r2.settings["position_reuse"] is False
     assert r2.settings["cost"]["token_layer_forwards"] == without_reuse
+    assert r2.settings["cost"]["last_query_rows"] == 0
     assert cost["token_layer_forwards"] < r2.settings["cost"]["token_layer_forwards"]
 
 
@@ -353,11 +370,11 @@ def _oom_runner(monkeypatch, max_rows):
     sizes = []
     orig = runner_mod.VariantRunner.run
 
-    def run(self, ex, plan, start_layer=0, start_pos=0):
+    def run(self, ex, plan, start_layer=0, start_pos=0, **kw):
         sizes.append(len(ex))
         if len(ex) > max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(ex)} rows")
-        return orig(self, ex, plan, start_layer, start_pos)
+        return orig(self, ex, plan, start_layer, start_pos, **kw)
 
     monkeypatch.setattr(runner_mod.VariantRunner, "run", run)
     return sizes
@@ -380,10 +397,10 @@ def test_oom_message_runtime_error_also_retried(gpt2, monkeypatch):
     batch = make_batch(3, 6, seed=82)
     orig = runner_mod.VariantRunner.run
 
-    def run(self, ex, plan, start_layer=0, start_pos=0):
+    def run(self, ex, plan, start_layer=0, start_pos=0, **kw):
         if len(ex) > 3:
             raise RuntimeError("CUDA error: out of memory")
-        return orig(self, ex, plan, start_layer, start_pos)
+        return orig(self, ex, plan, start_layer, start_pos, **kw)
 
     monkeypatch.setattr(runner_mod.VariantRunner, "run", run)
     result = headint.scan(gpt2, batch, "logit_diff", method="zero", batch_size="auto", progress=False, backend=BACKEND)
@@ -393,7 +410,7 @@ def test_oom_message_runtime_error_also_retried(gpt2, monkeypatch):
 def test_other_errors_and_single_row_oom_propagate(gpt2, monkeypatch):
     batch = make_batch(3, 6, seed=83)
 
-    def boom(self, ex, plan, start_layer=0, start_pos=0):
+    def boom(self, ex, plan, start_layer=0, start_pos=0, **kw):
         raise RuntimeError("shape mismatch somewhere")
 
     with monkeypatch.context() as mp:
@@ -401,7 +418,7 @@ def test_other_errors_and_single_row_oom_propagate(gpt2, monkeypatch):
         with pytest.raises(RuntimeError, match="shape mismatch"):
             headint.scan(gpt2, batch, "logit_diff", method="zero", progress=False, backend=BACKEND)
 
-    def always_oom(self, ex, plan, start_layer=0, start_pos=0):
+    def always_oom(self, ex, plan, start_layer=0, start_pos=0, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with monkeypatch.context() as mp:

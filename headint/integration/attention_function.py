@@ -4,7 +4,7 @@ It only translates: it finds the calling thread's session for the calling module
 module's site ``(stack, layer)``, asks the session's :class:`~headint.plan.Plan` for this call's
 operands (:meth:`~headint.plan.Plan.for_call` for the default stack,
 :meth:`~headint.plan.Plan.for_stack_call` for the others), applies q/k/v edits, calls
-:func:`headint.attention`, adds the plan's head bias, and hands the head outputs to the
+:func:`headint.attention` (or takes the plan's known output), adds the plan's head bias, and hands the head outputs to the
 session's recorder. The operands are moved to the call's device (models split across
 devices); under tensor parallelism (:func:`headint.distributed.head_shard`) they are sliced to
 the heads this rank holds, and recordings are gathered to every head.
@@ -111,7 +111,13 @@ def headint_attention_forward(
         kw = dict(head_mask=plan.head_mask, head_patch=plan.head_patch, score_scale=plan.score_scale, knockout=plan.knockouts or None)
         if plan.pattern_edits:
             kw["head_mask"], kw["head_patch"] = apply_pattern_edits(plan.pattern_edits, value, plan.head_mask, plan.head_patch)
-    out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw, **ops)
+    if plan is not None and plan.output is not None:  # known from a clean run (see CallPlan.output)
+        want = (B, query.shape[1], Tq, value.shape[-1])
+        if tuple(plan.output.shape) != want:
+            raise ValueError(f"the plan's output for layer {layer} has shape {list(plan.output.shape)}; expected {list(want)}")
+        out = plan.output.to(query.dtype)
+    else:
+        out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw, **ops)
     if plan is not None and plan.head_bias is not None:
         out = out + plan.head_bias.to(out.device, out.dtype)
 

@@ -1,9 +1,11 @@
 """Running parts of a model: capture each block's output, replay cached outputs in place of blocks
-(depth reuse in scans), and map over nested outputs."""
+(depth reuse in scans), run the final block for the last query only (:class:`LastQueryBlock`),
+and map over nested outputs."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator
 
 import torch
@@ -75,3 +77,153 @@ def replay_blocks(parts: ModelParts, upto: int, outputs: list) -> Iterator[None]
     finally:
         for i, block in enumerate(originals):
             parts.blocks[i] = block
+
+
+# ---------------------------------------------------------------------------------------------
+# The final block for the last query only (the scans' last-block shortcut).
+#
+# A last-position metric needs the final block's output at the last position only. That output
+# needs the block's keys and values at every position, but its queries, output projection, MLP
+# and residual adds only at the last one. Every ``transformers`` attention module hands its new
+# keys/values to the KV cache (``cache.update(k, v, layer_idx)``) before attending, so without
+# per-model code the block is run twice: over all positions with a cache that records the keys
+# and values and stops the block there, then over the last position with a cache that puts the
+# recorded keys/values of the earlier positions before its own.
+
+
+class _KeysValuesRecorded(Exception):
+    """Raised by :class:`_RecordingCache` to stop a block once its keys/values are known."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__("keys/values recorded")
+        self.keys, self.values = keys, values
+
+
+class _RecordingCache:
+    """Stands in for a block's KV cache: the block's first ``update`` records the keys/values
+    ``[B, Hkv, Tk, D]`` its attention would read (what the block's own ``cache`` returns, e.g.
+    cached positions first or a sliding window's, or the new ones when it has none) and stops
+    the block."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.cache is not None:
+            key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
+        raise _KeysValuesRecorded(key_states, value_states)
+
+
+class _PrefixCache:
+    """Stands in for a block's KV cache: ``update`` returns the given earlier keys/values
+    ``[B, Hkv, P, D]`` followed by the new ones."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+CACHE_PARAMS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def block_cache_param(block: nn.Module) -> str | None:
+    """The name of ``block.forward``'s KV-cache parameter, or None if it takes none."""
+    try:
+        params = inspect.signature(block.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in CACHE_PARAMS if p in params), None)
+
+
+def to_last_query(x: Any, T: int) -> Any:
+    """A block's per-query arguments cut to the last of ``T`` queries: 4-D masks
+    ``[B, 1, T, Tk]`` keep their last query row, ``[B, T, ...]`` tensors (position ids,
+    rotary cos/sin) their last position, ``[T]`` tensors (cache positions) their last entry;
+    anything else is passed as is."""
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[-2] == T:
+            return t[..., -1:, :]
+        if t.dim() in (2, 3) and t.shape[1] == T:
+            return t[:, -1:]
+        if t.dim() == 1 and t.shape[0] == T:
+            return t[-1:]
+        return t
+
+    return map_tensors(x, cut)
+
+
+class LastQueryBlock(nn.Module):
+    """Stands in for a causal block; returns its output ``[B, T, d]`` correct at the last
+    position only (the last position's output, expanded without a copy over all ``T``).
+
+    The first call runs the block over all ``T`` fed tokens up to its cache update (through the
+    block's own cache, if it was given one, so cached earlier positions and sliding windows are
+    as in a full call) and records the keys/values its attention would read; the second runs it
+    over the last token with those keys/values before its own.
+
+    ``n_positions``: the absolute length of the sequence (cached and fed positions). The
+    attention function places a call's queries at the end of its keys, so the second call is
+    made for the last token only when the recorded keys cover all ``n_positions`` (no sliding
+    window dropped any); otherwise it runs over all ``T`` tokens with the recorded earlier keys,
+    i.e. exactly the full block. ``ran_shortcut`` tells whether the last call took the
+    one-token path and ``second_call_tokens`` how many tokens its second call ran; a block that
+    never calls its cache (e.g. an encoder block) simply runs in full (``second_call_tokens`` 0).
+    """
+
+    def __init__(self, block: nn.Module, n_positions: int):
+        super().__init__()
+        self.block = block
+        self.n_positions = n_positions
+        self.cache_param = block_cache_param(block)
+        self.ran_shortcut = False
+        self.second_call_tokens = 0
+
+    def forward(self, *args, **kwargs):
+        self.ran_shortcut = False
+        self.second_call_tokens = 0
+        if self.cache_param is None:
+            return self.block(*args, **kwargs)
+        bound = inspect.signature(self.block.forward).bind(*args, **kwargs)
+        names = list(bound.arguments)
+        hidden = bound.arguments[names[0]]
+        extra = bound.arguments.get("kwargs") if isinstance(bound.arguments.get("kwargs"), dict) else {}
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] < 2 or any(p in extra for p in CACHE_PARAMS):
+            return self.block(*args, **kwargs)
+        B, T, d = hidden.shape
+        bound.arguments[self.cache_param] = _RecordingCache(bound.arguments.get(self.cache_param))
+        try:
+            out = self.block(*bound.args, **bound.kwargs)
+        except _KeysValuesRecorded as rec:
+            keys, values = rec.keys, rec.values
+        else:
+            return out  # the block never used its cache: it ran in full
+        if keys.shape[-2] != self.n_positions:  # e.g. a sliding window: run every query, as the full block
+            bound.arguments[self.cache_param] = _PrefixCache(keys[:, :, : keys.shape[-2] - T], values[:, :, : values.shape[-2] - T])
+            self.second_call_tokens = T
+            return self.block(*bound.args, **bound.kwargs)
+        for name in names[1:]:
+            if name != self.cache_param:
+                bound.arguments[name] = to_last_query(bound.arguments[name], T)
+        bound.arguments[names[0]] = hidden[:, -1:]
+        bound.arguments[self.cache_param] = _PrefixCache(keys[:, :, :-1], values[:, :, :-1])
+        out = self.block(*bound.args, **bound.kwargs)
+        self.ran_shortcut = True
+        self.second_call_tokens = 1
+        return map_tensors(out, lambda t: t.expand(B, T, *t.shape[2:]) if t.dim() == 3 and t.shape[:2] == (B, 1) else t)
+
+
+@contextlib.contextmanager
+def last_query_block(parts: ModelParts, n_positions: int) -> Iterator[LastQueryBlock]:
+    """Within the block, the final transformer block is a :class:`LastQueryBlock` (for sequences
+    of ``n_positions`` absolute positions); the original is put back on exit."""
+    L = len(parts.blocks)
+    original = parts.blocks[L - 1]
+    stand_in = LastQueryBlock(original, n_positions)
+    try:
+        parts.blocks[L - 1] = stand_in
+        yield stand_in
+    finally:
+        parts.blocks[L - 1] = original

@@ -39,7 +39,11 @@ class CallPlan:
     values [Bp, Hx, T, D])`` applied to q/k/v before attention; pattern_edits: ``(select
     [Bp, H, Tq] bool, probs [Bp, H, Tq, Tk])``: those heads' outputs at those queries become
     ``probs @ v`` (attention probabilities replaced; see
-    :mod:`headint.integration.pattern_patch`).
+    :mod:`headint.integration.pattern_patch`); output ``[B, H, Tq, Dv]``: the call's attention
+    output when the plan already knows it (a scan variant whose inputs to this layer are the
+    clean run's: the clean head outputs blended with the replacement, see
+    :class:`headint.scans.runner.CleanAttentionPlan`); the attention function then uses it in
+    place of computing attention (the head bias is still added).
     """
 
     head_mask: torch.Tensor | None = None
@@ -49,11 +53,12 @@ class CallPlan:
     knockouts: list = field(default_factory=list)
     qkv_edits: list = field(default_factory=list)
     pattern_edits: list = field(default_factory=list)
+    output: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:
         return (self.head_mask is None and self.head_bias is None and self.score_scale is None
-                and not self.knockouts and not self.qkv_edits and not self.pattern_edits)
+                and not self.knockouts and not self.qkv_edits and not self.pattern_edits and self.output is None)
 
     def to(self, device) -> "CallPlan":
         """This plan with every tensor on ``device`` (the attention call's: a model split across
@@ -63,7 +68,7 @@ class CallPlan:
         def mv(x):
             return x if x is None or x.device == device else x.to(device)
 
-        tensors = [self.head_mask, self.head_patch, self.head_bias, self.score_scale]
+        tensors = [self.head_mask, self.head_patch, self.head_bias, self.score_scale, self.output]
         tensors += [t for ko in self.knockouts for t in (ko.queries, ko.keys) if isinstance(t, torch.Tensor)]
         tensors += [t for _, s, v in self.qkv_edits for t in (s, v)]
         tensors += [t for s, p in self.pattern_edits for t in (s, p)]
@@ -73,7 +78,7 @@ class CallPlan:
                                   mv(ko.keys) if isinstance(ko.keys, torch.Tensor) else ko.keys) for ko in self.knockouts]
         return CallPlan(mv(self.head_mask), mv(self.head_patch), mv(self.head_bias), mv(self.score_scale),
                         knockouts, [(w, mv(s), mv(v)) for w, s, v in self.qkv_edits],
-                        [(mv(s), mv(p)) for s, p in self.pattern_edits])
+                        [(mv(s), mv(p)) for s, p in self.pattern_edits], mv(self.output))
 
     def for_heads(self, q: slice, kv: slice, n_heads: int, take=None) -> "CallPlan":
         """The operands of the heads one tensor-parallel rank holds: query heads ``q`` and
@@ -99,6 +104,7 @@ class CallPlan:
             [EdgeKnockout(ko_side(ko.queries), ko_side(ko.keys)) for ko in self.knockouts],
             [(w, heads(s, q if w == "q" else kv), heads(v, q if w == "q" else kv)) for w, s, v in self.qkv_edits],
             [(heads(s, q), heads(p, q)) for s, p in self.pattern_edits],
+            heads(self.output, q),
         )
 
 

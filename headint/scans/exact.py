@@ -20,6 +20,8 @@ from .setup import prepare_scan
 from .variants import TARGETS, Variant, build_plan, head_grid, target_heads
 
 METHODS = ("zero", "mean", "resample", "patch")
+# The runner's exact shortcuts (see VariantRunner.run); switched off only to measure what each saves.
+SHORTCUTS = {"clean_attention": True, "last_query": True}
 DIRECTIONS = ("denoising", "noising")
 EFFECTS = ("total", "direct")
 
@@ -58,6 +60,7 @@ def scan(
     distributed: bool | str = "auto",
     target: str = "z",
     effect: str = "total",
+    group_positions: int | str = "auto",
 ) -> ScanResult:
     """Exact causal scan of attention heads.
 
@@ -123,6 +126,11 @@ def scan(
             still includes paths through later MLPs; on an attention-only model it is the path
             straight to the unembedding. Layers at and below the variant's recompute as in
             ``"total"``. See :func:`headint.direct_vs_total`.
+        group_positions: per-position scans with position reuse run the variants of each
+            position from that position on; this many neighbouring scanned positions share
+            their runs instead (fed from the first of them), which makes bigger batches at the
+            price of a few more tokens. ``"auto"``: 1 on CPU (bigger batches do not pay there);
+            on CUDA as many as fill one batch (``batch_size`` rows).
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -157,6 +165,8 @@ def scan(
         raise ValueError(f"head_sets are scanned with target='z' only, got target={target!r}")
     if not (isinstance(batch_size, str) and batch_size == "auto") and positive_int(batch_size) is None:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    if not (isinstance(group_positions, str) and group_positions == "auto") and positive_int(group_positions) is None:
+        raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
     variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions, target)
@@ -176,12 +186,14 @@ def scan(
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
         # Not where the model may be tensor-parallel (a process group, the scan not split by data): the
-        # cached keys/values hold every head, a sharded module's cache only its own.
-        position_reuse = per_position and base.causal and metric.position == "last" and not (is_active() and ranks is None)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for vi, v in enumerate(variants):
-            start_pos = v.position if (position_reuse and v.position is not None) else 0
-            groups.setdefault((v.start_layer, start_pos), []).append(vi)
+        # cached keys/values hold every head, a sharded module's cache only its own. The same holds
+        # for the runner's other shortcuts (cached head outputs, the final block's cache).
+        maybe_tp = is_active() and ranks is None
+        position_reuse = per_position and base.causal and base.metric.position == "last" and not maybe_tp
+        # Clean attention at the first intervened layer: only for head-output replacements.
+        shortcuts = dict(SHORTCUTS)
+        shortcuts["clean_attention"] = shortcuts["clean_attention"] and target == "z" and not maybe_tp
+        shortcuts["last_query"] = shortcuts["last_query"] and not maybe_tp
         if batch_size == "auto":
             patched = max(len({l for l, _ in v.heads}) for v in variants)
             if effect == "direct":
@@ -193,6 +205,12 @@ def scan(
         else:
             rows_per_batch = positive_int(batch_size)
         rows_per_batch = agree_rows(ranks, rows_per_batch)
+        group = _position_group(group_positions, variants, N, rows_per_batch, setup.device) if position_reuse else 1
+        starts = _group_starts(variants, group) if position_reuse else {}
+        settings["group_positions"] = group  # part of the checkpoint fingerprint: it shapes the chunks
+        groups: dict[tuple[int, int], list[int]] = {}
+        for vi, v in enumerate(variants):
+            groups.setdefault((v.start_layer, starts.get(v.position, 0)), []).append(vi)
         # The fingerprint leaves the chunk size out: a resumed scan keeps the chunks it started with.
         key = fingerprint(model, [setup.clean, setup.corrupt], settings)
         ckpt = open_checkpoint(ranks, lambda: ScanCheckpoint(checkpoint, key, rows_per_batch, settings))
@@ -203,7 +221,7 @@ def scan(
         def compute(i: int) -> torch.Tensor:
             c = chunks[i]
             ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos,
-                                  target, freeze_source))
+                                  target, freeze_source, shortcuts))
             return ckpt.done[i]
 
         todo = [i for i in range(len(chunks)) if i not in ckpt.done]
@@ -222,6 +240,9 @@ def scan(
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse
     settings["restricted_logits"] = base.restricted
+    settings["metric_logits"] = runs.metric_path
+    settings["final_block"] = base.last_query_note if shortcuts["last_query"] else "full final block (shortcut off)"
+    settings["clean_attention"] = shortcuts["clean_attention"]
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
 
@@ -251,6 +272,29 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
 
 
+def _position_group(group_positions, variants, N: int, rows_per_batch: int, device) -> int:
+    """How many neighbouring scanned positions share their runs (see ``scan(group_positions=)``)."""
+    if isinstance(group_positions, str):
+        if group_positions != "auto":
+            raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+        if torch.device(device).type != "cuda":
+            return 1
+        n_pos = len({v.position for v in variants})
+        rows_per_position = max(1, len(variants) // max(n_pos, 1) * N)
+        return max(1, min(n_pos, rows_per_batch // rows_per_position))
+    g = positive_int(group_positions)
+    if g is None:
+        raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+    return g
+
+
+def _group_starts(variants, group: int) -> dict[int, int]:
+    """``{position: the position its runs start from}``: the scanned positions, sorted, in runs of
+    ``group``, each starting from the first of its run."""
+    pos = sorted({v.position for v in variants if v.position is not None})
+    return {p: pos[i - i % group] for i, p in enumerate(pos)}
+
+
 @dataclass(frozen=True)
 class _Chunk:
     """One forward's rows: ``var[r]`` applied to example ``ex[r]``, starting at a layer and position."""
@@ -271,13 +315,14 @@ def _chunks(groups: dict[tuple[int, int], list[int]], N: int, rows_per_batch: in
     return chunks
 
 
-def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0, target="z", freeze_source=None) -> torch.Tensor:
+def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0, target="z", freeze_source=None,
+               shortcuts: dict | None = None) -> torch.Tensor:
     """Evaluate one chunk ``[R]``; on out-of-memory (CUDA or CPU), split it in halves and retry."""
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
         plan = build_plan(shape, variants, e, var[rows], T, patch_source, device, target, freeze_source)
-        return base.run(e, plan, start_layer=l0, start_pos=p0).float().cpu()
+        return base.run(e, plan, start_layer=l0, start_pos=p0, **(shortcuts or {})).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 

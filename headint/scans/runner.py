@@ -10,7 +10,15 @@ intervention, all exact:
 - position reuse: on causal models, a run whose interventions start at position ``p``
   feeds only tokens ``>= p``, with the clean keys/values of positions ``< p`` as a KV cache;
 - logit restriction: only the final position's hidden state is unembedded, and only for
-  the token ids the metric asks for.
+  the token ids the metric asks for;
+- last-query final block (``last_query=True``, last-position metrics on causal models whose
+  rows all end at position ``T - 1``): the final block computes keys/values at every position
+  but everything else at the last one only (see
+  :class:`~headint.integration.structure.LastQueryBlock`); checked once per base run against
+  its clean output before any variant uses it;
+- clean attention at the first intervened layer (``clean_attention=True``, plans that only
+  replace head outputs): that layer's inputs are the clean run's, so its attention output is
+  the cached clean one, blended with the replacement, and attention is not recomputed there.
 
 ``cost`` counts what actually ran, in layer-forwards (one block over one row) and
 token-layer-forwards (one block over one token of one row).
@@ -28,9 +36,10 @@ import torch
 from ..integration.hf import intervene
 from ..integration.adapter import ModelParts, model_parts
 from ..integration.structure import model_shape
-from ..integration.blocks import capture_block_outputs, map_tensors, replay_blocks
-from ..metrics import Metric, last_positions, select_logits
+from ..integration.blocks import capture_block_outputs, last_query_block, map_tensors, replay_blocks
+from ..metrics import Metric, last_position_form, last_positions, select_logits
 from ..plan import Plan
+from ..interventions.call import CallPlan
 from ..integration.record import Recorder
 
 
@@ -42,6 +51,8 @@ class Cost:
     rows: int = 0
     layer_forwards: int = 0
     token_layer_forwards: int = 0
+    last_query_rows: int = 0  # rows whose final block ran for the last query only (two calls: see LastQueryBlock)
+    clean_attention_rows: int = 0  # rows whose first intervened layer took the clean run's attention
 
     def add(self, rows: int, layers: int, tokens: int) -> None:
         self.runs += 1
@@ -49,8 +60,18 @@ class Cost:
         self.layer_forwards += rows * layers
         self.token_layer_forwards += rows * layers * tokens
 
+    def add_final_second_call(self, rows: int, tokens: int, last_query: bool) -> None:
+        """The final block's second call (see ``LastQueryBlock``), over ``tokens`` tokens of
+        ``rows`` rows: the last one (``last_query``), or all of them where a sliding window
+        dropped keys. Its first call, over every fed token and stopped after the keys/values,
+        is counted by :meth:`add`."""
+        self.last_query_rows += rows if last_query else 0
+        self.layer_forwards += rows
+        self.token_layer_forwards += rows * tokens
+
     def as_dict(self) -> dict:
-        return dict(runs=self.runs, rows=self.rows, layer_forwards=self.layer_forwards, token_layer_forwards=self.token_layer_forwards)
+        return dict(runs=self.runs, rows=self.rows, layer_forwards=self.layer_forwards, token_layer_forwards=self.token_layer_forwards,
+                    last_query_rows=self.last_query_rows, clean_attention_rows=self.clean_attention_rows)
 
 
 def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
@@ -125,6 +146,8 @@ class VariantRunner:
         self.causal = bool(causal)
         self.restricted = False
         self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
+        self.last_query_ok: bool | None = None  # None: not checked yet (see check_last_query)
+        self.last_query_note = "not checked"
         self.base: CleanPass | None = None
         self._base_values: torch.Tensor | None = None
 
@@ -209,10 +232,12 @@ class VariantRunner:
         full = out.logits if hasattr(out, "logits") else out.last_hidden_state
         # Use the restricted path (final hidden state -> only the logits the metric needs) only if
         # unembedding the base model's output reproduces the model's own logits.
+        self._clean_last_hidden = None
         if self.parts.unembed is not None and hasattr(out, "logits") and base_out:
             hidden = getattr(base_out[-1], "last_hidden_state", None)
             if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == self.parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
                 self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+                self._clean_last_hidden = hidden[:, -1].detach()
         logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
         full_last = None
         if self.metric.needs_clean or self.metric.token_ids(self.batch) is None:
@@ -223,6 +248,16 @@ class VariantRunner:
                               logits, full_last)
         return self.base
 
+    def use_metric(self, metric: Metric) -> None:
+        """Switch to ``metric`` (same values, another logit layout) before any variant runs;
+        the base run's logits are re-laid out from the full ones it holds."""
+        assert self.base is not None and self._base_values is None, "switch metrics after clean_pass(), before base_values()"
+        if self.metric.position != "all":
+            raise ValueError(f"use_metric: the base run holds {self.metric.position!r}-position logits, not the full ones")
+        self.metric = metric
+        if metric.position == "last":
+            self.base.logits = select_logits(self.base.logits, metric, self.batch)
+
     def base_values(self) -> torch.Tensor:
         """Metric values ``[N]`` of the unintervened base run (computed once)."""
         assert self.base is not None
@@ -231,9 +266,17 @@ class VariantRunner:
         return self._base_values
 
     @torch.no_grad()
-    def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0) -> torch.Tensor:
-        """Like :meth:`run_differentiable`, without building a graph."""
-        return self.run_differentiable(ex, plan, start_layer, start_pos)
+    def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0, *,
+            clean_attention: bool = False, last_query: bool = False) -> torch.Tensor:
+        """Like :meth:`run_differentiable`, without building a graph.
+
+        ``clean_attention``: the plan only replaces head outputs (head mask/patch), so layer
+        ``start_layer``'s attention output is the clean run's (its inputs are), blended with the
+        replacement: attention is not recomputed there.
+        ``last_query``: run the final block for the last query only where :meth:`check_last_query`
+        allows it (last-position metrics; no effect otherwise). Both give the same values.
+        """
+        return self._run(ex, plan, start_layer, start_pos, None, clean_attention, last_query)
 
     def run_differentiable(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
         """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
@@ -242,9 +285,38 @@ class VariantRunner:
         ``start_pos``: the plan changes no position below it (causal models only; earlier
         positions come from the clean keys/values).
         """
+        return self._run(ex, plan, start_layer, start_pos, recorder, False, False)
+
+    def _run(self, ex, plan, start_layer, start_pos, recorder, clean_attention, last_query) -> torch.Tensor:
         assert self.base is not None, "call clean_pass() first"
         if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention):
             start_pos = 0  # position reuse needs every layer's state as keys/values
+        if clean_attention:
+            z = self.base.z[start_layer]
+            plan = CleanAttentionPlan(plan, start_layer, z[ex.to(z.device)].transpose(1, 2))
+        last_query = last_query and recorder is None and self.T - start_pos >= 2 and self.check_last_query()
+        out, is_hidden, rows, (shortcut, second) = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query)
+        L = self.parts.shape.n_layers
+        self.cost.add(len(ex), L - start_layer, self.T - start_pos)
+        if second:
+            self.cost.add_final_second_call(len(ex), second, shortcut)
+        if clean_attention:
+            self.cost.clean_attention_rows += len(ex)
+        logits = self._metric_logits(out, rows, start_pos, is_hidden)
+        clean = None
+        if self.metric.needs_clean:
+            clean = self.clean_logits[ex] if self.clean_logits is not None else None
+        values = self.metric(logits, rows, clean_logits=clean).float()
+        if start_pos:
+            # rows whose metric position lies before start_pos are unaffected: their base value
+            before = last_positions(rows["attention_mask"]) < start_pos
+            if before.any():
+                values = torch.where(before, self.base_values()[ex], values)
+        return values
+
+    def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool):
+        """One forward of rows ``ex`` under ``plan``: ``(final hidden states or logits, is_hidden, rows,
+        (whether the final block ran for the last query only, tokens of its second call or 0))``."""
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
@@ -259,21 +331,89 @@ class VariantRunner:
             past = DynamicCache(config=self.model.config)
             for l in range(self.parts.shape.n_layers):
                 past.update(self.base.k[l][ex.to(self.base.k[l].device)][:, :, :start_pos], self.base.v[l][ex.to(self.base.v[l].device)][:, :, :start_pos], l)
-        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed):
+        final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
+        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed), final as stand_in:
             out, is_hidden = self._forward(inputs, past)
-        L = self.parts.shape.n_layers
-        self.cost.add(len(ex), L - start_layer, self.T - start_pos)
-        logits = self._metric_logits(out, rows, start_pos, is_hidden)
-        clean = None
-        if self.metric.needs_clean:
-            clean = self.clean_logits[ex] if self.clean_logits is not None else None
-        values = self.metric(logits, rows, clean_logits=clean).float()
-        if start_pos:
-            # rows whose metric position lies before start_pos are unaffected: their base value
-            before = last_positions(rows["attention_mask"]) < start_pos
-            if before.any():
-                values = torch.where(before, self.base_values()[ex], values)
-        return values
+        if last_query and not stand_in.second_call_tokens:
+            raise RuntimeError("the final block did not run in two steps although check_last_query() allowed it")
+        return out, is_hidden, rows, (stand_in.ran_shortcut, stand_in.second_call_tokens) if last_query else (False, 0)
+
+    @torch.no_grad()
+    def check_last_query(self) -> bool:
+        """Whether variant runs may compute the final block for the last query only (cached).
+
+        Needs: a last-position metric on the restricted path (final hidden states, unembedded at
+        the last position), a causal model, every row's last real token at position ``T - 1``
+        (left-padded or unpadded batches) and ``T >= 2``. Then the base run's first rows are run
+        through the final block both ways (no intervention) and the final hidden states at the
+        last position must agree with the clean pass's to float tolerance; ``last_query_note``
+        says why not otherwise.
+        """
+        if self.last_query_ok is not None:
+            return self.last_query_ok
+        assert self.base is not None, "call clean_pass() first"
+        why = None
+        if not (self.metric.position == "last" and self.restricted and self._clean_last_hidden is not None):
+            why = "the metric does not read the last position's final hidden state only"
+        elif not self.causal:
+            why = "the model is not causal"
+        elif self.T < 2:
+            why = "the inputs have one token"
+        elif not bool((last_positions(self.batch["attention_mask"]) == self.T - 1).all()):
+            why = "some rows end before position T - 1 (right padding)"
+        if why is None:
+            ex = torch.arange(min(self.N, 2), device=self.batch["input_ids"].device)
+            L = self.parts.shape.n_layers
+            try:
+                out, _, _, (shortcut, second) = self._variant_forward(ex, None, L - 1, 0, None, True)
+            except Exception as e:  # e.g. a block whose arguments cannot be cut to the last query
+                why = f"the final block failed on the last query only ({type(e).__name__}: {e})"
+            else:
+                self.cost.add(len(ex), 1, self.T)
+                self.cost.add_final_second_call(len(ex), second, shortcut)
+                got, want = out[:, -1].float(), self._clean_last_hidden[ex].float()
+                err = float((got - want).abs().max())
+                tol = 1e-4 * (1.0 + float(want.abs().max()))
+                if not shortcut:
+                    why = "the final block's keys do not cover every position"
+                elif not err <= tol:
+                    why = f"the final block on the last query only differs from the clean run by {err:.3g} (tolerance {tol:.3g})"
+        self.last_query_ok = why is None
+        self.last_query_note = "final block for the last query only" if why is None else f"full final block ({why})"
+        return self.last_query_ok
+
+
+class CleanAttentionPlan(Plan):
+    """``plan`` with the attention output of ``layer`` known: ``m * clean + (1 - m) * patch``
+    from the plan's own head mask ``m`` and replacement ``patch`` and the clean run's head
+    outputs ``clean`` ``[R, H, T, D]`` (absolute positions), valid when that layer's inputs are
+    the clean run's. The plan at ``layer`` may only replace head outputs (a head bias is kept:
+    the attention function adds it to the known output as to a computed one)."""
+
+    def __init__(self, plan: Plan, layer: int, clean: torch.Tensor):
+        self.plan, self.layer, self.clean = plan, layer, clean
+
+    def layers(self) -> set[int]:
+        return self.plan.layers()
+
+    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
+        return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start)
+
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
+        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
+        if layer != self.layer or call is None:
+            return call
+        if call.head_mask is None or call.score_scale is not None or call.knockouts or call.qkv_edits or call.pattern_edits:
+            raise ValueError(f"clean_attention: the plan at layer {layer} must only replace head outputs (head_mask/head_patch)")
+        q0 = Tk - Tq if q_start is None else q_start
+        attn = self.clean[:, :, q0 : q0 + Tq].to(device=device, dtype=torch.float32)
+        if attn.shape[0] != B or attn.shape[2] != Tq:
+            raise ValueError(f"clean_attention: clean head outputs {list(self.clean.shape)} do not cover rows {B}, positions {q0}..{q0 + Tq - 1}")
+        m = call.head_mask.to(device=device, dtype=torch.float32)[..., None]  # [Bp, H, Tq or 1, 1]
+        out = m * attn
+        if call.head_patch is not None:
+            out = out + (1 - m) * call.head_patch.to(device=device, dtype=torch.float32)
+        return CallPlan(output=out.to(dtype).expand(B, -1, Tq, -1), head_bias=call.head_bias)
 
 
 def paired_batches(clean: Any, corrupt: Any, name: str = "inputs") -> tuple[dict, dict | None]:
@@ -295,6 +435,7 @@ class BaseRuns:
     corrupt: VariantRunner | None
     clean_values: torch.Tensor
     corrupt_values: torch.Tensor | None
+    metric_path: str = "declared"  # see headint.metrics.last_position_form
 
     def cost(self) -> dict:
         runners = [r for r in (self.clean, self.corrupt) if r is not None]
@@ -303,14 +444,27 @@ class BaseRuns:
 
 def base_runs(model, clean_b: dict, corrupt_b: dict | None, metric: Metric, backend: str) -> BaseRuns:
     """Run the clean inputs (and the corrupted ones) once, caching what variant runs reuse.
-    The clean run's logits are the reference of metrics that compare with it (e.g. KL)."""
+    The clean run's logits are the reference of metrics that compare with it (e.g. KL).
+
+    A callable metric on full logits is probed on these runs (:func:`~headint.metrics.last_position_form`):
+    if it reads only the last real token's logits, every variant computes only those;
+    ``BaseRuns.metric_path`` says which path runs."""
     clean = VariantRunner(model, clean_b, metric, backend=backend)
     clean.clean_pass()
+    corrupt = None
+    if corrupt_b is not None:
+        corrupt = VariantRunner(model, corrupt_b, metric, backend=backend)
+        corrupt.clean_pass()
+    runners = [r for r in (clean, corrupt) if r is not None]
+    refs = [clean.base.logits if metric.needs_clean else None for _ in runners]
+    use, path = last_position_form(metric, [r.base.logits for r in runners], [r.batch for r in runners], refs)
+    if use is not metric:
+        for r in runners:
+            r.use_metric(use)
     clean.clean_logits = clean.base.logits
     clean_values = clean.base_values()
-    corrupt = corrupt_values = None
-    if corrupt_b is not None:
-        corrupt = VariantRunner(model, corrupt_b, metric, backend=backend, clean_logits=clean.base.logits)
-        corrupt.clean_pass()
+    corrupt_values = None
+    if corrupt is not None:
+        corrupt.clean_logits = clean.base.logits
         corrupt_values = corrupt.base_values()
-    return BaseRuns(clean, corrupt, clean_values, corrupt_values)
+    return BaseRuns(clean, corrupt, clean_values, corrupt_values, path)

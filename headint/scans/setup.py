@@ -88,7 +88,7 @@ class ScanSetup:
         d_ffn = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
         vocab = int(getattr(cfg, "vocab_size", None) or 0)
         param = next(self.model.parameters())
-        logits = metric_logits_per_row(self.metric, runner.batch, self.T, vocab, runner.restricted)
+        logits = metric_logits_per_row(runner.metric, runner.batch, self.T, vocab, runner.restricted)
         return RowGeometry(self.shape, self.T, d, d_ffn, vocab, logits, param.element_size(), patched_layers, keeps_graph)
 
     def memory_budget(self, memory_budget: int | None) -> int:
