@@ -216,3 +216,17 @@ def test_numpy_integer_batch_size(gpt2):
     r = headint.scan(gpt2, batch, "logit_diff", batch_size=torch.tensor(5).numpy(), progress=False, backend=BACKEND)
     assert r.settings["batch_rows"] == 5
     assert_matches(r, oracle_scan(gpt2, batch, "logit_diff", method="zero"))
+
+
+def test_cpu_forwards_are_capped_to_cache_sized_token_counts(gpt2):
+    """On CPU an exact scan's auto batches hold at most CPU_TOKENS_PER_FORWARD tokens; on CUDA
+    the memory-sized rows stand. Values are unchanged."""
+    assert batching.cpu_row_cap(4096, 32, "cpu") == batching.CPU_TOKENS_PER_FORWARD // 32
+    assert batching.cpu_row_cap(4096, 4 * batching.CPU_TOKENS_PER_FORWARD, "cpu") == 1
+    assert batching.cpu_row_cap(5, 32, "cpu") == 5
+    assert batching.cpu_row_cap(4096, 32, "cuda") == 4096
+    T = 12
+    batch = make_batch(24, T, seed=210)
+    r = headint.scan(gpt2, batch, "logit_diff", method="zero", progress=False, backend=BACKEND)
+    assert r.settings["batch_rows"] == batching.CPU_TOKENS_PER_FORWARD // T  # the scan has more rows than that
+    assert_matches(r, oracle_scan(gpt2, batch, "logit_diff", method="zero"))

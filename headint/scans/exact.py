@@ -11,7 +11,7 @@ import torch
 
 from ..distributed import is_active
 from ..results import ScanResult
-from .batching import auto_rows, positive_int, run_in_halves
+from .batching import auto_rows, cpu_row_cap, positive_int, run_in_halves
 from .checkpoint import ScanCheckpoint, fingerprint
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
@@ -88,8 +88,9 @@ def scan(
         batch_size: rows (variant x example) per forward, or ``"auto"``: as many as fit
             ``memory_budget`` given what a row allocates (hidden states, attention scratch, the
             plan, and the logits the metric reads times the vocabulary; see
-            :mod:`headint.scans.batching`). Either way, a chunk that runs out of memory (CUDA or
-            CPU) is retried in halves.
+            :mod:`headint.scans.batching`); on CPU at most ``CPU_TOKENS_PER_FORWARD`` (1024)
+            tokens per forward, which keeps a forward's activations in cache (measured faster).
+            Either way, a chunk that runs out of memory (CUDA or CPU) is retried in halves.
         memory_budget: bytes for ``"auto"``; default half the free CUDA memory, or half the
             available host memory on CPU.
         checkpoint: a folder; every finished chunk is saved there (one file per chunk, in a
@@ -199,6 +200,7 @@ def scan(
             if effect == "direct":
                 patched = shape.n_layers - min(v.start_layer for v in variants)
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
+            rows_per_batch = cpu_row_cap(rows_per_batch, T, setup.device)  # cache-sized forwards on CPU
             if target == "pattern":  # + per row: the replacement probabilities, its window and P @ v scratch
                 per_row = 3 * shape.n_heads * T * (T + shape.head_dim) * 4
                 rows_per_batch = max(1, min(rows_per_batch, setup.memory_budget(memory_budget) // max(1, per_row)))
