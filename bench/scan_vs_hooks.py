@@ -261,11 +261,12 @@ def flop_accounting(L: int, d: int, d_ffn: int, V: int, N: int, T: int, H: int) 
 
     - ``hook_loop``: per head, every block over every token, then full-vocabulary logits at
       every position (``2 d V`` per token), plus one clean forward;
-    - ``headint``: what ``headint.scan`` runs: two clean passes with full logits; a head of layer
-      ``l`` runs block ``l`` without attention (the clean one is reused) but with its q/k/v,
-      blocks ``l+1 .. L-2`` in full and the final block as q/k/v over all tokens plus everything
-      for the last token (for ``l = L-1``: q/k/v over all tokens, the rest for the last token,
-      no attention); 2 logits per row;
+    - ``headint``: what ``headint.scan`` runs: two clean passes with full logits; per layer one
+      capture of the clean rows' q/k/v (and attention, where the capture stops); a head of layer
+      ``l`` runs block ``l`` without q/k/v and attention (both are the clean run's) but with its
+      output projection and MLP over every token, blocks ``l+1 .. L-2`` in full and the final
+      block as q/k/v over all tokens plus everything for the last token (for ``l = L-1``: the
+      last token's q/k/v, output projection and MLP); 2 logits per row;
     - ``minimum``: what an exact scan must compute: the same without the q/k/v of block ``l``,
       without the final block's queries except the last, and without full-vocabulary logits.
     """
@@ -279,14 +280,14 @@ def flop_accounting(L: int, d: int, d_ffn: int, V: int, N: int, T: int, H: int) 
     hi = mn = 0
     for l in range(L):
         if l < L - 1:
-            # block l: everything but attention; blocks in between: everything; final block:
+            # block l: output projection and MLP; blocks in between: everything; final block:
             # q/k/v of every token, then the last token in full
-            runs = T * per_tok + (L - 2 - l) * full_block + T * qkv + per_tok + 4 * d * T
+            runs = T * rest + (L - 2 - l) * full_block + T * qkv + per_tok + 4 * d * T
             need = T * rest + (L - 2 - l) * full_block + T * kv + q + rest + 4 * d * T
-        else:  # the final block is the intervened one: its attention is the clean one
-            runs = T * qkv + per_tok
+        else:  # the final block is the intervened one: its attention and q/k/v are the clean ones
+            runs = per_tok
             need = rest
-        hi += H * N * (runs + 2 * 2 * d)
+        hi += H * N * (runs + 2 * 2 * d) + N * (T * qkv + attn)  # + the capture of layer l's q/k/v
         mn += H * N * (need + 2 * 2 * d)
     hi += 2 * N * (L * full_block + logits_all)
     mn += 2 * N * (L * full_block + 2 * 2 * d)

@@ -178,8 +178,11 @@ def test_all_pairs_matches_oracle(model, method, direction):
     N = batch["input_ids"].shape[0]
     clean_passes = 2 if method == "patch" else 1
     expected_cost = clean_passes * N * L + sum(N * (L - min(l for l, _ in s)) for s in pairs)
-    # + the final block's second call (last query) of every row, and of the 2 rows the check runs
-    assert result.settings["cost"]["layer_forwards"] == expected_cost + len(pairs) * N + 2 * min(N, 2)
+    # + the final block's second call (last query) of every row, and of the 2 rows the check runs,
+    # + one capture of the clean rows' q/k/v per start layer (counted as a layer-forward of N rows)
+    captures = result.settings["cost"]["captures"]
+    assert captures == len({min(l for l, _ in s) for s in pairs})
+    assert result.settings["cost"]["layer_forwards"] == expected_cost + len(pairs) * N + 2 * min(N, 2) + captures * N
     assert result.settings["cost"]["last_query_rows"] == len(pairs) * N + min(N, 2)
 
 
@@ -296,12 +299,16 @@ def test_cost_depth_reuse(model, with_corrupt):
     # last token only); the last-query check runs the final block both ways on 2 base rows.
     rows = L * H * N
     checked = min(N, 2)
-    expected = clean_passes * N * L + H * N * _tri(L) + rows + 2 * checked
+    # One capture per start layer of the clean rows' q/k/v (a forward stopped at that layer's
+    # attention call, counted as a layer-forward of N rows).
+    assert cost["captures"] == L
+    expected = clean_passes * N * L + H * N * _tri(L) + rows + 2 * checked + L * N
     assert cost["layer_forwards"] == expected
-    assert cost["token_layer_forwards"] == (clean_passes * N * L + H * N * _tri(L)) * T + rows + checked * (T + 1)
+    assert cost["token_layer_forwards"] == (clean_passes * N * L + H * N * _tri(L)) * T + rows + checked * (T + 1) + L * N * T
     assert cost["rows"] == clean_passes * N + rows + checked
     assert cost["last_query_rows"] == rows + checked
     assert cost["clean_attention_rows"] == rows
+    assert cost["replayed_projection_rows"] == rows
     assert result.settings["final_block"] == "final block for the last query only"
     one_per = L * H * N * L
     assert result.settings["cost_one_forward_per_intervention"] == {"layer_forwards": one_per, "token_layer_forwards": one_per * T}
@@ -324,9 +331,12 @@ def test_cost_position_reuse(model):
     # the last-query check runs it on 2 base rows
     two_step = L * H * N * sum(1 for p in positions if T - p >= 2)
     checked = min(N, 2)
-    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L) + two_step + 2 * checked
+    # the q/k/v capture (one per start layer) serves the rows fed from position 0 only
+    assert cost["captures"] == L
+    assert cost["replayed_projection_rows"] == L * H * N
+    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L) + two_step + 2 * checked + L * N
     with_reuse = N * L * T + H * N * _tri(L) * sum(T - p for p in positions)
-    assert cost["token_layer_forwards"] == with_reuse + two_step + checked * (T + 1)
+    assert cost["token_layer_forwards"] == with_reuse + two_step + checked * (T + 1) + L * N * T
     assert cost["last_query_rows"] == two_step + checked
     without_reuse = N * L * T + H * N * _tri(L) * P * T
     assert with_reuse < without_reuse
@@ -337,7 +347,7 @@ def test_cost_position_reuse(model):
     r2 = headint.scan(model, batch, "loss", method="zero", per_position=True, positions=positions,
                       progress=False, backend=BACKEND)
     assert r2.settings["position_reuse"] is False
-    assert r2.settings["cost"]["token_layer_forwards"] == without_reuse
+    assert r2.settings["cost"]["token_layer_forwards"] == without_reuse + r2.settings["cost"]["captures"] * N * T
     assert r2.settings["cost"]["last_query_rows"] == 0
     assert cost["token_layer_forwards"] < r2.settings["cost"]["token_layer_forwards"]
 

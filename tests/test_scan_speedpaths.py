@@ -21,7 +21,7 @@ import headint
 import headint.integration.attention_function as attention_function
 import headint.integration.blocks as blocks
 from headint.integration.adapter import model_parts
-from headint.integration.structure import model_shape
+from headint.integration.structure import model_shape, model_structure
 import tiny_models as tm
 from headint.metrics import CallableMetric, LastPositionOf, LogitDiff, last_position_form
 from headint.plan import TensorPlan
@@ -338,11 +338,29 @@ def test_clean_attention_skips_the_first_layers_attention(model, monkeypatch, st
     mask = (torch.rand(4, 4, 6, generator=g) > 0.5).float()
     patch = torch.randn(4, 4, 6, z.shape[-1], generator=g)
     plan = TensorPlan({1: {"head_mask": mask, "head_patch": patch}, 2: {"head_mask": 1 - mask, "head_patch": None}})
+    runner.children_before_attention(1)  # the clean rows' q/k/v projections of layer 1, captured once
+    site = next(s for s in model_structure(model).sites.values() if s.layer == 1)
+    attn = model.get_submodule(site.path)
+    children_called = []
+    handles = [c.register_forward_hook(lambda m, a, o, n=n: children_called.append(n)) for n, c in attn.named_children()]
     calls = _count_attention_calls(monkeypatch)
-    want = runner.run(ex, plan, start_layer=1, start_pos=start_pos)
-    n_full = len(calls)
-    got = runner.run(ex, plan, start_layer=1, start_pos=start_pos, clean_attention=True)
+    try:
+        want = runner.run(ex, plan, start_layer=1, start_pos=start_pos)
+        n_full, full_children = len(calls), list(children_called)
+        got = runner.run(ex, plan, start_layer=1, start_pos=start_pos, clean_attention=True)
+    finally:
+        for h in handles:
+            h.remove()
     assert len(calls) - n_full == n_full - 1  # layer 1's attention was not computed
+    out_proj = site.out_proj.rsplit(".", 1)[-1]
+    assert out_proj in full_children and len(full_children) > 1
+    # whole rows: the children before attention (q/k/v projections) are the captured ones; the output
+    # projection and what follows it run
+    ran = children_called[len(full_children):]
+    after = full_children[full_children.index(out_proj):]
+    assert ran == (after if start_pos == 0 else full_children), (ran, full_children)
+    assert len(after) < len(full_children)
+    assert runner.cost.replayed_projection_rows == (len(ex) if start_pos == 0 else 0)
     assert_close(got, want)
     assert not torch.equal(want, runner.run(ex, TensorPlan({}), start_layer=1, start_pos=start_pos))  # the plan matters
 
@@ -430,3 +448,37 @@ def test_benchmark_quick_smoke(tmp_path):
     assert peers["flops"]["headint"] < peers["flops"]["hook_loop"]
     assert all(r["max_abs_diff"] <= 1e-4 for r in sections["long_context"]["runs"])
     assert data["environment"]["cpu"] and "load_avg_end" in data["environment"]
+
+
+def test_children_captured_only_when_one_output_can_stand_in():
+    """Only children called once, on whole rows, with row-major outputs are captured; replaying
+    answers calls on the captured rows only and runs the child for any other call."""
+    from torch import nn
+
+    from headint.integration.blocks import AttentionReached, capture_children_before_attention, replay_children
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm, self.swap, self.after = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            q = self.norm(self.proj(x))
+            k = self.norm(x)  # a shared child: called twice
+            s = self.swap(x.transpose(0, 1))  # [T, N, 4]: not row-major
+            raise AttentionReached(q + k + s.transpose(0, 1))
+
+    toy = Toy()
+    x = torch.randn(3, 5, 4)
+    with capture_children_before_attention(toy, 3, 5) as outputs:
+        with pytest.raises(AttentionReached):
+            toy(x)
+    assert set(outputs) == {"proj"}
+    ex = torch.tensor([2, 0])
+    with replay_children(toy, outputs, ex, 3, 5) as stand_ins:
+        assert torch.equal(toy.proj(x[ex]), toy.proj.output[ex])  # answered from the capture
+        assert toy.proj.weight is stand_ins[0]._child.weight  # attributes are the child's
+        y = torch.randn(2, 4, 4)
+        assert torch.equal(toy.proj(y), nn.functional.linear(y, toy.proj.weight, toy.proj.bias))  # other shapes: computed
+        assert stand_ins[0].replayed == 1
+    assert isinstance(toy.proj, nn.Linear)  # put back

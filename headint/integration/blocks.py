@@ -227,3 +227,91 @@ def last_query_block(parts: ModelParts, n_positions: int) -> Iterator[LastQueryB
         yield stand_in
     finally:
         parts.blocks[L - 1] = original
+
+
+# ---------------------------------------------------------------------------------------------
+# An attention module's work before its attention call, replayed (the scans' intervened layer).
+#
+# A scan variant whose first intervened layer is ``l`` feeds that layer the clean run's inputs,
+# so whatever layer ``l``'s attention module computes before its attention call (its q/k/v
+# projections, q/k norms, ...) is what the clean run computed. The module's direct children that
+# ran, once each, before the call are captured on the clean rows and then stand in for
+# themselves in the variant runs. Everything after the call (the output projection onwards) is
+# computed.
+
+
+class AttentionReached(Exception):
+    """Raised (by the caller's recorder) when the captured module reaches its attention call."""
+
+
+@contextlib.contextmanager
+def capture_children_before_attention(module: nn.Module, n_rows: int, T: int) -> Iterator[dict]:
+    """Within the block, record the outputs of ``module``'s direct children as they finish:
+    ``{name: output}`` for children called exactly once on a batch of ``n_rows`` rows of ``T``
+    tokens whose every output tensor is ``[n_rows, T, ...]`` (others are left out: one cached
+    output could not stand in for two calls, and only row-major outputs can be cut to a variant
+    run's rows). The caller stops the forward at the attention call (:class:`AttentionReached`),
+    so what is recorded finished before it."""
+    outputs: dict[str, Any] = {}
+    calls: dict[str, int] = {}
+    handles = []
+    for name, child in module.named_children():
+        def hook(_m, _a, out, name=name):
+            calls[name] = calls.get(name, 0) + 1
+            outputs[name] = map_tensors(out, lambda t: t.detach())
+        handles.append(child.register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+        for name, n in calls.items():
+            tensors: list = []
+            map_tensors(outputs.get(name), lambda t: tensors.append(t) or t)
+            if n != 1 or not tensors or any(t.dim() < 2 or tuple(t.shape[:2]) != (n_rows, T) for t in tensors):
+                outputs.pop(name, None)
+
+
+class _ReplayedChild(nn.Module):
+    """Stands in for a child module: for a call on rows ``ex`` of the captured batch (its first
+    tensor argument ``[len(ex), T, ...]``, the captured ``T``) it returns the captured output's
+    rows ``ex``; any other call runs the child. Attributes the parent reads (e.g. ``weight``)
+    are the child's."""
+
+    def __init__(self, child: nn.Module, output: Any, ex: torch.Tensor, n_rows: int, T: int):
+        super().__init__()
+        object.__setattr__(self, "_child", child)  # not a submodule: its parameters are not this module's
+        self.output, self.ex, self.n_rows, self.T = output, ex, n_rows, T
+        self.replayed = 0
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_child"), name)
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == (len(self.ex), self.T):
+            self.replayed += 1
+            return map_tensors(self.output, lambda t: t[self.ex.to(t.device)])
+        return object.__getattribute__(self, "_child")(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def replay_children(module: nn.Module, outputs: dict, ex: torch.Tensor, n_rows: int, T: int) -> Iterator[list]:
+    """Within the block, ``module``'s children named in ``outputs`` (captured on ``n_rows`` rows
+    of ``T`` tokens by :func:`capture_children_before_attention`) return those outputs' rows
+    ``ex`` when called on ``len(ex)`` rows of ``T`` tokens; the originals are put back on exit.
+    Yields the stand-ins (``replayed`` counts the calls they answered)."""
+    originals = {name: getattr(module, name) for name in outputs}
+    stand_ins = []
+    try:
+        for name, out in outputs.items():
+            stand_in = _ReplayedChild(originals[name], out, ex, n_rows, T)
+            setattr(module, name, stand_in)
+            stand_ins.append(stand_in)
+        yield stand_ins
+    finally:
+        for name, child in originals.items():
+            setattr(module, name, child)

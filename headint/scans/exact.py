@@ -144,7 +144,15 @@ def scan(
       keys/values of earlier tokens as a KV cache): token-layer-forwards drop from
       ``H*N*T*L*(L+1)/2`` per position to ``H*N*(T-p)*L*(L+1)/2``, about half again overall;
     - only the final position is unembedded, and only for the token ids the metric needs
-      (``2`` for a logit difference instead of the vocabulary at every position).
+      (``2`` for a logit difference instead of the vocabulary at every position);
+    - a callable metric on full logits is probed on the base runs and, if it reads only the last
+      real token, gets only that token's logits (``settings["metric_logits"]`` says which);
+    - last-position metrics on causal models: the final block computes keys/values at every
+      position and the rest at the last one only (``settings["final_block"]``);
+    - head-output scans (``target="z"``): the first intervened layer takes the clean attention
+      output blended with the replacement, and for whole rows replays its q/k/v projections from
+      one capture of the clean rows (``settings["clean_attention"]``; ``cost`` counts the rows in
+      ``clean_attention_rows`` / ``replayed_projection_rows``).
 
     The counts that actually ran are in ``result.settings["cost"]`` next to
     ``result.settings["cost_one_forward_per_intervention"]``.

@@ -18,7 +18,11 @@ intervention, all exact:
   its clean output before any variant uses it;
 - clean attention at the first intervened layer (``clean_attention=True``, plans that only
   replace head outputs): that layer's inputs are the clean run's, so its attention output is
-  the cached clean one, blended with the replacement, and attention is not recomputed there.
+  the cached clean one, blended with the replacement, and attention is not recomputed there;
+  for whole rows (no position reuse) its attention module's work before the attention call
+  (q/k/v projections, q/k norms: the direct children that ran once, on whole rows) is replayed
+  from one capture of the clean rows per layer (:meth:`VariantRunner.children_before_attention`),
+  so only the output projection and what follows run there.
 
 ``cost`` counts what actually ran, in layer-forwards (one block over one row) and
 token-layer-forwards (one block over one token of one row).
@@ -35,8 +39,9 @@ import torch
 
 from ..integration.hf import intervene
 from ..integration.adapter import ModelParts, model_parts
-from ..integration.structure import model_shape
-from ..integration.blocks import capture_block_outputs, last_query_block, map_tensors, replay_blocks
+from ..integration.structure import model_shape, model_structure
+from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, last_query_block,
+                                  map_tensors, replay_blocks, replay_children)
 from ..metrics import Metric, last_position_form, last_positions, select_logits
 from ..plan import Plan
 from ..interventions.call import CallPlan
@@ -53,6 +58,8 @@ class Cost:
     token_layer_forwards: int = 0
     last_query_rows: int = 0  # rows whose final block ran for the last query only (two calls: see LastQueryBlock)
     clean_attention_rows: int = 0  # rows whose first intervened layer took the clean run's attention
+    replayed_projection_rows: int = 0  # ... and its attention module's work before attention (q/k/v projections)
+    captures: int = 0  # forwards stopped at an attention call to capture that work (see children_before_attention)
 
     def add(self, rows: int, layers: int, tokens: int) -> None:
         self.runs += 1
@@ -69,9 +76,17 @@ class Cost:
         self.layer_forwards += rows
         self.token_layer_forwards += rows * tokens
 
+    def add_capture(self, rows: int, tokens: int) -> None:
+        """A forward stopped at one layer's attention call (see ``children_before_attention``),
+        counted as one layer-forward of ``rows`` rows; not a run."""
+        self.captures += 1
+        self.layer_forwards += rows
+        self.token_layer_forwards += rows * tokens
+
     def as_dict(self) -> dict:
         return dict(runs=self.runs, rows=self.rows, layer_forwards=self.layer_forwards, token_layer_forwards=self.token_layer_forwards,
-                    last_query_rows=self.last_query_rows, clean_attention_rows=self.clean_attention_rows)
+                    last_query_rows=self.last_query_rows, clean_attention_rows=self.clean_attention_rows,
+                    replayed_projection_rows=self.replayed_projection_rows, captures=self.captures)
 
 
 def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
@@ -146,6 +161,7 @@ class VariantRunner:
         self.causal = bool(causal)
         self.restricted = False
         self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
+        self._children = None  # (layer, attention module, captured outputs): see children_before_attention
         self.last_query_ok: bool | None = None  # None: not checked yet (see check_last_query)
         self.last_query_note = "not checked"
         self.base: CleanPass | None = None
@@ -291,17 +307,22 @@ class VariantRunner:
         assert self.base is not None, "call clean_pass() first"
         if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention):
             start_pos = 0  # position reuse needs every layer's state as keys/values
+        children = None
         if clean_attention:
             z = self.base.z[start_layer]
             plan = CleanAttentionPlan(plan, start_layer, z[ex.to(z.device)].transpose(1, 2))
+            if start_pos == 0:  # the captured outputs are of whole rows
+                children = self.children_before_attention(start_layer)
         last_query = last_query and recorder is None and self.T - start_pos >= 2 and self.check_last_query()
-        out, is_hidden, rows, (shortcut, second) = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query)
+        out, is_hidden, rows, (shortcut, second) = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children)
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
         if second:
             self.cost.add_final_second_call(len(ex), second, shortcut)
         if clean_attention:
             self.cost.clean_attention_rows += len(ex)
+        if children is not None and children[2]:
+            self.cost.replayed_projection_rows += len(ex)
         logits = self._metric_logits(out, rows, start_pos, is_hidden)
         clean = None
         if self.metric.needs_clean:
@@ -314,9 +335,11 @@ class VariantRunner:
                 values = torch.where(before, self.base_values()[ex], values)
         return values
 
-    def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool):
+    def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool, children=None):
         """One forward of rows ``ex`` under ``plan``: ``(final hidden states or logits, is_hidden, rows,
-        (whether the final block ran for the last query only, tokens of its second call or 0))``."""
+        (whether the final block ran for the last query only, tokens of its second call or 0))``.
+        ``children``: ``(attention module, {name: captured output}, ...)`` of layer ``start_layer``
+        (see :meth:`children_before_attention`), replayed for these rows."""
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
@@ -332,11 +355,46 @@ class VariantRunner:
             for l in range(self.parts.shape.n_layers):
                 past.update(self.base.k[l][ex.to(self.base.k[l].device)][:, :, :start_pos], self.base.v[l][ex.to(self.base.v[l].device)][:, :, :start_pos], l)
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
-        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed), final as stand_in:
+        replay = contextlib.nullcontext()
+        if children is not None and children[1]:
+            replay = replay_children(children[0], children[1], ex, self.N, self.T)
+        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed), \
+                final as stand_in, replay as replay_stand_ins:
             out, is_hidden = self._forward(inputs, past)
+        if children is not None and children[1]:
+            children[2] = all(r.replayed for r in replay_stand_ins)
         if last_query and not stand_in.second_call_tokens:
             raise RuntimeError("the final block did not run in two steps although check_last_query() allowed it")
         return out, is_hidden, rows, (stand_in.ran_shortcut, stand_in.second_call_tokens) if last_query else (False, 0)
+
+    @torch.no_grad()
+    def children_before_attention(self, layer: int) -> list:
+        """``[attention module, {name: output}, replayed]`` for ``layer``: the outputs, on the clean
+        rows, of the module's direct children that ran (once each, on whole rows) before its
+        attention call - its q/k/v projections and the like (see
+        :func:`~headint.integration.blocks.capture_children_before_attention`); ``replayed``
+        (filled by the variant run) tells whether every one stood in for its child. Captured by
+        one forward of the clean rows stopped at that call; one layer is held at a time."""
+        if self._children is not None and self._children[0] == layer:
+            return [*self._children[1:], False]
+        self._children = None
+        site = next((s for s in model_structure(self.model).sites.values()
+                     if s.stack == self.parts.shape.default_stack and s.layer == layer), None)
+        module = None if site is None else self.model.get_submodule(site.path)
+        outputs: dict = {}
+        if module is not None:
+            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
+            reached = False
+            with capture_children_before_attention(module, self.N, self.T) as outputs:
+                try:
+                    self._variant_forward(ex, None, layer, 0, _StopAtAttention(layer), False)
+                except AttentionReached:
+                    reached = True
+            self.cost.add_capture(self.N, self.T)
+            if not reached:
+                outputs = {}
+        self._children = (layer, module, outputs)
+        return [module, outputs, False]
 
     @torch.no_grad()
     def check_last_query(self) -> bool:
@@ -381,6 +439,18 @@ class VariantRunner:
         self.last_query_ok = why is None
         self.last_query_note = "final block for the last query only" if why is None else f"full final block ({why})"
         return self.last_query_ok
+
+
+class _StopAtAttention(Recorder):
+    """A recorder that stops the forward (:class:`AttentionReached`) at ``layer``'s attention call."""
+
+    def __init__(self, layer: int):
+        super().__init__(("z",))
+        self.layer = layer
+
+    def add(self, layer: int, what: str, x: torch.Tensor, concat_dim: int | None) -> None:
+        if layer == self.layer:
+            raise AttentionReached(f"layer {layer}")
 
 
 class CleanAttentionPlan(Plan):
