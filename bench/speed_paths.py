@@ -9,7 +9,8 @@ positions pay on this device?).
 The all-heads activation-patching scan (``LogitDiff``) runs interleaved with every combination of
 the runner's shortcuts (``headint.scans.exact.SHORTCUTS``: the clean attention at each variant's
 first intervened layer, the final block for the last query only), and a callable metric with
-the last-position probe on and off (``CallableMetric(probe_last=False)``). Values are checked
+the last-position probe on and off (``CallableMetric(probe_last=False)``), and on CPU with the
+cap of tokens per forward lifted (``batching.CPU_TOKENS_PER_FORWARD``: memory-sized batches). Values are checked
 equal across all of them (they are exact either way); medians of ``--repeats``.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import headint
+import headint.scans.batching as batching
 import headint.scans.exact as exact
 from headint.metrics import CallableMetric, LogitDiff
 
@@ -51,6 +53,17 @@ def _with(shortcuts: dict, fn):
     return run
 
 
+def _uncapped(fn):
+    def run():
+        saved = batching.CPU_TOKENS_PER_FORWARD
+        batching.CPU_TOKENS_PER_FORWARD = 1 << 40
+        try:
+            return fn()
+        finally:
+            batching.CPU_TOKENS_PER_FORWARD = saved
+    return run
+
+
 def measure(model, batch: dict, args, label: str) -> dict:
     hi_clean = {k: batch[k] for k in ("input_ids", "target", "contrast")}
     hi_corrupt = dict(hi_clean, input_ids=batch["corrupt_ids"])
@@ -58,6 +71,8 @@ def measure(model, batch: dict, args, label: str) -> dict:
     fn = lambda logits: logits[:, -1, tgt] - logits[:, -1, con]  # noqa: E731
     kw = dict(corrupt=hi_corrupt, method="patch", backend=args.backend, progress=False)
     fns = {f"LogitDiff, {k}": _with(v, lambda: headint.scan(model, hi_clean, LogitDiff(), **kw)) for k, v in COMBOS.items()}
+    if args.device == "cpu":  # the CPU cap of tokens per forward lifted: memory-sized batches
+        fns["LogitDiff, all shortcuts, memory-sized batches"] = _uncapped(lambda: headint.scan(model, hi_clean, LogitDiff(), **kw))
     fns["callable, probed"] = lambda: headint.scan(model, hi_clean, fn, **kw)
     fns["callable, probe_last=False"] = lambda: headint.scan(model, hi_clean, CallableMetric(fn, probe_last=False), **kw)
     print(f"\n[{label}] warm-up and value checks ...")
@@ -70,9 +85,10 @@ def measure(model, batch: dict, args, label: str) -> dict:
     times, cpu, _ = interleaved(fns, args.repeats, args.device)
     base = med(times["LogitDiff, neither"])
     rows = [dict(method=k, median_s=med(times[k]), cpu_s=med(cpu[k]), speedup_vs_neither=base / med(times[k]), max_abs_diff=diffs[k],
-                 token_layer_forwards=first[k].settings["cost"]["token_layer_forwards"]) for k in fns]
+                 token_layer_forwards=first[k].settings["cost"]["token_layer_forwards"], batch_rows=first[k].settings["batch_rows"])
+            for k in fns]
     print_table(f"{label} (median of {args.repeats})", rows, ["method", "median_s", "cpu_s", "speedup_vs_neither", "max_abs_diff",
-                                                                "token_layer_forwards"])
+                                                                "token_layer_forwards", "batch_rows"])
     return dict(label=label, N=int(batch["input_ids"].shape[0]), T=int(batch["input_ids"].shape[1]), times=times, cpu_times=cpu,
                 rows=rows)
 
