@@ -6,9 +6,11 @@ patching, LogitDiff) and the attribution scan (``headint.attribution_scan``, pat
 the hook loop (one forward per head, ``transformers``' SDPA attention, full logits).
 
 - time: wall and process CPU seconds, median over ``--long-repeats`` interleaved repeats;
-- peak memory: on CPU the peak resident set size above the one before the call, sampled
-  every 2 ms by a thread (``/proc/self/statm``); on CUDA ``torch.cuda.max_memory_allocated``
-  above the allocation before the call;
+- peak memory: on CPU, each method's first call runs in a fresh subprocess (this file with
+  ``--peak METHOD T N BACKEND``) that builds the same model and inputs, then reports the growth of
+  the process's peak resident set (``ru_maxrss``, kept by the kernel: no sampling) over the call,
+  one-time costs (the model's probe, loading the C++ kernel) included; on CUDA
+  ``torch.cuda.max_memory_allocated`` above the allocation before the call;
 - attention share: one extra run under ``torch.profiler``: the self time of every op whose
   name contains "attention" (``headint::attention_fwd/bwd``, ``aten::_scaled_dot_product_*``)
   over the self time of all ops.
@@ -93,41 +95,71 @@ def build_long_model(device: str, T: int, dtype=torch.float32):
     return model.to(device=device, dtype=dtype)
 
 
-def section_long_context(args, rec, interleaved, med, check_agree, print_table) -> dict:
-    """See the module docstring; one table row per (T, method)."""
+def long_methods(device: str, T: int, N: int, backend: str) -> tuple:
+    """``(model, {method: callable})``: the long-context model and the methods timed on it."""
     import peers
 
+    model = build_long_model(device, T)
+    g = torch.Generator().manual_seed(3)
+    V = model.config.vocab_size
+    clean = torch.randint(0, V, (N, T), generator=g).to(device)
+    corrupt = clean.clone()
+    corrupt[:, :: max(1, T // 8)] = torch.randint(0, V, corrupt[:, :: max(1, T // 8)].shape, generator=g).to(device)
+    tgt, con = 7, 11
+    ids = dict(target=torch.full((N,), tgt, device=device), contrast=torch.full((N,), con, device=device))
+    hi_clean, hi_corrupt = dict(input_ids=clean, **ids), dict(input_ids=corrupt, **ids)
+    fns = {
+        "hook loop": lambda: peers.hook_loop(model, clean, corrupt, tgt, con),
+        "headint.scan": lambda: headint.scan(model, hi_clean, LogitDiff(), corrupt=hi_corrupt, method="patch",
+                                             backend=backend, progress=False),
+        "attribution_scan": lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(), method="patch",
+                                                             direction="denoising", backend=backend),
+    }
+    if backend == "auto" and device == "cpu":  # the kernel auto picks against PyTorch's SDPA
+        fns["headint.scan, backend sdpa"] = lambda: headint.scan(model, hi_clean, LogitDiff(), corrupt=hi_corrupt, method="patch",
+                                                                 backend="sdpa", progress=False)
+        fns["attribution_scan, backend sdpa"] = lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(),
+                                                                                 method="patch", direction="denoising", backend="sdpa")
+    return model, fns
+
+
+def peak_in_subprocess(method: str, T: int, N: int, backend: str, threads: int) -> int:
+    """Bytes: growth of a fresh process's peak resident set over one call of ``method``."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, __file__, "--peak", method, str(T), str(N), backend, str(threads)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_main(method: str, T: str, N: str, backend: str, threads: str) -> None:
+    import resource
+
+    torch.set_num_threads(int(threads))
+    _, fns = long_methods("cpu", int(T), int(N), backend)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fns[method]()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # Linux: KiB
+
+
+def section_long_context(args, rec, interleaved, med, check_agree, print_table) -> dict:
+    """See the module docstring; one table row per (T, method)."""
     rows, per_t = [], []
     for T in args.long_t:
-        model = build_long_model(args.device, T)
         N = args.long_n
-        g = torch.Generator().manual_seed(3)
-        V = model.config.vocab_size
-        clean = torch.randint(0, V, (N, T), generator=g).to(args.device)
-        corrupt = clean.clone()
-        corrupt[:, :: max(1, T // 8)] = torch.randint(0, V, corrupt[:, :: max(1, T // 8)].shape, generator=g).to(args.device)
-        tgt, con = 7, 11
-        ids = dict(target=torch.full((N,), tgt, device=args.device), contrast=torch.full((N,), con, device=args.device))
-        hi_clean, hi_corrupt = dict(input_ids=clean, **ids), dict(input_ids=corrupt, **ids)
-        fns = {
-            "hook loop": lambda: peers.hook_loop(model, clean, corrupt, tgt, con),
-            "headint.scan": lambda: headint.scan(model, hi_clean, LogitDiff(), corrupt=hi_corrupt, method="patch",
-                                                 backend=args.backend, progress=False),
-            "attribution_scan": lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(), method="patch",
-                                                                 direction="denoising", backend=args.backend),
-        }
-        if args.backend == "auto" and args.device == "cpu":  # the kernel auto picks against PyTorch's SDPA
-            fns["headint.scan, backend sdpa"] = lambda: headint.scan(model, hi_clean, LogitDiff(), corrupt=hi_corrupt, method="patch",
-                                                                     backend="sdpa", progress=False)
-            fns["attribution_scan, backend sdpa"] = lambda: headint.attribution_scan(model, hi_clean, hi_corrupt, LogitDiff(),
-                                                                                     method="patch", direction="denoising", backend="sdpa")
+        model, fns = long_methods(args.device, T, N, args.backend)
         L, H = model.config.n_layer, model.config.n_head
         print(f"\n[long context] T={T}, N={N}, {L} layers x {H} heads, d_model {model.config.n_embd}: warm-up and checks ...")
         first, peak, share, share_ops = {}, {}, {}, {}
         for k, f in fns.items():
-            with PeakMemory(args.device) as pm:
+            if args.device == "cpu":
                 first[k] = f()
-            peak[k] = pm.peak
+                peak[k] = peak_in_subprocess(k, T, N, args.backend, args.threads)
+            else:
+                with PeakMemory(args.device) as pm:
+                    first[k] = f()
+                peak[k] = pm.peak
             share[k], share_ops[k] = attention_share(f, args.device)
         diff = max(check_agree(f"long context T={T}, {k} vs hook loop", first[k].per_example.reshape(L * H, N), first["hook loop"],
                                args.long_tol) for k in fns if k.startswith("headint.scan"))
@@ -145,3 +177,13 @@ def section_long_context(args, rec, interleaved, med, check_agree, print_table) 
     out = dict(section="long_context", config=LONG_CONFIG, N=args.long_n, runs=per_t, rows=rows)
     rec.append(out)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 7 and sys.argv[1] == "--peak":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        _peak_main(*sys.argv[2:])
+    else:
+        raise SystemExit("run bench/scan_vs_hooks.py (this module is its long-context section)")

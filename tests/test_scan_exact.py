@@ -323,7 +323,7 @@ def test_cost_position_reuse(model):
     batch = make_batch(N, T, seed=62)
     positions = [0, 2, 5]
     r = headint.scan(model, batch, "logit_diff", method="zero", per_position=True, positions=positions,
-                     progress=False, backend=BACKEND)
+                     progress=False, backend=BACKEND, group_positions=1)  # each position fed from itself
     cost = r.settings["cost"]
     assert r.settings["position_reuse"] is True
     P = len(positions)

@@ -228,8 +228,9 @@ def test_last_query_final_block_every_decoder(arch, per_position):
     tokens = []
     handle = _final_mlp(model).register_forward_pre_hook(lambda _m, args: tokens.append(args[0].shape[1]))
     try:
+        # group_positions=1: every scanned position fed from itself (position 5 exercises the sliding window)
         r = scan(model, batch, "logit_diff", corrupt=corrupt, method="patch", per_position=per_position,
-                 heads=[0, 3] if per_position else None, positions=[0, 3, 5, 6] if per_position else None)
+                 heads=[0, 3] if per_position else None, positions=[0, 3, 5, 6] if per_position else None, group_positions=1)
     finally:
         handle.remove()
     assert r.settings["final_block"] == LAST_QUERY
@@ -412,7 +413,13 @@ def test_group_positions_same_values(gpt2, group):
 def test_group_positions_auto_and_errors(gpt2):
     batch = make_batch(2, 5, seed=132)
     r = scan(gpt2, batch, "logit_diff", method="zero", per_position=True, heads=[0])
-    assert r.settings["group_positions"] == 1  # CPU
+    L, T, N = gpt2.config.n_layer, 5, 2
+    # as many positions as fill one batch: L variants (heads [0]) x N examples per position
+    assert r.settings["group_positions"] == max(1, min(T, r.settings["batch_rows"] // (L * N)))
+    assert r.settings["group_positions"] > 1
+    assert_close(r.per_example, oracle_scan(gpt2, batch, "logit_diff", method="zero", per_position=True, heads=[0]))
+    r1 = scan(gpt2, batch, "logit_diff", method="zero", per_position=True, heads=[0], batch_size=L * N)
+    assert r1.settings["group_positions"] == 1  # one position's rows fill the batch
     for bad in (0, -1, "all", 1.5, True):
         with pytest.raises(ValueError, match="group_positions must be a positive int or 'auto'"):
             scan(gpt2, batch, "logit_diff", method="zero", per_position=True, group_positions=bad)
@@ -477,7 +484,7 @@ def test_children_captured_only_when_one_output_can_stand_in():
     ex = torch.tensor([2, 0])
     with replay_children(toy, outputs, ex, 3, 5) as stand_ins:
         assert torch.equal(toy.proj(x[ex]), toy.proj.output[ex])  # answered from the capture
-        assert toy.proj.weight is stand_ins[0]._child.weight  # attributes are the child's
+        assert toy.proj.weight is stand_ins[0]._original.weight  # attributes are the child's
         y = torch.randn(2, 4, 4)
         assert torch.equal(toy.proj(y), nn.functional.linear(y, toy.proj.weight, toy.proj.bias))  # other shapes: computed
         assert stand_ins[0].replayed == 1

@@ -42,21 +42,28 @@ def capture_block_outputs(parts: ModelParts, store: list) -> Iterator[None]:
             h.remove()
 
 
-class _Replay(nn.Module):
-    """Stands in for ``block``: returns a cached output instead of computing it. Every other
-    attribute the model's forward reads from the block (e.g. ModernBERT's ``attention_type``) is
-    the original block's."""
+class _StandIn(nn.Module):
+    """Base of the modules that stand in for a model's module (``original``) during a run: every
+    attribute the model's code reads from it (e.g. ModernBERT's ``attention_type``, a
+    projection's ``weight``) that the stand-in lacks is the original's."""
 
-    def __init__(self, output: Any, block: nn.Module):
+    def __init__(self, original: nn.Module):
         super().__init__()
-        self.output = output
-        object.__setattr__(self, "_block", block)  # not a submodule: its parameters are not this module's
+        object.__setattr__(self, "_original", original)  # not a submodule: its parameters are not this module's
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+class _Replay(_StandIn):
+    """Stands in for ``block``: returns a cached output instead of computing it."""
+
+    def __init__(self, output: Any, block: nn.Module):
+        super().__init__(block)
+        self.output = output
 
     def forward(self, *args, **kwargs):
         return self.output
@@ -272,30 +279,22 @@ def capture_children_before_attention(module: nn.Module, n_rows: int, T: int) ->
                 outputs.pop(name, None)
 
 
-class _ReplayedChild(nn.Module):
+class _ReplayedChild(_StandIn):
     """Stands in for a child module: for a call on rows ``ex`` of the captured batch (its first
     tensor argument ``[len(ex), T, ...]``, the captured ``T``) it returns the captured output's
-    rows ``ex``; any other call runs the child. Attributes the parent reads (e.g. ``weight``)
-    are the child's."""
+    rows ``ex``; any other call runs the child."""
 
     def __init__(self, child: nn.Module, output: Any, ex: torch.Tensor, n_rows: int, T: int):
-        super().__init__()
-        object.__setattr__(self, "_child", child)  # not a submodule: its parameters are not this module's
+        super().__init__(child)
         self.output, self.ex, self.n_rows, self.T = output, ex, n_rows, T
         self.replayed = 0
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_child"), name)
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == (len(self.ex), self.T):
             self.replayed += 1
             return map_tensors(self.output, lambda t: t[self.ex.to(t.device)])
-        return object.__getattribute__(self, "_child")(*args, **kwargs)
+        return object.__getattribute__(self, "_original")(*args, **kwargs)
 
 
 @contextlib.contextmanager
