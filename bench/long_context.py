@@ -7,9 +7,10 @@ the hook loop (one forward per head, ``transformers``' SDPA attention, full logi
 
 - time: wall and process CPU seconds, median over ``--long-repeats`` interleaved repeats;
 - peak memory: on CPU, each method's first call runs in a fresh subprocess (this file with
-  ``--peak METHOD T N BACKEND``) that builds the same model and inputs, then reports the growth of
-  the process's peak resident set (``ru_maxrss``, kept by the kernel: no sampling) over the call,
-  one-time costs (the model's probe, loading the C++ kernel) included; on CUDA
+  ``--peak METHOD T N BACKEND THREADS``) that builds the same model and inputs, resets the
+  kernel's peak resident-set mark (``/proc/self/clear_refs``), and reports the peak (``VmHWM``,
+  kept by the kernel: no sampling) above the resident set before the call, one-time costs (the
+  model's probe, loading the C++ kernel) included; on CUDA
   ``torch.cuda.max_memory_allocated`` above the allocation before the call;
 - attention share: one extra run under ``torch.profiler``: the self time of every op whose
   name contains "attention" (``headint::attention_fwd/bwd``, ``aten::_scaled_dot_product_*``)
@@ -133,14 +134,22 @@ def peak_in_subprocess(method: str, T: int, N: int, backend: str, threads: int) 
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _peak_main(method: str, T: str, N: str, backend: str, threads: str) -> None:
-    import resource
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
+
+def _peak_main(method: str, T: str, N: str, backend: str, threads: str) -> None:
     torch.set_num_threads(int(threads))
     _, fns = long_methods("cpu", int(T), int(N), backend)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
+        f.write("5")
+    before = _status_bytes("VmRSS")
     fns[method]()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # Linux: KiB
+    print(_status_bytes("VmHWM") - before)
 
 
 def section_long_context(args, rec, interleaved, med, check_agree, print_table) -> dict:

@@ -1,6 +1,6 @@
-"""Render ``scan_vs_hooks.py`` JSON results as Markdown tables (for bench/RESULTS.md).
+"""Render ``scan_vs_hooks.py`` and ``speed_paths.py`` JSON results as Markdown tables (for bench/RESULTS.md).
 
-    python bench/render_results.py bench/results/scan_vs_hooks.json [more.json ...]
+    python bench/render_results.py bench/results/scan_vs_hooks.json [more.json ...] [bench/results/speed_paths.json]
 """
 
 from __future__ import annotations
@@ -41,8 +41,34 @@ def reps(xs) -> str:
     return ", ".join(f"{x:.1f}" if x >= 10 else f"{x:.2f}" for x in xs)
 
 
+def render_speed_paths(path: str, data: dict) -> str:
+    """The tables of ``speed_paths.py``: each shortcut switched off, and position grouping."""
+    env = data["environment"]
+    md = [f"### {path}", "",
+          f"{env['date']}, {' '.join(env.get('argv', [])[1:]) or 'defaults'}, {env['threads']} threads on {env.get('nproc')} cores ({env.get('cpu')}), torch {env['torch']}, "
+          f"git {env.get('git_commit')}{' (+ uncommitted changes)' if env.get('git_dirty') else ''}; load average "
+          f"{env['load_avg_start']:.1f} at start, {env.get('load_avg_end', float('nan')):.1f} at end", ""]
+    for s in data["sections"]:
+        rows = s["rows"]
+        if "speedup_vs_neither" in rows[0]:
+            md += [f"**{s['label']}**, all heads, activation patching (values equal across rows to the max abs diff shown)", ""]
+            md += [table(["scan", "median wall s", "median CPU s", "speed-up vs no shortcut", "max abs diff", "rows per batch",
+                          "wall s, each repeat"],
+                         [[r["method"], r["median_s"], r["cpu_s"], r["speedup_vs_neither"], f"{r['max_abs_diff']:.2g}", r.get("batch_rows"),
+                           reps(s["times"][r["method"]])] for r in rows]), ""]
+        else:
+            md += [f"**{s['label']}**, per-position zero ablation (heads 0 of layers 0 and L/2, every position)", ""]
+            md += [table(["scan", "median wall s", "median CPU s", "speed-up vs ungrouped", "runs", "token-layer-forwards",
+                          "wall s, each repeat"],
+                         [[r["method"], r["median_s"], r["cpu_s"], r["speedup_vs_ungrouped"], r["runs"], r["token_layer_forwards"],
+                           reps(s["times"][r["method"]])] for r in rows]), ""]
+    return "\n".join(md)
+
+
 def render(path: str) -> str:
     data = json.load(open(path))
+    if data["sections"] and "label" in data["sections"][0]:
+        return render_speed_paths(path, data)
     env = data["environment"]
     md = [f"### {path}", "",
           f"{env['date']}, {env['device']}, {env.get('config')} N={env.get('n')} T={env.get('t')} {env.get('dtype')}, "
