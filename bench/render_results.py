@@ -1,6 +1,7 @@
 """Render ``scan_vs_hooks.py`` and ``speed_paths.py`` JSON results as Markdown tables (for bench/RESULTS.md).
 
     python bench/render_results.py bench/results/scan_vs_hooks.json [more.json ...] [bench/results/speed_paths.json]
+    python bench/render_results.py run1.json:peers,breakdown run2.json:long_context   # only those sections of each file
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ def render_speed_paths(path: str, data: dict) -> str:
     return "\n".join(md)
 
 
-def render(path: str) -> str:
+def render(arg: str) -> str:
+    path, _, only = arg.partition(":")
     data = json.load(open(path))
+    if only:
+        data["sections"] = [s for s in data["sections"] if s["section"] in only.split(",")]
     if data["sections"] and "label" in data["sections"][0]:
         return render_speed_paths(path, data)
     env = data["environment"]
