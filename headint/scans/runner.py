@@ -14,7 +14,7 @@ intervention, all exact:
 - last-query final block (``last_query=True``, last-position metrics on causal models whose
   rows all end at position ``T - 1``): the final block computes keys/values at every position
   but everything else at the last one only (see
-  :class:`~headint.integration.structure.LastQueryBlock`); checked once per base run against
+  :class:`~headint.integration.blocks.LastQueryBlock`); checked once per base run against
   its clean output before any variant uses it;
 - clean attention at the first intervened layer (``clean_attention=True``, plans that only
   replace head outputs): that layer's inputs are the clean run's, so its attention output is
@@ -314,16 +314,17 @@ class VariantRunner:
             if start_pos == 0:  # the captured outputs are of whole rows
                 children = self.children_before_attention(start_layer)
         last_query = last_query and recorder is None and self.T - start_pos >= 2 and self.check_last_query()
-        out, is_hidden, rows, (shortcut, second) = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children)
+        fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children)
+        rows = fw.rows
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
-        if second:
-            self.cost.add_final_second_call(len(ex), second, shortcut)
+        if fw.second_call_tokens:
+            self.cost.add_final_second_call(len(ex), fw.second_call_tokens, fw.last_query_ran)
         if clean_attention:
             self.cost.clean_attention_rows += len(ex)
-        if children is not None and children[2]:
+        if fw.children_replayed:
             self.cost.replayed_projection_rows += len(ex)
-        logits = self._metric_logits(out, rows, start_pos, is_hidden)
+        logits = self._metric_logits(fw.out, rows, start_pos, fw.is_hidden)
         clean = None
         if self.metric.needs_clean:
             clean = self.clean_logits[ex] if self.clean_logits is not None else None
@@ -335,11 +336,11 @@ class VariantRunner:
                 values = torch.where(before, self.base_values()[ex], values)
         return values
 
-    def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool, children=None):
-        """One forward of rows ``ex`` under ``plan``: ``(final hidden states or logits, is_hidden, rows,
-        (whether the final block ran for the last query only, tokens of its second call or 0))``.
-        ``children``: ``(attention module, {name: captured output}, ...)`` of layer ``start_layer``
-        (see :meth:`children_before_attention`), replayed for these rows."""
+    def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool,
+                         children: tuple | None = None) -> "_Forward":
+        """One forward of rows ``ex`` under ``plan``. ``children``: ``(attention module, {name:
+        captured output})`` of layer ``start_layer`` (see :meth:`children_before_attention`),
+        replayed for these rows."""
         rows = self.rows(ex)
         inputs = self.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
@@ -355,28 +356,26 @@ class VariantRunner:
             for l in range(self.parts.shape.n_layers):
                 past.update(self.base.k[l][ex.to(self.base.k[l].device)][:, :, :start_pos], self.base.v[l][ex.to(self.base.v[l].device)][:, :, :start_pos], l)
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
-        replay = contextlib.nullcontext()
-        if children is not None and children[1]:
-            replay = replay_children(children[0], children[1], ex, self.N, self.T)
+        replay = replay_children(*children, ex, self.N, self.T) if children is not None and children[1] else contextlib.nullcontext()
         with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed), \
                 final as stand_in, replay as replay_stand_ins:
             out, is_hidden = self._forward(inputs, past)
-        if children is not None and children[1]:
-            children[2] = all(r.replayed for r in replay_stand_ins)
         if last_query and not stand_in.second_call_tokens:
             raise RuntimeError("the final block did not run in two steps although check_last_query() allowed it")
-        return out, is_hidden, rows, (stand_in.ran_shortcut, stand_in.second_call_tokens) if last_query else (False, 0)
+        return _Forward(out, is_hidden, rows,
+                        last_query_ran=bool(last_query and stand_in.ran_shortcut),
+                        second_call_tokens=stand_in.second_call_tokens if last_query else 0,
+                        children_replayed=bool(replay_stand_ins) and all(r.replayed for r in replay_stand_ins))
 
     @torch.no_grad()
-    def children_before_attention(self, layer: int) -> list:
-        """``[attention module, {name: output}, replayed]`` for ``layer``: the outputs, on the clean
-        rows, of the module's direct children that ran (once each, on whole rows) before its
-        attention call - its q/k/v projections and the like (see
-        :func:`~headint.integration.blocks.capture_children_before_attention`); ``replayed``
-        (filled by the variant run) tells whether every one stood in for its child. Captured by
-        one forward of the clean rows stopped at that call; one layer is held at a time."""
+    def children_before_attention(self, layer: int) -> tuple:
+        """``(attention module, {name: output})`` for ``layer``: the outputs, on the clean rows, of
+        the module's direct children that ran (once each, on whole rows) before its attention
+        call - its q/k/v projections and the like (see
+        :func:`~headint.integration.blocks.capture_children_before_attention`). Captured by one
+        forward of the clean rows stopped at that call; one layer is held at a time."""
         if self._children is not None and self._children[0] == layer:
-            return [*self._children[1:], False]
+            return self._children[1:]
         self._children = None
         site = next((s for s in model_structure(self.model).sites.values()
                      if s.stack == self.parts.shape.default_stack and s.layer == layer), None)
@@ -394,7 +393,7 @@ class VariantRunner:
             if not reached:
                 outputs = {}
         self._children = (layer, module, outputs)
-        return [module, outputs, False]
+        return module, outputs
 
     @torch.no_grad()
     def check_last_query(self) -> bool:
@@ -423,7 +422,8 @@ class VariantRunner:
             ex = torch.arange(min(self.N, 2), device=self.batch["input_ids"].device)
             L = self.parts.shape.n_layers
             try:
-                out, _, _, (shortcut, second) = self._variant_forward(ex, None, L - 1, 0, None, True)
+                fw = self._variant_forward(ex, None, L - 1, 0, None, True)
+                out, shortcut, second = fw.out, fw.last_query_ran, fw.second_call_tokens
             except Exception as e:  # e.g. a block whose arguments cannot be cut to the last query
                 why = f"the final block failed on the last query only ({type(e).__name__}: {e})"
             else:
@@ -439,6 +439,20 @@ class VariantRunner:
         self.last_query_ok = why is None
         self.last_query_note = "final block for the last query only" if why is None else f"full final block ({why})"
         return self.last_query_ok
+
+
+@dataclass
+class _Forward:
+    """One variant forward: the final hidden states (``is_hidden``) or logits, the rows it ran,
+    whether the final block ran for the last query only and its second call's tokens (0: one
+    call), and whether the captured children of the first intervened layer answered every call."""
+
+    out: torch.Tensor
+    is_hidden: bool
+    rows: dict
+    last_query_ran: bool = False
+    second_call_tokens: int = 0
+    children_replayed: bool = False
 
 
 class _StopAtAttention(Recorder):
