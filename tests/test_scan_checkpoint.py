@@ -209,6 +209,34 @@ def test_resume_keeps_the_chunking_it_started_with(gpt2, tmp_path, monkeypatch):
     assert len(_scan_folders(ckpt)) == 1
 
 
+def test_resume_keeps_the_position_grouping_it_started_with(gpt2, tmp_path, monkeypatch):
+    """group_positions="auto" follows the chunk size, so a per-position scan resumed with another
+    batch size groups positions as the interrupted run did: it finds its finished chunks, runs
+    only the rest and gives the same bits."""
+    batch = make_batch(3, 6, seed=77)
+    ckpt = tmp_path / "ck"
+    kw = dict(method="zero", per_position=True, heads=[0, 1], progress=False, backend=BACKEND)
+    full = headint.scan(gpt2, batch, "logit_diff", batch_size=36, **kw)
+    assert full.settings["group_positions"] > 1
+    with monkeypatch.context() as mp:
+        calls = _counting(mp)
+        headint.scan(gpt2, batch, "logit_diff", batch_size=36, **kw)
+    n_chunks = len(calls)
+    with monkeypatch.context() as mp:
+        _counting(mp, kill_after=2)
+        with pytest.raises(Killed):
+            headint.scan(gpt2, batch, "logit_diff", batch_size=36, checkpoint=ckpt, **kw)
+    for bs in (6, "auto"):  # alone, these would group 1 and every position
+        with monkeypatch.context() as mp:
+            calls = _counting(mp)
+            resumed = headint.scan(gpt2, batch, "logit_diff", batch_size=bs, checkpoint=ckpt, **kw)
+        assert resumed.settings["batch_rows"] == 36
+        assert resumed.settings["group_positions"] == full.settings["group_positions"]
+        torch.testing.assert_close(resumed.per_example, full.per_example, rtol=0, atol=0, equal_nan=True)  # unscanned heads: NaN
+    assert len(calls) == 0 and n_chunks > 2
+    assert len(_scan_folders(ckpt)) == 1
+
+
 def test_stale_temporary_file_is_ignored(gpt2, tmp_path, monkeypatch):
     """A kill between writing a chunk's temporary file and renaming it leaves a .tmp file: not a chunk."""
     batch = make_batch(3, 6, seed=77)

@@ -216,16 +216,19 @@ def scan(
         else:
             rows_per_batch = positive_int(batch_size)
         rows_per_batch = agree_rows(ranks, rows_per_batch)
-        group = _position_group(group_positions, variants, N, rows_per_batch, setup.device) if position_reuse else 1
-        starts = _group_starts(variants, group) if position_reuse else {}
-        settings["group_positions"] = group  # part of the checkpoint fingerprint: it shapes the chunks
-        groups: dict[tuple[int, int], list[int]] = {}
-        for vi, v in enumerate(variants):
-            groups.setdefault((v.start_layer, starts.get(v.position, 0)), []).append(vi)
         # The fingerprint leaves the chunk size out: a resumed scan keeps the chunks it started with.
+        # It holds group_positions as asked; "auto" is resolved from the chunk size the scan keeps,
+        # so a resumed scan groups positions as the interrupted one did.
+        settings["group_positions"] = group_positions if group_positions == "auto" else positive_int(group_positions)
         key = fingerprint(model, [setup.clean, setup.corrupt], settings)
         ckpt = open_checkpoint(ranks, lambda: ScanCheckpoint(checkpoint, key, rows_per_batch, settings))
         rows_per_batch = ckpt.rows_per_batch
+        group = _position_group(group_positions, variants, N, rows_per_batch) if position_reuse else 1
+        settings["group_positions"] = group
+        starts = _group_starts(variants, group) if position_reuse else {}
+        groups: dict[tuple[int, int], list[int]] = {}
+        for vi, v in enumerate(variants):
+            groups.setdefault((v.start_layer, starts.get(v.position, 0)), []).append(vi)
         chunks = _chunks(groups, N, rows_per_batch)
         ckpt.check_chunks([len(c.ex) for c in chunks])
 
@@ -283,18 +286,14 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
 
 
-def _position_group(group_positions, variants, N: int, rows_per_batch: int, device) -> int:
-    """How many neighbouring scanned positions share their runs (see ``scan(group_positions=)``)."""
-    if isinstance(group_positions, str):
-        if group_positions != "auto":
-            raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:
+    """How many neighbouring scanned positions share their runs (see ``scan(group_positions=)``;
+    validated there): ``"auto"``, as many as fill ``rows_per_batch`` rows."""
+    if group_positions == "auto":
         n_pos = len({v.position for v in variants})
         rows_per_position = max(1, len(variants) // max(n_pos, 1) * N)
         return max(1, min(n_pos, rows_per_batch // rows_per_position))
-    g = positive_int(group_positions)
-    if g is None:
-        raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
-    return g
+    return positive_int(group_positions)
 
 
 def _group_starts(variants, group: int) -> dict[int, int]:
