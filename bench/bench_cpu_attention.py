@@ -258,7 +258,7 @@ def main():
                     if "median_ms" in row:
                         vs = f"{ref_ms / row['median_ms']:.1f}x" if ref_ms else "-"
                         print(f"{T:>5} {case:>9} {mode:>7} {row['impl']:>10} {row['median_ms']:>10.1f} "
-                              f"{row['min_ms']:>9.1f} {row['peak_mb']:>9.0f} {vs:>7} {err if err is None else f'{err:.1e}':>9}", flush=True)
+                              f"{row['min_ms']:>9.1f} {row['peak_mb']:>9.0f} {vs:>7} {'-' if err is None else f'{err:.1e}':>9}", flush=True)
                     else:
                         print(f"{T:>5} {case:>9} {mode:>7} {row['impl']:>10}   {row['error']}", flush=True)
     if a.out:
