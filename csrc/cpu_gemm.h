@@ -5,10 +5,10 @@
 //                                   each element is broadcast to a vector, so A is read once
 //   B       row-major, leading dim ldb, read in whole vectors: columns up to round_up(N, VW)
 //   C       row-major, leading dim ldc, the same columns written
-// The micro-kernel keeps an MR x NV block of C in registers (MR = 6 rows by NV <= 4 vectors:
-// 24 accumulators + 4 B vectors + 1 broadcast fit the 32 AVX-512 registers; with 16 AVX2
-// registers the compiler spills a few) and streams K; its loops have constant trip counts, so
-// the compiler unrolls them and keeps the block in registers.
+// The micro-kernel keeps an MR x NV block of C in registers and streams K: MR = 6 rows by
+// NV = GEMM_NV vectors, 4 where there are 32 vector registers (AVX-512, AArch64: 24
+// accumulators + 4 B vectors + 1 broadcast) and 2 where there are 16 (AVX2, SSE). Its loops have
+// constant trip counts and are unrolled, so the block lives in registers.
 #pragma once
 
 #include "cpu_simd.h"
@@ -19,27 +19,36 @@ template <int MR, int NV, bool ACC>
 static inline __attribute__((always_inline)) void micro(int K, const float* __restrict A, int64_t ars, int64_t acs,
                                                         const float* __restrict B, int64_t ldb, float* __restrict C,
                                                         int64_t ldc) {
+  // Every loop over r / v is unrolled (the pragmas: GCC's unrolling heuristics differ by -mtune,
+  // and a block left in an array on the stack costs a load and a store per FMA).
   vf c[MR][NV];
-  if (ACC) {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) c[r][v] = vload(C + r * ldc + v * VW);
-  } else {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) c[r][v] = vsplat(0.f);
-  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) c[r][v] = ACC ? vload(C + r * ldc + v * VW) : vsplat(0.f);
   for (int k = 0; k < K; ++k) {
     vf b[NV];
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * VW);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const vf a = vsplat(A[r * ars + k * acs]);
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VW, c[r][v]);
 }
 
 constexpr int GEMM_MR = 6;
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int GEMM_NV = 4;
+#else
+constexpr int GEMM_NV = 2;
+#endif
 
 // All rows of one panel of NV vectors.
 template <int NV, bool ACC>
@@ -71,7 +80,7 @@ static void gemm(int M, int N, int K, const float* A, int64_t ars, int64_t acs, 
   }
   const int nv = static_cast<int>((N + VW - 1) / VW);
   int v = 0;
-  for (; v + 4 <= nv; v += 4) gemm_panel<4, ACC>(M, K, A, ars, acs, B + v * VW, ldb, C + v * VW, ldc);
+  for (; v + GEMM_NV <= nv; v += GEMM_NV) gemm_panel<GEMM_NV, ACC>(M, K, A, ars, acs, B + v * VW, ldb, C + v * VW, ldc);
   switch (nv - v) {
     case 3: gemm_panel<3, ACC>(M, K, A, ars, acs, B + v * VW, ldb, C + v * VW, ldc); break;
     case 2: gemm_panel<2, ACC>(M, K, A, ars, acs, B + v * VW, ldb, C + v * VW, ldc); break;

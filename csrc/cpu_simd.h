@@ -19,8 +19,13 @@ constexpr int VW = 8;
 constexpr int VW = 4;
 #endif
 
-typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned-safe
-typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+// The same vectors at any address, for loads and stores. (Loading through memcpy into an
+// under-aligned vector type instead makes GCC, under some -mtune settings, bounce every load
+// through the stack and keep a micro-kernel's accumulators in memory.)
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+typedef int32_t vi_u __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr float POS_INF = std::numeric_limits<float>::infinity();
@@ -28,10 +33,10 @@ constexpr float QNAN = std::numeric_limits<float>::quiet_NaN();
 
 static inline int64_t round_up(int64_t n, int64_t m) { return ((n + m - 1) / m) * m; }
 
-static inline vf vload(const float* p) { vf r; std::memcpy(&r, p, sizeof(vf)); return r; }
-static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
-static inline vi vload_i(const int32_t* p) { vi r; std::memcpy(&r, p, sizeof(vi)); return r; }
-static inline void vstore_i(int32_t* p, vi v) { std::memcpy(p, &v, sizeof(vi)); }
+static inline vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+static inline vi vload_i(const int32_t* p) { return *reinterpret_cast<const vi_u*>(p); }
+static inline void vstore_i(int32_t* p, vi v) { *reinterpret_cast<vi_u*>(p) = v; }
 // (`x - 0` is exact for every x, -0.0f included, so the compiler emits one broadcast; `0 + x`
 // is not, and a lane-by-lane loop becomes a chain of masked inserts)
 static inline vf vsplat(float x) { return x - (vf){}; }
