@@ -125,6 +125,23 @@ def cflags() -> list[str]:
     return flags
 
 
+def cpu_fingerprint() -> str:
+    """The machine's architecture, CPU model name(s) and feature flags (what ``-march=native`` sees)."""
+    return _cpu_fingerprint()
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def build_key(src: Path | None = None) -> str:
     """Hash of everything the built binary depends on, and of nothing about where ``src`` is."""
     src = source_dir() if src is None else Path(src)
@@ -154,7 +171,7 @@ def build_dir(src: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def exclusive(lock_path: Path):
     """An exclusive inter-process lock held while the block runs (``fcntl.flock``)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
@@ -196,7 +213,7 @@ def compile_and_load(src: Path, name: str = EXT_NAME, verbose: bool = False) -> 
         raise BackendUnavailable(f"backend 'cpu' needs ninja to build its kernel: {e} (pip install ninja)") from e
     root = build_dir(src)
     library = root / "build" / f"{name}.so"
-    with _exclusive(root.with_name(root.name + ".lock")):
+    with exclusive(root.with_name(root.name + ".lock")):
         staged = _stage_sources(src, root / "src")
         compiling = not library.is_file()
         if compiling:
