@@ -13,11 +13,14 @@
 // code on the tile in L1. No Tq x Tk buffer exists: each thread holds a fixed set of tiles.
 //
 // Forward (parallel over (b, h, query tile), the longest tiles first, taken from a shared counter):
-//   a query tile of FQ queries is held transposed, Q^T [D x FQ], so that queries run along the
+//   a query tile of fq queries is held transposed, Q^T [D x fq], so that queries run along the
 //   vector lanes; for each tile of FK keys:
-//     S^T [FK x FQ] = K_tile Q^T             (K rows broadcast: read in place when clean fp32)
+//     S^T [FK x fq] = K_tile Q^T             (K rows broadcast: read in place when clean fp32)
 //     scale, soft-cap, masks, knockouts; running max / sum per query lane (no horizontal ops)
-//     O^T [Dv x FQ] = alpha * O^T + V_tile^T P^T
+//     O^T [Dv x fq] = alpha * O^T + V_tile^T P^T
+//   fq (64 ... 512) is as large as half the L2 cache and enough work items for the threads allow:
+//   each query tile streams the keys and values it reads once, so larger tiles read them fewer
+//   times (at T = 8192 on a 1 MB-L2 CPU, 512 queries per tile ran 1.3x faster than 128).
 //   the epilogue normalises, writes lse, adds the sink, blends with the head patch.
 // Backward (FlashAttention-2 order, 5 tile GEMMs per (query tile, key tile) pair):
 //   pass 0 (b, h, rows)        : delta = rowsum(dA * A), dhead_mask = rowsum(dO * (A - patch)),
@@ -42,8 +45,9 @@
 // elements zeroed; a row is "bad" if it reads a key (kept, score above -inf) while its query is
 // non-finite, or the key or value it reads is non-finite, or a score it reads is NaN / +inf.
 // A bad row's pre-blend output is NaN and its lse is NaN (so the backward sends NaN exactly
-// along the edges it read); removed keys are never read. Which rows of q, k, v hold a
-// non-finite element is found once per call (`Finite`); clean fp32 tiles are read in place.
+// along the edges it read); removed keys are never read; the gradient of a non-finite input
+// element itself is zero, as in the reference. Which rows of q, k, v hold a non-finite element is
+// found once per call (`Finite`); clean fp32 tiles are read in place.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -59,6 +63,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 #include "cpu_gemm.h"
 #include "cpu_simd.h"
@@ -89,9 +95,11 @@ struct Operands {
   const c10::optional<at::Tensor>& opt(Operand o) const { return t[o]; }
 };
 
-// Tile sizes. Forward: FQ queries (vector lanes) x FK keys per tile. Backward: BQ queries x BK
-// keys (vector lanes). Multiples of the vector width.
-constexpr int FQ = 128;
+// Tile sizes. Forward: up to FQ queries (vector lanes; the call's size is chosen by
+// forward_q_tile) x FK keys per tile. Backward: BQ queries x BK keys (vector lanes). Multiples of
+// the vector width.
+constexpr int FQ = 512;
+constexpr int FQ_MIN = 64;
 constexpr int FK = 64;
 constexpr int BQ = 64;
 constexpr int BK = 64;
@@ -566,6 +574,26 @@ static inline void transpose_tile(const Tile& t, int n, int64_t D, float* dst, i
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
+static int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(256) * 1024;  // unknown: assume a small one
+  }();
+  return bytes;
+}
+
+// Queries per forward tile: the largest of 512, 256, 128, 64 whose tiles (Q^T, S^T, O^T: (D + FK + Dv)
+// floats per query) fill at most half the L2 cache, that leaves at least two work items per
+// thread, and that is not twice the queries there are.
+static int forward_q_tile(const Plan& P) {
+  const int64_t budget = l2_cache_bytes() / 2, per_query = (P.D + FK + P.Dv) * int64_t(sizeof(float));
+  const int64_t min_items = 2 * int64_t(at::get_num_threads());
+  int fq = FQ;
+  while (fq > FQ_MIN && (fq * per_query > budget || P.B * P.Hq * ((P.Tq + fq - 1) / fq) < min_items || fq / 2 >= P.Tq))
+    fq /= 2;
+  return fq;
+}
+
 template <typename T>
 static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const c10::optional<at::Tensor>& head_patch, at::Tensor& out, at::Tensor& lse,
@@ -581,12 +609,13 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int64_t D = P.D, Dp = P.Dp, Dv = P.Dv, Dvp = P.Dvp;
   const Finite F = find_nonfinite(P, Qv, Kv, Vv);
-  const int64_t nQT = (P.Tq + FQ - 1) / FQ, BH = P.B * P.Hq, n_items = BH * nQT;
+  const int fq = forward_q_tile(P);
+  const int64_t nQT = (P.Tq + fq - 1) / fq, BH = P.B * P.Hq, n_items = BH * nQT;
   constexpr int NVQ = FQ / VW;
   std::atomic<int64_t> next{0};
 
   run_parallel(n_items, [&] {
-    Buf qT(D * FQ), kpack(FK * Dp), vpack(FK * Dvp), sT(FK * FQ), oT(Dv * FQ);
+    Buf qT(D * fq), kpack(FK * Dp), vpack(FK * Dvp), sT(FK * fq), oT(Dv * fq);
     alignas(64) int32_t lo_v[FQ], hi_v[FQ], qw[FQ], qbad[FQ], kb[FK];
     alignas(64) float m_run[FQ], l_run[FQ];
     alignas(64) int32_t bad[FQ];
@@ -594,12 +623,12 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
       const int64_t t = nQT - 1 - w / BH;  // the last query tiles read the most keys: first
       const int64_t b = (w % BH) / P.Hq, h = w % P.Hq;
       const int64_t kvh = h / P.group;
-      const int64_t i0 = t * FQ;
-      const int nq = static_cast<int>(std::min<int64_t>(FQ, P.Tq - i0));
+      const int64_t i0 = t * fq;
+      const int nq = static_cast<int>(std::min<int64_t>(fq, P.Tq - i0));
       const int nvq = (nq + VW - 1) / VW, nl = nvq * VW;  // query vectors / lanes in use
       const float ss = P.score_scale(b, h);
       const bool q_bad = F.q_any(b * P.Hq + h, i0, nq);
-      cols_f32(Qv, b, h, i0, nq, D, P.scale, qT(), FQ);
+      cols_f32(Qv, b, h, i0, nq, D, P.scale, qT(), fq);
       for (int r = 0; r < nl; ++r) {
         const int64_t i = i0 + r;
         const bool in = r < nq;
@@ -611,7 +640,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         l_run[r] = 0.f;
         bad[r] = 0;
       }
-      for (int64_t d = 0; d < Dv; ++d) std::memset(oT() + d * FQ, 0, sizeof(float) * nl);
+      for (int64_t d = 0; d < Dv; ++d) std::memset(oT() + d * fq, 0, sizeof(float) * nl);
 
       const int64_t jlo = P.lo(i0), jhi = P.hi(i0 + nq - 1);
       for (int64_t j0 = jlo; j0 <= jhi; j0 += FK) {
@@ -626,7 +655,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         const Tile kt = rows_f32(Kv, b, kvh, j0, nk, D, !kv_bad, false, true, kpack());
         const Tile vt = rows_f32(Vv, b, kvh, j0, nk, Dv, !kv_bad, false, true, vpack());
         // S^T = K Q^T (q carries the scale)
-        gemm<false>(nk, nlu, static_cast<int>(D), kt.p, kt.ld, 1, qT() + u0 * VW, FQ, sT() + u0 * VW, FQ);
+        gemm<false>(nk, nlu, static_cast<int>(D), kt.p, kt.ld, 1, qT() + u0 * VW, fq, sT() + u0 * VW, fq);
         const bool full = P.structurally_full(i0, nq, j0, nk);
         const bool bias = !full || P.has_elementwise();
         if (P.qb_p) P.load_kbits(b, h, j0, nk, kb, nk);
@@ -641,7 +670,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         const vf ssv = vsplat(ss), pinf = vsplat(POS_INF), ninf = vsplat(NEG_INF);
         // scores: score scale, soft-cap, mask / removals; bad lanes; the tile's max per lane
         for (int c = 0; c < nk; ++c) {
-          float* row = sT() + c * FQ;
+          float* row = sT() + c * fq;
           if (ss != 1.0f)
             for (int u = u0; u < u1; ++u) vstore(row + u * VW, vload(row + u * VW) * ssv);
           if (P.softcap > 0.f) P.cap_scores(row + u0 * VW, nlu);
@@ -667,7 +696,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
           lsum[u] = vsplat(0.f);
         }
         for (int c = 0; c < nk; ++c) {
-          float* row = sT() + c * FQ;
+          float* row = sT() + c * fq;
           for (int u = u0; u < u1; ++u) {
             const vf p = vexp(vload(row + u * VW) - mu[u]);
             lsum[u] += p;
@@ -677,9 +706,9 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         for (int u = u0; u < u1; ++u) vstore(l_run + u * VW, vload(l_run + u * VW) * alpha[u] + lsum[u]);
         if (rescale)
           for (int64_t d = 0; d < Dv; ++d)
-            for (int u = u0; u < u1; ++u) vstore(oT() + d * FQ + u * VW, vload(oT() + d * FQ + u * VW) * alpha[u]);
+            for (int u = u0; u < u1; ++u) vstore(oT() + d * fq + u * VW, vload(oT() + d * fq + u * VW) * alpha[u]);
         // O^T += V^T P^T
-        gemm<true>(static_cast<int>(Dv), nlu, nk, vt.p, 1, vt.ld, sT() + u0 * VW, FQ, oT() + u0 * VW, FQ);
+        gemm<true>(static_cast<int>(Dv), nlu, nk, vt.p, 1, vt.ld, sT() + u0 * VW, fq, oT() + u0 * VW, fq);
       }
       // the sink joins each row's denominator (and running max) and adds no value; a NaN / +inf
       // sink makes every row of the head NaN
@@ -692,7 +721,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
           const float alpha = mold == NEG_INF ? 0.f : std::exp(mold - mnew);
           l_run[r] = l_run[r] * alpha + std::exp(sk - mnew);
           m_run[r] = mnew;
-          for (int64_t d = 0; d < Dv; ++d) oT()[d * FQ + r] *= alpha;
+          for (int64_t d = 0; d < Dv; ++d) oT()[d * fq + r] *= alpha;
         }
       // epilogue: normalise, lse, blend
       for (int r = 0; r < nq; ++r) {
@@ -704,7 +733,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
         T* dst = O.row(b, h, i);
         const int64_t sd = O.s[3];
         if (!blend) {
-          for (int64_t d = 0; d < Dv; ++d) dst[d * sd] = static_cast<T>(o[d * FQ] * inv);
+          for (int64_t d = 0; d < Dv; ++d) dst[d * sd] = static_cast<T>(o[d * fq] * inv);
         } else {
           const float m = P.head_mask(b, h, i);
           T* adst = A.row(b, h, i);
@@ -712,7 +741,7 @@ static void forward_impl(const Plan& P, const at::Tensor& q, const at::Tensor& k
           const T* pp = has_patch ? PT.row(b, h, i) : nullptr;
           const int64_t psd = PT.s[3];
           for (int64_t d = 0; d < Dv; ++d) {
-            const T a = static_cast<T>(o[d * FQ] * inv);
+            const T a = static_cast<T>(o[d * fq] * inv);
             adst[d * asd] = a;
             const float pv = pp ? static_cast<float>(pp[d * psd]) : 0.f;
             dst[d * sd] = static_cast<T>(m * static_cast<float>(a) + (1.0f - m) * pv);
@@ -970,6 +999,25 @@ static void backward_impl(const Plan& P, const Operands& ops, const at::Tensor& 
         for (int64_t d = 0; d < D; ++d) dst[d * DQ.s[3]] = static_cast<T>(src[d]);
       }
     });
+  // A non-finite input element enters every product as zero: its own gradient is zero (the
+  // reference's, too), while the rest of a row that read it carries NaN.
+  auto zero_nonfinite = [&](const View4<T>& x, OutView4<T>& g, int64_t b, int64_t h, int64_t i, int64_t n) {
+    const T* src = x.row(b, h, i);
+    T* dst = g.row(b, h, i);
+    for (int64_t d = 0; d < n; ++d)
+      if (!std::isfinite(static_cast<float>(src[d * x.s[3]]))) dst[d * g.s[3]] = static_cast<T>(0.f);
+  };
+  for (int64_t bh = 0; bh < B * Hq; ++bh)
+    if (F.q_any(bh, 0, Tq))
+      for (int64_t i = 0; i < Tq; ++i)
+        if (F.qbad[bh * Tq + i]) zero_nonfinite(Qv, DQ, bh / Hq, bh % Hq, i, D);
+  for (int64_t bh = 0; bh < B * P.Hkv; ++bh)
+    if (F.kv_any(bh, 0, Tk))
+      for (int64_t j = 0; j < Tk; ++j)
+        if (F.kvbad[bh * Tk + j]) {
+          zero_nonfinite(Kv, DK, bh / P.Hkv, bh % P.Hkv, j, D);
+          zero_nonfinite(Vv, DV, bh / P.Hkv, bh % P.Hkv, j, Dv);
+        }
   if (want_dss) {
     void* o = dss.data_ptr();
     const bool f64 = dss.scalar_type() == at::kDouble;
