@@ -4,13 +4,15 @@
     python scripts/gpu_check.py --out gpu_check.json  # the same, without the wrapper
     python scripts/gpu_check.py --dry-run --out x.json  # CPU: the same code at tiny sizes (Triton interpreter)
 
-Sections, in this order (the JSON is rewritten after each one, so a run cut short keeps what it
-finished; a time budget, ``--budget-s``, skips the steps that would start after it and says so):
+Sections, in this order (the JSON is rewritten after each step, so a run cut short keeps what it
+finished; a time budget, ``--budget-s`` (420 s), skips the steps that would start after their
+section's share of it - correctness 45 %, kernels 85 %, the scan the rest - and says so; most of
+the time goes to compiling and autotuning Triton kernels, once per operand combination):
 
 1. ``correctness``: the Triton kernels, forward and backward, against the float64 reference
-   backend for every operand - none, head mask (per row), head patch, compact knockouts (two,
-   per head and broadcast), score scale, soft-capping, sinks, a value head dim of its own, a bool
-   mask with a sliding window, and all of them at once in bf16, fp16 and fp32 - at B=2, Hq=4,
+   backend for every operand - all of them at once in bf16, fp16 and fp32, then one by one: none,
+   head mask (per row), head patch, compact knockouts (two, per head and broadcast), score scale,
+   soft-capping, sinks, a value head dim of its own, a bool mask with a sliding window - at B=2, Hq=4,
    Hkv=2 (GQA), T=300, D=64. Error of each output / gradient in the Frobenius norm, allowed
    ``3 x`` the reference's own error in the input dtype ``+ eps |ref|`` (eps 1e-2 for 16-bit,
    1e-5 for fp32). These run one fixed tile configuration per kernel (the leanest the autotuner
@@ -59,6 +61,12 @@ DIFFERENTIABLE = ("q", "k", "v", "head_mask", "head_patch", "score_scale", "sink
 
 #: name -> the operands of a correctness case (dtype and causality per case; see section 1)
 OPERAND_CASES = {
+    "everything_bf16": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
+                            v_dim=True),
+    "everything_fp16": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
+                            v_dim=True, dtype="float16", causal=False),
+    "everything_fp32": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
+                            v_dim=True, dtype="float32"),
     "none": dict(),
     "head_mask": dict(head_mask=True),
     "head_patch": dict(head_mask=True, head_patch=True),
@@ -68,13 +76,9 @@ OPERAND_CASES = {
     "sinks": dict(sinks=True),
     "v_dim": dict(v_dim=True),
     "mask_window": dict(mask=True, window=True, causal=False),
-    "everything_bf16": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
-                            v_dim=True),
-    "everything_fp16": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
-                            v_dim=True, dtype="float16", causal=False),
-    "everything_fp32": dict(head_mask=True, head_patch=True, knockout=True, score_scale=True, softcap=True, sinks=True,
-                            v_dim=True, dtype="float32"),
 }
+#: the share of the time budget by which each section must have started its last step
+SECTION_BUDGET = {"correctness": 0.45, "kernels": 0.85, "scan": 1.0}
 VARIANTS = ("none", "head_mask+patch", "knockout")
 
 
@@ -133,8 +137,8 @@ class Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def over(self) -> bool:
-        return self.elapsed() > self.budget
+    def over(self, share: float = 1.0) -> bool:
+        return self.elapsed() > share * self.budget
 
 
 def environment(device) -> dict:
@@ -341,7 +345,7 @@ def section_correctness(args, device, clock) -> list[dict]:
     with one_tile_per_kernel(device, head_dim=2 * D) as pinned:
         for name in args.cases:
             spec = OPERAND_CASES[name]
-            if clock.over():
+            if clock.over(SECTION_BUDGET["correctness"]):
                 rows.append(dict(name=name, ok=None, skipped="time budget"))
                 continue
             dtype = getattr(torch, spec.get("dtype", "bfloat16"))
@@ -393,7 +397,7 @@ def section_kernels(args, device, clock, result, save=lambda: None) -> list[dict
     rows = []
     for ti, T in enumerate(args.lengths):
         for mode in ("fwd", "fwd+bwd"):
-            if clock.over():
+            if clock.over(SECTION_BUDGET["kernels"]):
                 rows.append(dict(T=T, mode=mode, skipped="time budget"))
                 continue
             grad = mode == "fwd+bwd"
