@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from peak_memory import PeakRSS
+
 IMPLS = ("cpu", "sdpa", "sdpa_mask", "auto", "reference")
 CASES = ("none", "headmask", "knockout")
 MODES = ("fwd", "fwdbwd")
@@ -174,14 +176,6 @@ def time_worker(spec):
                    "all_ms": [round(1e3 * t, 3) for t in ts], "ran": ran[impl]} for impl, ts in times.items()}
 
 
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def memory_worker(spec):
     """Peak resident set above the start of one call of one implementation, in MB."""
     impl = spec["impl"]
@@ -192,11 +186,9 @@ def memory_worker(spec):
     del tiny
     gc.collect()
     step = _stepper(spec, impl)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_bytes("VmRSS")
-    step()
-    return {"peak_mb": (_status_bytes("VmHWM") - before) / 2**20}
+    with PeakRSS() as m:
+        step()
+    return {"peak_mb": m.peak / 2**20}
 
 
 def check(spec):

@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from peak_memory import PeakRSS
+
 OP_CASES = ("sdpa", "cpu none", "cpu knockout", "sdpa dense-mask knockout")
 
 
@@ -75,14 +77,6 @@ def child(what: str, T: int, N: int, batch_size: int) -> dict:
                 peak_mib=round(peak / 1024, 1))
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def op_child(case: str, T: int, B: int, H: int, D: int, threads: int) -> dict:
     """One forward + backward of ``case``; the peak resident set above the start, in MiB."""
     import torch
@@ -112,14 +106,11 @@ def op_child(case: str, T: int, B: int, H: int, D: int, threads: int) -> dict:
     call(*tiny[:4]).backward(tiny[4])  # load the kernel, warm the allocator and thread pool
     del tiny
     q, k, v, ko, dout = inputs(T)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
-        f.write("5")
-    before = _status_bytes("VmRSS")
     t = time.perf_counter()
-    call(q, k, v, ko).backward(dout)
+    with PeakRSS() as m:
+        call(q, k, v, ko).backward(dout)
     seconds = time.perf_counter() - t
-    return dict(case=case, T=T, B=B, H=H, D=D, seconds=round(seconds, 2),
-                extra_mib=round((_status_bytes("VmHWM") - before) / 2**20, 1))
+    return dict(case=case, T=T, B=B, H=H, D=D, seconds=round(seconds, 2), extra_mib=round(m.peak / 2**20, 1))
 
 
 def main() -> None:
