@@ -61,6 +61,7 @@ MEASURING_MESSAGE = "headint: timing the CPU kernel against SDPA once on this ma
 
 _LOCK = threading.Lock()
 _TABLES: dict[str, dict] = {}  # cache file path -> its contents
+_ENTRIES: dict[tuple[str, str], dict] = {}  # (HEADINT_CACHE_DIR, "dtype/mode") -> the table's entry
 
 
 def mode() -> str:
@@ -105,9 +106,15 @@ def kernel_faster(a: AttentionArgs, requires_grad: bool) -> bool:
 
 def measured(dtype: torch.dtype, grad: bool) -> dict:
     """The table's entry for (dtype, mode): ``{"rows": {T: {"cpu_s", "sdpa_s", "kernel"}}, ...}``,
-    measured now if the cache does not hold it yet."""
-    path = table_path()
+    measured now if the cache does not hold it yet. After the first call per (dtype, mode) and
+    cache root, a dictionary lookup (the table's key hashes the kernel's sources and reads
+    ``/proc/cpuinfo``: once per process, not per attention call)."""
     name = _entry_name(dtype, grad)
+    memo_key = (os.environ.get("HEADINT_CACHE_DIR", ""), name)  # the cache root, cheaply
+    entry = _ENTRIES.get(memo_key)
+    if entry is not None:
+        return entry
+    path = table_path()
     with _LOCK:
         table = _TABLES.get(str(path))
         if table is None or name not in table["entries"]:
@@ -118,7 +125,8 @@ def measured(dtype: torch.dtype, grad: bool) -> dict:
                     table["entries"][name] = measure(dtype, grad)
                     _write(path, table)
             _TABLES[str(path)] = table
-        return table["entries"][name]
+        _ENTRIES[memo_key] = table["entries"][name]
+        return _ENTRIES[memo_key]
 
 
 def _read(path: Path) -> dict:
@@ -197,3 +205,4 @@ def forget() -> None:
     """Drop the tables held in memory (the cache files stay)."""
     with _LOCK:
         _TABLES.clear()
+        _ENTRIES.clear()
