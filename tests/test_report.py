@@ -85,6 +85,18 @@ def test_heatmap_token_labels_and_title():
     assert "method zero" in default and "N=5" in default and "direction" not in default
 
 
+def test_heatmap_title_fits_the_figure():
+    """A long title (an attribution scan's, as in the demo) wraps inside the figure, never clipped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    r = _result(("layer", "head"), (2, 4), settings={"kind": "attribution", "method": "patch", "direction": "noising"})
+    fig = r.heatmap(title="induction-2l: attribution (logit difference)")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig.axes[0].title.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+
+
 def _pairs_and_singles(N=6, nan_at=None):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(N, generator=g, dtype=torch.float64)
@@ -507,7 +519,8 @@ def lab(text_model_dir, tmp_path_factory):
     path = mean.to_html(out / "lab.html", patterns=patterns, pattern_tokens=tokens, title="lab notebook: mean ablation",
                         related=[RelatedScan("Activation patching (noising)", patch, column="patch effect"),
                                  RelatedScan("Pairs of heads", pairs, singles=mean)],
-                        head_columns={"prev-tok": prev, "role": roles}, circuit=circuit)
+                        head_columns={"prev-tok": prev, "role": roles}, circuit=circuit,
+                        figures=[("the same scan as a PNG (ScanResult.heatmap)", mean.heatmap())])
     return dict(path=path, mean=mean, patch=patch, pairs=pairs, patterns=patterns, tokens=tokens, circuit=circuit)
 
 
@@ -588,6 +601,8 @@ def test_report_hover_click_sort(browser, lab):
     assert p.inner_text(".hi-pattern-title").startswith("L0H1, example 2 of 2")
     box = p.get_attribute('[data-scan="main"] .hi-selbox', "visibility")
     assert box == "visible"
+    # a static figure decodes (the file's policy allows data: images)
+    assert p.eval_on_selector_all(".hi-figures img", "i => i.map(x => x.complete && x.naturalWidth > 0)") == [True]
     SHOTS.mkdir(exist_ok=True)
     p.click('[data-scan="main"] rect[data-cell="L1H0"]')
     p.click('.hi-patterns button[data-example="0"]')
@@ -717,7 +732,7 @@ def test_two_notebook_outputs_work_side_by_side(browser, tmp_path):
     (innerHTML, then each script re-created so it runs): both render, no id is shared, and a click
     in one selects nothing in the other."""
     a = _result(("layer", "head"), (2, 3), seed=1)
-    b = _result(("layer", "head"), (3, 2), seed=2)
+    b = _pairs_and_singles()[0]  # a head-set scan: bars
     host = tmp_path / "notebook.html"
     host.write_text("""<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>
 <div class="jp-OutputArea-output" id="out-1"></div><div class="jp-OutputArea-output" id="out-2"></div>
@@ -741,11 +756,17 @@ JSON.parse(document.getElementById("outputs").textContent).forEach(function (htm
     assert p.eval_on_selector_all(".hi-static", "e => e.map(x => getComputedStyle(x).display)") == ["none", "none"]
     first, second = "#out-1 .hi-report", "#out-2 .hi-report"
     start = [p.get_attribute(first, "data-selected"), p.get_attribute(second, "data-selected")]
-    p.click(f'#out-2 [data-scan="main"] rect[data-cell="L2H1"]')
-    assert p.get_attribute(second, "data-selected") == "L2H1" and p.get_attribute(first, "data-selected") == start[0]
+    assert start[0] != "L0H1"
+    p.click('#out-2 .hi-bar[data-set="L0H1+L1H0"]')
+    assert p.get_attribute(second, "data-selected") == "L0H1" and p.get_attribute(first, "data-selected") == start[0]
+    p.hover('#out-2 .hi-bar[data-set="L0H0+L1H1"]')
+    d = decimals_for(b.effect.tolist())
+    assert p.inner_text("#out-2 .hi-tip").startswith(f"L0H0+L1H1\neffect {format_number(float(b.effect[1]), d)}")
     p.hover(f'#out-1 [data-scan="main"] rect[data-cell="L1H2"]')
     d = decimals_for(a.effect.reshape(-1).tolist())
     assert f"effect {format_number(float(a.effect[1, 2]), d)}" in p.inner_text("#out-1 .hi-tip")
     assert p.eval_on_selector_all("#out-1 .hi-table tbody tr", "r => r.length") == 6
-    assert p.eval_on_selector_all("#out-2 .hi-table tbody tr", "r => r.length") == 6
+    assert p.eval_on_selector_all("#out-2 .hi-table tbody tr", "r => r.length") == 3
+    SHOTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(SHOTS / "notebook.png"), full_page=True)
     page.clean()

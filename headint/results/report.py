@@ -173,11 +173,12 @@ def table_html(result, top: int = 10) -> str:
             f"(largest |effect| first):</p>{_top_rows(result, k)}</div>")
 
 
-def _fragment(result, *, uid: str, title: str, heading: str, tokens=None, patterns=None, pattern_tokens=None, singles=None,
-              related: Sequence[RelatedScan] = (), head_columns: Mapping | None = None, circuit=None, top: int = 10,
-              warnings: Sequence[str] = (), figures=()) -> tuple[str, str]:
+def _fragment(result, *, uid: str, title: str, heading: str, settings_open: bool = True, tokens=None, patterns=None,
+              pattern_tokens=None, singles=None, related: Sequence[RelatedScan] = (), head_columns: Mapping | None = None,
+              circuit=None, top: int = 10, warnings: Sequence[str] = (), figures=()) -> tuple[str, str]:
     """``(fragment, script)``: the report's ``<div class="hi-report">`` and the text of its one
-    executable script (for the standalone file's Content Security Policy hash)."""
+    executable script (for the standalone file's Content Security Policy hash). settings_open:
+    whether the settings table starts unfolded (the notebook view folds it)."""
     js, css = viewer_assets()
     data = payload(result, title=title, tokens=tokens, singles=singles, related=related, head_columns=head_columns,
                    patterns=patterns, pattern_tokens=pattern_tokens, circuit=circuit, top=top)
@@ -188,11 +189,10 @@ def _fragment(result, *, uid: str, title: str, heading: str, tokens=None, patter
         f'<div class="hi-report" id="{uid}">',
         f"<style>{css}</style>",
         f'<{heading} class="hi-title">{html.escape(title)}</{heading}>',
-        f'<section class="hi-settings" id="{uid}-settings"><h2>Settings</h2><table>',
-        *[f'<tr><th class="hi-name">{html.escape(k_)}</th><td>{html.escape(v)}</td></tr>' for k_, v in _summary_pairs(result)],
-        "</table>",
         *[f'<p class="hi-warning">warning: {html.escape(w)}</p>' for w in all_warnings],
-        "</section>",
+        f'<details class="hi-settings" id="{uid}-settings"{" open" if settings_open else ""}><summary>Settings</summary><table>',
+        *[f'<tr><th class="hi-name">{html.escape(k_)}</th><td>{html.escape(v)}</td></tr>' for k_, v in _summary_pairs(result)],
+        "</table></details>",
         f'<section class="hi-static" id="{uid}-static"><h2>The {k} most important of {_n_cells(result)} cells</h2>'
         f'<p class="hi-caption">The interactive view needs JavaScript; this is the table without it.</p>{_top_rows(result, k)}</section>',
         f'<div class="hi-app" id="{uid}-app"></div>',
@@ -256,7 +256,7 @@ def notebook_html(result, top: int = 10) -> str:
     (heatmap with hover, head table; no patterns, no model at hand). Its element ids carry a
     random id of this rendering, so two results in one notebook never collide."""
     fragment, _ = _fragment(result, uid="hi-" + secrets.token_hex(6), title=f"{result.metric_name}: {plots.describe(result)}",
-                            heading="h3", top=top)
+                            heading="h3", settings_open=False, top=top)
     return fragment
 
 

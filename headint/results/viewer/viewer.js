@@ -224,7 +224,7 @@
     var svg = s("svg", { width: left + plotW + 30, height: height, "class": "hi-bars", role: "img", "aria-label": opts.label });
     var legend = s("g");
     var lx = left;
-    opts.series.forEach(function (se) {
+    if (opts.series.length > 1) opts.series.forEach(function (se) {  // one series: the axis label says it
       legend.appendChild(s("rect", { x: lx, y: 6, width: 12, height: 12, fill: se.colour || "#888", stroke: "#333" }));
       legend.appendChild(s("text", { x: lx + 16, y: 16, "font-size": 12, text: se.label }));
       lx += 30 + se.label.length * 7;
