@@ -296,6 +296,13 @@ def test_report_size_budget(tmp_path):
     assert len(kept) == PATTERN_VALUES // (3 * 24 * 24) and len(kept) + len(left) == 1024
     order = [f"L{l}H{h}" for l, h in zip(r.top(1024)["layer"], r.top(1024)["head"])]
     assert kept == order[: len(kept)]  # the most important heads first
+    # a per-position scan of 32 x 32 heads x 12 positions leaves less room: fewer heads' patterns, still under budget
+    pos = ScanResult(torch.randn(32, 32, 12, 4, generator=g), ("layer", "head", "position"), metric_name="m",
+                     clean_baseline=0.0, base_per_example=torch.zeros(4))
+    html = report_html(pos, patterns=patterns, pattern_tokens=[[f"t{i}" for i in range(24)]] * 3)
+    assert len(html.encode()) < REPORT_BUDGET_BYTES, len(html.encode())
+    kept_pos = report_data(html)["patterns"]["heads"]
+    assert 1 <= len(kept_pos) < len(kept)
     big = ScanResult(torch.randn(32, 32, 64, 2, generator=g), ("layer", "head", "position"), metric_name="m",
                      clean_baseline=0.0, base_per_example=torch.zeros(2))
     with pytest.warns(ReportSizeWarning, match=r"over its 2 MB budget: the scan has 65536 cells, all kept"):

@@ -22,12 +22,13 @@ Numbers are shown with :func:`decimals_for` decimals per column (``0.000``, neve
 ``1.788e-07``). Without JavaScript (e.g. an untrusted notebook) a static table of the top cells
 shows instead.
 
-Size budget: a report stays under :data:`REPORT_BUDGET_BYTES` (2 MB); the viewer is under
-:data:`VIEWER_BUDGET_BYTES` (60 kB) of it and the attention patterns under
-:data:`~headint.results.report_data.PATTERN_VALUES` weights (at most 1.25 MB; heads beyond
-it are named on the page as left out). The scan's own numbers are never cut: a scan of more
-than about 40,000 cells (per-position scans of large models) can exceed the budget, and
-:func:`report_html` then warns (``ReportSizeWarning``).
+Size budget: a report stays under :data:`REPORT_BUDGET_BYTES` (2 MB) unless its scans alone
+are larger. The viewer is under :data:`VIEWER_BUDGET_BYTES` (60 kB); the scans take about 100
+bytes per cell (the heatmap's numbers and the table's row); the attention patterns get what is
+left, at most :data:`~headint.results.report_data.PATTERN_VALUES` weights, the most important
+heads first (the others are named on the page as left out). The scans' own numbers are never
+cut: a scan of more than about 18,000 cells (per-position scans of large models) exceeds the
+budget, and :func:`report_html` then warns (``ReportSizeWarning``).
 
 Safety: every string from the data (tokens, names, settings) is escaped: in the HTML by
 :func:`html.escape`, in the JSON block with ``<``, ``>``, ``&`` written as ``\\u003c``,
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import plots
-from .report_data import RelatedScan, payload
+from .report_data import PATTERN_VALUES, RelatedScan, payload
 
 __all__ = ["report_html", "write_report", "notebook_html", "table_html", "RelatedScan", "ReportSizeWarning",
            "REPORT_BUDGET_BYTES", "VIEWER_BUDGET_BYTES", "decimals_for", "format_number", "script_json"]
@@ -68,6 +69,7 @@ VIEWER_BUDGET_BYTES = 60_000
 """The inlined viewer (script + style sheet) stays under this many bytes."""
 
 _VIEWER_DIR = Path(__file__).with_name("viewer")
+_PAGE_BYTES = 20_000  # the page around the data and the viewer: head, settings, static table, a margin
 
 
 class ReportSizeWarning(UserWarning):
@@ -180,8 +182,13 @@ def _fragment(result, *, uid: str, title: str, heading: str, settings_open: bool
     executable script (for the standalone file's Content Security Policy hash). settings_open:
     whether the settings table starts unfolded (the notebook view folds it)."""
     js, css = viewer_assets()
-    data = payload(result, title=title, tokens=tokens, singles=singles, related=related, head_columns=head_columns,
-                   patterns=patterns, pattern_tokens=pattern_tokens, circuit=circuit, top=top)
+    common = dict(title=title, tokens=tokens, singles=singles, related=related, head_columns=head_columns, circuit=circuit,
+                  top=top)
+    data = payload(result, **common)
+    if patterns:  # the patterns get what the rest leaves of the budget (a weight takes at most 7 bytes)
+        rest = len(script_json(data)) + len(js) + len(css) + _PAGE_BYTES
+        data = payload(result, patterns=patterns, pattern_tokens=pattern_tokens, **common,
+                       pattern_budget=min(PATTERN_VALUES, max(0, REPORT_BUDGET_BYTES - rest) // 7))
     all_warnings = [*warnings, *[w for w in result.settings.get("warnings", []) if w not in warnings]]
     script = f"{js}\nwindow.headintViewer.render(document.currentScript, {json.dumps(uid)});\n"
     k = max(1, min(int(top), _n_cells(result)))

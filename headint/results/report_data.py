@@ -13,8 +13,8 @@ Schema (``payload``):
 * ``scans``: ``[scan view]``, the main scan first, then the related scans. A scan view
   (:func:`scan_view`) has ``key``, ``caption``, ``kind`` (``"grid"`` for ``[L, H]``,
   ``"positions"`` for ``[L, H, P]``, ``"sets"`` for head sets), ``layers``, ``heads``,
-  ``tokens`` (``P`` strings or None), ``names`` (one per cell, row-major), ``heads_of``
-  (per cell, the ``"LlHh"`` heads it intervenes on), ``quantity`` (``"effect"`` or
+  ``tokens`` (``P`` strings or None), for head sets ``names`` (one per set) and ``heads_of``
+  (per set, its ``"LlHh"`` heads; grid cells are named by the viewer from their index), ``quantity`` (``"effect"`` or
   ``"value"``: what colours the cells), ``label``, ``cells`` (flat row-major arrays
   ``value, stderr, n`` and, with a clean baseline, ``effect, effect_stderr``) and ``pairs``
   (for a head-set scan given its single-head scan: :func:`headint.results.pairs.pair_frame`
@@ -38,8 +38,9 @@ from .grid import head_set_name
 __all__ = ["RelatedScan", "PATTERN_VALUES", "num", "scan_view", "head_table", "pattern_view", "payload"]
 
 PATTERN_VALUES = 250_000
-"""At most this many attention weights go into one report (at most 1.25 MB of its size budget);
-the heads beyond it (least important last) are named on the page as left out."""
+"""At most this many attention weights go into one report (at most 1.75 MB), fewer where the rest
+of the report leaves less of its size budget; the heads beyond it (least important last) are
+named on the page as left out."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,6 @@ def scan_view(result, *, key: str, caption: str, tokens: Sequence[str] | None = 
         view.update(layers=int(L), heads=int(H))
         if axes == ("layer", "head"):
             view["kind"] = "grid"
-            view["names"] = [head_name(l, h) for l in range(L) for h in range(H)]
-            view["heads_of"] = [[n] for n in view["names"]]
         else:
             P = result.grid_shape[2]
             view["kind"] = "positions"
@@ -124,8 +123,6 @@ def scan_view(result, *, key: str, caption: str, tokens: Sequence[str] | None = 
                 if len(tokens) != P:
                     raise ValueError(f"tokens has {len(tokens)} entries; expected {P}, one per position of the scan")
                 view["tokens"] = tokens
-            view["names"] = [f"{head_name(l, h)} position {p}" for l in range(L) for h in range(H) for p in range(P)]
-            view["heads_of"] = [[head_name(l, h)] for l in range(L) for h in range(H) for _ in range(P)]
     view["cells"] = _cells(result)
     return view
 
@@ -302,8 +299,9 @@ def pattern_view(patterns, pattern_tokens=None, *, order: Sequence[str] = (), bu
 
 
 def payload(result, *, title: str, tokens=None, singles=None, related: Sequence[RelatedScan] = (), head_columns=None,
-            patterns=None, pattern_tokens=None, circuit=None, top: int = 10) -> dict:
-    """Everything the viewer draws (see the module docstring)."""
+            patterns=None, pattern_tokens=None, circuit=None, top: int = 10, pattern_budget: int = PATTERN_VALUES) -> dict:
+    """Everything the viewer draws (see the module docstring); at most ``pattern_budget``
+    attention weights (:func:`pattern_view`)."""
     related = list(related)
     for i, rel in enumerate(related):
         if not isinstance(rel, RelatedScan):
@@ -323,6 +321,6 @@ def payload(result, *, title: str, tokens=None, singles=None, related: Sequence[
         "metric": result.metric_name,
         "scans": scans,
         "table": table,
-        "patterns": pattern_view(patterns, pattern_tokens, order=order) if patterns else None,
+        "patterns": pattern_view(patterns, pattern_tokens, order=order, budget=pattern_budget) if patterns else None,
         "circuit": circuit.to_json() if circuit is not None else None,
     }

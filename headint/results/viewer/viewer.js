@@ -112,8 +112,18 @@
   }
 
   // ------------------------------------------------------------------ scans
+  /* The head a grid cell intervenes on ("LlHh"; flat row-major index i), and the cell's name. */
+  function cellHead(view, i) {
+    if (view.kind === "sets") return view.heads_of[i][0] || null;
+    var hi = view.kind === "positions" ? Math.floor(i / view.positions) : i;
+    return "L" + Math.floor(hi / view.heads) + "H" + (hi % view.heads);
+  }
+  function cellName(view, i) {
+    if (view.kind === "sets") return view.names[i];
+    return cellHead(view, i) + (view.kind === "positions" ? " position " + (i % view.positions) : "");
+  }
   function cellLines(view, i, dec) {
-    var c = view.cells, out = [view.names[i]];
+    var c = view.cells, out = [cellName(view, i)];
     if (view.kind === "positions" && view.tokens) {
       var p = i % view.positions;
       out[0] += " " + quoted(view.tokens[p]);
@@ -162,7 +172,7 @@
       for (var k = 0; k < nCols; k++) {
         var i = r * nCols + k, v = vals[i];
         var rect = s("rect", { "class": "hi-cell", x: left + k * cw, y: top + r * ch, width: cw, height: ch, fill: diverging(v, lim),
-                              "data-i": i, "data-cell": pos ? view.heads_of[i][0] + ":" + k : view.names[i] });
+                              "data-i": i, "data-cell": pos ? cellHead(view, i) + ":" + k : cellHead(view, i) });
         cells.appendChild(rect);
         if (!pos && cw >= 46 && ch >= 22 && finite(v)) {
           cells.appendChild(s("text", { x: left + k * cw + cw / 2, y: top + r * ch + ch / 2 + 4, "font-size": 11, "text-anchor": "middle",
@@ -201,7 +211,7 @@
       if (pos) setAttrs(sel, { x: left, y: top + (la * H + he) * ch, width: gw, height: ch, visibility: "visible" });
       else setAttrs(sel, { x: left + he * cw, y: top + la * ch, width: cw, height: ch, visibility: "visible" });
     });
-    delegate(app, cells, function (i) { return cellLines(view, i, dec); }, function (i) { app.select(view.heads_of[i][0]); });
+    delegate(app, cells, function (i) { return cellLines(view, i, dec); }, function (i) { app.select(cellHead(view, i)); });
     return svg;
   }
 
@@ -268,7 +278,7 @@
     var c = view.cells, q = view.quantity, dec = scanDecimals(view), pairs = view.pairs;
     var d = pairs ? decimalsFor(pairs.effect.concat(pairs.singles_sum)) : dec[q];
     var all = view.names.map(function (name, i) {
-      var r = { name: name, i: i, head: view.heads_of[i][0] || null, n: c.n[i] };
+      var r = { name: name, i: i, head: cellHead(view, i), n: c.n[i] };
       if (pairs) {
         r.joint = pairs.effect[i]; r.joint_err = pairs.effect_stderr[i];
         r.sum = pairs.singles_sum[i]; r.sum_err = pairs.singles_sum_stderr[i];
