@@ -26,7 +26,7 @@ METRIC_NEEDS = {"logit_diff": ("target", "contrast"), "logprob": ("target",), "p
 # empty tokenizer that turns every text into no tokens)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
-PATTERN_HEADS = 4  # attention patterns of this many top heads go into report.html
+PATTERN_EXAMPLES = 3  # report.html shows the heads' attention patterns on this many prompts (as many heads as fit its budget)
 
 
 class UsageError(Exception):
@@ -338,7 +338,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     from . import attribution_scan, scan
     from .distributed import is_main, main_rank_done
     from .ops import BackendUnavailable
-    from .pattern_views import head_patterns, top_heads
+    from .pattern_views import example_patterns, report_heads
     from .integration.structure import model_shape
     from .results.pairs import pair_frame
     from .scans import all_pairs
@@ -373,8 +373,9 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
         if args.normalize:
             result = result.normalized_result()
             singles = singles.normalized_result() if singles is not None else None
-        patterns = head_patterns(model, clean["input_ids"][0][clean["attention_mask"][0] != 0],
-                                 top_heads(result, PATTERN_HEADS), backend=args.backend)
+        examples = [clean["input_ids"][i][clean["attention_mask"][i] != 0]
+                    for i in range(min(PATTERN_EXAMPLES, len(clean["input_ids"])))]
+        patterns = example_patterns(model, examples, report_heads(result, [len(ids) for ids in examples]), backend=args.backend)
     except (ValueError, CheckpointError, BackendUnavailable) as e:
         return _fail(str(e))
     if not is_main():  # torchrun: rank 0 writes the outputs, the others wait for it
@@ -383,13 +384,12 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.method} scan of {model_dir.name} ({args.metric})"
     tokens = position_tokens(clean, tokenizer) if args.per_position else None
-    first = clean["input_ids"][0][clean["attention_mask"][0] != 0]
     files = [result.to_csv(out / "scan.csv"), out / "heatmap.png"]
     result.heatmap(out / "heatmap.png", title=title, tokens=tokens, singles=singles)
     if singles is not None:
         pair_frame(result, singles).to_csv(out / "pair_effects.csv", index=False)
         files.append(out / "pair_effects.csv")
-    files.append(result.to_html(out / "report.html", tokens=tokens, patterns=patterns, pattern_tokens=to_str_tokens(tokenizer, first),
+    files.append(result.to_html(out / "report.html", tokens=tokens, patterns=patterns, pattern_tokens=[to_str_tokens(tokenizer, ids) for ids in examples],
                                 singles=singles, title=title, top=args.top, warnings=warnings))
     settings = dict(result.settings, model_dir=str(model_dir), prompts=args.prompts, corrupt=args.corrupt,
                     clean_baseline=result.clean_baseline, corrupt_baseline=result.corrupt_baseline, normalized=args.normalize,
