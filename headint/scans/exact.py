@@ -18,13 +18,11 @@ from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_c
 from .positions import with_position_ids
 from .runner import VariantRunner, as_batch
 from .setup import prepare_scan
-from .variants import TARGETS, Variant, build_plan, head_grid, target_heads
+from ..vocabulary import DIRECTIONS, EFFECTS, METHODS, TARGETS, Direction, Effect, Method, Target
+from .variants import Variant, build_plan, head_grid, target_heads
 
-METHODS = ("zero", "mean", "resample", "patch")
 # The runner's exact shortcuts (see VariantRunner.run); switched off only to measure what each saves.
 SHORTCUTS = {"clean_attention": True, "last_query": True}
-DIRECTIONS = ("denoising", "noising")
-EFFECTS = ("total", "direct")
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
@@ -44,8 +42,8 @@ def scan(
     metric,
     *,
     corrupt=None,
-    method: str = "zero",
-    direction: str = "denoising",
+    method: Method = "zero",
+    direction: Direction = "denoising",
     per_position: bool = False,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
@@ -60,8 +58,8 @@ def scan(
     backend: str = "auto",
     seed: int = 0,
     distributed: bool | str = "auto",
-    target: str = "z",
-    effect: str = "total",
+    target: Target = "z",
+    effect: Effect = "total",
     group_positions: int | str = "auto",
 ) -> ScanResult:
     """Exact causal scan of attention heads.

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from ..results.gates import GateResult
 from .batching import check_batch_size, run_in_halves
 from .masking import ablation_patches, frozen_parameters, check_ablation, mask_plan, metric_direction, removed_masks
+from ..vocabulary import GATE_KINDS, Ablation, GateKind
 from .setup import prepare_scan
-
-GATE_KINDS = ("hard_concrete", "sigmoid")
 
 
 class HardConcrete:
@@ -69,7 +68,7 @@ def learn_gates(
     loss_or_metric="loss",
     *,
     maximize: bool | None = None,
-    kind: str = "hard_concrete",
+    kind: GateKind = "hard_concrete",
     penalty_weight: float = 0.01,
     steps: int = 200,
     lr: float = 0.1,
@@ -77,7 +76,7 @@ def learn_gates(
     init: float = 3.0,
     temperature: float = 2 / 3,
     stretch: tuple[float, float] = (-0.1, 1.1),
-    ablation: str = "zero",
+    ablation: Ablation = "zero",
     threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,

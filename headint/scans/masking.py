@@ -18,6 +18,7 @@ import torch
 from ..metrics import Metric
 from ..plan import TensorPlan
 from ..shape import ModelShape
+from ..vocabulary import ABLATIONS, check_choice
 from .runner import VariantRunner
 
 
@@ -33,32 +34,26 @@ def frozen_parameters(model):
         for p, f in flags:
             p.requires_grad_(f)
 
-ABLATIONS = ("zero", "mean")
-
-# Direction of the built-in metrics: True = higher is better.
-_HIGHER_IS_BETTER = {"logit_diff": True, "logprob": True, "prob": True, "loss": False, "kl": False}
-
-
 def metric_direction(metric: Metric, maximize: Any, who: str) -> bool:
-    """Whether ``metric`` is to be maximised: ``maximize`` when given (a bool), else the known
-    direction of a built-in metric (``logit_diff``/``logprob``/``prob`` up, ``loss``/``kl``
-    down); a custom metric without ``maximize`` is an error naming both."""
+    """Whether ``metric`` is to be maximised: ``maximize`` when given (a bool), else the direction
+    the metric carries (:attr:`Metric.maximize <headint.metrics.Metric.maximize>`: the built-ins
+    know theirs). A metric without a direction is an error naming it, whatever its name: a
+    function called ``loss`` is not taken to be minimised."""
     if maximize is not None:
         if not isinstance(maximize, bool):
-            raise TypeError(f"{who}: maximize must be True, False or None (the metric's known direction), got {maximize!r}")
+            raise TypeError(f"{who}: maximize must be True, False or None (the metric's own direction), got {maximize!r}")
         return maximize
-    if metric.name in _HIGHER_IS_BETTER:
-        return _HIGHER_IS_BETTER[metric.name]
+    if isinstance(metric.maximize, bool):
+        return metric.maximize
     raise ValueError(
-        f"{who}: metric {metric.name!r} has no known direction; pass maximize=True (higher is better, e.g. an "
-        "accuracy or logit difference) or maximize=False (lower is better, e.g. a loss)"
+        f"{who}: metric {metric.name!r} ({type(metric).__name__}) carries no direction; pass maximize=True (higher is "
+        "better, e.g. an accuracy or logit difference) or maximize=False (lower is better, e.g. a loss), or build it "
+        "as CallableMetric(fn, maximize=...)"
     )
 
 
 def check_ablation(ablation: Any, who: str) -> str:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"{who}: ablation must be one of {ABLATIONS}, got {ablation!r}")
-    return ablation
+    return check_choice(ablation, ABLATIONS, "ablation", who)
 
 
 def ablation_patches(runner: VariantRunner, ablation: str) -> dict[int, torch.Tensor | None]:

@@ -27,9 +27,8 @@ from ..results.prune import PruneCurve
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .masking import frozen_parameters
 from .masking import ablation_patches, check_ablation, check_head, mask_plan, metric_direction, removed_masks
+from ..vocabulary import PRUNE_ORDERS, Ablation
 from .setup import prepare_scan
-
-GREEDY_ORDERS = ("importance", "exact")
 
 
 def _given_order(order: Any, shape) -> tuple[list[tuple[int, int]], list | None, str]:
@@ -60,7 +59,7 @@ def prune_curve(
     order="importance",
     *,
     maximize: bool | None = None,
-    ablation: str = "zero",
+    ablation: Ablation = "zero",
     max_steps: int | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -91,9 +90,9 @@ def prune_curve(
     setup = prepare_scan(model, inputs, None, metric, kind="prune", backend=backend)
     shape, N, device = setup.shape, setup.N, setup.device
     L, H = shape.n_layers, shape.n_heads
-    greedy = isinstance(order, str) and order in GREEDY_ORDERS
+    greedy = isinstance(order, str) and order in PRUNE_ORDERS
     if isinstance(order, str) and not greedy:
-        raise ValueError(f"prune_curve: order must be one of {GREEDY_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
+        raise ValueError(f"prune_curve: order must be one of {PRUNE_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
     fixed, fixed_scores, order_name = (None, None, order) if greedy else _given_order(order, shape)
     up = metric_direction(setup.metric, maximize, "prune_curve") if (order == "exact" or maximize is not None) else None
     total = L * H if greedy else len(fixed)
