@@ -362,3 +362,34 @@ def test_hashing_warns_nothing_and_leaves_grad_flags():
         warnings.simplefilter("error")
         fingerprint(m, LogitDiff(), [make_batch(2, 4, seed=1)], {"x": 1})
     assert [p.requires_grad for p in m.parameters()] == flags
+
+
+class _Probe:
+    """A callable object: its behaviour is its class's code and its state."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, logits):
+        return logits[:, -1] @ self.w
+
+
+def test_callable_objects_partials_and_bound_methods_hash_their_state():
+    import functools
+
+    m = tiny_gpt2()
+
+    def fp(f):
+        return fingerprint(m, CallableMetric(f), [], {})
+
+    assert fp(_Probe(torch.ones(50))) == fp(_Probe(torch.ones(50)))
+    assert fp(_Probe(torch.ones(50))) != fp(_Probe(torch.arange(50.0)))
+    assert fp(functools.partial(lambda logits, k: logits[:, -1, k], k=1)) != fp(functools.partial(lambda logits, k: logits[:, -1, k], k=2))
+    assert fp(_Probe(torch.ones(50)).__call__) != fp(_Probe(torch.zeros(50)).__call__)
+
+
+def test_a_metric_holding_a_tokenizer_like_c_object_is_refused():
+    m = tiny_gpt2()
+    lock = __import__("threading").Lock()
+    with pytest.raises(FingerprintError, match=r"closure variable 'lock'.*lock"):
+        fingerprint(m, CallableMetric(lambda logits: logits[:, -1, 0] if lock else None), [], {})

@@ -46,7 +46,11 @@ from .checkpoint import CheckpointError
 
 __all__ = ["fingerprint", "FingerprintError", "tensor_digest"]
 
-_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python (its behaviour is its code and its __dict__)
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: not a static C type
+_IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a C type (a class statement makes mutable types)
+# What C code puts in a type's dict (methods, slots, attributes backed by C state)
+_C_DESCRIPTORS = (types.MethodDescriptorType, types.WrapperDescriptorType, types.GetSetDescriptorType,
+                  types.MemberDescriptorType, types.ClassMethodDescriptorType, types.BuiltinFunctionType)
 # Packages whose code is identified by their version (mixed into every digest) rather than hashed.
 _VERSIONED = {"torch", "numpy", "transformers"}
 _SKIP_CLASS_ATTRS = {"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__",
@@ -64,6 +68,24 @@ def _trusted_module(name: str | None) -> bool:
         return False
     top = name.split(".")[0]
     return top in _VERSIONED or top in sys.stdlib_module_names or top == "builtins"
+
+
+def _python_defined(k: type) -> bool:
+    """Whether class ``k`` comes from a ``class`` statement, so that an instance's behaviour is the
+    class's code plus the instance's ``__dict__`` / ``__slots__`` (not C state: a lock, a random
+    generator, a Rust tokenizer). C types, also heap types made by extension modules, are told
+    apart by their flags and by the C descriptors (methods, attributes) in their dict."""
+    if k is object:
+        return True
+    if not k.__flags__ & _HEAPTYPE or k.__flags__ & _IMMUTABLETYPE:
+        return False
+    slots = vars(k).get("__slots__", ())
+    slots = (slots,) if isinstance(slots, str) else tuple(slots)
+    for name, v in vars(k).items():
+        if isinstance(v, _C_DESCRIPTORS) and name not in ("__dict__", "__weakref__") and not (
+                isinstance(v, types.MemberDescriptorType) and name in slots):
+            return False
+    return True
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -284,7 +306,7 @@ class _Encoder:
         if self._memo(c):
             return
         self.put("class", f"{c.__module__}.{c.__qualname__}".encode())
-        if _trusted_module(c.__module__) or not (c.__flags__ & _HEAPTYPE):
+        if _trusted_module(c.__module__) or not _python_defined(c):
             return
         for base in c.__bases__:
             self.cls(base, f"{path} base {base.__qualname__}")
@@ -299,7 +321,7 @@ class _Encoder:
         if self._memo(x):
             return
         t = type(x)
-        if not all(k.__flags__ & _HEAPTYPE or k is object for k in t.__mro__):
+        if not all(_python_defined(k) for k in t.__mro__):
             self.opaque.append(f"{path} (a {t.__module__}.{t.__qualname__}, whose state is not visible to Python)")
             self.put("opaque", f"{t.__module__}.{t.__qualname__}".encode())
             return
