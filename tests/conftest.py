@@ -29,22 +29,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-# Test folders that need the Triton interpreter (TRITON_INTERPRET=1): the interpreter lane.
-INTERPRETER_DIRS = ("backends", "triton", "ops")
+from lanes import INTERPRETER_DIRS, in_interpreter_lane, lane_dir  # noqa: E402
+
 _LANE = pytest.StashKey[bool]()
-
-
-def _lane_dir(path: Path) -> str | None:
-    """The top folder under tests/ that ``path`` lies in, or None (tests/ itself, or outside)."""
-    try:
-        parts = Path(path).resolve().relative_to(TESTS).parts
-    except ValueError:
-        return None
-    return parts[0] if len(parts) > 1 or (parts and (TESTS / parts[0]).is_dir()) else None
-
-
-def in_interpreter_lane(path: Path) -> bool:
-    return _lane_dir(path) in INTERPRETER_DIRS
 
 
 def pytest_configure(config):
@@ -59,7 +46,7 @@ def pytest_configure(config):
 def pytest_ignore_collect(collection_path, config):
     """Each lane collects only its own tests (see the module docstring)."""
     path = Path(collection_path)
-    if path.resolve() == TESTS or _lane_dir(path) is None and path.resolve().parent != TESTS:
+    if path.resolve() == TESTS or lane_dir(path) is None and path.resolve().parent != TESTS:
         return None
     if config.stash[_LANE]:
         return True if not in_interpreter_lane(path) else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from conftest import INTERPRETER_DIRS, TESTS, in_interpreter_lane
+from lanes import INTERPRETER_DIRS, TESTS, in_interpreter_lane
 
 
 def test_the_native_lane_runs_without_the_interpreter():
