@@ -1,7 +1,7 @@
 """Recorded activations: the :class:`ActivationCache` container, its means and its file format.
 
 A container only: :func:`headint.record` (in :mod:`headint.integration.record`) fills one.
-This module imports nothing from headint.
+This module imports nothing from headint but its vocabulary (:mod:`headint.vocabulary`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-RECORDABLE = ("z", "q", "k", "v", "pattern")
+from .vocabulary import HEAD_TENSORS
+
+RECORDABLE = HEAD_TENSORS
 LAYOUTS = {
     "z": "[B, T, H, D] head outputs before the output projection",
     "q": "[B, H, T, D] queries after rotary embeddings",

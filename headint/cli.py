@@ -16,12 +16,16 @@ import math
 import sys
 from pathlib import Path
 
+from .metrics import as_metric
 from .ops.backends import backend_names
+from .vocabulary import ATTRIBUTION_METHODS, DIRECTIONS, METHODS, METRIC_NAMES
 
-METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl", "loss")
-METHOD_CHOICES = ("zero", "mean", "resample", "patch", "attribution", "attribution-mask")
+METRIC_CHOICES = METRIC_NAMES
+# --method attribution / attribution-mask: attribution_scan's methods "patch" / "mask"
+ATTRIBUTION_CHOICES = {("attribution" if m == "patch" else f"attribution-{m}"): m for m in ATTRIBUTION_METHODS}
+METHOD_CHOICES = METHODS + tuple(ATTRIBUTION_CHOICES)
 # the batch keys each metric reads (from the prompt lines' "target" / "contrast")
-METRIC_NEEDS = {"logit_diff": ("target", "contrast"), "logprob": ("target",), "prob": ("target",), "kl": (), "loss": ()}
+METRIC_NEEDS = {name: as_metric(name).batch_keys() for name in METRIC_NAMES}
 # files that make a folder hold a tokenizer (AutoTokenizer on a folder without any returns an
 # empty tokenizer that turns every text into no tokens)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrupt", help="JSONL of corrupted prompts, line-aligned with --prompts, each of the same token count as its clean prompt (needed by --method patch/attribution and --normalize)")
     s.add_argument("--metric", default="logit_diff", choices=METRIC_CHOICES, help="logit_diff: logit[target]-logit[contrast] at the last token; logprob/prob: of the target; kl: KL(clean || patched) of the next-token distribution; loss: mean next-token cross-entropy (default: logit_diff)")
     s.add_argument("--method", default="zero", choices=METHOD_CHOICES, help="zero/mean/resample ablation, patch (activation patching from --corrupt), attribution (first-order estimate of patch), attribution-mask (gradient head importance) (default: zero)")
-    s.add_argument("--direction", choices=("denoising", "noising"), help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
+    s.add_argument("--direction", choices=DIRECTIONS, help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
     s.add_argument("--per-position", action="store_true", help="one intervention per head and position instead of per head")
     s.add_argument("--pairs", action="store_true", help="exact methods only: scan all pairs of heads (finds heads that back each other up); also scans the single heads, to compare")
     s.add_argument("--layers", type=_int_list, help="exact methods only: comma-separated layers to scan (default: all)")
@@ -358,7 +362,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
                 warnings.append(warning)
                 print(f"headint scan: warning: {warning}", file=sys.stderr)
         if args.method.startswith("attribution"):
-            method = "mask" if args.method == "attribution-mask" else "patch"
+            method = ATTRIBUTION_CHOICES[args.method]
             result = attribution_scan(model, clean, corrupt, args.metric, method=method,
                                       direction=args.direction or "denoising", per_position=args.per_position,
                                       batch_size=None if args.batch_size == "auto" else args.batch_size, backend=args.backend)

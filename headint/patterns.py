@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .integration.adapter import model_configs
+from .integration.adapter import input_device, model_configs
 
 __all__ = ["attention_patterns", "previous_token_scores", "induction_scores", "eager_attention"]
 
@@ -60,7 +60,7 @@ def attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     with eager_attention(model):
         out = model(input_ids=tokens.to(device), output_attentions=True)
     attentions = getattr(out, "attentions", None)

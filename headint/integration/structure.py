@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..shape import LayerShape, ModelShape
-from .adapter import UnsupportedModelError, check_transformers_version, config_shape, text_config
+from .adapter import UnsupportedModelError, check_transformers_version, config_shape, input_device, text_config
 from .attention_function import register
 from .session import Session, close_session, open_session, switched_by_any_session
 
@@ -132,7 +132,7 @@ def probe_inputs(model) -> dict[str, torch.Tensor]:
     """The probe's keyword inputs: ``input_ids [1, 5]`` (and ``decoder_input_ids [1, 3]`` for an
     encoder-decoder model), all-ones attention masks, no KV cache; for an image model (main input
     ``pixel_values``) one random image of the config's ``image_size``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     cfg = model.config
     params = inspect.signature(model.forward).parameters
     if getattr(model, "main_input_name", "input_ids") == "pixel_values" and "input_ids" not in params:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
+from ..integration.adapter import input_device
 from ..integration.structure import model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
@@ -108,7 +109,7 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
-    device = next(model.parameters()).device
+    device = input_device(model)
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
     if shape.attention_layers != list(range(shape.n_layers)):  # a hybrid model: scans cover its attention layers only
