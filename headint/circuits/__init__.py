@@ -69,7 +69,7 @@ def edge_patching(model, clean, metric="logit_diff", *, corrupt=None, source: st
 
 
 def acdc(model, clean, corrupt=None, *, threshold: float, criterion="kl", source: str = "corrupt", maximize=None,
-         abs_value: bool = False, graph: EdgeGraph | None = None, batch_size: int = 64, seed: int = 0,
+         abs_value: bool = False, graph: EdgeGraph | None = None, batch_size: int = 256, seed: int = 0,
          progress: bool = False) -> CircuitResult:
     """ACDC's circuit (see :mod:`headint.circuits.acdc`): ``in_circuit`` holds the edges kept;
     ``scores`` the criterion's change when each edge was tried."""

@@ -34,7 +34,7 @@ MAXIMIZED = {"logit_diff": True, "logprob": True, "prob": True, "kl": False, "lo
 
 
 def acdc(model, clean, corrupt=None, *, threshold: float, criterion="kl", source: str = "corrupt", maximize: bool | None = None,
-         abs_value: bool = False, graph: EdgeGraph | None = None, batch_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
+         abs_value: bool = False, graph: EdgeGraph | None = None, batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict:
     """Run ACDC; returns a dict with ``graph``, ``in_circuit`` bool ``[E]``, ``effect`` ``[E]`` (the
     criterion's change when the edge was tried: positive = removing it hurt), the circuit's and
     the full model's criterion values, and the cost. See the module docstring."""

@@ -261,7 +261,8 @@ class Taps:
             wh = M[:, heads, :].to(embed.dtype)  # [B, H, r]
             if bool(wh.any()):
                 dz = p.source[("z", l)].to(embed.dtype) - self.live[("z", l)]  # [B, T, H, Dv]
-                delta += torch.einsum("bhr,bthe,hed->rbtd", wh, dz, lp.out_matrix.to(embed.dtype))
+                writes = torch.einsum("bthe,hed->bhtd", dz, lp.out_matrix.to(embed.dtype))  # each head's change [B, H, T, d]
+                delta += torch.einsum("bhr,bhtd->rbtd", wh, writes)
             sm = self._send.get(("mlp", l, -1))
             if sm is not None:
                 wm = M[:, sm, :].to(embed.dtype)  # [B, r]
