@@ -112,14 +112,12 @@ def test_patching_equals_oracle(case):
         assert torch.allclose(got[0].double(), metric(model(clean["input_ids"]).logits), atol=1e-6)
 
 
-def test_eap_is_the_derivative_of_patching(case):
-    """A model-agnostic check between the two code paths: patching one edge with the source
-    clean + eps * (corrupt - clean), divided by eps, tends to its EAP score."""
-    _, model, clean, corrupt, metric = case
+def _derivative_check(model, clean, corrupt):
+    """EAP scores = the central difference of exact patching with the source clean + eps * (corrupt - clean)."""
     g = circuits.graph_of(model)
     eap = circuits.attribute(model, clean, corrupt, "logit_diff", method="eap")
-    from headint.circuits.patching import SourceValues, patch_edges
     from headint.circuits.inputs import paired
+    from headint.circuits.patching import SourceValues, patch_edges
 
     st = circuits.circuit_structure(model)
     cb, xb = paired(clean, corrupt)
@@ -136,6 +134,55 @@ def test_eap_is_the_derivative_of_patching(case):
     fd = (vals[0] - vals[1]) / (2 * eps)
     want = torch.tensor([eap.score(e) for e in edges], dtype=torch.float64)
     assert torch.allclose(fd, want, rtol=2e-2, atol=1e-3 * want.abs().max())
+
+
+def test_eap_is_the_derivative_of_patching(case):
+    """A model-agnostic check between the two code paths (gradients vs patched forwards)."""
+    _, model, clean, corrupt, _ = case
+    _derivative_check(model, clean, corrupt)
+
+
+def _more_models():
+    import transformers as tf
+
+    small = dict(vocab_size=tm.VOCAB, max_position_embeddings=64)
+    return {
+        "gptj (parallel)": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=tm.VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                                    rotary_dim=4, bos_token_id=1, eos_token_id=2)),
+        "neox (parallel)": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                                          intermediate_size=64, use_parallel_residual=True,
+                                                                          bos_token_id=1, eos_token_id=2, **small)),
+        "neox (sequential)": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                                            intermediate_size=64, use_parallel_residual=False,
+                                                                            bos_token_id=1, eos_token_id=2, **small)),
+        "qwen3 (per-head q/k norms, GQA)": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                                                      num_key_value_heads=2, head_dim=8, intermediate_size=64, **small)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_more_models()))
+def test_more_architectures(name):
+    """Parallel attention/MLP (GPT-J, NeoX) and per-head norms (Qwen3): patching every edge is the
+    corrupt run (so no path is missing from the graph), none is the clean run, and EAP is the
+    derivative of patching."""
+    torch.manual_seed(0)
+    model = _more_models()[name]().eval().double()
+    parallel = circuits.circuit_structure(model).parallel
+    assert parallel == [("parallel" in name)] * 2
+    g = torch.Generator().manual_seed(5)
+    ids, cor = torch.randint(3, tm.VOCAB, (2, 6), generator=g), torch.randint(3, tm.VOCAB, (2, 6), generator=g)
+    clean = {"input_ids": ids, "target": torch.tensor([4, 5]), "contrast": torch.tensor([6, 7])}
+    corrupt = {"input_ids": cor}
+    graph = circuits.graph_of(model)
+    if "parallel" in name:
+        assert "a0.h0->m0" not in graph.names and "a0.h0->m1" in graph.names
+    vals = circuits.patch_edges(model, clean, [[], list(graph.names)], "logit_diff", corrupt=corrupt).double()
+    with torch.no_grad():
+        for row, ids_ in ((0, ids), (1, cor)):
+            lg = model(ids_).logits[:, -1]
+            want = lg.gather(1, torch.tensor([[4], [5]]))[:, 0] - lg.gather(1, torch.tensor([[6], [7]]))[:, 0]
+            assert torch.allclose(vals[row], want, atol=1e-5)
+    _derivative_check(model, clean, corrupt)
 
 
 def test_acdc_batched_equals_one_at_a_time(case):

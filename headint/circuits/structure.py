@@ -355,18 +355,18 @@ def _analyse_layer(model, l, block, attn_parts, io, x_attn, watch, rec, names, t
     mlp = mlp_norm = None
     parallel = False
     norms = {id(attn_norm)} if attn_norm is not None else set()
-    if _diff(R + A, Y) <= tol:
-        pass
-    else:
-        for n, child in block.named_children():
-            if child is attn_child or id(child) in norms:
-                continue
-            c = _call(watch, child)
-            if c is None or c[1] is None or c[1].shape != R.shape:
-                continue
-            if _diff(R + A + c[1], Y) <= tol:
-                mlp = child
-                break
+    for n, child in block.named_children():  # an MLP whose output is ~0 (e.g. zero weights) is still a node
+        if child is attn_child or id(child) in norms:
+            continue
+        c = _call(watch, child)
+        if c is None or c[1] is None or c[1].shape != R.shape or c[0] is None or c[0].shape != R.shape:
+            continue
+        if c[1] is c[0] or not any(True for _ in child.parameters()):  # dropout, identity: not an MLP
+            continue
+        if _diff(R + A + c[1], Y) <= tol and _producer(watch, block, child, c[0], None, tol, exclude=attn_child) is not False:
+            mlp = child
+            break
+    if mlp is not None or _diff(R + A, Y) > tol:
         if mlp is None:
             raise _fail(model, l, "its output is not its input plus the outputs of its attention and MLP sub-layers "
                         "(a norm after a sub-layer, as in post-LN BERT or Gemma 2, or another input to the residual stream)")
