@@ -134,26 +134,30 @@ class Oracle:
         B, T = ids.shape
         rows = [set(patch or ())] * B if patch is None or isinstance(patch, (set, frozenset)) else [set(p) for p in patch]
         senders: dict[str, torch.Tensor] = {}
-        consts = []  # constant writes to the residual stream (biases of output projections)
         order: list[str] = []
         inputs: dict[str, torch.Tensor] = {}
+        state = {"resid": 0}  # the residual stream: the sum of every sender output so far (and the biases)
+
+        def write(name, value):
+            senders[name] = value
+            order.append(name)
+            state["resid"] = state["resid"] + value
 
         def resid_for(name):
-            x = sum(c for c in consts) if consts else 0
-            for u in order:
-                edge = f"{u}->{name}"
-                per_row = torch.stack([source[u][b] if edge in rows[b] else senders[u][b] for b in range(B)])
-                x = x + per_row
+            # this receiver's own copy of the residual stream (TransformerLens' split q/k/v inputs,
+            # hook_mlp_in), with each patched edge's difference added (Hanna et al.'s evaluate_graph)
+            x = state["resid"].clone()
+            for b in range(B):
+                for u in order:
+                    if f"{u}->{name}" in rows[b]:
+                        x[b] = x[b] + (source[u][b] - senders[u][b])
             if grads:
-                x = x.clone()  # this receiver's own copy; its gradient is this receiver's alone
                 x.retain_grad()
             inputs[name] = (x, list(order))
             return x
 
-        senders["input"] = self.embed(ids)
-        if grads:
-            senders["input"] = senders["input"].detach().requires_grad_(True)
-        order.append("input")
+        emb = self.embed(ids)
+        write("input", emb.detach().requires_grad_(True) if grads else emb)
         mask = torch.ones(T, T, dtype=torch.bool).tril() if self._causal() else torch.ones(T, T, dtype=torch.bool)
         for l in range(self.L):
             parts, WO, bO, D = self._qkv_weights(l)
@@ -175,14 +179,12 @@ class Oracle:
                 z = s.softmax(-1) @ vs[g]
                 new[self.head_name(l, h)] = z @ WO[h]
             for k, v in new.items():
-                senders[k] = v
-                order.append(k)
+                write(k, v)
             if bO is not None:
-                consts.append(bO)
+                state["resid"] = state["resid"] + bO
             if self.has_mlp(l):
                 name = f"m{l}"
-                senders[name] = self.mlp(l, self.mlp_norm(l, resid_for(name)))
-                order.append(name)
+                write(name, self.mlp(l, self.mlp_norm(l, resid_for(name))))
         logits = self.final(resid_for("logits"))
         return logits, senders, inputs
 

@@ -180,8 +180,10 @@ def _run(model, kw, taps: Taps, cb: dict, metric, clean_logits, grad: bool, cost
 
 def _chunk(model, st, graph, metric, method, steps, cb, xb, device, acc, cost) -> None:
     mask = cb["attention_mask"].to(device)
-    corrupt_taps = Taps(model, st, graph, capture=True)
-    _run(model, forward_kwargs(model, xb, device), corrupt_taps, xb, metric, None, False, cost)
+    corrupt_taps = Taps(model, st, graph, capture=True, stop=True)
+    with corrupt_taps, torch.no_grad():  # sender values only: the forward ends after the last block
+        model(**forward_kwargs(model, xb, device))
+    cost["forwards"] += 1
     B = cb["input_ids"].shape[0]
     if method == "eap":
         taps = Taps(model, st, graph, capture=True, grads=True)

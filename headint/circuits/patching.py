@@ -43,7 +43,7 @@ class SourceValues:
             raise ValueError("source='resample' needs at least 2 examples")
         self.clean_logits, clean_vals = _collect(model, st, graph, clean_b, batch_size, device)
         if source == "corrupt":
-            _, self.values = _collect(model, st, graph, corrupt_b, batch_size, device)
+            _, self.values = _collect(model, st, graph, corrupt_b, batch_size, device, logits=False)
         elif source == "mean":
             mask = clean_b["attention_mask"].to(device).bool()
             self.values = {}
@@ -64,18 +64,19 @@ class SourceValues:
         return {k: v[ex.to(v.device)] for k, v in self.values.items()}
 
 
-def _collect(model, st, graph, batch, batch_size, device):
+def _collect(model, st, graph, batch, batch_size, device, logits: bool = True):
     N = batch["input_ids"].shape[0]
     vals: dict = {}
-    logits = []
+    out = []
     with torch.no_grad():
         for s in range(0, N, batch_size):
             b = rows(batch, torch.arange(s, min(N, s + batch_size)))
-            with Taps(model, st, graph, capture=True) as taps:
-                logits.append(logits_of(model(**forward_kwargs(model, b, device))).detach())
+            with Taps(model, st, graph, capture=True, stop=not logits) as taps:
+                res = model(**forward_kwargs(model, b, device))
+                out.append(logits_of(res).detach())
             for k, v in taps.values.items():
                 vals.setdefault(k, []).append(v)
-    return torch.cat(logits), {k: torch.cat(v) for k, v in vals.items()}
+    return (torch.cat(out) if logits else None), {k: torch.cat(v) for k, v in vals.items()}
 
 
 def patch_edges(model, clean, edge_sets, metric="logit_diff", *, corrupt=None, source: str = "corrupt",

@@ -96,13 +96,18 @@ class EdgePatch:
         self.patched = self.mask.any(dim=(0, 1))
 
 
+class StopForward(Exception):
+    """Raised after the last block by a :class:`Taps` with ``stop=True`` (the logits are not needed)."""
+
+
 class Taps:
-    """Hooks on the residual stream (see the module docstring)."""
+    """Hooks on the residual stream (see the module docstring). ``stop=True``: end the forward
+    (:class:`StopForward`, caught on exit) after the last block, for runs that only capture."""
 
     def __init__(self, model, st: CircuitStructure, graph: EdgeGraph, *, capture: bool = False, grads: bool = False,
-                 replace: dict | None = None, patch: EdgePatch | None = None):
+                 replace: dict | None = None, patch: EdgePatch | None = None, stop: bool = False):
         self.model, self.st, self.graph = model, st, graph
-        self.capture, self.grads, self.replace, self.patch = capture, grads, dict(replace or {}), patch
+        self.capture, self.grads, self.replace, self.patch, self.stop = capture, grads, dict(replace or {}), patch, stop
         self.values: dict[Any, torch.Tensor] = {}  # sender outputs of the last forward (detached)
         self.live: dict[Any, torch.Tensor] = {}  # sender outputs as computed in this forward (for patches)
         self.resid: dict[Any, torch.Tensor] = {}  # ("attn", l) / ("mlp", l): residual read by the receivers
@@ -132,10 +137,11 @@ class Taps:
         add(st.layers[-1].block.register_forward_hook(self._guard(self._last_post, st.layers[-1])))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        return exc_type is StopForward
 
     def _guard(self, fn, *bound):
         def hook(*args):
@@ -221,6 +227,8 @@ class Taps:
         return _with_first(out, m) if changed else None
 
     def _last_post(self, lp: LayerParts, module, args, out):
+        if self.stop:
+            raise StopForward()
         h = _first(out)
         new = h
         if self.patch is not None:
