@@ -81,10 +81,21 @@ def _receivers_by_layer(graph: EdgeGraph, n_layers: int, senders: set[int] | Non
     return out
 
 
+RECEIVER_CHUNK = 8  # receivers whose input gradients are held at once (bounds the scoring's memory)
+
+
 def _score_layer(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[int], diffs: dict, acc: _Scores,
                  steps: int = 1, only: set[int] | None = None) -> None:
     """Score the edges into receivers ``recv`` (of ``layer``) from every sender in scope
-    (``only``: these senders); ``steps`` consecutive rows per example are averaged first."""
+    (``only``: these senders); ``steps`` consecutive rows per example are averaged first.
+    Receivers go :data:`RECEIVER_CHUNK` at a time; the layer's stored gradients are then freed."""
+    for i in range(0, len(recv), RECEIVER_CHUNK):
+        _score_receivers(taps, graph, st, layer, recv[i:i + RECEIVER_CHUNK], diffs, acc, steps, only)
+    taps.release(layer)
+
+
+def _score_receivers(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[int], diffs: dict, acc: _Scores,
+                     steps: int, only: set[int] | None) -> None:
     G = taps.receiver_grads(layer, recv)  # [r, rows, T, d]
     if steps > 1:
         G = G.reshape(G.shape[0], G.shape[1] // steps, steps, *G.shape[2:]).mean(2)

@@ -309,6 +309,17 @@ class Taps:
         return y
 
     # ------------------------------------------------------------------ gradients
+    def release(self, layer: int) -> None:
+        """Drop what :meth:`receiver_grads` needed for ``layer`` (its receivers are scored)."""
+        for key in [k for k in self.proj_grads if k[0] == layer]:
+            del self.proj_grads[key]
+        self.mlp_grads.pop(layer, None)
+        if layer < self.st.n_layers:
+            self.resid.pop(("attn", layer), None)
+            self.resid.pop(("mlp", layer), None)
+        else:
+            self.logit_grad = None
+
     def receiver_grads(self, layer: int, kinds: list[int]) -> torch.Tensor:
         """``[len(kinds), B, T, d]``: for receivers ``kinds`` (indices into the graph's receivers,
         all of ``layer``'s attention/MLP, or the logits), the gradient of the backward's output
