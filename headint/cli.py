@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "circuit":
         from .circuits.cli import run as run_circuit
 
-        return run_circuit(args)
+        return run_circuit(args, sys.modules[__name__])
     return 2
 
 

@@ -457,3 +457,25 @@ def test_tracr_model_is_a_headint_model():
     task = tracr_task("tracr-reverse", n=4, seed=1)
     res = headint.scan(task.model, task.clean, projection(), method="zero", progress=False)
     assert res.per_example.shape[:2] == (4, 1)
+
+
+def test_cli_circuit(tmp_path, capsys):
+    from headint.cli import main
+    from headint.tasks.induction import induction_prompts
+
+    p = induction_prompts(4, seq_len=32, vocab=128, seed=0)
+    for name, ids in (("p.jsonl", p.clean), ("c.jsonl", p.corrupted)):
+        (tmp_path / name).write_text("".join(json.dumps({"input_ids": ids[i].tolist(), "target": int(p.target[i]),
+                                                         "contrast": int(p.contrast[i])}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    args = ["circuit", "induction-2l", "--prompts", str(tmp_path / "p.jsonl"), "--corrupt", str(tmp_path / "c.jsonl"),
+            "--method", "eap", "--top", "6", "--out", str(out)]
+    assert main(args) == 0
+    for f in ("edges.csv", "circuit.json", "circuit.safetensors", "circuit.svg", "circuit.html"):
+        assert (out / f).exists(), f
+    back = circuits.CircuitResult.load(out / "circuit")
+    assert 0 < int(back.in_circuit.sum()) <= 6
+    assert main(args[:-2] + ["--method", "acdc", "--out", str(out)]) == 2
+    assert "needs --threshold" in capsys.readouterr().err
+    assert main(["circuit", "induction-2l", "--prompts", str(tmp_path / "missing.jsonl"), "--corrupt", str(tmp_path / "c.jsonl"),
+                 "--out", str(out)]) == 2

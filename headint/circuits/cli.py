@@ -46,9 +46,11 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def run(args) -> int:
-    from ..cli import UsageError, check_out, find_tokenizer, load_causal_lm, read_prompts
-
+def run(args, cli) -> int:
+    """Run ``headint circuit``; ``cli`` is :mod:`headint.cli` (its prompt loading, checks and model
+    loading, passed in so that this module does not import it back)."""
+    UsageError, check_out, find_tokenizer, load_causal_lm, read_prompts = (
+        cli.UsageError, cli.check_out, cli.find_tokenizer, cli.load_causal_lm, cli.read_prompts)
     try:
         if args.steps < 1 or args.batch_size < 1:
             raise UsageError("--steps and --batch-size must be positive integers")
@@ -66,9 +68,7 @@ def run(args) -> int:
             model_dir = models.model_dir(args.model)
         else:
             model_dir = Path(args.model)
-            from ..cli import check_model_dir
-
-            check_model_dir(model_dir)
+            cli.check_model_dir(model_dir)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir)

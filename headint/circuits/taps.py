@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .graph import EdgeGraph
-from .structure import CircuitStructure, LayerParts
+from .structure import CircuitStructure, LayerParts, _hidden_arg as _hidden
 
 
 def _swap_hidden(args, kwargs, x):
@@ -39,15 +39,6 @@ def _swap_hidden(args, kwargs, x):
         if isinstance(kwargs.get(k), torch.Tensor):
             return args, dict(kwargs, **{k: x})
     raise RuntimeError("headint.circuits: the module was called without a hidden-states tensor")
-
-
-def _hidden(args, kwargs):
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for k in ("hidden_states", "x", "input", "inputs"):
-        if isinstance(kwargs.get(k), torch.Tensor):
-            return kwargs[k]
-    return None
 
 
 def _with_first(out, x):
