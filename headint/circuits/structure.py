@@ -173,12 +173,15 @@ class _Watch:
     """Forward hooks on every module of the blocks: each call's first input and first output."""
 
     def __init__(self, modules: dict[str, nn.Module]):
+        self.owner = threading.get_ident()  # another thread's forward meanwhile is not watched
         self.calls: dict[int, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {}
         self.handles = []
         for m in modules.values():
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
 
     def _hook(self, module, args, kwargs, out):
+        if threading.get_ident() != self.owner:
+            return
         self.calls.setdefault(id(module), []).append((_hidden_arg(args, kwargs), _first_tensor(out)))
 
     def remove(self):
@@ -215,8 +218,12 @@ def _probe(model) -> CircuitStructure:
     block_io: dict[int, list] = {}
     handles = []
 
+    owner = threading.get_ident()
+
     def block_pre(l):
         def hook(module, args, kwargs):
+            if threading.get_ident() != owner:
+                return None
             x = _hidden_arg(args, kwargs)
             if l == 0 and x is not None and not x.requires_grad:
                 x = x.detach().requires_grad_(True)
@@ -231,7 +238,8 @@ def _probe(model) -> CircuitStructure:
 
     def block_post(l):
         def hook(module, args, output):
-            block_io[l][1] = _first_tensor(output)
+            if threading.get_ident() == owner:
+                block_io[l][1] = _first_tensor(output)
         return hook
 
     watched = {}
@@ -245,7 +253,8 @@ def _probe(model) -> CircuitStructure:
 
     def attn_pre(l):
         def hook(module, args, kwargs):
-            attn_inputs[l] = _hidden_arg(args, kwargs)
+            if threading.get_ident() == owner:
+                attn_inputs[l] = _hidden_arg(args, kwargs)
         return hook
 
     for l, (attn, _, _) in attn_of.items():
