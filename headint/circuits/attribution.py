@@ -50,14 +50,15 @@ class _Scores:
         self.positions = torch.zeros(S, R, T, dtype=torch.float64) if per_position else None
         self.per_example: list[torch.Tensor] = []
 
-    def add(self, s_idx: list[int], r_idx: list[int], scores: torch.Tensor) -> None:
-        """``scores`` ``[len(s), len(r), B, T]``."""
-        per_ex = scores.sum(-1).double().cpu()
+    def add(self, s_idx: list[int], r_idx: list[int], per_example: torch.Tensor, per_position: torch.Tensor | None) -> None:
+        """``per_example`` ``[len(s), len(r), B]`` (summed over positions); ``per_position``
+        ``[len(s), len(r), T]`` (summed over examples) when positions are kept."""
+        per_ex = per_example.double().cpu()
         si, ri = torch.tensor(s_idx)[:, None], torch.tensor(r_idx)[None, :]
         self.total[si, ri] += per_ex.sum(-1)
         self.squares[si, ri] += (per_ex ** 2).sum(-1)
         if self.positions is not None:
-            self.positions[si, ri] += scores.sum(2).double().cpu()
+            self.positions[si, ri] += per_position.double().cpu()
 
 
 def _diffs(src: dict, base: dict, mask: torch.Tensor) -> dict:
@@ -81,28 +82,25 @@ def _receivers_by_layer(graph: EdgeGraph, n_layers: int, senders: set[int] | Non
     return out
 
 
-RECEIVER_CHUNK = 8  # receivers whose input gradients are held at once (bounds the scoring's memory)
+RECEIVER_CHUNK = 8  # receivers whose norm vector-Jacobian products are taken at once (bounds temporaries)
 
 
 def _score_layer(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[int], diffs: dict, acc: _Scores,
                  steps: int = 1, only: set[int] | None = None) -> None:
     """Score the edges into receivers ``recv`` (of ``layer``) from every sender in scope
-    (``only``: these senders); ``steps`` consecutive rows per example are averaged first.
-    Receivers go :data:`RECEIVER_CHUNK` at a time; the layer's stored gradients are then freed."""
+    (``only``: these senders); ``steps`` consecutive rows per example are averaged first. The
+    layer's stored gradients are freed afterwards."""
+    parts = []
     for i in range(0, len(recv), RECEIVER_CHUNK):
-        _score_receivers(taps, graph, st, layer, recv[i:i + RECEIVER_CHUNK], diffs, acc, steps, only)
+        g = taps.receiver_grads(layer, recv[i:i + RECEIVER_CHUNK])  # [r, rows, T, d]
+        if steps > 1:
+            g = g.reshape(g.shape[0], g.shape[1] // steps, steps, *g.shape[2:]).mean(2)
+        parts.append(g)
     taps.release(layer)
-
-
-def _score_receivers(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[int], diffs: dict, acc: _Scores,
-                     steps: int, only: set[int] | None) -> None:
-    G = taps.receiver_grads(layer, recv)  # [r, rows, T, d]
-    if steps > 1:
-        G = G.reshape(G.shape[0], G.shape[1] // steps, steps, *G.shape[2:]).mean(2)
+    G = parts[0] if len(parts) == 1 else torch.cat(parts)
+    del parts
     col = graph.mask[:, recv]
-    groups: list[tuple[list[int], Callable[[], torch.Tensor]]] = []
-    s_in = 0
-    groups.append(([s_in], lambda: diffs["embed"][None]))
+    groups: list[tuple[list[int], Callable[[], torch.Tensor]]] = [([0], lambda: diffs["embed"][None])]
     for l in range(min(layer + 1, st.n_layers)):
         lp = st.layers[l]
         heads = [i for i, s in enumerate(graph.senders) if s.kind == "head" and s.layer == l]
@@ -110,6 +108,8 @@ def _score_receivers(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[in
         if lp.mlp is not None:
             m = next(i for i, s in enumerate(graph.senders) if s.kind == "mlp" and s.layer == l)
             groups.append(([m], lambda l=l: diffs[("mlp", l)][None]))
+    R, B, T, d = G.shape
+    flat = G.reshape(R, B, T * d)
     for s_idx, make in groups:
         keep = [s for s in s_idx if (only is None or s in only) and bool(col[s].any())]
         if not keep:
@@ -117,8 +117,10 @@ def _score_receivers(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[in
         D = make()
         if D.shape[0] != len(keep):
             D = D[[s_idx.index(s) for s in keep]]
-        scores = torch.einsum("sbtd,rbtd->srbt", D.to(G.dtype), G)
-        acc.add(keep, recv, scores)
+        D = D.to(G.dtype)
+        per_example = torch.einsum("sbx,rbx->srb", D.reshape(len(keep), B, T * d), flat)
+        per_position = torch.einsum("sbtd,rbtd->srt", D, G) if acc.positions is not None else None
+        acc.add(keep, recv, per_example, per_position)
 
 
 def edge_attribution(model, clean, corrupt, metric="logit_diff", *, method: str = "eap", steps: int = 5,

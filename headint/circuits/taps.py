@@ -59,6 +59,14 @@ def _first(out):
     raise RuntimeError(f"headint.circuits: unexpected module output of type {type(out).__name__}")
 
 
+def _as_slice(ch: torch.Tensor):
+    """A slice for contiguous channel indices (views, no copies), else the index tensor."""
+    first, n = int(ch[0]), len(ch)
+    if n and int(ch[-1]) == first + n - 1 and bool((ch[1:] - ch[:-1] == 1).all() if n > 1 else True):
+        return slice(first, first + n)
+    return ch
+
+
 def norm_vjp(norm, residual: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
     """``[n, B, T, d]``: the vector-Jacobian products of ``norm`` at ``residual`` ``[B, T, d]`` for
     each of ``cotangents`` ``[n, B, T, d]`` (``norm`` None: the identity)."""
@@ -292,7 +300,7 @@ class Taps:
         for j, (r, ch) in enumerate(todo):
             x = res + delta[j]
             x = x if lp.attn_norm is None else _first(lp.attn_norm(x))
-            ch = ch.to(y.device)
+            ch = _as_slice(ch.to(y.device))
             part = x.to(y.dtype) @ proj.matrix[:, ch]
             if proj.bias is not None:
                 part = part + proj.bias[ch]
@@ -338,8 +346,8 @@ class Taps:
             if gy is None:
                 attn_cots.append(torch.zeros_like(res))
             else:
-                ch = ch.to(gy.device)
-                attn_cots.append(gy[..., ch] @ lp.projections[pi].matrix[:, ch].detach().t().to(gy.dtype))
+                sl = _as_slice(ch)
+                attn_cots.append(gy[..., sl] @ lp.projections[pi].matrix[:, sl].detach().t().to(gy.dtype))
             attn_idx.append(j)
         if attn_idx:
             g = norm_vjp(lp.attn_norm, self.resid[("attn", layer)], torch.stack(attn_cots))
