@@ -69,14 +69,25 @@ def _as_slice(ch: torch.Tensor):
 
 def norm_vjp(norm, residual: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
     """``[n, B, T, d]``: the vector-Jacobian products of ``norm`` at ``residual`` ``[B, T, d]`` for
-    each of ``cotangents`` ``[n, B, T, d]`` (``norm`` None: the identity)."""
+    each of ``cotangents`` ``[n, B, T, d]`` (``norm`` None: the identity). Norms act on the last
+    dimension, so the ``n`` products are one backward over ``n`` copies of the residual stream
+    stacked as extra rows (a norm that does not take them is differentiated with vmap)."""
     if norm is None:
         return cotangents
+    n = cotangents.shape[0]
     with torch.enable_grad():
-        x = residual.detach().requires_grad_(True)
-        y = norm(x)
-        y = y[0] if isinstance(y, tuple) else y
-        return torch.autograd.grad(y, x, cotangents, is_grads_batched=True)[0]
+        x = residual.detach()[None].expand(n, *residual.shape).requires_grad_(True)
+        try:
+            y = norm(x.reshape(n * residual.shape[0], *residual.shape[1:]))
+            y = y[0] if isinstance(y, tuple) else y
+            if y.shape != (n * residual.shape[0], *residual.shape[1:]):
+                raise RuntimeError("shape")
+            return torch.autograd.grad(y, x, cotangents.reshape(y.shape).to(y.dtype))[0]
+        except RuntimeError:
+            x = residual.detach().requires_grad_(True)
+            y = norm(x)
+            y = y[0] if isinstance(y, tuple) else y
+            return torch.autograd.grad(y, x, cotangents, is_grads_batched=True)[0]
 
 
 @dataclass
