@@ -249,18 +249,16 @@ class CircuitResult:
             color = "#2b6cb0" if v >= 0 else "#c53030"
             parts.append(f'<line x1="{x1:.1f}" y1="{y1 - 10:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
                          f'stroke-width="{w:.2f}" stroke-opacity="0.7"><title>{html.escape(g.names[i])}: {v:.4g}</title></line>')
-        used = {g.edges[i][0] for i in chosen} | {n for i in chosen for n in [g.edges[i][1]]}
+        on = {g.edges[i][0] for i in chosen}  # senders of drawn edges, and the nodes their receivers belong to
+        on |= {s for i in chosen for s, snd in enumerate(g.senders) if snd.name == g.receivers[g.edges[i][1]].node}
         for s, snd in enumerate(g.senders):
             x, y = node_xy(snd.kind, snd.layer, snd.head)
-            on = s in {g.edges[i][0] for i in chosen} or any(g.receivers[g.edges[i][1]].layer == snd.layer and
-                                                             g.receivers[g.edges[i][1]].node in (snd.name,) for i in chosen)
-            fill = "#fefcbf" if on else "#edf2f7"
+            fill = "#fefcbf" if s in on else "#edf2f7"
             parts.append(f'<rect x="{x - 24:.1f}" y="{y - 10:.1f}" width="48" height="20" rx="4" fill="{fill}" stroke="#4a5568"/>'
                          f'<text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle">{html.escape(snd.name)}</text>')
         x, y = node_xy("logits", 0, 0)
         parts.append(f'<rect x="{x - 24:.1f}" y="{y - 10:.1f}" width="48" height="20" rx="4" fill="#fefcbf" stroke="#4a5568"/>'
                      f'<text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle">logits</text>')
-        del used
         parts.append("</svg>")
         return "\n".join(parts)
 
