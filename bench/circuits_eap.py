@@ -156,12 +156,12 @@ def main() -> int:
             if what not in r:
                 continue
             line = f"{name:11s} {what:16s}"
-            if base:
+            if base and base["peak_growth_mib"] > 0:
                 line += f"  memory / fwd+bwd {r[what]['peak_growth_mib'] / base['peak_growth_mib']:5.2f}"
-            if frozen:
+            if frozen and frozen["peak_growth_mib"] > 0:
                 line += f"  / frozen fwd+bwd {r[what]['peak_growth_mib'] / frozen['peak_growth_mib']:5.2f}"
             hook = r.get(what.replace("headint", "hook"))
-            if what.startswith("headint") and hook:
+            if what.startswith("headint") and hook and hook["peak_growth_mib"] > 0 and r[what]["seconds"] > 0:
                 line += f"  speed-up vs hooks {hook['seconds'] / r[what]['seconds']:6.1f}x  memory vs hooks " \
                         f"{r[what]['peak_growth_mib'] / hook['peak_growth_mib']:5.2f}"
             print(line)
