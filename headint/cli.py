@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--examples", type=_positive_int, default=64, help="number of prompts (default: 64)")
     d.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: 0)")
     d.add_argument("--backend", default="auto", choices=backend_names(), help="attention backend (default: auto)")
+    from .circuits.cli import add_parser as add_circuit_parser
+
+    add_circuit_parser(sub)
     return p
 
 
@@ -419,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             return _fail(str(e), "demo")
         return run_demo(out=args.out, n_examples=args.examples, seed=args.seed, backend=args.backend)
+    if args.command == "circuit":
+        from .circuits.cli import run as run_circuit
+
+        return run_circuit(args, sys.modules[__name__])
     return 2
 
 
