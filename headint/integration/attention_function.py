@@ -21,6 +21,7 @@ from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
 from .pattern_patch import apply_pattern_edits
+from .positions import call_positions
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
@@ -87,9 +88,10 @@ def headint_attention_forward(
     session.calls += 1
     site = session.site_of(module)
     stack, layer = site if site is not None else (None, None)
-    q_start = session.q_start
-    if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
-        q_start = None
+    placed = call_positions(session, module, stack, Tq, key, value, mask, causal)  # absolute query/key positions
+    key, value, mask, q_start = placed.key, placed.value, placed.mask, placed.q_start
+    Tk = key.shape[2]
+    at = {"q_start": q_start} if placed.k_start is None else {"q_start": q_start, "k_start": placed.k_start}
     shard = None  # tensor parallel: this rank holds a slice of the heads; plans name global heads
     if layer is not None and is_active():
         shape = session.structure.shape
@@ -97,9 +99,9 @@ def headint_attention_forward(
     plan = None
     if session.plan is not None and site is not None:
         if stack == session.structure.shape.default_stack:
-            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, **at)
         else:
-            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, **at)
         if plan is not None:
             plan = plan.to(query.device)
             if shard is not None:

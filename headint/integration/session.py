@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .adapter import UnsupportedModelError, model_configs, submodels
+from .positions import cache_kv_offsets
 
 ATTN_NAME = "headint"
 _IMPL = "_attn_implementation_internal"
@@ -57,6 +58,9 @@ class Session:
         self.structure = structure
         self.observer = None
         self.q_start: int | None = None
+        self.kv_offsets: dict[int, int] = {}  # this forward's KV-cache layers' first key positions
+        self.self_q_start: int | None = None  # the last self-attention call's q_start (cross-attention's queries)
+        self.masked_columns: dict = {}  # per forward: whether a mask hides a static cache's empty slots
         self.calls = 0  # attention calls handled for this session
         self._forward_starts: list[int] = []
         self._stack: list | None = None
@@ -117,7 +121,8 @@ def _set_q_start(module, args, kwargs) -> None:
 
     Read from ``cache_position``, else the 2D attention mask (which covers past and new
     tokens in ``generate``), else the KV cache's length; a sliding-window cache may hold
-    fewer keys than that, so the attention call alone cannot tell.
+    fewer keys than that, so the attention call alone cannot tell. Also where each KV-cache
+    layer's keys start (see :mod:`.positions`).
     """
     session = current_session(module)
     if session is None:
@@ -127,7 +132,11 @@ def _set_q_start(module, args, kwargs) -> None:
     n_new = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (emb.shape[1] if isinstance(emb, torch.Tensor) else None)
     cp = kwargs.get("cache_position")
     mask = kwargs.get("attention_mask")
-    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache") if past is None else past
+    session.kv_offsets = cache_kv_offsets(past)
+    session.self_q_start = None
+    session.masked_columns = {}
     if isinstance(cp, torch.Tensor) and cp.numel():
         session.q_start = int(cp.reshape(-1)[0])
     elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and n_new is not None:
