@@ -22,6 +22,7 @@ from ..ops.attention import attention
 from ..ops.reference import reference_probs
 from .pattern_patch import apply_pattern_edits
 from .positions import call_positions
+from .probs import call_probs, wants_probs
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
@@ -57,7 +58,8 @@ def headint_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Query ``[B, Hq, Tq, D]``, key ``[B, Hkv, Tk, D]``, value ``[B, Hkv, Tk, Dv]``; returns
-    ``([B, Tq, Hq, Dv], None)`` as ``transformers`` expects. ``softcap`` (Gemma 2) and ``s_aux``
+    ``([B, Tq, Hq, Dv], probs)`` as ``transformers`` expects (``probs`` ``[B, Hq, Tq, Tk]`` only when
+    the forward asks for attention weights, see :mod:`.probs`; else None). ``softcap`` (Gemma 2) and ``s_aux``
     (gpt-oss's per-head sinks) become the ``softcap`` / ``sinks`` operands."""
     session = current_session(module)
     if session is None and not switched_by_any_session(module):
@@ -83,7 +85,9 @@ def headint_attention_forward(
 
     if session is None:  # another thread's session switched the model: this forward is not intervened
         out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend="auto", **ops)
-        return out.transpose(1, 2).contiguous(), None
+        weights = call_probs(query, key, value, causal=causal, mask=mask, scale=scaling, window=window, operands={}, ops=ops) \
+            if wants_probs(module, kwargs) else None
+        return out.transpose(1, 2).contiguous(), weights
 
     session.calls += 1
     site = session.site_of(module)
@@ -137,4 +141,8 @@ def headint_attention_forward(
             args = prepare(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window,
                            knockout=kw.get("knockout"), score_scale=kw.get("score_scale"), **ops)
             rec.add(layer, "pattern", full(reference_probs(args), 1), concat_dim=None)
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if wants_probs(module, kwargs):  # output_attentions=True: the probabilities this call attended with
+        weights = call_probs(query, key, value, causal=causal, mask=mask, scale=scaling, window=window, operands=kw, ops=ops,
+                             pattern_edits=plan.pattern_edits if plan is not None else ())
+    return out.transpose(1, 2).contiguous(), weights

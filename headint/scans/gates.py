@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..results.gates import GateResult
 from .batching import check_batch_size, run_in_halves
 from .masking import ablation_patches, frozen_parameters, check_ablation, mask_plan, metric_direction, removed_masks
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
 
 GATE_KINDS = ("hard_concrete", "sigmoid")
@@ -126,6 +127,7 @@ def learn_gates(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"learn_gates: seed must be an int, got {seed!r}")
 
+    require_autograd("headint.learn_gates")
     setup = prepare_scan(model, inputs, None, loss_or_metric, kind="gates", backend=backend)
     up = metric_direction(setup.metric, maximize, "learn_gates")
     shape, N, device = setup.shape, setup.N, setup.device

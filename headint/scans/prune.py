@@ -27,6 +27,7 @@ from ..results.prune import PruneCurve
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .masking import frozen_parameters
 from .masking import ablation_patches, check_ablation, check_head, mask_plan, metric_direction, removed_masks
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
 
 GREEDY_ORDERS = ("importance", "exact")
@@ -92,6 +93,8 @@ def prune_curve(
     shape, N, device = setup.shape, setup.N, setup.device
     L, H = shape.n_layers, shape.n_heads
     greedy = isinstance(order, str) and order in GREEDY_ORDERS
+    if isinstance(order, str) and order == "importance":
+        require_autograd("headint.prune_curve(order='importance')")
     if isinstance(order, str) and not greedy:
         raise ValueError(f"prune_curve: order must be one of {GREEDY_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
     fixed, fixed_scores, order_name = (None, None, order) if greedy else _given_order(order, shape)
