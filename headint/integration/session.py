@@ -16,11 +16,13 @@ Rules (see README "Threads and nested blocks"):
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from . import checkpointing
 from .adapter import UnsupportedModelError, model_configs, submodels
 from .positions import cache_kv_offsets
 
@@ -66,6 +68,15 @@ class Session:
         self._stack: list | None = None
         self.state = "new"
 
+    def position_state(self) -> tuple:
+        """Where the current forward sits (see :mod:`.positions`), to resume it later."""
+        return (self.q_start, dict(self.kv_offsets), self.self_q_start)
+
+    def set_position_state(self, state: tuple) -> None:
+        self.q_start, kv_offsets, self.self_q_start = state
+        self.kv_offsets = dict(kv_offsets)
+        self.masked_columns = {}
+
     def site_of(self, module) -> tuple[str, int] | None:
         """``(stack, layer)`` of an attention module, or None (no interventions or recording apply)."""
         return None if self.structure is None else self.structure.site_of(module)
@@ -80,7 +91,9 @@ class _Switch:
         self.module_ids = {id(m) for m in model.modules()}
         self.saved = [(c, c.__dict__.get(_IMPL, None), _IMPL in c.__dict__) for c in model_configs(model)]
         self.handles: list = []
+        self.checkpointing: list = []
         try:
+            self.checkpointing = checkpointing.wrap(model)
             for c, _, _ in self.saved:
                 setattr(c, _IMPL, ATTN_NAME)
             self.handles.append(model.register_forward_pre_hook(self._before_forward))
@@ -95,6 +108,8 @@ class _Switch:
         for h in self.handles:
             h.remove()
         self.handles = []
+        checkpointing.unwrap(self.checkpointing)
+        self.checkpointing = []
         for c, value, had in self.saved:
             if had:
                 setattr(c, _IMPL, value)
@@ -171,12 +186,7 @@ def open_session(session: Session) -> None:
             "call headint.intervene(model, ...) again for a new block"
         )
     session.state = "open"
-    with _LOCK:
-        key = id(session.model)
-        switch = _SWITCHES.get(key)
-        if switch is None:
-            switch = _SWITCHES[key] = _Switch(session.model)
-        switch.count += 1
+    _acquire(session.model)
     session._stack = _stack()
     session._stack.append(session)
 
@@ -189,14 +199,53 @@ def close_session(session: Session) -> None:
     session.state = "closed"
     if session._stack is not None and session in session._stack:
         session._stack.remove(session)
+    _release(session.model)
+
+
+def _acquire(model) -> None:
+    """Switch ``model`` to headint's attention (the first holder) and count one more holder."""
     with _LOCK:
-        key = id(session.model)
+        key = id(model)
+        switch = _SWITCHES.get(key)
+        if switch is None:
+            switch = _SWITCHES[key] = _Switch(model)
+        switch.count += 1
+
+
+def _release(model) -> None:
+    """One holder fewer; the last one restores the model."""
+    with _LOCK:
+        key = id(model)
         switch = _SWITCHES.get(key)
         if switch is not None:
             switch.count -= 1
             if switch.count == 0:
                 del _SWITCHES[key]
                 switch.restore()
+
+
+@contextlib.contextmanager
+def resumed(session: Session, state: tuple) -> Iterator[None]:
+    """Within the block, ``session`` applies again in the calling thread with the forward
+    positions ``state`` (:meth:`Session.position_state`) and no recorder or observer: a
+    checkpointed layer recomputed during ``backward`` (see :mod:`.checkpointing`), also after
+    the ``intervene`` block has exited (the model is switched again meanwhile)."""
+    saved = (session.position_state(), session.recorder, session.observer)
+    stack = _stack()
+    _acquire(session.model)
+    stack.append(session)
+    session.recorder = session.observer = None
+    session.set_position_state(state)
+    try:
+        yield
+    finally:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is session:
+                del stack[i]
+                break
+        session.set_position_state(saved[0])
+        session.recorder, session.observer = saved[1], saved[2]
+        _release(session.model)
 
 
 def open_sessions() -> list[Any]:
