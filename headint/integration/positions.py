@@ -6,19 +6,22 @@ positions its ``Tq`` queries and ``Tk`` keys are. A forward pre-hook on each sub
 
 - ``q_start``: the position of the forward's first query (``cache_position``, else the 2D
   attention mask, which covers past and new tokens in ``generate``, else the KV cache's length);
-- ``kv_offsets``: for each layer of the KV cache, the absolute position of the first key its
-  attention will be handed (``Cache.get_mask_sizes(...)[1]``, the offset ``transformers`` builds
-  that layer's attention mask with: column ``j`` of the mask is position ``kv_offset + j``).
+- ``kv_offsets``: for each static layer of the KV cache (a preallocated buffer of
+  ``max_cache_len`` slots), the absolute position of the first key its attention will be handed
+  (``Cache.get_mask_sizes(...)[1]``, the offset ``transformers`` builds that layer's attention
+  mask with: column ``j`` of the mask is position ``kv_offset + j``) and the buffer's length.
 
 From these, :func:`call_positions` places one call (``CallPositions``):
 
-- self-attention with a dynamic cache (or none): keys end with the last query;
+- self-attention with a dynamic cache (or none, or keys handed over by a stand-in cache such as
+  the scans' last-query block): keys end with the last query;
 - a static cache (``StaticCache``, its sliding-window layers, offloaded static caches) hands
   attention its whole preallocated buffer: keys ``kv_offset .. kv_offset + Tk - 1`` of which
   those after the last query are empty slots. They are cut off (they are masked for every
   query, checked on the mask; without a mask a causal call never sees them), which also keeps
   ``transformers``' prefill shortcut (no mask, SDPA's top-left aligned ``is_causal``) right;
-  where the mask lets a query see one, the keys are kept and placed from ``kv_offset``;
+  where the mask lets a query see one, the keys are kept and placed from ``kv_offset``. Only a
+  call whose ``Tk`` is its layer's buffer length is taken for one;
 - cross-attention (stack ``"cross"`` or ``"<part>.cross"``): queries are the decoder's
   positions (those of the decoder's self-attention in the same forward), keys the encoder's
   ``0 .. Tk - 1``.
@@ -32,23 +35,27 @@ from typing import Any
 import torch
 
 
-def cache_kv_offsets(cache: Any) -> dict[int, int]:
-    """``{layer_idx: kv_offset}`` for every layer of a ``transformers`` ``Cache`` as it is now
-    (before the forward updates it); empty for anything else. Reads no tensor (no device sync)."""
-    if cache is None or not hasattr(cache, "get_mask_sizes"):
+def cache_kv_offsets(cache: Any) -> dict[int, tuple[int, int]]:
+    """``{layer_idx: (kv_offset, buffer length)}`` for every layer of a ``transformers`` ``Cache``
+    that hands attention a preallocated buffer (a static layer: ``max_cache_len`` slots, those
+    after the last token empty), as it is now (before the forward updates it); empty for anything
+    else (dynamic layers hand over exactly the keys up to the last query). Reads no tensor (no
+    device sync)."""
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the decoder's own
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, (list, tuple)) or not hasattr(cache, "get_mask_sizes"):
         return {}
-    try:
-        n = len(cache)
-    except TypeError:
-        return {}
-    out: dict[int, int] = {}
-    for i in range(n):
+    out: dict[int, tuple[int, int]] = {}
+    for i, layer in enumerate(layers):
+        size = getattr(layer, "max_cache_len", None)
+        if not isinstance(size, int) or isinstance(size, bool):
+            continue
         try:
             _, offset = cache.get_mask_sizes(1, i)
         except (ValueError, TypeError, AttributeError, IndexError):  # a layer without keys (linear attention, ...)
             continue
         if isinstance(offset, int):
-            out[i] = offset
+            out[i] = (offset, size)
     return out
 
 
@@ -90,7 +97,8 @@ def call_positions(session, module, stack: str | None, Tq: int, key: torch.Tenso
         q = session.self_q_start if session.self_q_start is not None else (q_start if q_start is not None else 0)
         return CallPositions(q, 0, key, value, mask)
     layer_idx = getattr(module, "layer_idx", None)
-    kv_offset = session.kv_offsets.get(layer_idx) if isinstance(layer_idx, int) else None
+    buffer = session.kv_offsets.get(layer_idx) if isinstance(layer_idx, int) else None
+    kv_offset = buffer[0] if buffer is not None and buffer[1] == Tk else None  # the keys are that layer's buffer
     k_start = None
     if q_start is not None and kv_offset is not None and kv_offset <= q_start and kv_offset + Tk > q_start + Tq:
         n = q_start + Tq - kv_offset  # keys up to the last query; the rest are empty static-cache slots

@@ -60,7 +60,7 @@ class Session:
         self.structure = structure
         self.observer = None
         self.q_start: int | None = None
-        self.kv_offsets: dict[int, int] = {}  # this forward's KV-cache layers' first key positions
+        self.kv_offsets: dict[int, tuple[int, int]] = {}  # this forward's static KV-cache layers: (first key position, slots)
         self.self_q_start: int | None = None  # the last self-attention call's q_start (cross-attention's queries)
         self.masked_columns: dict = {}  # per forward: whether a mask hides a static cache's empty slots
         self.calls = 0  # attention calls handled for this session
