@@ -20,6 +20,7 @@ from ..distributed import gather_heads, head_shard, is_active, take_heads
 from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
+from .masks import headint_mask
 from .pattern_patch import apply_pattern_edits
 from .positions import call_positions
 from .probs import call_probs, wants_probs
@@ -27,13 +28,13 @@ from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
 def register() -> None:
-    """Register the attention function (and SDPA's mask builder under the same name)."""
+    """Register the attention function (and SDPA's mask builder under the same name, see :mod:`.masks`)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, headint_attention_forward)
-    if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(ATTN_NAME) is not headint_mask:
+        AttentionMaskInterface.register(ATTN_NAME, headint_mask)
 
 
 def _apply_qkv_edits(edits, q, k, v):
