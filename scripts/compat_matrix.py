@@ -242,6 +242,21 @@ def out_projection(model, attn_path: str):
     return None
 
 
+def head_outputs(model, proj, n_heads: int, inputs) -> torch.Tensor:
+    """The head outputs ``z [B, T, H, Dv]`` entering ``proj`` when ``model`` runs ``inputs``."""
+    store = {}
+
+    def grab(_m, args):
+        store["z"] = args[0].reshape(*args[0].shape[:-1], n_heads, -1).clone()
+
+    h = proj.register_forward_pre_hook(grab)
+    try:
+        _logits(model, inputs)
+    finally:
+        h.remove()
+    return store["z"]
+
+
 @contextlib.contextmanager
 def edit_z(proj, n_heads: int, fn):
     """Within the block, the output projection's input ``[B, T, H*Dv]`` is rewritten as
@@ -395,16 +410,7 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
     dec = getattr(model.config, "is_encoder_decoder", False)
 
     def z_of(inp):
-        store = {}
-        def grab(_m, a):
-            store["z"] = a[0].reshape(*a[0].shape[:-1], H, -1).clone()
-
-        h = proj.register_forward_pre_hook(grab)
-        try:
-            _logits(model, inp)
-        finally:
-            h.remove()
-        return store["z"]
+        return head_outputs(model, proj, H, inp)
 
     def with_head(fn_z):
         with edit_z(proj, H, fn_z):
@@ -583,20 +589,12 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         n = shape.layer(l0, stack).n_heads
         module = dict(model.named_modules())[s.path]
         qs, ks = [3, 4], [0, 5, 6]
-        store = {}
-
-        def grab(_m, a_):
-            store["z"] = a_[0].reshape(*a_[0].shape[:-1], n, -1).clone()
-        h = p.register_forward_pre_hook(grab)
-        try:
-            _logits(model, other)
-        finally:
-            h.remove()
+        zo = head_outputs(model, p, n, other)
         cache = headint.record(model, other, stack=stack)
 
         def f(z):
             z[:, qs, 0] = 0
-            z[:, [2, 4], 1 % n] = store["z"][:, [2, 4], 1 % n]
+            z[:, [2, 4], 1 % n] = zo[:, [2, 4], 1 % n]
             return z
         ivs = [headint.Ablate(layer=l0, head=0, positions=qs, stack=stack),
                headint.Patch(layer=l0, head=1 % n, positions=[2, 4], source=cache, stack=stack)]

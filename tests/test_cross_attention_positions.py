@@ -74,16 +74,7 @@ def _oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     B, Hq, Tq, Dh = query.shape
     Tk = key.shape[2]
     scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else Dh ** -0.5)
-    keep = torch.ones(B, Hq, Tq, Tk, dtype=torch.bool)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :Tk]
-        if m.dtype == torch.bool:
-            keep &= m
-        else:
-            scores = scores + m
-            keep &= m > torch.finfo(m.dtype).min / 2
-    elif is_causal if is_causal is not None else getattr(module, "is_causal", False):
-        keep &= torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    scores, keep = tm.apply_mask(scores, attention_mask, is_causal if is_causal is not None else getattr(module, "is_causal", False))
     for mod, head, qs, ks in (_SPEC[-1] if _SPEC else []):
         if mod is module:
             for q in qs:

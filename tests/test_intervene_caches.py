@@ -88,16 +88,7 @@ def _oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     scores = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else D ** -0.5)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    keep = torch.ones(B, H, Tq, Tk, dtype=torch.bool)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :Tk]
-        if m.dtype == torch.bool:
-            keep &= m
-        else:
-            scores = scores + m
-            keep &= m > torch.finfo(m.dtype).min / 2
-    else:
-        keep &= torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    scores, keep = tm.apply_mask(scores, attention_mask, causal=True)
     q_pos = list(range(Tk - Tq, Tk))
     for layer, head, qs, ks in (_REMOVED[-1] if _REMOVED else []):
         if layer == module.layer_idx:

@@ -27,14 +27,13 @@ ATTR = "_gradient_checkpointing_func"
 class _KeepSession:
     """Stands in for one layer's checkpointing function; see the module docstring."""
 
-    def __init__(self, module: nn.Module, original: Callable):
+    def __init__(self, module: nn.Module, original: Callable, find: Callable, resume: Callable):
         self.module = module
         self.original = original
+        self.find, self.resume = find, resume
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any):
-        from .session import current_session, resumed
-
-        session = current_session(self.module)
+        session = self.find(self.module)
         if session is None:
             return self.original(function, *args, **kwargs)
         state = session.position_state()
@@ -44,20 +43,22 @@ class _KeepSession:
             runs[0] += 1
             if runs[0] == 1:  # the forward itself, inside the session
                 return function(*a, **k)
-            with resumed(session, state):  # a recomputation during backward
+            with self.resume(session, state):  # a recomputation during backward
                 return function(*a, **k)
 
         return self.original(run, *args, **kwargs)
 
 
-def wrap(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-    """Wrap every layer's checkpointing function; returns what :func:`unwrap` puts back."""
+def wrap(model: nn.Module, find: Callable, resume: Callable) -> list[tuple[nn.Module, Callable]]:
+    """Wrap every layer's checkpointing function; ``find(module)``: the session a call belongs to
+    (or None), ``resume(session, state)``: a context that applies it again for a recomputation.
+    Returns what :func:`unwrap` puts back."""
     saved = []
     for m in model.modules():
         f = m.__dict__.get(ATTR)
         if f is not None and not isinstance(f, _KeepSession):
             saved.append((m, f))
-            setattr(m, ATTR, _KeepSession(m, f))
+            setattr(m, ATTR, _KeepSession(m, f, find, resume))
     return saved
 
 

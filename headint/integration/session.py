@@ -93,7 +93,7 @@ class _Switch:
         self.handles: list = []
         self.checkpointing: list = []
         try:
-            self.checkpointing = checkpointing.wrap(model)
+            self.checkpointing = checkpointing.wrap(model, current_session, resumed)
             for c, _, _ in self.saved:
                 setattr(c, _IMPL, ATTN_NAME)
             self.handles.append(model.register_forward_pre_hook(self._before_forward))
