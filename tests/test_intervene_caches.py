@@ -95,7 +95,7 @@ def _oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scal
             for i, qp in enumerate(q_pos):
                 if qp in qs:
                     keep[:, head, i, [kp for kp in ks if kp < Tk]] = False
-    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1), nan=0.0)  # padding queries read nothing
     return (probs @ v).transpose(1, 2).contiguous(), None
 
 
@@ -261,3 +261,20 @@ def test_chunked_forwards_on_an_explicit_cache(name, kind):
             outs.append(t.model(input_ids=chunk, attention_mask=mask, cache=cache, use_cache=True).logits)
             start += n
     torch.testing.assert_close(torch.cat(outs, 1), want, **TOL)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral8"])
+def test_left_padded_batch_with_a_static_cache(name):
+    """Positions count the padding (absolute indices of the padded input), as with a dynamic cache."""
+    t = tiny(name)
+    ids = _prompt(seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+    kw = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, num_beams=1,
+              output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    with oracle(t), torch.no_grad():
+        want = t.model.generate(input_ids=ids, use_cache=False, **kw)
+    with intervene(t.model, IVS, backend="reference"), torch.no_grad():
+        got = t.model.generate(input_ids=ids, cache_implementation="static", **kw)
+    assert_same(got, want)
