@@ -98,3 +98,18 @@ def test_backward_after_the_block(arch, reentrant):
     _loss(t.model, x).backward()
     for n, g in _grads(t.model).items():
         torch.testing.assert_close(plain[n], g, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpointing_turned_on_inside_the_block():
+    t = _model("llama")
+    x = torch.randint(3, tm.VOCAB, (2, T), generator=torch.Generator().manual_seed(2))
+    want = _oracle_grads(t, x)
+    with intervene(t.model, IVS, backend="reference"):
+        t.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        loss = _loss(t.model, x)
+    loss.backward()
+    got = _grads(t.model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-4, rtol=1e-4)
+    assert all(type(m.__dict__["_gradient_checkpointing_func"]).__name__ == "partial"
+               for m in t.model.modules() if "_gradient_checkpointing_func" in m.__dict__)

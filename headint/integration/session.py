@@ -121,6 +121,9 @@ class _Switch:
         s = current_session(self.model)
         if s is not None:
             s._forward_starts.append(s.calls)
+        if self.model.training:  # checkpointing turned on inside the block (it only acts in train mode)
+            with _LOCK:
+                self.checkpointing += checkpointing.wrap(self.model, current_session, resumed)
 
     def _after_forward(self, _module, _args, _output) -> None:
         s = current_session(self.model)
