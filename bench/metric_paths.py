@@ -15,6 +15,15 @@ in what follows each batch's final hidden states and in what runs once per base 
   run's full logits ``[N, T, V]``, with every other position set to NaN, to seeded noise, and in
   the single form (what ``last_position_form`` does before a scan).
 
+And the two stages of the proposal in the closing note of issue #25 (not in the engine yet):
+
+- ``probe columns (proposal)``: which vocabulary columns the callable reads, found from the
+  support of its gradient on the base run's last-position logits ``[N, 1, V]`` and confirmed bit
+  for bit with every other column set to NaN and to noise (as the position probe confirms
+  positions); a callable that fails the check keeps the full path;
+- ``unembed columns (proposal)``: each variant row then unembeds only those columns, handed to the
+  callable in a NaN-filled ``[R, 1, V]`` tensor (NaN: a column the probe missed cannot go unseen).
+
 The per-batch stages are timed interleaved (process CPU time: robust on a shared machine) on the scan's batch geometry (``--rows`` rows per batch,
 ``N * heads`` variant rows in all) and summed over the batches of one scan; the figure to compare
 is the difference in seconds per scan against the scan's own time (``bench/scan_vs_hooks.py``,
@@ -80,8 +89,33 @@ def main(argv=None) -> int:
         noise = torch.where(keep[..., None], full, torch.randn(full.shape, generator=gg) * 3 * full.std().clamp_min(1.0) + 1.0)
         return [torch.equal(ref, user(x)) for x in (nan, noise, full[:, -1:])]
 
+    last = full[:, -1:]
+
+    def probe_columns():
+        x = last.clone().requires_grad_(True)
+        user(x).sum().backward()
+        cols = (x.grad != 0).any(0).any(0).nonzero().flatten()
+        ref = user(last)
+        keep = torch.zeros(a.vocab, dtype=torch.bool)
+        keep[cols] = True
+        gg = torch.Generator().manual_seed(1234)
+        noise = torch.randn(last.shape, generator=gg) * 3 * last.std().clamp_min(1.0) + 1.0
+        ok = all(torch.equal(ref, user(torch.where(keep, last, other))) for other in (torch.full((), float("nan")), noise))
+        return cols, ok
+
+    cols, ok = probe_columns()
+    assert ok and cols.tolist() == sorted({tgt, con}), (cols, ok)
+
+    def unembed_columns():
+        out = torch.full((a.rows, 1, a.vocab), float("nan"))
+        out[:, 0, cols] = h @ W[cols].T + b[cols]
+        return user(out).float()
+
+    torch.testing.assert_close(unembed_columns(), metric_full(), rtol=1e-5, atol=1e-5)
+
     fns = {"unembed full": unembed_full, "unembed 2 ids": unembed_ids, "metric on [R, 1, V]": metric_full,
-           "metric on [R, 2]": metric_ids, "probe (one base run)": probe}
+           "metric on [R, 2]": metric_ids, "probe (one base run)": probe,
+           "probe columns (proposal)": probe_columns, "unembed columns + metric (proposal)": unembed_columns}
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
@@ -95,13 +129,16 @@ def main(argv=None) -> int:
     per_scan = {
         "callable": batches * (med["unembed full"] + med["metric on [R, 1, V]"]) + 2 * med["probe (one base run)"],
         "LogitDiff": batches * (med["unembed 2 ids"] + med["metric on [R, 2]"]),
+        "callable, proposal": batches * med["unembed columns + metric (proposal)"]
+        + 2 * (med["probe (one base run)"] + med["probe columns (proposal)"]),
     }
     print(f"# d={a.d} V={a.vocab} rows/batch={a.rows} batches/scan={batches} threads={a.threads} repeats={a.repeats} "
           "(medians of process CPU time)")
     for k, v in med.items():
         print(f"{k:>24}: {1e3 * v:8.3f} ms")
     print(f"per scan: callable {per_scan['callable']:.3f} s, LogitDiff {per_scan['LogitDiff']:.3f} s, "
-          f"difference {per_scan['callable'] - per_scan['LogitDiff']:.3f} s")
+          f"difference {per_scan['callable'] - per_scan['LogitDiff']:.3f} s; callable with the proposal "
+          f"{per_scan['callable, proposal']:.3f} s")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(args=vars(a), median_s=med, per_scan_s=per_scan, batches=batches), f, indent=1)
