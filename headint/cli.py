@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 from .ops.backends import backend_names
+from .results.settings import ATTRIBUTION_METHODS, DIRECTIONS, EXACT_METHODS
 
 METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl", "loss")
-METHOD_CHOICES = ("zero", "mean", "resample", "patch", "attribution", "attribution-mask")
+# the library's methods: exact ones by name, attribution ones as "attribution" (patch) / "attribution-<method>"
+METHOD_CHOICES = (*EXACT_METHODS, *("attribution" if m == "patch" else f"attribution-{m}" for m in ATTRIBUTION_METHODS))
 # the batch keys each metric reads (from the prompt lines' "target" / "contrast")
 METRIC_NEEDS = {"logit_diff": ("target", "contrast"), "logprob": ("target",), "prob": ("target",), "kl": (), "loss": ()}
 # files that make a folder hold a tokenizer (AutoTokenizer on a folder without any returns an
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrupt", help="JSONL of corrupted prompts, line-aligned with --prompts, each of the same token count as its clean prompt (needed by --method patch/attribution and --normalize)")
     s.add_argument("--metric", default="logit_diff", choices=METRIC_CHOICES, help="logit_diff: logit[target]-logit[contrast] at the last token; logprob/prob: of the target; kl: KL(clean || patched) of the next-token distribution; loss: mean next-token cross-entropy (default: logit_diff)")
     s.add_argument("--method", default="zero", choices=METHOD_CHOICES, help="zero/mean/resample ablation, patch (activation patching from --corrupt), attribution (first-order estimate of patch), attribution-mask (gradient head importance) (default: zero)")
-    s.add_argument("--direction", choices=("denoising", "noising"), help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
+    s.add_argument("--direction", choices=DIRECTIONS, help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, its effect = value - corrupt baseline (what the head restores); noising runs the clean prompts with corrupt head outputs patched in, its effect = value - clean baseline (default: denoising)")
     s.add_argument("--per-position", action="store_true", help="one intervention per head and position instead of per head")
     s.add_argument("--pairs", action="store_true", help="exact methods only: scan all pairs of heads (finds heads that back each other up); also scans the single heads, to compare")
     s.add_argument("--layers", type=_int_list, help="exact methods only: comma-separated layers to scan (default: all)")
@@ -340,10 +342,8 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     from .ops import BackendUnavailable
     from .pattern_views import head_patterns, top_heads
     from .integration.structure import model_shape
-    from .results.pairs import pair_frame
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError
-    from .tokens import to_str_tokens
 
     warnings: list[str] = []
     singles = None
@@ -380,6 +380,23 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     if not is_main():  # torchrun: rank 0 writes the outputs, the others wait for it
         main_rank_done()
         return 0
+    try:
+        files = _write_outputs(args, result, singles, patterns, warnings, model_dir, tokenizer, clean, out)
+    except OSError as e:
+        return _fail(_os_error_line(e, f"--out {out}"))
+    finally:
+        main_rank_done()
+    print(result.effect_definition if result.has_baseline else "value = the metric with each intervention")
+    print(result.top(args.top).to_string(index=False))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _write_outputs(args, result, singles, patterns, warnings, model_dir: Path, tokenizer, clean, out: Path) -> list[Path]:
+    """Write scan.csv, heatmap.png, pair_effects.csv (pairs), report.html and settings.json."""
+    from .results.pairs import pair_frame
+    from .tokens import to_str_tokens
+
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.method} scan of {model_dir.name} ({args.metric})"
     tokens = position_tokens(clean, tokenizer) if args.per_position else None
@@ -393,13 +410,17 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
                                 singles=singles, title=title, top=args.top, warnings=warnings))
     settings = dict(result.settings, model_dir=str(model_dir), prompts=args.prompts, corrupt=args.corrupt,
                     clean_baseline=result.clean_baseline, corrupt_baseline=result.corrupt_baseline, normalized=args.normalize,
-                    warnings=warnings)
+                    warnings=warnings, effect_reference=result.reference,
+                    effect_definition=result.effect_definition if result.has_baseline else None)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     files.append(out / "settings.json")
-    print(result.top(args.top).to_string(index=False))
-    print(f"\nwrote {', '.join(str(f) for f in files)}")
-    main_rank_done()
-    return 0
+    return files
+
+
+def _os_error_line(e: OSError, what: str) -> str:
+    """``<what>: cannot write <file>: <reason>`` for an error of the file system."""
+    where = e.filename if getattr(e, "filename", None) else what
+    return f"{what}: cannot write {where}: {e.strerror or e}"
 
 
 def main(argv: list[str] | None = None) -> int:

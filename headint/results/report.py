@@ -62,12 +62,17 @@ def _summary_pairs(result) -> list[tuple[str, str]]:
     pairs = [("metric", result.metric_name), ("what the plots show", plots.describe(result)),
              ("examples (N)", str(result.n_examples)), ("clean baseline", _num(result.clean_baseline)),
              ("corrupt baseline", _num(result.corrupt_baseline))]
-    for key in ("kind", "method", "direction", "model", "model_dir", "prompts", "corrupt", "backend"):
+    if result.has_baseline:
+        pairs.append(("effect", result.effect_definition))
+    for key, value in (("kind", s.kind), ("method", s.method), ("direction", s.direction)):
+        if value is not None:
+            pairs.append((key, value))
+    for key in ("model", "model_dir", "prompts", "corrupt", "backend"):
         if s.get(key) is not None:
             pairs.append((key, str(s[key])))
-    norm = s.get("normalization")
-    if result.normalized and isinstance(norm, dict):
-        pairs.append(("normalized from", f"clean {_num(norm.get('clean_baseline'))}, corrupt {_num(norm.get('corrupt_baseline'))}"))
+    if result.normalized and s.normalization is not None:
+        pairs.append(("normalized from", f"clean {_num(s.normalization.clean_baseline)}, "
+                                         f"corrupt {_num(s.normalization.corrupt_baseline)}"))
     return pairs
 
 
@@ -128,7 +133,7 @@ def report_html(result, *, tokens=None, patterns: Mapping | None = None, pattern
     items = _check_patterns(patterns, pattern_tokens) if patterns else []
     fig = plots.heatmap(result, title=title, tokens=tokens, singles=singles)
     heat_uri = _png_data_uri(fig)
-    all_warnings = [*warnings, *[w for w in result.settings.get("warnings", []) if w not in warnings]]
+    all_warnings = [*warnings, *[w for w in result.settings.warnings if w not in warnings]]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -9,13 +9,13 @@ import torch
 
 from ..plan import TensorPlan
 from ..results import ScanResult
+from ..results.settings import ATTRIBUTION_METHODS, DIRECTIONS
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
 from .masking import frozen_parameters
 from .setup import prepare_scan
 
-ATTRIBUTION_METHODS = ("patch", "mask")
 
 
 def attribution_scan(
@@ -62,8 +62,8 @@ def attribution_scan(
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
-    if direction not in ("noising", "denoising"):
-        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
     batch_size = check_batch_size(batch_size)

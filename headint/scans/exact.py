@@ -11,19 +11,20 @@ import torch
 
 from ..distributed import is_active
 from ..results import ScanResult
+from ..results.settings import DIRECTIONS, EFFECT_PATHS, EXACT_METHODS, TARGETS
 from .batching import auto_rows, cpu_row_cap, positive_int, run_in_halves
 from .checkpoint import ScanCheckpoint, fingerprint
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
 from .runner import VariantRunner, as_batch
 from .setup import prepare_scan
-from .variants import TARGETS, Variant, build_plan, head_grid, target_heads
+from .variants import Variant, build_plan, head_grid, target_heads
 
-METHODS = ("zero", "mean", "resample", "patch")
+# The vocabularies live with the result's typed settings (headint.results.settings).
+METHODS = EXACT_METHODS
 # The runner's exact shortcuts (see VariantRunner.run); switched off only to measure what each saves.
 SHORTCUTS = {"clean_attention": True, "last_query": True}
-DIRECTIONS = ("denoising", "noising")
-EFFECTS = ("total", "direct")
+EFFECTS = EFFECT_PATHS
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
