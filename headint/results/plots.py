@@ -15,7 +15,14 @@ import numpy as np
 
 from .grid import head_set_name
 
-__all__ = ["heatmap", "describe", "pattern_image"]
+__all__ = ["heatmap", "describe", "pattern_image", "literal"]
+
+
+def literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: every ``$`` escaped, so a token, a metric or a
+    folder name such as ``"$x^$"`` is never parsed as mathtext (which would draw it as math or
+    fail with a parser error). Every string from user data goes through here before a plot."""
+    return str(text).replace("$", r"\$")
 
 
 def describe(result, value: str = "effect") -> str:
@@ -41,7 +48,7 @@ def describe(result, value: str = "effect") -> str:
 
 def _visible(token: str) -> str:
     """A tick label for ``token``: spaces shown as ``␣``, newlines and tabs escaped."""
-    return token.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t")
+    return literal(token.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t"))
 
 
 def _check_tokens(tokens, P: int) -> list[str]:
@@ -93,11 +100,11 @@ def heatmap(result, path: str | os.PathLike | None = None, *, title: str | None 
     else:
         data, err = result.values.double().numpy(), result.stderr.double().numpy()
     what = f"effect: value - {result.reference}" if value == "effect" else "value"
-    label = f"{result.metric_name} ({what}{', normalized' if result.normalized else ''})"
+    label = literal(f"{result.metric_name} ({what}{', normalized' if result.normalized else ''})")
     if title is None:
         per = {"head_set": "head set", "position": "head and position"}.get(result.axes[-1], "head")
         title = f"{result.metric_name} {value} per {per}"
-    title = f"{title}\n{describe(result, value)}"
+    title = literal(f"{title}\n{describe(result, value)}")
 
     if result.axes == ("head_set",):
         names = [head_set_name(s) for s in result.labels]
@@ -146,7 +153,7 @@ def pattern_image(pattern, tokens=None, *, title: str = "", path: str | os.PathL
         _integer_ticks(ax.xaxis, Tk)
         _integer_ticks(ax.yaxis, Tq)
     fig.colorbar(im, ax=ax, label="attention probability")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(Path(path), format="png", dpi=100)

@@ -3,6 +3,7 @@ set of heads), for every example, batched many interventions per forward pass.""
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -278,13 +279,23 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     pairs = head_grid(shape, layers, heads, n_heads=n, kind="key/value " if target in ("k", "v") else "")
     if not per_position:
         return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, n), None
-    pos = list(range(T)) if positions is None else [int(p) for p in positions]
+    pos = list(range(T)) if positions is None else [_position(p) for p in positions]
     for p in pos:
         if not 0 <= p < T:
             raise ValueError(f"positions: {p} out of range for inputs of length {T}")
     variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
     index = [(l, h, p) for l, h in pairs for p in pos]
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
+
+
+def _position(p) -> int:
+    """A scanned position as an int: ints (numpy and 0-d tensor ones too), never a float or bool."""
+    try:
+        if isinstance(p, bool):
+            raise TypeError
+        return operator.index(p)
+    except TypeError:
+        raise TypeError(f"positions must be ints (token positions), got {p!r} ({type(p).__name__})") from None
 
 
 def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:
