@@ -181,6 +181,7 @@ def scan(
         raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
+    layers, heads, positions = _ints(layers, "layers"), _ints(heads, "heads"), _ints(positions, "positions (token positions)")
     variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions, target)
     settings = dict(setup.settings, target=target, effect=effect, head_kind="key/value" if target in ("k", "v") else "query",
                     method=method, direction=direction if method == "patch" else None, per_position=per_position,
@@ -279,7 +280,7 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     pairs = head_grid(shape, layers, heads, n_heads=n, kind="key/value " if target in ("k", "v") else "")
     if not per_position:
         return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, n), None
-    pos = list(range(T)) if positions is None else [_position(p) for p in positions]
+    pos = list(range(T)) if positions is None else positions
     for p in pos:
         if not 0 <= p < T:
             raise ValueError(f"positions: {p} out of range for inputs of length {T}")
@@ -288,14 +289,20 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
 
 
-def _position(p) -> int:
-    """A scanned position as an int: ints (numpy and 0-d tensor ones too), never a float or bool."""
-    try:
-        if isinstance(p, bool):
-            raise TypeError
-        return operator.index(p)
-    except TypeError:
-        raise TypeError(f"positions must be ints (token positions), got {p!r} ({type(p).__name__})") from None
+def _ints(values, name: str) -> list[int] | None:
+    """``values`` as plain ints (numpy and 0-d tensor ints too: they are not JSON and leak into
+    counts), never floats or bools; TypeError naming ``name`` otherwise."""
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name} must be ints, got {v!r} ({type(v).__name__})") from None
+    return out
 
 
 def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:
