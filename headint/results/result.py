@@ -395,6 +395,8 @@ class ScanResult:
         ``scan.safetensors`` + ``scan.json``, or a file stem, getting ``<stem>.safetensors``
         + ``<stem>.json``. per_example goes to safetensors, everything else to the JSON
         sidecar (standard JSON, with the tensor file's sha256; see :mod:`headint.results.io`).
+        Both files are written under temporary names first: a save that fails (a full disk)
+        raises ``OSError`` naming the file and leaves a result saved there before loadable.
         Returns the stem."""
         return io.save(self, path)
 
