@@ -55,8 +55,8 @@ def test_answers_beyond_the_vocabulary(model):
 
 
 @pytest.mark.parametrize("positions,error,message", [
-    ([1.5], TypeError, r"positions \(token positions\) must be ints, got 1.5"),
-    ([True], TypeError, r"positions \(token positions\) must be ints, got True"),
+    ([1.5], TypeError, r"each of positions \(token positions\) must be an int .*got 1.5"),
+    ([True], TypeError, r"each of positions \(token positions\) must be an int .*got True"),
     ([2**64], ValueError, r"positions: 18446744073709551616 out of range for inputs of length 5"),
     ([-1], ValueError, r"positions: -1 out of range"),
 ])

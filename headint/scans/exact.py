@@ -3,7 +3,6 @@ set of heads), for every example, batched many interventions per forward pass.""
 
 from __future__ import annotations
 
-import operator
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..distributed import is_active
+from ..interventions.base import as_int
 from ..results import ScanResult
 from ..results.settings import DIRECTIONS, EFFECT_PATHS, EXACT_METHODS, TARGETS
 from .batching import auto_rows, cpu_row_cap, positive_int, run_in_halves
@@ -292,17 +292,7 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
 def _ints(values, name: str) -> list[int] | None:
     """``values`` as plain ints (numpy and 0-d tensor ints too: they are not JSON and leak into
     counts), never floats or bools; TypeError naming ``name`` otherwise."""
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        try:
-            if isinstance(v, bool):
-                raise TypeError
-            out.append(operator.index(v))
-        except TypeError:
-            raise TypeError(f"{name} must be ints, got {v!r} ({type(v).__name__})") from None
-    return out
+    return None if values is None else [as_int(v, f"each of {name}") for v in values]
 
 
 def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:
