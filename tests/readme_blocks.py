@@ -63,11 +63,13 @@ def main() -> None:
     if what != "quick-start":
         raise SystemExit(f"unknown block {what!r}; expected quick-start")
     ns = run_from_repo_root(quick_start(), scratch)
-    html = Path("patching.html").read_text()
+    from report_checks import report_data  # tests/report_checks.py: the data the interactive report draws
+
+    patterns = report_data(Path("patching.html").read_text())["patterns"]
     summary = dict(
         kernels=getattr(sys.modules.get("kernels"), "__file__", None),
         files=sorted(p.name for p in Path(".").iterdir()),
-        pattern_ids=[i for i in ("pattern-L0H0", "pattern-L1H3") if f'id="{i}"' in html],
+        pattern_heads=patterns["heads"], pattern_examples=len(patterns["examples"]),
         logits_shape=list(ns["logits"].shape[:2]), clean_shape=list(ns["p"].clean.shape),
         top=[[int(r.layer), int(r.head)] for r in ns["result"].top(5).itertuples()],
         effect_definition=ns["result"].effect_definition,

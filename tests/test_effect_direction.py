@@ -18,6 +18,7 @@ import torch
 import headint
 from headint.results import ScanResult
 from headint.results.settings import ScanSettings, effect_definition
+from report_checks import report_data
 
 CIRCUIT = {(0, 0), (1, 3), (1, 2), (1, 0), (0, 1)}  # previous-token L0H0, L0H1; induction L1H3, L1H2, L1H0
 
@@ -150,23 +151,12 @@ def test_both_directions_rank_the_induction_circuit_first(induction, direction, 
     order = csv.reindex(csv["effect"].abs().sort_values(ascending=False, kind="stable").index)
     assert set(_heads(order.head(5))) == CIRCUIT
     html = r.to_html(tmp_path / "report.html").read_text()
-    table = html[html.index('id="top-heads"'):]
-    first_five = _report_top_heads(table, 5)
+    table = report_data(html)["table"]  # the interactive report's head table, ranked as top() ranks
+    first_five = [(int(n[1:n.index("H")]), int(n[n.index("H") + 1:])) for n in table["heads"][:5]]
     assert set(first_five) == CIRCUIT, first_five
-    assert f"effect from the {r.reference} run" in html
-
-
-def _report_top_heads(table_html: str, k: int) -> list[tuple[int, int]]:
-    """The (layer, head) of the first ``k`` rows of the report's top table."""
-    import re
-
-    body = table_html[table_html.index("<tbody>"):table_html.index("</tbody>")]
-    rows = re.findall(r"<tr>(.*?)</tr>", body)[:k]
-    heads = []
-    for row in rows:
-        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
-        heads.append((int(cells[1]), int(cells[2])))  # rank, layer, head, ...
-    return heads
+    effect_column = next(c for c in table["columns"] if c["key"] == "effect")
+    assert effect_column["title"] == r.effect_definition
+    assert r.effect_definition in html  # the report's settings say what the effect is
 
 
 def test_attribution_denoising_is_measured_from_the_corrupt_run(induction):

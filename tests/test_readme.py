@@ -55,7 +55,7 @@ def test_quick_start_runs_from_the_repo_root(tmp_path):
     line = next(l for l in proc.stdout.splitlines() if l.startswith("README-SUMMARY "))
     summary = json.loads(line[len("README-SUMMARY "):])
     assert {"patching.png", "patching.csv", "patching.html"} <= set(summary["files"])
-    assert summary["pattern_ids"] == ["pattern-L0H0", "pattern-L1H3"]
+    assert summary["pattern_heads"] == ["L0H0", "L1H3"] and summary["pattern_examples"] == 3
     assert summary["logits_shape"] == summary["clean_shape"]
     assert {tuple(h) for h in summary["top"][:2]} == {(0, 0), (1, 3)}
     assert {tuple(h) for h in summary["top"]} == {(0, 0), (1, 3), (1, 2), (1, 0), (0, 1)}

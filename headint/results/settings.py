@@ -1,6 +1,5 @@
-"""The settings of a scan result, typed: one home for the vocabulary that plots, tables, the
-report and the command line read (methods, directions, effect paths, targets), and for what
-an ``effect`` is measured from.
+"""The settings of a scan result, typed (their words come from :mod:`headint.vocabulary`), and
+what an ``effect`` is measured from.
 
 :class:`ScanSettings` is the read-only record of how a :class:`~headint.results.ScanResult`
 was made. Its fields are the settings the result itself interprets, each checked against its
@@ -30,41 +29,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
-__all__ = [
-    "Kind", "ExactMethod", "AttributionMethod", "Method", "Direction", "EffectPath", "Target", "HeadKind", "Reference",
-    "KINDS", "EXACT_METHODS", "ATTRIBUTION_METHODS", "METHODS", "DIRECTIONS", "EFFECT_PATHS", "TARGETS", "HEAD_KINDS",
-    "Normalization", "ScanSettings", "effect_definition",
-]
+from ..vocabulary import (DIRECTIONS, EFFECTS, HEAD_KINDS, RESULT_METHODS, SCAN_KINDS, TARGETS, Direction, Effect, HeadKind,
+                          Reference, ResultMethod, ScanKind, Target)
 
-Kind = Literal["exact", "attribution", "path_patch"]
-"""Which scan made the result: :func:`headint.scan`, :func:`headint.attribution_scan`,
-:func:`headint.path_patch`."""
-ExactMethod = Literal["zero", "mean", "resample", "patch"]
-"""How :func:`headint.scan` replaces a head's activation."""
-AttributionMethod = Literal["patch", "mask"]
-""":func:`headint.attribution_scan`'s estimates: attribution patching, or gradient head importance."""
-Method = Literal["zero", "mean", "resample", "patch", "mask"]
-Direction = Literal["denoising", "noising"]
-"""Patching direction: ``"denoising"`` runs the corrupted inputs with clean activations patched
-in; ``"noising"`` runs the clean inputs with corrupted activations patched in."""
-EffectPath = Literal["total", "direct"]
-"""``"total"``: every later component recomputes; ``"direct"``: later attention heads frozen."""
-Target = Literal["z", "q", "k", "v", "pattern"]
-"""What a scan replaces: head outputs, queries, keys, values or attention probabilities."""
-HeadKind = Literal["query", "key/value"]
-Reference = Literal["clean", "corrupt"]
-"""The run an effect is measured from (the base run the interventions were applied to)."""
-
-KINDS: tuple[str, ...] = get_args(Kind)
-EXACT_METHODS: tuple[str, ...] = get_args(ExactMethod)
-ATTRIBUTION_METHODS: tuple[str, ...] = get_args(AttributionMethod)
-METHODS: tuple[str, ...] = get_args(Method)
-DIRECTIONS: tuple[str, ...] = get_args(Direction)
-EFFECT_PATHS: tuple[str, ...] = get_args(EffectPath)
-TARGETS: tuple[str, ...] = get_args(Target)
-HEAD_KINDS: tuple[str, ...] = get_args(HeadKind)
+__all__ = ["Normalization", "ScanSettings", "effect_definition"]
 
 
 @dataclass(frozen=True)
@@ -124,8 +94,8 @@ class ScanSettings(dict):
     attributes for the fields the result interprets, checked against their vocabularies.
 
     kind: the scan (``"exact"``, ``"attribution"``, ``"path_patch"``; None for a result built
-    by hand). method: :data:`Method`. direction: :data:`Direction` for patching, None
-    otherwise. effect: :data:`EffectPath` (exact scans). target: :data:`Target` (exact scans).
+    by hand). method: :data:`~headint.vocabulary.ResultMethod`. direction: :data:`~headint.vocabulary.Direction` for patching, None
+    otherwise. effect: :data:`~headint.vocabulary.Effect` (exact scans). target: :data:`~headint.vocabulary.Target` (exact scans).
     head_kind: whether the ``head`` axis indexes query or key/value heads. per_position:
     whether the grid has a position axis. normalization: the raw baselines of a normalised
     result. warnings: lines a report shows. metric: the metric's description. A key that is
@@ -135,10 +105,10 @@ class ScanSettings(dict):
     :meth:`replace`. It is a dict otherwise (``json.dumps``, ``dict(settings, key=value)``).
     """
 
-    kind: Kind | None
-    method: Method | None
+    kind: ScanKind | None
+    method: ResultMethod | None
     direction: Direction | None
-    effect: EffectPath | None
+    effect: Effect | None
     target: Target | None
     head_kind: HeadKind | None
     per_position: bool | None
@@ -148,14 +118,14 @@ class ScanSettings(dict):
 
     def __init__(self, record: Mapping | None = None):
         record = {} if record is None else dict(record)
-        method, direction = _choice(record, "method", METHODS), _choice(record, "direction", DIRECTIONS)
+        method, direction = _choice(record, "method", RESULT_METHODS), _choice(record, "direction", DIRECTIONS)
         if direction is not None and method not in (None, "patch"):
             raise ValueError(f"settings['direction'] is {direction!r}, but a direction applies to method 'patch' only "
                              f"(settings['method'] is {method!r}); it must be null")
         metric = record.get("metric")
         typed = dict(
-            kind=_choice(record, "kind", KINDS), method=method, direction=direction,
-            effect=_choice(record, "effect", EFFECT_PATHS), target=_choice(record, "target", TARGETS),
+            kind=_choice(record, "kind", SCAN_KINDS), method=method, direction=direction,
+            effect=_choice(record, "effect", EFFECTS), target=_choice(record, "target", TARGETS),
             head_kind=_choice(record, "head_kind", HEAD_KINDS), per_position=_flag(record, "per_position"),
             normalization=_normalization(record), warnings=_warnings(record),
             metric=metric if isinstance(metric, str) else None,

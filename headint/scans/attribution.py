@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from ..integration.modes import require_autograd
 from ..plan import TensorPlan
 from ..results import ScanResult
-from ..results.settings import ATTRIBUTION_METHODS, DIRECTIONS
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
 from .masking import frozen_parameters
+from ..vocabulary import ATTRIBUTION_METHODS, DIRECTIONS, AttributionMethod, Direction
 from .setup import prepare_scan
-
 
 
 def attribution_scan(
@@ -24,8 +24,8 @@ def attribution_scan(
     corrupt=None,
     metric="logit_diff",
     *,
-    method: str = "patch",
-    direction: str = "noising",
+    method: AttributionMethod = "patch",
+    direction: Direction = "noising",
     per_position: bool = False,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -67,6 +67,7 @@ def attribution_scan(
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
     batch_size = check_batch_size(batch_size)
+    require_autograd("headint.attribution_scan")
     setup = prepare_scan(model, clean, corrupt, metric, kind="attribution", backend=backend, name="clean")
     shape, N, T, device = setup.shape, setup.N, setup.T, setup.device
     Tm = T if per_position else 1

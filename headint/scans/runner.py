@@ -252,7 +252,9 @@ class VariantRunner:
         if self.parts.unembed is not None and hasattr(out, "logits") and base_out:
             hidden = getattr(base_out[-1], "last_hidden_state", None)
             if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == self.parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
-                self.restricted = torch.allclose(self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+                # (not when its weight is offloaded to the meta device: only the module's own forward loads it)
+                self.restricted = self.parts.unembed.weight.device.type != "meta" and torch.allclose(
+                    self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
                 self._clean_last_hidden = hidden[:, -1].detach()
         logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
         full_last = None

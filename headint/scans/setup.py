@@ -14,13 +14,15 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
+from ..integration.adapter import input_device
 from ..integration.structure import model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
 from ..tokens import check_token_ids, vocab_size
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
+from ..integration.modes import eval_mode
+from .runner import BaseRuns, VariantRunner, base_runs, paired_batches
 
 
 @dataclass
@@ -77,7 +79,8 @@ class ScanSetup:
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
-        """Inside: the model in eval mode (its flag restored on exit) and the base runs done."""
+        """Inside: the model in eval mode (each module's own train/eval flag restored on exit) and
+        the base runs done."""
         with eval_mode(self.model):
             self.runs = base_runs(self.model, self.clean, self.corrupt, self.metric, self.backend)
             yield self.runs
@@ -129,7 +132,7 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
-    device = next(model.parameters()).device
+    device = input_device(model)
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
     if shape.attention_layers != list(range(shape.n_layers)):  # a hybrid model: scans cover its attention layers only

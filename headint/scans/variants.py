@@ -49,6 +49,8 @@ def all_pairs(shape: ModelShape, layers: Sequence[int] | None = None, heads: Seq
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1 :]]
 
 
+
+
 def target_heads(shape: ModelShape, target: str) -> int:
     """How many heads per layer a target has: key/value heads for ``"k"``/``"v"`` (fewer than
     query heads under grouped-query attention), query heads otherwise."""
