@@ -18,6 +18,7 @@ from ..integration.adapter import input_device
 from ..integration.structure import model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
+from ..tokens import check_token_ids, vocab_size
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
 from ..integration.modes import eval_mode
@@ -98,6 +99,23 @@ class ScanSetup:
         return default_memory_budget(self.device) if memory_budget is None else memory_budget
 
 
+ANSWER_KEYS = ("target", "contrast")  # token ids the metrics read at the last position
+
+
+def check_batch_ids(model, batch: dict, name: str) -> None:
+    """The token ids of ``batch``: ``input_ids`` ``[N, T]`` (N, T >= 1, integers within the
+    model's vocabulary) and, where present, the answers ``target``/``contrast`` ``[N]``
+    (integers within it); errors name ``name`` (e.g. ``inputs['input_ids']``) and the id."""
+    vocab = vocab_size(model)
+    check_token_ids(batch["input_ids"], vocab, f"{name}['input_ids']")
+    for key in ANSWER_KEYS:
+        if key in batch:
+            ids = batch[key]
+            if ids.dim() == 1:
+                ids = ids[:, None]
+            check_token_ids(ids, vocab, f"{name}[{key!r}]", shape="[N] or [N, k]")
+
+
 def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, name: str = "inputs") -> ScanSetup:
     """Check and normalise a scan's inputs (no model run).
 
@@ -108,6 +126,9 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     metric = as_metric(metric)
     shape = model_shape(model)
     clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
+    check_batch_ids(model, clean_b, name)
+    if corrupt_b is not None:
+        check_batch_ids(model, corrupt_b, "corrupt")
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
