@@ -146,7 +146,7 @@ def test_ctrl_c_mid_scan_is_one_line_and_says_how_to_resume(tmp_path):
     line naming the checkpoint and how to resume, no traceback, no temporary file; the same
     command then resumes and finishes."""
     tiny_gpt2().save_pretrained(tmp_path / "model")
-    _write_prompts(tmp_path / "prompts.jsonl", make_batch(120, 6, seed=3))
+    _write_prompts(tmp_path / "prompts.jsonl", make_batch(40, 6, seed=3))
     ckpt = tmp_path / "ckpt"
     argv = ["scan", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.jsonl"), "--method", "mean",
             "--batch-size", "1", "--checkpoint", str(ckpt), "--no-progress", "--backend", "reference",
