@@ -2,7 +2,7 @@
 
 headint does not guess a model's attention from its config or class name: on the first
 :func:`headint.intervene` (or :func:`model_shape`) for a model it runs one small forward pass
-(a few tokens, ``torch.no_grad``, eval mode; the model is left exactly as it was) twice: with
+(a few tokens, ``torch.no_grad``, eval mode, in a private replica: the model is only read) twice: with
 the model's own attention implementation, and with headint's attention function, watching
 every call. From that run it learns, per attention module:
 
@@ -44,7 +44,8 @@ from torch import nn
 from ..shape import LayerShape, ModelShape
 from .adapter import UnsupportedModelError, check_transformers_version, config_shape, text_config
 from .attention_function import register
-from .session import Session, close_session, open_session, switched_by_any_session
+from .replica import Replica
+from .session import Session, close_session, open_session
 
 PROBE_LEN = 5  # encoder / decoder-only probe length
 PROBE_DECODER_LEN = 3  # decoder probe length of encoder-decoder models (differs, so cross-attention shows)
@@ -248,28 +249,31 @@ def _run(model, inputs) -> torch.Tensor | None:
 
 
 def probe(model) -> ModelStructure:
-    """Run the probe forward (see the module docstring) and return its findings, uncached."""
+    """Run the probe forward (see the module docstring) and return its findings, uncached.
+
+    Both forwards run in a private :class:`~headint.integration.replica.Replica` of the model (in
+    eval mode, with the model's own attention implementation, then switched to headint's), so the
+    model itself is only read: another thread using it meanwhile sees nothing."""
     st = ModelStructure(type(model).__name__)
     try:
         inputs = probe_inputs(model)
     except UnsupportedModelError as e:
         st.problems.append(str(e))
         return st
-    flags = [(m, m.training) for m in model.modules()]
-    watcher = _Watcher(model)
+    replica = Replica(model)
+    root = replica.root
+    watcher = _Watcher(root)
     reference = probed = None
     register()
     try:
-        model.eval()
         with torch.no_grad():
-            if not switched_by_any_session(model):  # else the model's own attention is not reachable now
-                reference = _run(model, inputs)
-            session = Session(model, None, "auto")
+            reference = _run(root, inputs)
+            session = Session(root, None, "auto")
             session.observer = watcher.observe
-            handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in model.modules()]
+            handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in root.modules()]
             try:
                 open_session(session)
-                probed = _run(model, inputs)
+                probed = _run(root, inputs)
             finally:
                 close_session(session)
                 for h in handles:
@@ -280,10 +284,8 @@ def probe(model) -> ModelStructure:
     except Exception as e:  # the model cannot run on the probe inputs: nothing can be learnt about it
         st.problems.append(f"its probe forward (inputs {sorted(inputs)}) failed with {type(e).__name__}: {e}")
         return st
-    finally:
-        for m, training in flags:
-            m.training = training
-    _analyse(model, st, watcher, reference, probed)
+    _analyse(root, st, watcher, reference, probed)
+    st.sites = {replica.original_id(mid): site for mid, site in st.sites.items()}  # the model's own modules
     return st
 
 
@@ -398,6 +400,12 @@ def check_supported(model) -> ModelStructure:
     st = model_structure(model)
     st.check()
     return st
+
+
+def model_replica(model) -> Replica:
+    """A private :class:`~headint.integration.replica.Replica` of a supported ``model``, with
+    its structure (checked as by :func:`check_supported`)."""
+    return Replica(model, check_supported(model))
 
 
 def model_shape(model_or_config) -> ModelShape:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..interventions import CallPlan
 from ..plan import TensorPlan
 from ..results import ScanResult
 from ..results.stats import finite_mean
@@ -90,7 +91,7 @@ def attribution_scan(
             ex = ex_cpu.to(device)
             att = shape.attention_layers  # a hybrid model's other layers have no heads: NaN rows
             masks = {l: torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for l in att}
-            spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None}
+            spec = {l: CallPlan(head_mask=m, head_patch=source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None)
                     for l, m in masks.items()}
             with torch.enable_grad():
                 values = base.run_differentiable(ex, TensorPlan(spec))

@@ -2,7 +2,8 @@
 
 :func:`prepare_scan` checks and normalises the inputs without running the model (so a scan
 can validate its own arguments against ``shape`` and ``T`` first); :meth:`ScanSetup.base_runs`
-then puts the model in eval mode and runs the clean (and corrupted) inputs once.
+then runs the clean (and corrupted) inputs once, in a private replica of the model (eval mode;
+the model itself is only read, see :mod:`headint.integration.replica`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
-from ..integration.structure import model_shape
+from ..integration.structure import model_replica, model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
+from .inputs import paired_batches
+from .runner import BaseRuns, VariantRunner, base_runs
 
 
 @dataclass
@@ -76,10 +78,9 @@ class ScanSetup:
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
-        """Inside: the model in eval mode (its flag restored on exit) and the base runs done."""
-        with eval_mode(self.model):
-            self.runs = base_runs(self.model, self.clean, self.corrupt, self.metric, self.backend)
-            yield self.runs
+        """Inside: the base runs done, in a new private replica of the model (in eval mode)."""
+        self.runs = base_runs(model_replica(self.model), self.clean, self.corrupt, self.metric, self.backend)
+        yield self.runs
 
     def row_geometry(self, runner: VariantRunner, patched_layers: int = 1, keeps_graph: bool = False) -> RowGeometry:
         """The per-row memory geometry of variant runs of ``runner`` (see :mod:`.batching`)."""
@@ -98,7 +99,7 @@ class ScanSetup:
 def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, name: str = "inputs") -> ScanSetup:
     """Check and normalise a scan's inputs (no model run).
 
-    ``inputs``/``corrupt``: ``[N, T]`` token ids or dicts (see :func:`~headint.scans.runner.as_batch`),
+    ``inputs``/``corrupt``: ``[N, T]`` token ids or dicts (see :func:`~headint.scans.inputs.as_batch`),
     of the same shape. Left-padded batches get ``position_ids`` from their mask (see
     :mod:`.positions`), so every example gives the values it gives alone.
     """
