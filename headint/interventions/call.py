@@ -26,7 +26,7 @@ import torch
 from ..ops.knockout import EdgeKnockout
 from ..shape import ModelShape
 from .base import as_real, head_list, positions_form
-from .edits import INPUT_EDITS, CallPlan, Replacement
+from .edits import INPUT_EDITS, CallPlan, PatternEdit, Replacement
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ class AttentionCall:
     Values: :meth:`batch` (a per-row source's rows for this call), :meth:`values_at` (a
     recording's values at this call's positions). Edits: :meth:`replace_output`,
     :meth:`scale_output`, :meth:`add_output`, :meth:`scale_scores`, :meth:`knock_out`,
-    :meth:`replace_qkv`. :meth:`plan` returns the resulting :class:`CallPlan`.
+    :meth:`replace_qkv`, :meth:`replace_pattern`. :meth:`plan` returns the resulting :class:`CallPlan`.
     """
 
     def __init__(self, shape: ModelShape, layer: int, B: int, Tq: int, Tk: int, device, q_start: int,
@@ -69,6 +69,7 @@ class AttentionCall:
         self._score_scale: torch.Tensor | None = None
         self._knockouts: list[EdgeKnockout] = []
         self._inputs: dict[str, Replacement] = {}  # "q"/"k"/"v" -> the merged replacement
+        self._patterns: list[PatternEdit] = []
         self._H, self._D = H, D
 
     # -- selectors --------------------------------------------------------------------------------------
@@ -222,6 +223,26 @@ class AttentionCall:
             sel = sel | old.select
         self._inputs[which] = Replacement(sel, values)
 
+    def replace_pattern(self, sel: torch.Tensor, probs: Any) -> None:
+        """The selected heads' attention probabilities at the selected queries (``sel [Bs, Hq, Tq]``
+        bool, from :meth:`select`) become ``probs`` (broadcastable to ``[Bs, Hq, Tq, Tk]``: rows over
+        this call's keys), so those head outputs become ``probs @ v``; output edits (replace, scale,
+        add) apply on top of it, whatever order they are made in (see
+        :mod:`headint.integration.pattern_patch`)."""
+        sel = self._check_sel(sel, "replace_pattern")
+        p = torch.as_tensor(probs, device=self.device).float()
+        try:
+            s = torch.broadcast_shapes(tuple(p.shape), (1, self._H, self.Tq, self.Tk))
+            fits = p.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, self.Tk) and s[0] in (1, self.B)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"replace_pattern probs have shape {list(p.shape)}; expected a tensor broadcastable to "
+                             f"[Bs, {self._H}, {self.Tq}, {self.Tk}] ([Bs, H, Tq, Tk] with Bs 1 or {self.B})")
+        p = self.batch(p, "replace_pattern probs") if p.dim() == 4 else p
+        self._patterns.append(PatternEdit(sel, p.expand(p.shape[0] if p.dim() == 4 else 1, self._H, self.Tq, self.Tk)))
+
     def plan(self) -> CallPlan:
         return CallPlan(head_mask=self._m, head_patch=self._p, head_bias=self._b, score_scale=self._score_scale,
-                        knockouts=list(self._knockouts), **{INPUT_EDITS[w]: r for w, r in self._inputs.items()})
+                        knockouts=list(self._knockouts), pattern_edits=list(self._patterns),
+                        **{INPUT_EDITS[w]: r for w, r in self._inputs.items()})
