@@ -12,7 +12,10 @@ using it (wrong outputs there) and can be left behind (a corrupted model). So sc
   ``__dict__``: its own submodule, parameter, buffer and hook dicts (and every other dict, list
   and set attribute, copied one level deep), its own ``training`` flag (eval unless asked);
 - the replica's modules hold the model's **parameter and buffer tensors themselves** (the same
-  objects, never written: no copy of the weights) and its other attributes (functions, numbers);
+  objects, never written: no copy of the weights; a parameter that requires grad is held as a
+  detached view of the same storage, so nothing run in the replica reaches the model's
+  ``.grad`` or needs its ``requires_grad`` flags changed) and its other attributes (functions,
+  numbers);
 - references between modules (submodules, bound methods and ``functools.partial`` forwards as
   ``accelerate`` installs them, modules kept as plain attributes) point into the replica;
 - configs are private copies, holding the model's own attention implementation (the one saved by
@@ -80,6 +83,11 @@ class Replica:
             own = {k: self._own(v) for k, v in m.__dict__.items()}
             own["training"] = training
             own[MARK] = True
+            params = own.get("_parameters")
+            if isinstance(params, dict):  # the same tensors, without a way back to the model's gradients
+                for k, p in params.items():
+                    if type(p) is nn.Parameter and p.requires_grad:
+                        params[k] = p.detach()
             c.__dict__.update(own)
         self.root: nn.Module = self._clones[id(model)]
         self.structure = None

@@ -13,7 +13,6 @@ from ..results import ScanResult
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
-from .masking import frozen_parameters
 from .setup import prepare_scan
 
 ATTRIBUTION_METHODS = ("patch", "mask")
@@ -102,10 +101,10 @@ def attribution_scan(
             return out
 
         starts = list(range(0, N, batch_size))
-        with frozen_parameters(model):
-            parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
-                estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
-                progress=False, desc="headint.attribution_scan")
+        # (the replica holds the weights detached: no gradient reaches them, their flags stay as they are)
+        parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
+            estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
+            progress=False, desc="headint.attribution_scan")
         estimates = torch.cat([parts[i] for i in range(len(starts))]).permute(1, 2, 3, 0)  # [L, H, Tm, N]
         run_settings = settings_of(ranks, {**runs.cost(), "backward_passes": backward_passes})
 
