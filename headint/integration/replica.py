@@ -65,7 +65,10 @@ class Replica:
 
     ``root``: the replica of ``model``; ``structure``: ``structure`` (the model's
     :class:`~headint.integration.structure.ModelStructure`, or None) with its sites keyed by the
-    replica's attention modules; ``training``: the replica's modules' training flag.
+    replica's attention modules; ``training``: the replica's modules' training flag;
+    ``foreign``: the paths of modules carrying an instance-level ``forward`` that is code of its
+    own (neither a bound method nor a ``functools.partial`` of a module, which are rebound to the
+    replica): it may run the model's own modules, so the replica cannot vouch for it.
     """
 
     def __init__(self, model: nn.Module, structure=None, *, training: bool = False):
@@ -73,16 +76,25 @@ class Replica:
         self._clones: dict[int, nn.Module] = {}  # id(model's module) -> its replica
         self._origins: dict[int, nn.Module] = {}  # id(replica module) -> the model's
         self._configs: dict[int, Any] = {}  # id(model's config) -> private copy
-        originals = list(model.modules())
+        named = list(model.named_modules())
+        originals = [m for _, m in named]
         for m in originals:
             c = object.__new__(type(m))
             self._clones[id(m)] = c
             self._origins[id(c)] = m
-        for m in originals:
+        # modules whose instance-level forward is code of its own (not a method or partial of a
+        # module, which are rebound): it may run the model's modules instead of the replica's
+        self.foreign: list[str] = []
+        for name, m in named:
             c = self._clones[id(m)]
             own = {k: self._own(v) for k, v in m.__dict__.items()}
+            fw = own.get("forward")
+            if fw is not None and fw is m.__dict__["forward"]:
+                self.foreign.append(name or "(the model)")
             own["training"] = training
             own[MARK] = True
+            if own.get("_compiled_call_impl") is not None:  # torch.compile'd: bound to the model's module; run eagerly
+                own["_compiled_call_impl"] = None
             params = own.get("_parameters")
             if isinstance(params, dict):  # the same tensors, without a way back to the model's gradients
                 for k, p in params.items():

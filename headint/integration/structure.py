@@ -45,7 +45,7 @@ from ..shape import LayerShape, ModelShape
 from .adapter import UnsupportedModelError, check_transformers_version, config_shape, text_config
 from .attention_function import register
 from .replica import Replica
-from .session import Session, close_session, open_session
+from .session import Session, close_session, open_session, switched_by_any_session
 
 PROBE_LEN = 5  # encoder / decoder-only probe length
 PROBE_DECODER_LEN = 3  # decoder probe length of encoder-decoder models (differs, so cross-attention shows)
@@ -253,7 +253,10 @@ def probe(model) -> ModelStructure:
 
     Both forwards run in a private :class:`~headint.integration.replica.Replica` of the model (in
     eval mode, with the model's own attention implementation, then switched to headint's), so the
-    model itself is only read: another thread using it meanwhile sees nothing."""
+    model itself is only read: another thread using it meanwhile sees nothing. A model with
+    instance-level forwards of its own (``Replica.foreign``: they may run the model's modules, not
+    the replica's) is probed in place instead, as ``intervene`` runs it (eval mode and the switch
+    for the length of the probe, restored after)."""
     st = ModelStructure(type(model).__name__)
     try:
         inputs = probe_inputs(model)
@@ -261,16 +264,19 @@ def probe(model) -> ModelStructure:
         st.problems.append(str(e))
         return st
     replica = Replica(model)
-    root = replica.root
+    root = model if replica.foreign else replica.root
+    flags = [(m, m.training) for m in root.modules()]
     watcher = _Watcher(root)
     reference = probed = None
     register()
     try:
+        root.eval()
         with torch.no_grad():
-            reference = _run(root, inputs)
+            if root is not model or not switched_by_any_session(model):  # else the model's own attention is not reachable now
+                reference = _run(root, inputs)
             session = Session(root, None, "auto")
             session.observer = watcher.observe
-            handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in root.modules()]
+            handles = [m.register_forward_pre_hook(_watch(watcher), with_kwargs=True) for m in root.modules()]
             try:
                 open_session(session)
                 probed = _run(root, inputs)
@@ -284,9 +290,21 @@ def probe(model) -> ModelStructure:
     except Exception as e:  # the model cannot run on the probe inputs: nothing can be learnt about it
         st.problems.append(f"its probe forward (inputs {sorted(inputs)}) failed with {type(e).__name__}: {e}")
         return st
+    finally:
+        for m, training in flags:
+            m.training = training
     _analyse(root, st, watcher, reference, probed)
-    st.sites = {replica.original_id(mid): site for mid, site in st.sites.items()}  # the model's own modules
+    if root is not model:
+        st.sites = {replica.original_id(mid): site for mid, site in st.sites.items()}  # the model's own modules
     return st
+
+
+def _watch(watcher: _Watcher):
+    def hook(module, args, kwargs):
+        return watcher.pre_hook(module, args, kwargs)
+
+    hook._headint_hook = True  # a replica made meanwhile leaves it out
+    return hook
 
 
 def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) -> None:
@@ -404,8 +422,18 @@ def check_supported(model) -> ModelStructure:
 
 def model_replica(model) -> Replica:
     """A private :class:`~headint.integration.replica.Replica` of a supported ``model``, with
-    its structure (checked as by :func:`check_supported`)."""
-    return Replica(model, check_supported(model))
+    its structure (checked as by :func:`check_supported`). A model whose modules carry
+    instance-level forwards of their own (``Replica.foreign``) is refused: they may run the
+    model's modules instead of the replica's, and a scan must not change the model to run it."""
+    rep = Replica(model, check_supported(model))
+    if rep.foreign:
+        shown = rep.foreign[:4] + (["..."] if len(rep.foreign) > 4 else [])
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: modules {shown} carry an instance-level forward that is code of its own (not a "
+            "bound method or functools.partial of the module), which may run the model's modules instead of the scan's "
+            "private replica of it; headint scans only run models they can run without changing them "
+            "(headint.intervene still works)")
+    return rep
 
 
 def model_shape(model_or_config) -> ModelShape:

@@ -112,6 +112,11 @@ def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost
     if metric.needs_clean or metric.token_ids(batch) is None:
         full_last = full[torch.arange(N), last_positions(batch["attention_mask"])]
     att = parts.shape.attention_layers  # layers without attention (hybrid models) record nothing
+    missing = [l for l in att if ("z", l) not in rec.tensors]
+    if missing:
+        raise RuntimeError(f"{type(replica.model).__name__}: the attention of layers {missing} did not run in the scan's private "
+                           "replica of the model (a module runs code bound to the model itself, e.g. an instance-level forward "
+                           "that calls the model's own module), so headint cannot scan it without changing the model")
     return CleanPass(store, {l: rec.tensors[("z", l)] for l in att}, {l: rec.tensors[("k", l)] for l in att},
                      {l: rec.tensors[("v", l)] for l in att}, logits, full_last, bool(restricted), last_hidden, causal)
 
