@@ -143,3 +143,20 @@ def test_a_forward_of_its_own_is_refused_by_scans_and_probed_in_place():
             ablated = model(input_ids=ids).logits
     assert not torch.allclose(plain, ablated)
     assert session.open_sessions() == []
+
+
+def test_a_leafs_forward_of_its_own_is_fine():
+    """A leaf (no submodules) wrapped by code of its own, as ``transformers``' tensor parallelism
+    wraps projections, computes from its inputs and the model's tensors: scans run it."""
+    model = tiny_gpt2(seed=7).eval()
+    batch = make_batch(3, 6, seed=8)
+    want = oracle_scan(model, batch, "logit_diff", method="zero")
+    calls = []
+    for block in model.transformer.h:
+        for leaf in (block.attn.c_attn, block.mlp.c_fc):
+            own = leaf.forward
+            leaf.forward = lambda *a, own=own, **k: calls.append(1) or own(*a, **k)
+    assert Replica(model).foreign == []
+    r = headint.scan(model, batch, "logit_diff", method="zero", progress=False, backend=BACKEND)
+    torch.testing.assert_close(r.per_example, want, atol=1e-5, rtol=1e-5)
+    assert calls

@@ -6,9 +6,10 @@ edits (:meth:`~headint.plan.Plan.for_call` for the default stack,
 :meth:`~headint.plan.Plan.for_stack_call` for the others), applies them stage by stage (one
 handler per stage of :mod:`headint.interventions.edits`: q/k/v replaced, operator arguments,
 pattern replacement, a known output, what is added after), calls :func:`headint.attention` (or
-takes the plan's known output), and hands the head outputs to the session's recorder. The operands are moved to the call's device (models split across
-devices); under tensor parallelism (:func:`headint.distributed.head_shard`) they are sliced to
-the heads this rank holds, and recordings are gathered to every head.
+takes the plan's known output), and hands the head outputs to the session's recorder. The
+edits are moved to the call's device (models split across devices); under tensor parallelism
+(:func:`headint.distributed.head_shard`) they are sliced to the heads this rank holds, and
+recordings are gathered to every head.
 """
 
 from __future__ import annotations

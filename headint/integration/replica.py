@@ -66,9 +66,11 @@ class Replica:
     ``root``: the replica of ``model``; ``structure``: ``structure`` (the model's
     :class:`~headint.integration.structure.ModelStructure`, or None) with its sites keyed by the
     replica's attention modules; ``training``: the replica's modules' training flag;
-    ``foreign``: the paths of modules carrying an instance-level ``forward`` that is code of its
-    own (neither a bound method nor a ``functools.partial`` of a module, which are rebound to the
-    replica): it may run the model's own modules, so the replica cannot vouch for it.
+    ``foreign``: the paths of modules with submodules carrying an instance-level ``forward`` that
+    is code of its own (neither a bound method nor a ``functools.partial`` of a module, which are
+    rebound to the replica): it may run the model's own submodules, so the replica cannot vouch
+    for it (a leaf's, e.g. the wrappers ``transformers``' tensor parallelism puts on projections,
+    computes from its inputs and the model's own tensors, as the replica's would).
     """
 
     def __init__(self, model: nn.Module, structure=None, *, training: bool = False):
@@ -82,14 +84,16 @@ class Replica:
             c = object.__new__(type(m))
             self._clones[id(m)] = c
             self._origins[id(c)] = m
-        # modules whose instance-level forward is code of its own (not a method or partial of a
-        # module, which are rebound): it may run the model's modules instead of the replica's
+        # modules with submodules whose instance-level forward is code of its own (not a method or
+        # partial of a module, which are rebound): it may run the model's submodules instead of the
+        # replica's. A leaf's (transformers' tensor parallelism wraps projections so) computes its
+        # output from its inputs and the model's own tensors, as the replica's would.
         self.foreign: list[str] = []
         for name, m in named:
             c = self._clones[id(m)]
             own = {k: self._own(v) for k, v in m.__dict__.items()}
             fw = own.get("forward")
-            if fw is not None and fw is m.__dict__["forward"]:
+            if fw is not None and fw is m.__dict__["forward"] and any(x is not None for x in m._modules.values()):
                 self.foreign.append(name or "(the model)")
             own["training"] = training
             own[MARK] = True

@@ -430,7 +430,7 @@ def model_replica(model) -> Replica:
         shown = rep.foreign[:4] + (["..."] if len(rep.foreign) > 4 else [])
         raise UnsupportedModelError(
             f"{type(model).__name__}: modules {shown} carry an instance-level forward that is code of its own (not a "
-            "bound method or functools.partial of the module), which may run the model's modules instead of the scan's "
+            "bound method or functools.partial of the module), which may run the model's submodules instead of the scan's "
             "private replica of it; headint scans only run models they can run without changing them "
             "(headint.intervene still works)")
     return rep
