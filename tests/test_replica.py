@@ -15,7 +15,6 @@ model's own tensors, private dicts, configs and flags; the model itself is only 
 from __future__ import annotations
 
 import functools
-import threading
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from headint.integration.blocks import replay_blocks
 from headint.integration.replica import Replica, is_replica_module
 from headint.integration.structure import model_replica, model_structure
 from scan_oracles import make_batch, oracle_scan, tiny_gpt2, tiny_llama
+from thread_helpers import block_held_elsewhere
 
 BACKEND = "reference"
 
@@ -69,17 +69,7 @@ def test_replica_is_new_objects_over_the_same_tensors():
 def test_replica_holds_the_models_own_attention_while_another_thread_switched_it():
     model = tiny_gpt2(seed=2).eval()
     own = model.config._attn_implementation
-    entered, release = threading.Event(), threading.Event()
-
-    def holder():
-        with headint.intervene(model, [Ablate(layer=0, head=0)], backend=BACKEND):
-            entered.set()
-            release.wait(60)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert entered.wait(60)
+    with block_held_elsewhere(model, [Ablate(layer=0, head=0)], BACKEND):
         assert model.config._attn_implementation == "headint"
         rep = model_replica(model)
         assert rep.root.config._attn_implementation == own
@@ -89,9 +79,6 @@ def test_replica_holds_the_models_own_attention_while_another_thread_switched_it
         with rep.session(None, BACKEND):
             assert rep.root.config._attn_implementation == "headint"
         assert rep.root.config._attn_implementation == own and model.config._attn_implementation == "headint"
-    finally:
-        release.set()
-        t.join(60)
     assert model.config._attn_implementation == own
     assert session.open_sessions() == []
 

@@ -32,6 +32,7 @@ from headint import Ablate, Patch, Scale
 from headint.integration import session
 from headint.metrics import LogitDiff
 from scan_oracles import corrupt_of, make_batch, tiny_gpt2, tiny_llama
+from thread_helpers import block_held_elsewhere, in_threads
 
 ROUNDS = 3
 BACKEND = "auto"
@@ -118,27 +119,6 @@ def light_snapshot(model) -> tuple:
     """What the other thread checks between its calls (cheap): module objects, parameter objects and contents, config."""
     return ([(n, id(m)) for n, m in model.named_modules()], [(n, id(p), p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
             model.config._attn_implementation, [m.training for m in model.modules()])
-
-
-def in_threads(*targets, timeout: float = 600) -> None:
-    errors: list = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as e:  # reported in the main thread
-                errors.append(e)
-        return run
-
-    threads = [threading.Thread(target=wrap(t)) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    if errors:
-        raise errors[0]
 
 
 def equal_results(got, want) -> bool:
@@ -304,22 +284,9 @@ def test_probe_while_another_thread_has_the_model_switched():
     from headint.integration.structure import probe
 
     model = tiny_gpt2(seed=10).eval()
-    entered, release = threading.Event(), threading.Event()
-
-    def holder():
-        with headint.intervene(model, [Ablate(layer=0, head=0)], backend=BACKEND):
-            entered.set()
-            release.wait(120)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert entered.wait(60)
+    with block_held_elsewhere(model, [Ablate(layer=0, head=0)], BACKEND):
         assert model.config._attn_implementation == "headint"
         st = probe(model)
-    finally:
-        release.set()
-        t.join(60)
     assert st.supported, st.problems
     ids = {id(m) for m in model.modules()}
     assert st.sites and set(st.sites) <= ids

@@ -156,17 +156,19 @@ class AttentionCall:
             raise ValueError(f"{what}: the selector must be bool [Bs, {self._H}, {self.Tq}] (from call.select), got {got}")
         return self.batch(sel.to(self.device), what)
 
-    def _values(self, x: Any, what: str) -> torch.Tensor:
-        """``x`` as float32 on this call's device, checked to broadcast to ``[Bs, Hq, Tq, D]``."""
+    def _values(self, x: Any, what: str, last: int | None = None, last_name: str = "D") -> torch.Tensor:
+        """``x`` as float32 on this call's device, checked to broadcast to ``[Bs, Hq, Tq, last]``
+        (``last`` default: the head dim ``D``)."""
+        last = self._D if last is None else last
         v = torch.as_tensor(x, device=self.device).float()
         try:
-            s = torch.broadcast_shapes(tuple(v.shape), (1, self._H, self.Tq, self._D))
-            fits = v.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, self._D) and s[0] in (1, self.B)
+            s = torch.broadcast_shapes(tuple(v.shape), (1, self._H, self.Tq, last))
+            fits = v.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, last) and s[0] in (1, self.B)
         except RuntimeError:
             fits = False
         if not fits:
             raise ValueError(f"{what} has shape {list(v.shape)}; expected a tensor broadcastable to "
-                             f"[Bs, {self._H}, {self.Tq}, {self._D}] ([Bs, H, Tq, D] with Bs 1 or {self.B})")
+                             f"[Bs, {self._H}, {self.Tq}, {last}] ([Bs, H, Tq, {last_name}] with Bs 1 or {self.B})")
         return self.batch(v, what) if v.dim() == 4 else v
 
     def replace_output(self, sel: torch.Tensor, value: Any) -> None:
@@ -230,16 +232,7 @@ class AttentionCall:
         add) apply on top of it, whatever order they are made in (see
         :mod:`headint.integration.pattern_patch`)."""
         sel = self._check_sel(sel, "replace_pattern")
-        p = torch.as_tensor(probs, device=self.device).float()
-        try:
-            s = torch.broadcast_shapes(tuple(p.shape), (1, self._H, self.Tq, self.Tk))
-            fits = p.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, self.Tk) and s[0] in (1, self.B)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"replace_pattern probs have shape {list(p.shape)}; expected a tensor broadcastable to "
-                             f"[Bs, {self._H}, {self.Tq}, {self.Tk}] ([Bs, H, Tq, Tk] with Bs 1 or {self.B})")
-        p = self.batch(p, "replace_pattern probs") if p.dim() == 4 else p
+        p = self._values(probs, "replace_pattern probs", self.Tk, "Tk")
         self._patterns.append(PatternEdit(sel, p.expand(p.shape[0] if p.dim() == 4 else 1, self._H, self.Tq, self.Tk)))
 
     def plan(self) -> CallPlan:

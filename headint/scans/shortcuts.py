@@ -76,18 +76,26 @@ class Shortcuts:
 NONE = Shortcuts(clean_attention=False, last_query=False)
 
 
-class AllowedEdits(Plan):
-    """``plan``, refused (``ValueError``) at any call of ``layers`` (None: every layer) whose
-    edits are not all in ``allowed``: the edits ``shortcut`` understands."""
+class _Around(Plan):
+    """A plan around ``plan``: the same layers and other stacks; :meth:`for_call` says what changes."""
 
-    def __init__(self, plan: Plan, allowed: frozenset, shortcut: str, layers: set[int] | None = None):
-        self.plan, self.allowed, self.shortcut, self.only = plan, allowed, shortcut, layers
+    def __init__(self, plan: Plan):
+        self.plan = plan
 
     def layers(self) -> set[int]:
         return self.plan.layers()
 
     def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
         return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start)
+
+
+class AllowedEdits(_Around):
+    """``plan``, refused (``ValueError``) at any call of ``layers`` (None: every layer) whose
+    edits are not all in ``allowed``: the edits ``shortcut`` understands."""
+
+    def __init__(self, plan: Plan, allowed: frozenset, shortcut: str, layers: set[int] | None = None):
+        super().__init__(plan)
+        self.allowed, self.shortcut, self.only = allowed, shortcut, layers
 
     def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
         call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
@@ -103,7 +111,7 @@ def check_edits(call: CallPlan, allowed: frozenset, shortcut: str, layer: int) -
                          f"(it understands {sorted(allowed)}); run without it")
 
 
-class CleanAttentionPlan(Plan):
+class CleanAttentionPlan(_Around):
     """``plan`` with the attention output of ``layer`` known: ``m * clean + (1 - m) * patch``
     from the plan's own head mask ``m`` and replacement ``patch`` and the clean run's head
     outputs ``clean`` ``[R, H, T, D]`` (absolute positions), valid when that layer's inputs are
@@ -112,13 +120,8 @@ class CleanAttentionPlan(Plan):
     adds it to the known output as to a computed one)."""
 
     def __init__(self, plan: Plan, layer: int, clean: torch.Tensor):
-        self.plan, self.layer, self.clean = plan, layer, clean
-
-    def layers(self) -> set[int]:
-        return self.plan.layers()
-
-    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
-        return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start)
+        super().__init__(plan)
+        self.layer, self.clean = layer, clean
 
     def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
         call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
