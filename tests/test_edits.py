@@ -4,8 +4,9 @@
   add, score scales, knockouts, q/k/v replacements, attention-pattern replacements), each row
   different, gives each row what it gives alone, on GPT-2, Llama (GQA) and DeepSeek-V3 (MLA:
   value head dim 12, query/key 24); per-row pattern edits against an eager oracle;
-- MLA ``target="v"`` scans (value head dim, not the query/key one) against a hook oracle on the
-  projection the values come from;
+- MLA ``target="v"`` scans (value head dim, not the query/key one; per position with the
+  model's own cached latents as the prefix) against a hook oracle on the projection the values
+  come from;
 - stacking fills, windows, the allow-lists of the scans' shortcuts (an edit a shortcut does not
   understand is refused, never run wrong; every edit kind is reviewed for them).
 """
@@ -187,7 +188,10 @@ def test_mla_value_scans_match_a_hook_oracle(method, per_position):
     corrupt = corrupt_of(batch) if method == "patch" else None
     positions = [0, 3, T - 1] if per_position else None
     r = headint.scan(model, batch, "logit_diff", corrupt=corrupt, method=method, target="v", per_position=per_position,
-                     positions=positions, progress=False, backend=BACKEND)
+                     positions=positions, group_positions=1, progress=False, backend=BACKEND)
+    # per position: rows fed from their position, with the clean run's cache before it (DeepSeek-V3
+    # caches its compressed latents, not per-head keys/values)
+    assert r.settings["position_reuse"] is per_position
     want = _mla_oracle(model, batch, method, corrupt, tuple(positions) if per_position else (None,))
     got = r.per_example
     scanned = ~torch.isnan(want)

@@ -242,9 +242,14 @@ def test_last_query_final_block_every_decoder(arch, per_position):
                                             heads=[0, 3] if per_position else None, positions=[0, 3, 5, 6] if per_position else None))
     # the final MLP ran on T tokens in the two clean passes only, and once in every other run
     # (every variant run and the check): on the last token, except where Mistral's sliding
-    # window dropped keys of a cached prefix (position 5: 3 cached + 2 fed keys < 7 positions)
+    # window dropped keys of a cached prefix (position 5: 3 cached + 2 fed keys < 7 positions),
+    # and in the position-reuse check (2 base rows fed from the first start position, 3: 4 tokens)
     cost = r.settings["cost"]
-    assert tokens.count(7) == 2 and len(tokens) == cost["runs"]
+    assert len(tokens) == cost["runs"]
+    if per_position:
+        assert r.settings["position_reuse"] is True
+        tokens.remove(7 - 3)
+    assert tokens.count(7) == 2
     assert cost["last_query_rows"] > 0
     sliding = arch == "mistral" and per_position
     assert all(t == 1 for t in tokens if t != 7) is not sliding
@@ -304,6 +309,20 @@ def test_last_query_check_catches_an_error(llama, monkeypatch):
     assert_close(r.per_example, oracle_scan(llama, batch, "logit_diff", method="zero"))
 
 
+def test_position_reuse_check_catches_a_wrong_prefix(gpt2, monkeypatch):
+    """If the cache prefix fed back were wrong (here: zeros), the check against the clean run turns
+    position reuse off and every row runs whole: values stay exact."""
+    import headint.scans.runner as runner_mod
+
+    orig = runner_mod._cache_contents
+    monkeypatch.setattr(runner_mod, "_cache_contents", lambda *a: {l: (k * 0, v * 0) for l, (k, v) in orig(*a).items()})
+    batch = make_batch(3, 6, seed=118)
+    kw = dict(method="zero", per_position=True, heads=[1], positions=[2, 4])
+    r = scan(gpt2, batch, "logit_diff", group_positions=1, **kw)
+    assert r.settings["position_reuse"] is False
+    assert_close(r.per_example, oracle_scan(gpt2, batch, "logit_diff", **kw))
+
+
 def test_last_query_block_only_in_a_replica(gpt2):
     original = list(gpt2.transformer.h)
     batch = make_batch(2, 5, seed=117)
@@ -349,6 +368,7 @@ def test_clean_attention_skips_the_first_layers_attention(model, monkeypatch, st
     patch = torch.randn(4, 4, 6, z.shape[-1], generator=g)
     plan = TensorPlan({1: CallPlan(head_mask=mask, head_patch=patch), 2: CallPlan(head_mask=1 - mask)})
     runner.children_before_attention(1)  # the clean rows' q/k/v projections of layer 1, captured once
+    runner.check_position_reuse(start_pos)  # ... and position reuse checked once
     site = next(s for s in model_structure(model).sites.values() if s.layer == 1)
     attn = runner.model.get_submodule(site.path)  # the runner's replica of it
     children_called = []

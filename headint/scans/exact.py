@@ -257,7 +257,7 @@ def scan(
     L = shape.n_layers
     settings["cost_one_forward_per_intervention"] = dict(layer_forwards=V * N * L, token_layer_forwards=V * N * L * T)
     settings["batch_rows"] = rows_per_batch
-    settings["position_reuse"] = position_reuse
+    settings["position_reuse"] = position_reuse and base.position_reuse_ok
     settings["restricted_logits"] = base.restricted
     settings["metric_logits"] = runs.metric_path
     settings["final_block"] = base.last_query_note if shortcuts.last_query else "full final block (shortcut off)"

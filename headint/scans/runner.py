@@ -12,7 +12,8 @@ The shortcuts, all exact (which edits each understands: :mod:`headint.scans.shor
 - depth reuse: a run whose interventions start at layer ``l`` replays the cached clean outputs
   of blocks ``< l`` (stand-ins for those blocks in the replica) instead of recomputing them;
 - position reuse: on causal models, a run whose interventions start at position ``p`` feeds only
-  tokens ``>= p``, with the clean keys/values of positions ``< p`` as a KV cache;
+  tokens ``>= p``, with what the clean run put in the KV cache for positions ``< p`` as its
+  cache; checked once per base run against its clean output before any variant uses it;
 - logit restriction: only the final position's hidden state is unembedded, and only for the
   token ids the metric asks for (:mod:`.metric_logits`);
 - last-query final block (``Shortcuts.last_query``, last-position metrics on causal models whose
@@ -59,8 +60,8 @@ class CleanPass:
     keys/values ``[N, Hkv, T, D]`` per layer, the metric's logits (its layout), the last
     position's logits ``[N, V]`` where a metric needs the clean distribution, whether the model's
     logits are its base model's output unembedded (``restricted``: then variants unembed only
-    what the metric reads) with that output's last position ``[N, d]``, and whether the model is
-    causal."""
+    what the metric reads) with that output's last position ``[N, d]``, whether the model is
+    causal, and what each layer put in the KV cache (see :func:`clean_pass`)."""
 
     block_outputs: list
     z: dict[int, torch.Tensor]
@@ -71,6 +72,7 @@ class CleanPass:
     restricted: bool
     last_hidden: torch.Tensor | None
     causal: bool
+    cached: dict | None = None  # {layer: (keys, values)} as the model caches them: the prefix of position reuse
 
 
 def is_causal(replica: Replica) -> bool:
@@ -78,25 +80,50 @@ def is_causal(replica: Replica) -> bool:
     return any(getattr(m, "is_causal", False) for m in replica.parts.blocks[0].modules())
 
 
+def cache_kwarg(module) -> str:
+    """Newer ``transformers`` models take the KV cache as ``cache``, older as ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost: Cost) -> CleanPass:
-    """Run ``batch`` once through the replica, caching what variant runs reuse."""
+    """Run ``batch`` once through the replica, caching what variant runs reuse.
+
+    A causal decoder runs with an empty KV cache that keeps every position (no sliding-window
+    layers): afterwards it holds what each layer hands its cache, as the model itself would feed
+    it back (per-head keys/values, or e.g. DeepSeek-V3's compressed latents), the prefix of
+    position reuse. Should the model not run so, it runs without (then the prefix is the recorded
+    keys/values, and :meth:`VariantRunner.check_position_reuse` decides)."""
     parts = replica.parts
     L = parts.shape.n_layers
     N, T = batch["input_ids"].shape
     causal = is_causal(replica)
-    store: list = [None] * L
-    rec = Recorder(("z", "k", "v"))
-    base_out: list = []
-    capture = parts.base.register_forward_hook(lambda _m, _a, out: base_out.append(out))  # the replica's: private
-    try:
-        with replica.session(None, backend, rec), capture_block_outputs(parts, store):
-            kwargs = model_inputs(batch)
-            if causal:
-                kwargs["use_cache"] = False
-            out = replica.root(**kwargs)
-    finally:
-        capture.remove()
+    with_cache = causal and not getattr(replica.root.config, "is_encoder_decoder", False)
+    while True:
+        store: list = [None] * L
+        rec = Recorder(("z", "k", "v"))
+        base_out: list = []
+        kwargs = model_inputs(batch)
+        cache = None
+        if with_cache:
+            from transformers import DynamicCache
+
+            cache = kwargs[cache_kwarg(replica.root)] = DynamicCache()
+            kwargs["use_cache"] = True
+        elif causal:
+            kwargs["use_cache"] = False
+        capture = parts.base.register_forward_hook(lambda _m, _a, out: base_out.append(out))  # the replica's: private
+        try:
+            with replica.session(None, backend, rec), capture_block_outputs(parts, store):
+                out = replica.root(**kwargs)
+            break
+        except Exception:
+            if not with_cache:
+                raise
+            with_cache = False  # e.g. a model that takes no such cache: run as before
+        finally:
+            capture.remove()
     cost.add(N, L, T)
     full = out.logits if hasattr(out, "logits") else out.last_hidden_state
     # Variants take the restricted path (final hidden state -> only the logits the metric needs)
@@ -118,7 +145,22 @@ def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost
                            "replica of the model (a module runs code bound to the model itself, e.g. an instance-level forward "
                            "that calls the model's own module), so headint cannot scan it without changing the model")
     return CleanPass(store, {l: rec.tensors[("z", l)] for l in att}, {l: rec.tensors[("k", l)] for l in att},
-                     {l: rec.tensors[("v", l)] for l in att}, logits, full_last, bool(restricted), last_hidden, causal)
+                     {l: rec.tensors[("v", l)] for l in att}, logits, full_last, bool(restricted), last_hidden, causal,
+                     _cache_contents(cache, att, N, T))
+
+
+def _cache_contents(cache, layers: list[int], N: int, T: int) -> dict | None:
+    """``{layer: (keys, values)}`` as the model put them in ``cache`` (``[N, ..., T, ...]``,
+    positions on dim -2; the same storage as the recorded keys/values where they are those), or
+    None unless every layer's are there."""
+    out = {}
+    for l in layers:
+        layer = cache.layers[l] if cache is not None and l < len(getattr(cache, "layers", ())) else None
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not all(isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[0] == N and x.shape[-2] == T for x in (k, v)):
+            return None
+        out[l] = (k.detach(), v.detach())
+    return out
 
 
 class VariantRunner:
@@ -150,6 +192,7 @@ class VariantRunner:
         self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
         self._children = None  # (layer, attention module, captured outputs): see children_before_attention
         self._last_query: tuple[bool, str] | None = None  # see check_last_query
+        self._position_reuse: tuple[bool, str] | None = None  # see check_position_reuse
         self._base_values: torch.Tensor | None = None
 
     @classmethod
@@ -199,8 +242,9 @@ class VariantRunner:
     def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts) -> torch.Tensor:
         if plan is not None and start_layer and any(l < start_layer for l in plan.layers()):
             raise ValueError(f"depth reuse: the plan intervenes at layers {sorted(plan.layers())}, below start_layer {start_layer}")
-        if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention):
-            start_pos = 0  # position reuse needs every layer's state as keys/values
+        if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention
+                              and self.check_position_reuse(start_pos)):
+            start_pos = 0  # position reuse needs every layer's state as keys/values, fed back right
         children = None
         if shortcuts.clean_attention and plan is not None:
             z = self.base.z[start_layer]
@@ -255,8 +299,8 @@ class VariantRunner:
 
             past = DynamicCache(config=self.model.config)
             for l in range(self.parts.shape.n_layers):
-                k, v = self.base.k[l], self.base.v[l]
-                past.update(k[ex.to(k.device)][:, :, :start_pos], v[ex.to(v.device)][:, :, :start_pos], l)
+                k, v = self.base.cached[l] if self.base.cached is not None else (self.base.k[l], self.base.v[l])
+                past.update(k[ex.to(k.device)][..., :start_pos, :], v[ex.to(v.device)][..., :start_pos, :], l)
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
         replay = replay_children(*children, ex, self.N, self.T) if children is not None and children[1] else contextlib.nullcontext()
         with self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
@@ -286,10 +330,7 @@ class VariantRunner:
 
     @functools.cached_property
     def _cache_kwarg(self) -> str:
-        """Newer ``transformers`` models take the KV cache as ``cache``, older as ``past_key_values``."""
-        target = self.parts.base if self.restricted else self.model
-        params = inspect.signature(target.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return cache_kwarg(self.parts.base if self.restricted else self.model)
 
     # -- what the shortcuts need, found once -------------------------------------------------------
 
@@ -320,6 +361,43 @@ class VariantRunner:
                 outputs = {}
         self._children = (layer, module, outputs)
         return module, outputs
+
+    @property
+    def position_reuse_ok(self) -> bool:
+        """Whether position reuse ran right where it was checked (True: not refused so far)."""
+        return self._position_reuse is None or self._position_reuse[0]
+
+    @torch.no_grad()
+    def check_position_reuse(self, start_pos: int) -> bool:
+        """Whether variant runs may feed tokens ``>= start_pos`` with the clean run's cache before
+        them (cached): the base run's first rows whose metric position is at or after
+        ``start_pos`` are run so, without interventions, and the logits the metric reads must
+        agree with the clean pass's to float tolerance (e.g. a model whose cache holds something
+        the prefix is not fed back as fails here and runs whole rows instead)."""
+        if self._position_reuse is not None or start_pos <= 0:
+            return self._position_reuse is None or self._position_reuse[0]
+        eligible = (last_positions(self.batch["attention_mask"]) >= start_pos).nonzero().flatten()[:2]
+        if not len(eligible):
+            return True  # every row ends before start_pos: each keeps its base value
+        ex = eligible.to(self.batch["input_ids"].device)
+        why = None
+        try:
+            fw = self._variant_forward(ex, None, 0, start_pos, None, False)
+        except Exception as e:
+            why = f"a forward fed from position {start_pos} failed ({type(e).__name__}: {e})"
+        else:
+            self.cost.add(len(ex), self.parts.shape.n_layers, self.T - start_pos)
+            if fw.is_hidden:
+                got = restricted_logits(self.metric, fw.out, fw.rows, start_pos, self.parts.unembed)
+            else:
+                got = model_logits(self.metric, fw.out, fw.rows, start_pos)
+            want = self.base.logits[ex.to(self.base.logits.device)]
+            err = float((got.float() - want.float()).abs().max())
+            tol = 1e-4 * (1.0 + float(want.float().abs().max()))
+            if not err <= tol:
+                why = f"fed from position {start_pos} it differs from the clean run by {err:.3g} (tolerance {tol:.3g})"
+        self._position_reuse = (why is None, "position reuse" if why is None else f"whole rows ({why})")
+        return self._position_reuse[0]
 
     @torch.no_grad()
     def check_last_query(self) -> bool:
