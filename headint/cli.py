@@ -16,17 +16,21 @@ import math
 import sys
 from pathlib import Path
 
+from .metrics import as_metric
 from .ops.backends import backend_names
+from .vocabulary import ATTRIBUTION_METHODS, DIRECTIONS, METHODS, METRIC_NAMES
 
-METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl", "loss")
-METHOD_CHOICES = ("zero", "mean", "resample", "patch", "attribution", "attribution-mask")
+METRIC_CHOICES = METRIC_NAMES
+# --method attribution / attribution-mask: attribution_scan's methods "patch" / "mask"
+ATTRIBUTION_CHOICES = {("attribution" if m == "patch" else f"attribution-{m}"): m for m in ATTRIBUTION_METHODS}
+METHOD_CHOICES = METHODS + tuple(ATTRIBUTION_CHOICES)
 # the batch keys each metric reads (from the prompt lines' "target" / "contrast")
-METRIC_NEEDS = {"logit_diff": ("target", "contrast"), "logprob": ("target",), "prob": ("target",), "kl": (), "loss": ()}
+METRIC_NEEDS = {name: as_metric(name).batch_keys() for name in METRIC_NAMES}
 # files that make a folder hold a tokenizer (AutoTokenizer on a folder without any returns an
 # empty tokenizer that turns every text into no tokens)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
-PATTERN_HEADS = 4  # attention patterns of this many top heads go into report.html
+PATTERN_EXAMPLES = 3  # report.html shows the heads' attention patterns on this many prompts (as many heads as fit its budget)
 
 
 class UsageError(Exception):
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrupt", help="JSONL of corrupted prompts, line-aligned with --prompts, each of the same token count as its clean prompt (needed by --method patch/attribution and --normalize)")
     s.add_argument("--metric", default="logit_diff", choices=METRIC_CHOICES, help="logit_diff: logit[target]-logit[contrast] at the last token; logprob/prob: of the target; kl: KL(clean || patched) of the next-token distribution; loss: mean next-token cross-entropy (default: logit_diff)")
     s.add_argument("--method", default="zero", choices=METHOD_CHOICES, help="zero/mean/resample ablation, patch (activation patching from --corrupt), attribution (first-order estimate of patch), attribution-mask (gradient head importance) (default: zero)")
-    s.add_argument("--direction", choices=("denoising", "noising"), help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
+    s.add_argument("--direction", choices=DIRECTIONS, help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
     s.add_argument("--per-position", action="store_true", help="one intervention per head and position instead of per head")
     s.add_argument("--pairs", action="store_true", help="exact methods only: scan all pairs of heads (finds heads that back each other up); also scans the single heads, to compare")
     s.add_argument("--layers", type=_int_list, help="exact methods only: comma-separated layers to scan (default: all)")
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--examples", type=_positive_int, default=64, help="number of prompts (default: 64)")
     d.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: 0)")
     d.add_argument("--backend", default="auto", choices=backend_names(), help="attention backend (default: auto)")
+    from .circuits.cli import add_parser as add_circuit_parser
+
+    add_circuit_parser(sub)
     return p
 
 
@@ -338,7 +345,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     from . import attribution_scan, scan
     from .distributed import is_main, main_rank_done
     from .ops import BackendUnavailable
-    from .pattern_views import head_patterns, top_heads
+    from .pattern_views import example_patterns, report_heads
     from .integration.structure import model_shape
     from .results.pairs import pair_frame
     from .scans import all_pairs
@@ -358,7 +365,7 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
                 warnings.append(warning)
                 print(f"headint scan: warning: {warning}", file=sys.stderr)
         if args.method.startswith("attribution"):
-            method = "mask" if args.method == "attribution-mask" else "patch"
+            method = ATTRIBUTION_CHOICES[args.method]
             result = attribution_scan(model, clean, corrupt, args.metric, method=method,
                                       direction=args.direction or "denoising", per_position=args.per_position,
                                       batch_size=None if args.batch_size == "auto" else args.batch_size, backend=args.backend)
@@ -373,8 +380,9 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
         if args.normalize:
             result = result.normalized_result()
             singles = singles.normalized_result() if singles is not None else None
-        patterns = head_patterns(model, clean["input_ids"][0][clean["attention_mask"][0] != 0],
-                                 top_heads(result, PATTERN_HEADS), backend=args.backend)
+        examples = [clean["input_ids"][i][clean["attention_mask"][i] != 0]
+                    for i in range(min(PATTERN_EXAMPLES, len(clean["input_ids"])))]
+        patterns = example_patterns(model, examples, report_heads(result, [len(ids) for ids in examples]), backend=args.backend)
     except (ValueError, CheckpointError, BackendUnavailable) as e:
         return _fail(str(e))
     if not is_main():  # torchrun: rank 0 writes the outputs, the others wait for it
@@ -383,13 +391,12 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.method} scan of {model_dir.name} ({args.metric})"
     tokens = position_tokens(clean, tokenizer) if args.per_position else None
-    first = clean["input_ids"][0][clean["attention_mask"][0] != 0]
     files = [result.to_csv(out / "scan.csv"), out / "heatmap.png"]
     result.heatmap(out / "heatmap.png", title=title, tokens=tokens, singles=singles)
     if singles is not None:
         pair_frame(result, singles).to_csv(out / "pair_effects.csv", index=False)
         files.append(out / "pair_effects.csv")
-    files.append(result.to_html(out / "report.html", tokens=tokens, patterns=patterns, pattern_tokens=to_str_tokens(tokenizer, first),
+    files.append(result.to_html(out / "report.html", tokens=tokens, patterns=patterns, pattern_tokens=[to_str_tokens(tokenizer, ids) for ids in examples],
                                 singles=singles, title=title, top=args.top, warnings=warnings))
     settings = dict(result.settings, model_dir=str(model_dir), prompts=args.prompts, corrupt=args.corrupt,
                     clean_baseline=result.clean_baseline, corrupt_baseline=result.corrupt_baseline, normalized=args.normalize,
@@ -415,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             return _fail(str(e), "demo")
         return run_demo(out=args.out, n_examples=args.examples, seed=args.seed, backend=args.backend)
+    if args.command == "circuit":
+        from .circuits.cli import run as run_circuit
+
+        return run_circuit(args, sys.modules[__name__])
     return 2
 
 

@@ -27,10 +27,11 @@ from .integration.record import record
 from .interventions import Ablate
 from .metrics import LogitDiff
 from .models import load
-from .pattern_views import head_patterns, top_heads
+from .pattern_views import example_patterns, report_heads
 from .patterns import induction_scores, previous_token_scores
 from .integration.record import record
 from .results.pairs import pair_frame
+from .results.report import RelatedScan
 from .scans import all_pairs, attribution_scan, scan
 from .tasks.induction import copy_accuracy, induction_prompts, repeated_random_tokens
 from .tokens import to_str_tokens
@@ -149,18 +150,23 @@ def _redundancy(res: dict) -> str:
     return "\n".join(lines)
 
 
+PATTERN_EXAMPLES = 3  # the report shows the attention patterns of every head on this many prompts
+
+
 def _write_report(model, res: dict, path: Path, backend: str) -> Path:
-    """``report.html``: the mean-ablation scan (heatmap, top heads), the attention patterns of
-    the circuit heads on the first prompt, and the patching, attribution and pair charts."""
-    ids = res["prompts"].clean[0]
-    heads = res["circuit"] or top_heads(res["mean_scan"], 4)
-    figures = [("activation patching (noising)", res["patch_scan"].heatmap(title="induction-2l: patch scan")),
-               ("attribution patching", res["attribution"].heatmap(title="induction-2l: attribution")),
-               ("pairs of heads: together vs single effects summed",
-                res["pair_scan"].heatmap(title="induction-2l: pair scan", singles=res["mean_scan"]))]
-    return res["mean_scan"].to_html(path, patterns=head_patterns(model, ids, heads, backend=backend),
-                                    pattern_tokens=to_str_tokens(None, ids), title="headint demo: induction-2l, mean ablation",
-                                    figures=figures)
+    """``report.html``: the mean-ablation scan (heatmap, head table with the patching and
+    attribution effects, pattern scores and roles), the attention patterns of the heads on the
+    first prompts, and the patching, attribution and pair scans, each interactive."""
+    examples = [res["prompts"].clean[i] for i in range(min(PATTERN_EXAMPLES, len(res["prompts"].clean)))]
+    heads = report_heads(res["mean_scan"], [len(ids) for ids in examples])
+    related = [RelatedScan("Activation patching (noising)", res["patch_scan"], column="patch effect"),
+               RelatedScan("Attribution patching (gradient estimate of patching)", res["attribution"], column="attribution"),
+               RelatedScan("Pairs of heads: together vs single effects summed", res["pair_scan"], singles=res["mean_scan"])]
+    head_columns = {"prev-tok": res["prev"], "induction": res["ind"], "role": res["roles"]}
+    return res["mean_scan"].to_html(path, patterns=example_patterns(model, examples, heads, backend=backend),
+                                    pattern_tokens=[to_str_tokens(None, ids) for ids in examples],
+                                    title="headint demo: induction-2l, mean ablation", related=related,
+                                    head_columns=head_columns)
 
 
 def run_demo(out: str = "headint-demo", n_examples: int = 64, seed: int = 0, backend: str = "auto") -> int:

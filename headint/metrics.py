@@ -22,12 +22,20 @@ The logits a metric receives are therefore laid out as
 ``batch`` is a dict of per-example tensors with at least ``input_ids`` ``[B, T]``
 and ``attention_mask`` ``[B, T]``, and optionally ``target`` ``[B]``,
 ``contrast`` ``[B]`` and ``labels`` ``[B, T]``.
+
+A metric also carries its direction, ``maximize``: True where higher is better (a logit
+difference, a log-probability), False where lower is better (a loss, a KL divergence), None
+where unknown. Methods that optimise a metric (learned gates, greedy pruning) read it from the
+metric, never from its name: a user's function named ``loss`` has no direction until it is given
+one (``CallableMetric(fn, maximize=False)``, or ``maximize=`` of the method).
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable, Union
+
+from .vocabulary import METRIC_NAMES, METRIC_POSITIONS, MetricName, MetricPosition
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +60,7 @@ __all__ = [
     "METRIC_NAMES",
 ]
 
-POSITIONS = ("last", "all")
+POSITIONS = METRIC_POSITIONS
 
 TokenSpec = Union[str, int, torch.Tensor]
 
@@ -197,14 +205,20 @@ def _check_values(values: Any, B: int, who: str) -> torch.Tensor:
 class Metric:
     """A per-example score of a batch, computed from (a selection of) the logits.
 
-    Subclasses set ``name``, ``position`` (``"last"`` or ``"all"``) and
-    ``needs_clean``, and implement :meth:`__call__`; they override
-    :meth:`token_ids` when a few vocabulary columns suffice.
+    Subclasses set ``name``, ``position`` (``"last"`` or ``"all"``),
+    ``needs_clean`` and ``maximize`` (True: higher is better; False: lower is better;
+    None: unknown), and implement :meth:`__call__`; they override :meth:`token_ids` when a
+    few vocabulary columns suffice.
     """
 
     name: str = "metric"
-    position: str = "last"
+    position: MetricPosition = "last"
     needs_clean: bool = False
+    maximize: bool | None = None
+
+    def batch_keys(self) -> tuple[str, ...]:
+        """The batch entries (besides ``input_ids`` / ``attention_mask``) this metric reads by name."""
+        return ()
 
     def token_ids(self, batch: dict) -> torch.LongTensor | None:
         """``[B, K]`` vocabulary ids whose logits are enough to compute the metric, or None for the full vocabulary."""
@@ -248,13 +262,17 @@ class LogitDiff(Metric):
     exactly 2 is read as the selected layout.
     """
 
-    name = "logit_diff"
+    name: MetricName = "logit_diff"
     position = "last"
     needs_clean = False
+    maximize = True
 
     def __init__(self, target: TokenSpec = "target", contrast: TokenSpec = "contrast"):
         self.target = _check_token_spec(target, "target")
         self.contrast = _check_token_spec(contrast, "contrast")
+
+    def batch_keys(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.target, self.contrast) if isinstance(s, str))
 
     def token_ids(self, batch: dict) -> torch.LongTensor:
         """``[B, 2]``: column 0 the target id, column 1 the contrast id."""
@@ -278,12 +296,16 @@ class LogitDiff(Metric):
 class LogProb(Metric):
     """``log_softmax(logits)[target]`` at each example's last real token (full vocabulary)."""
 
-    name = "logprob"
+    name: MetricName = "logprob"
     position = "last"
     needs_clean = False
+    maximize = True
 
     def __init__(self, target: TokenSpec = "target"):
         self.target = _check_token_spec(target, "target")
+
+    def batch_keys(self) -> tuple[str, ...]:
+        return (self.target,) if isinstance(self.target, str) else ()
 
     def _logprob(self, logits, batch) -> torch.Tensor:
         logits = _last_logits(logits, batch)
@@ -300,7 +322,7 @@ class LogProb(Metric):
 class Prob(LogProb):
     """``softmax(logits)[target]`` at each example's last real token (full vocabulary)."""
 
-    name = "prob"
+    name: MetricName = "prob"
 
     def __call__(self, logits, batch, clean_logits=None):
         return self._logprob(logits, batch).exp().to(torch.float32)
@@ -313,9 +335,10 @@ class KLFromClean(Metric):
     Needs the clean run's logits (full vocabulary, same layout as ``logits``).
     """
 
-    name = "kl"
+    name: MetricName = "kl"
     position = "last"
     needs_clean = True
+    maximize = False
 
     def __call__(self, logits, batch, clean_logits=None):
         if clean_logits is None:
@@ -346,9 +369,10 @@ class Loss(Metric):
     padding are both ignored. An example with no counted prediction is an error.
     """
 
-    name = "loss"
+    name: MetricName = "loss"
     position = "all"
     needs_clean = False
+    maximize = False
 
     ignore_index = -100
 
@@ -408,6 +432,10 @@ class CallableMetric(Metric):
     instead (cheaper for scans). With ``needs_clean=True`` it is called as
     ``fn(logits, batch, clean_logits)``.
 
+    ``maximize``: the metric's direction (True: higher is better, False: lower is better),
+    which learned gates and greedy pruning need; None (the default) leaves it unknown, whatever
+    the function's name (a function named ``loss`` is not taken to be minimised).
+
     ``probe_last``: scans check on their base runs whether a position-"all" ``fn`` reads only
     the last real token's logits (:func:`headint.scans.metric_logits.last_position_form`) and
     then compute only those.
@@ -424,9 +452,12 @@ class CallableMetric(Metric):
         position: str = "all",
         needs_clean: bool = False,
         probe_last: bool = True,
+        maximize: bool | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if maximize is not None and not isinstance(maximize, bool):
+            raise TypeError(f"maximize must be True, False or None, got {maximize!r}")
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
         self.fn = fn
@@ -438,6 +469,7 @@ class CallableMetric(Metric):
         self.position = position
         self.needs_clean = bool(needs_clean)
         self.probe_last = bool(probe_last)
+        self.maximize = maximize
         self._with_batch = needs_clean or _takes_batch(fn)
 
     def __call__(self, logits, batch, clean_logits=None):
@@ -452,7 +484,7 @@ class CallableMetric(Metric):
         return _check_values(out, logits.shape[0], f"metric {self.name!r}")
 
     def __repr__(self) -> str:
-        return f"CallableMetric({self.name!r}, position={self.position!r}, needs_clean={self.needs_clean})"
+        return f"CallableMetric({self.name!r}, position={self.position!r}, needs_clean={self.needs_clean}, maximize={self.maximize})"
 
 
 # --------------------------------------------------------------------------- factories
@@ -483,13 +515,8 @@ def loss() -> Loss:
     return Loss()
 
 
-_REGISTRY: dict[str, Callable[..., Metric]] = {
-    "logit_diff": LogitDiff,
-    "logprob": LogProb,
-    "prob": Prob,
-    "kl": KLFromClean,
-    "loss": Loss,
-}
+_REGISTRY: dict[str, Callable[..., Metric]] = {cls.name: cls for cls in (LogitDiff, LogProb, Prob, KLFromClean, Loss)}
+# (tests/test_vocabulary.py checks that these names are exactly headint.vocabulary.METRIC_NAMES)
 _ALIASES = {
     "logitdiff": "logit_diff",
     "logit-diff": "logit_diff",
@@ -500,7 +527,6 @@ _ALIASES = {
     "ce": "loss",
     "cross_entropy": "loss",
 }
-METRIC_NAMES = tuple(_REGISTRY)
 
 
 def as_metric(x: Metric | Callable | str, **kwargs: Any) -> Metric:

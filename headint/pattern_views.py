@@ -1,8 +1,10 @@
-"""Attention patterns of chosen heads on one prompt, for reports.
+"""Attention patterns of chosen heads on a few prompts, for reports.
 
 :func:`head_patterns` runs the model once on one example, without its padding, through
 :func:`headint.record` with ``what=("pattern",)``, and returns the ``[T, T]`` attention
-probabilities of each requested head (queries down, keys across).
+probabilities of each requested head (queries down, keys across);
+:func:`example_patterns` does so for several examples. :func:`report_heads` picks the heads
+whose patterns fit a report's size budget, most important first.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["head_patterns", "top_heads"]
+__all__ = ["head_patterns", "example_patterns", "top_heads", "report_heads"]
 
 
 def top_heads(result, k: int = 4) -> list[tuple[int, int]]:
@@ -44,3 +46,24 @@ def head_patterns(model, input_ids, heads: Iterable[tuple[int, int]], *, backend
     device = next(model.parameters()).device
     cache = headint.record(model, ids[None].to(device), what=("pattern",), backend=backend)
     return {(l, h): cache.get("pattern", l)[0, h].float().cpu() for l, h in heads}
+
+
+def example_patterns(model, examples: Iterable, heads: Iterable[tuple[int, int]], *, backend: str = "auto") -> list[dict]:
+    """:func:`head_patterns` of each example of ``examples`` (``[T]`` token ids each, without
+    padding): one ``{(layer, head): [T, T]}`` per example, for a report's pattern panel."""
+    heads = list(heads)
+    return [head_patterns(model, ids, heads, backend=backend) for ids in examples]
+
+
+def report_heads(result, lengths: Iterable[int], max_values: int | None = None) -> list[tuple[int, int]]:
+    """The heads whose attention patterns on examples of ``lengths`` tokens fit a report:
+    every head of ``result`` (for head-set scans, every head of a set) most important first,
+    as many as fit ``max_values`` weights (default: the report's
+    :data:`headint.results.report_data.PATTERN_VALUES`), at least one."""
+    from .results.report_data import PATTERN_VALUES
+
+    budget = PATTERN_VALUES if max_values is None else int(max_values)
+    per_head = sum(int(t) * int(t) for t in lengths)
+    n_heads = len(result.to_frame()) if result.axes != ("head_set",) else sum(len(s) for s in result.labels)
+    ranked = top_heads(result, n_heads)
+    return ranked[: max(1, budget // max(1, per_head))]

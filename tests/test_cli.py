@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from headint.cli import build_parser, main
+from report_checks import report_data
 from scan_oracles import all_head_pairs, corrupt_of, make_batch, oracle_attribution, oracle_baseline, oracle_scan, tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -469,5 +470,7 @@ def test_pairs_write_pair_effects_beside_summed_singles(setup):
     torch.testing.assert_close(torch.tensor(frame["singles_sum"].to_numpy()), sums.mean(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(frame["interaction_stderr"].to_numpy()), (joint - sums).std(-1) / 3 ** 0.5,
                                atol=1e-5, rtol=1e-4)
-    html = (out / "report.html").read_text()
-    assert 'id="heatmap"' in html and "L0H0+L0H2" in html
+    data = report_data((out / "report.html").read_text())
+    assert data["scans"][0]["kind"] == "sets" and data["scans"][0]["names"][0] == "L0H0+L0H2"
+    torch.testing.assert_close(torch.tensor(data["scans"][0]["pairs"]["singles_sum"], dtype=torch.float64),
+                               torch.tensor(frame["singles_sum"].to_numpy()), atol=1e-5, rtol=1e-5)  # the pair chart's data

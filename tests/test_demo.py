@@ -8,7 +8,9 @@ import torch
 
 import headint
 from headint.demo import find_circuit, pair_interactions, run_demo
+from headint.results.report import REPORT_BUDGET_BYTES
 from headint.tasks.induction import copy_accuracy
+from report_checks import assert_self_contained, report_data
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,16 @@ def test_demo_command_writes_tables_and_heatmaps(tmp_path, capsys):
         a, b = [tuple(int(t) for t in h[1:].split("H")) for h in row.head_set.split("+")]
         assert abs(row.singles_sum - (singles[a] + singles[b])) < 1e-4  # the summed single effects, as printed
     html = (tmp_path / "report.html").read_text()
-    for head in summary["circuit"]:
-        assert f'id="pattern-{head}"' in html
-    assert 'id="top-heads"' in html and "http://" not in html and "https://" not in html
+    assert_self_contained(html)
+    assert len(html.encode()) < REPORT_BUDGET_BYTES
+    data = report_data(html)
+    assert set(summary["circuit"]) <= set(data["patterns"]["heads"]) and len(data["patterns"]["examples"]) == 3
+    # the head table carries the printed columns: effects of the three scans, pattern scores, roles
+    labels = [c["label"] for c in data["table"]["columns"]]
+    assert {"effect", "\u00b1 stderr", "patch effect", "attribution", "prev-tok", "induction", "role"} <= set(labels)
+    role = labels.index("role")
+    assert {row[1]: row[role] for row in data["table"]["rows"]} == summary["roles"]
+    assert [v["caption"] for v in data["scans"][1:]] == ["Activation patching (noising)",
+                                                         "Attribution patching (gradient estimate of patching)",
+                                                         "Pairs of heads: together vs single effects summed"]
+    assert data["scans"][3]["pairs"] is not None

@@ -102,6 +102,11 @@ def test_weights_frozen_during_and_restored_after(gpt2):
     before = {n: p.detach().clone() for n, p in gpt2.named_parameters()}
     gpt2.transformer.h[0].attn.c_attn.weight.requires_grad_(True)
     gpt2.train()
+    from headint.integration.structure import model_structure
+
+    # the structure probe (once per model, before any training) is not this test's subject: run it
+    # first, so the test does not depend on whether another test met this model before
+    model_structure(gpt2)
     seen = []
     hook = gpt2.transformer.h[0].register_forward_pre_hook(
         lambda m, a: seen.append((any(p.requires_grad for p in gpt2.parameters()), m.training or not gpt2.training)))  # eval in the scan's replica; the model's own flag untouched

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from report_checks import report_data
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BLOCK = re.compile(r"(?:<!--\s*(not-run|needs):\s*(.*?)\s*-->\s*\n)?```(\w*)\n(.*?)```", re.S)
@@ -60,8 +62,8 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     block = next(b for b in blocks("python") if "headint.scan(" in b["code"])
     namespace = _run_python(block, tmp_path, monkeypatch)
     assert (tmp_path / "patching.png").exists() and (tmp_path / "patching.csv").exists()
-    html = (tmp_path / "patching.html").read_text()
-    assert 'id="pattern-L0H0"' in html and 'id="pattern-L1H3"' in html
+    patterns = report_data((tmp_path / "patching.html").read_text())["patterns"]
+    assert patterns["heads"] == ["L0H0", "L1H3"] and len(patterns["examples"]) == 3
     assert namespace["logits"].shape[:2] == namespace["p"].clean.shape
     top = namespace["result"].top(2)
     assert {(int(r.layer), int(r.head)) for r in top.itertuples()} == {(0, 0), (1, 3)}

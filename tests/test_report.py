@@ -1,15 +1,13 @@
-"""Token labels, plot titles, the pair chart's data and the HTML report (Python API and CLI),
-and the report rendered by a real headless Chromium."""
+"""Token labels, plot titles, the pair chart's data and the interactive HTML report (Python API,
+CLI, notebook view), and the report used in a real headless Chromium: hover, click, sort,
+filter, hostile strings, two notebook outputs side by side."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
 import struct
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,12 @@ import torch
 import headint
 from headint.cli import main
 from headint.results import ScanResult
+from headint.results.circuit_graph import circuit_graph
 from headint.results.pairs import pair_frame
+from headint.results.report import (REPORT_BUDGET_BYTES, VIEWER_BUDGET_BYTES, RelatedScan, ReportSizeWarning, decimals_for,
+                                    format_number, report_html, script_json, table_html, viewer_assets)
+from headint.results.report_data import PATTERN_VALUES, head_table, pattern_view
+from report_checks import assert_self_contained, report_data
 from scan_oracles import oracle_scan
 from test_scan_prompts import make_tokenizer
 
@@ -82,6 +85,18 @@ def test_heatmap_token_labels_and_title():
     assert "method zero" in default and "N=5" in default and "direction" not in default
 
 
+def test_heatmap_title_fits_the_figure():
+    """A long title (an attribution scan's, as in the demo) wraps inside the figure, never clipped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    r = _result(("layer", "head"), (2, 4), settings={"kind": "attribution", "method": "patch", "direction": "noising"})
+    fig = r.heatmap(title="induction-2l: attribution (logit difference)")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig.axes[0].title.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+
+
 def _pairs_and_singles(N=6, nan_at=None):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(N, generator=g, dtype=torch.float64)
@@ -134,43 +149,177 @@ def test_pair_frame_refuses_mismatches():
 # ---------------------------------------------------------------------- HTML (no browser)
 
 
-def _data_images(html: str) -> list[bytes]:
-    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+def test_decimals_and_number_format():
+    """Numbers for reading: 0.000, never 1.788e-07; more decimals only for a column of tiny values."""
+    assert decimals_for([7.314, 1.788e-07, -0.431]) == 3
+    assert format_number(1.788e-07, 3) == "0.000" and format_number(-1e-9, 3) == "0.000"
+    assert format_number(-7.3141, 3) == "-7.314" and format_number(float("nan")) == "n/a" and format_number(None) == "n/a"
+    assert decimals_for([0.0012, -0.0003]) == 4 and format_number(0.0012, 4) == "0.0012"
+    assert decimals_for([3e-9]) == 6 and decimals_for([12345.6]) == 0 and decimals_for([]) == 3
+    assert decimals_for([float("nan"), None, 0.5]) == 3
 
 
-def _assert_self_contained(html: str):
-    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", html), "a resource outside the file"
-    assert "http://" not in html and "https://" not in html and "<script" not in html
-    srcs = re.findall(r'src="([^"]*)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert all(png[:8] == PNG_MAGIC for png in _data_images(html))
+def test_script_json_cannot_close_its_block():
+    hostile = ["</script><script>alert(1)</script>", "<!-- x", "a & b", "\u2028\u2029", "</SCRIPT >", "]]>"]
+    text = script_json({"tokens": hostile, "x": 1.5, "nan": None})
+    low = text.lower()
+    assert "</script" not in low and "<!--" not in low and "<" not in text and ">" not in text and "&" not in text
+    assert text.isascii() and json.loads(text) == {"tokens": hostile, "x": 1.5, "nan": None}
+    with pytest.raises(ValueError):
+        script_json({"x": float("nan")})
 
 
-def test_to_html_sections_and_repr(tmp_path):
+def test_viewer_fits_its_budget():
+    js, css = viewer_assets()
+    assert len(js.encode()) + len(css.encode()) < VIEWER_BUDGET_BYTES
+    assert "innerHTML" not in js and "eval(" not in js and "document.write" not in js  # data enters as text only
+
+
+def test_to_html_data_and_static_view(tmp_path):
     r = _result(settings={"method": "patch", "direction": "noising", "kind": "exact", "model": "M<script>"})
     tokens = ["When", " Mary", " met", " <John>"]
     patterns = {(1, 2): torch.softmax(torch.randn(4, 4), -1), (0, 0): np.eye(4)}
     path = r.to_html(tmp_path / "r.html", tokens=tokens, patterns=patterns, pattern_tokens=tokens, top=3,
                      warnings=["gap within noise"])
     html = path.read_text()
-    _assert_self_contained(html)
-    for section in ("settings", "heatmap", "top-heads", "patterns", "pattern-L1H2", "pattern-L0H0"):
-        assert f'id="{section}"' in html, section
-    assert len(_data_images(html)) == 3  # heatmap + two patterns
-    assert "M&lt;script&gt;" in html  # text is escaped
-    assert "warning: gap within noise" in html
-    top = r.top(3)
-    body = html.split('id="top-heads"')[1]
-    assert body.count("<tr>") == 4  # header + 3 rows
+    assert_self_contained(html)
+    assert "M&lt;script&gt;" in html and "warning: gap within noise" in html
+    data = report_data(html)
+    main_view = data["scans"][0]
+    assert main_view["kind"] == "positions" and main_view["tokens"] == tokens and main_view["quantity"] == "effect"
+    np.testing.assert_allclose(main_view["cells"]["effect"], r.effect.reshape(-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(main_view["cells"]["effect_stderr"], r.effect_stderr.reshape(-1).numpy(), rtol=1e-5)
+    assert main_view["cells"]["n"] == [5] * 24
+    # the table holds every cell, ranked as top() ranks them; 3 rows are shown first
+    table = data["table"]
+    assert table["top"] == 3 and len(table["rows"]) == 24
+    cols = [c["key"] for c in table["columns"]]
+    top = r.top(24)
+    assert [row[cols.index("position")] for row in table["rows"]] == list(top["position"])
+    assert [row[cols.index("token")] for row in table["rows"]][:2] == [tokens[p] for p in top["position"][:2]]
+    np.testing.assert_allclose([row[cols.index("effect")] for row in table["rows"]], top["effect"], rtol=1e-5)
+    assert data["patterns"]["heads"] == ["L1H2", "L0H0"] or data["patterns"]["heads"][0] in ("L1H2", "L0H0")
+    assert data["patterns"]["examples"][0]["att"]["L0H0"] == (np.eye(4) * 10000).astype(int).tolist()
+    # the static view (no JavaScript): 3 rows, numbers with 3 decimals
+    static = html.split('class="hi-static"')[1].split("</section>")[0]
+    assert "The 3 most important of 24 cells" in static and static.count("<tr>") == 4
     first = top.iloc[0]
-    assert f"<td>{float(first['effect']):.4g}</td><td>{float(first['effect_stderr']):.4g}</td>" in body
-    view = r._repr_html_()
-    assert view.count("<tr>") == 11 and "method patch, direction noising, N=5" in view and "<img" not in view
+    assert f"<td>{first['effect']:.3f}</td><td>{first['effect_stderr']:.3f}</td>" in static
+    assert not re.search(r"\de-\d", static)
     with pytest.raises(ValueError, match=r"patterns\[\(0, 0\)\] must be \[Tq, Tk\]"):
         r.to_html(tmp_path / "x.html", patterns={(0, 0): np.zeros((1, 4, 4))})
     with pytest.raises(ValueError, match="pattern_tokens has 2 entries"):
         r.to_html(tmp_path / "x.html", patterns={(0, 0): np.eye(4)}, pattern_tokens=["a", "b"])
     assert not (tmp_path / "x.html").exists()
+
+
+def test_patterns_of_several_examples_and_their_checks():
+    a = {(0, 0): np.eye(3), (1, 1): np.full((3, 3), 1 / 3)}
+    b = {(0, 0): np.eye(5), (1, 1): np.eye(5)}
+    view = pattern_view([a, b], [["x", "y", "z"], list("abcde")], order=["L1H1"])
+    assert view["heads"] == ["L1H1", "L0H0"] and view["left_out"] == []
+    assert [len(e["tokens"]) for e in view["examples"]] == [3, 5] and view["examples"][0]["att"]["L1H1"][0] == [3333] * 3
+    # the budget keeps the most important heads first and names the others
+    small = pattern_view([a, b], None, order=["L0H0", "L1H1"], budget=40)
+    assert small["heads"] == ["L0H0"] and small["left_out"] == ["L1H1"] and small["examples"][1]["tokens"][0] == "<0>"
+    with pytest.raises(ValueError, match=r"pattern_tokens\[1\] has 3 entries but patterns\[1\]\[\(0, 0\)\] has 5 keys"):
+        pattern_view([a, b], [["x", "y", "z"], ["x", "y", "z"]])
+    with pytest.raises(ValueError, match="one token list per example"):
+        pattern_view([a, b], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="keys must be \\(layer, head\\) int pairs"):
+        pattern_view({"L0H0": np.eye(2)})
+    with pytest.raises(ValueError, match="4 queries but 3 keys"):
+        pattern_view({(0, 0): np.ones((4, 3))})
+    with pytest.raises(ValueError, match="empty list"):
+        pattern_view([])
+
+
+def test_head_table_columns_and_their_checks():
+    r = _result(("layer", "head"), (2, 3))
+    other = _result(("layer", "head"), (2, 3), seed=1)
+    table = head_table(r, related=[RelatedScan("patching", other, column="patch effect")],
+                       head_columns={"prev-tok": np.arange(6).reshape(2, 3) / 10, "role": {(1, 2): "induction"}})
+    cols = [c["label"] for c in table["columns"]]
+    assert cols == ["rank", "head", "layer", "head #", "effect", "\u00b1 stderr", "value", "n", "patch effect", "prev-tok", "role"]
+    top = r.top(6)
+    for row, (l, h) in zip(table["rows"], zip(top["layer"], top["head"])):
+        assert row[1] == f"L{l}H{h}"
+        assert row[8] == pytest.approx(float(other.effect[l, h]), rel=1e-5) and row[9] == pytest.approx((3 * l + h) / 10)
+        assert row[10] == ("induction" if (l, h) == (1, 2) else None)
+    with pytest.raises(ValueError, match=r"head_columns\['s'\] has shape \[3, 2\]; expected \[2, 3\]"):
+        head_table(r, head_columns={"s": np.zeros((3, 2))})
+    with pytest.raises(ValueError, match="mixes strings and numbers"):
+        head_table(r, head_columns={"s": {(0, 0): "a", (0, 1): 1.0}})
+    with pytest.raises(ValueError, match=r"has key \(2, 0\)"):
+        head_table(r, head_columns={"s": {(2, 0): 1.0}})
+    with pytest.raises(ValueError, match="a head-table column needs a \\(layer, head\\) scan of \\[2, 3\\]"):
+        head_table(r, related=[RelatedScan("pos", _result(), column="x")])
+    with pytest.raises(TypeError, match=r"related\[0\] must be a RelatedScan"):
+        r.to_html("never.html", related=[("patching", other)])
+
+
+def test_circuit_graph_checks():
+    g = circuit_graph(["input", "a0.h1", "MLP0", {"name": "resid", "layer": 1}, "L1H0", "logits"],
+                      [("input", "a0.h1", 0.5), ("a0.h1", "L1H0", -1.0, "k"), {"source": "L1H0", "target": "logits", "weight": float("nan")}],
+                      title="c", weight_label="EAP score")
+    data = g.to_json()
+    assert [(n["name"], n["kind"], n["layer"]) for n in data["nodes"]] == [
+        ("input", "input", None), ("a0.h1", "head", 0), ("MLP0", "mlp", 0), ("resid", "other", 1), ("L1H0", "head", 1),
+        ("logits", "output", None)]
+    assert data["edges"][2]["weight"] is None and data["edges"][1]["kind"] == "k"
+    with pytest.raises(ValueError, match="names node 'L9H9', which is not among the nodes"):
+        circuit_graph(["L0H0"], [("L0H0", "L9H9", 1.0)])
+    with pytest.raises(ValueError, match="node 'L0H0' is given twice"):
+        circuit_graph(["L0H0", "L0H0"], [])
+    with pytest.raises(ValueError, match=r"its layer is not known from its name; give it as \{'name': 'resid'"):
+        circuit_graph(["resid"], [])
+    with pytest.raises(ValueError, match="has kind 'attn'"):
+        circuit_graph([{"name": "x", "layer": 0, "kind": "attn"}], [])
+    with pytest.raises(TypeError, match=r"edges\[0\] must be \(source, target, weight\[, kind\]\)"):
+        circuit_graph(["L0H0"], [("L0H0",)])
+
+
+def test_report_size_budget(tmp_path):
+    """A 32 x 32 head scan with patterns of every head on 3 examples of 24 tokens stays under the
+    budget: the patterns of the most important heads are kept, the others named as left out. A
+    per-position scan too large for the budget is written whole, with a warning."""
+    g = torch.Generator().manual_seed(0)
+    r = ScanResult(torch.randn(32, 32, 8, generator=g), ("layer", "head"), metric_name="m", clean_baseline=0.0,
+                   base_per_example=torch.zeros(8))
+    pat = torch.softmax(torch.randn(24, 24, generator=g), -1)
+    patterns = [{(l, h): pat for l in range(32) for h in range(32)} for _ in range(3)]
+    html = report_html(r, patterns=patterns, pattern_tokens=[[f"t{i}" for i in range(24)]] * 3)
+    size = len(html.encode())
+    assert size < REPORT_BUDGET_BYTES, size
+    data = report_data(html)
+    kept, left = data["patterns"]["heads"], data["patterns"]["left_out"]
+    assert len(kept) == PATTERN_VALUES // (3 * 24 * 24) and len(kept) + len(left) == 1024
+    order = [f"L{l}H{h}" for l, h in zip(r.top(1024)["layer"], r.top(1024)["head"])]
+    assert kept == order[: len(kept)]  # the most important heads first
+    # a per-position scan of 32 x 32 heads x 12 positions leaves less room: fewer heads' patterns, still under budget
+    pos = ScanResult(torch.randn(32, 32, 12, 4, generator=g), ("layer", "head", "position"), metric_name="m",
+                     clean_baseline=0.0, base_per_example=torch.zeros(4))
+    html = report_html(pos, patterns=patterns, pattern_tokens=[[f"t{i}" for i in range(24)]] * 3)
+    assert len(html.encode()) < REPORT_BUDGET_BYTES, len(html.encode())
+    kept_pos = report_data(html)["patterns"]["heads"]
+    assert 1 <= len(kept_pos) < len(kept)
+    big = ScanResult(torch.randn(32, 32, 64, 2, generator=g), ("layer", "head", "position"), metric_name="m",
+                     clean_baseline=0.0, base_per_example=torch.zeros(2))
+    with pytest.warns(ReportSizeWarning, match=r"over its 2 MB budget: the scan has 65536 cells, all kept"):
+        html = report_html(big)
+    assert len(report_data(html)["scans"][0]["cells"]["value"]) == 65536
+
+
+def test_notebook_view_is_the_interactive_view():
+    r = _result(("layer", "head"), (2, 3))
+    one, two = r._repr_html_(), r._repr_html_()
+    assert_self_contained(one, standalone=False)
+    assert "<html" not in one and "<body" not in one
+    ids_one, ids_two = set(re.findall(r'id="([^"]+)"', one)), set(re.findall(r'id="([^"]+)"', two))
+    assert ids_one and not ids_one & ids_two  # two renderings share no id
+    assert report_data(one)["scans"][0]["kind"] == "grid"
+    assert "method patch, direction noising, N=5" in one and 'class="hi-static"' in one  # the view without scripts
+    assert table_html(r).count("<tr>") == 7
 
 
 @pytest.fixture(scope="module")
@@ -211,19 +360,22 @@ def cli_report(text_model_dir):
 def test_cli_report_has_token_labels_and_patterns(cli_report, text_model_dir):
     root, model, tok = text_model_dir
     html = (cli_report / "report.html").read_text()
-    _assert_self_contained(html)
-    for section in ("settings", "heatmap", "top-heads", "patterns"):
-        assert f'id="{section}"' in html
-    # the pattern images are of the top heads of the scan, over the first prompt's tokens
+    assert_self_contained(html)
+    assert 'class="hi-settings"' in html and 'class="hi-static"' in html
+    data = report_data(html)
+    # the patterns: every head (all fit the budget), most important first, on the prompts' tokens
     import pandas as pd
 
     frame = pd.read_csv(cli_report / "scan.csv")
-    assert len(frame) == 2 * 2 * len(tok(json.loads((root / "p.jsonl").read_text().splitlines()[0])["text"])["input_ids"])
-    shown = re.findall(r'id="pattern-(L\d+H\d+)"', html)
-    assert 1 <= len(shown) <= 4 and len(set(shown)) == len(shown)
+    lines = [json.loads(line)["text"] for line in (root / "p.jsonl").read_text().splitlines()]
+    assert len(frame) == 2 * 2 * len(tok(lines[0])["input_ids"])
+    shown = data["patterns"]["heads"]
+    assert sorted(shown) == ["L0H0", "L0H1", "L1H0", "L1H1"] and data["patterns"]["left_out"] == []
+    assert [e["tokens"] for e in data["patterns"]["examples"]] == [headint.to_str_tokens(tok, tok(t)["input_ids"]) for t in lines]
     frame["abs"] = (frame["value"] - json.loads((cli_report / "settings.json").read_text())["clean_baseline"]).abs()
     best = frame.sort_values("abs", ascending=False, kind="stable").iloc[0]
     assert shown[0] == f"L{int(best['layer'])}H{int(best['head'])}"
+    assert data["scans"][0]["tokens"] == headint.to_str_tokens(tok, tok(lines[0])["input_ids"])
     # the exact values behind the report equal the hook oracle
     from headint.prompts import load_prompts
 
@@ -258,21 +410,16 @@ def test_head_patterns_are_the_models_attention(text_model_dir):
         head_patterns(model, ids[None], [(0, 0)])
 
 
-# ---------------------------------------------------------------------- a real browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PROBE = """<script>
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; });
-  var d = document.createElement("div");
-  d.id = "headint-probe";
-  d.setAttribute("data-images", String(imgs.length));
-  d.setAttribute("data-broken", JSON.stringify(broken));
-  document.body.appendChild(d);
-});
-</script>"""
+
+# ---------------------------------------------------------------------- a real browser
+#
+# Playwright for Python drives Debian's Chromium (never a browser of Playwright's own): one
+# browser for the module, a fresh page per report. Every page records its console messages,
+# page errors, requests and dialogs; a test passes only if the report made none of them.
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def _chromium() -> str:
@@ -283,58 +430,350 @@ def _chromium() -> str:
     pytest.skip("no Chromium on this machine (.ci/run installs Debian's 'chromium'; it could not be installed here)")
 
 
-def _browse(html_file: Path, *extra: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, html_file.resolve().as_uri()],
-                              capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (it is in the test extra: pip install -e '.[test]')")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
 
-def render(html_file: Path, tmp: Path) -> dict:
-    """Load ``html_file`` (plus a probe script, in a copy) in headless Chromium; returns the
-    rendered DOM, the console messages, the images that failed to decode and the image count."""
-    probed = tmp / f"probed-{html_file.name}"
-    probed.write_text(html_file.read_text().replace("</body>", PROBE + "</body>"))
-    proc = _browse(probed, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
-    probe = re.search(r'<div id="headint-probe" data-images="(\d+)" data-broken="([^"]*)"', proc.stdout)
-    assert probe, "the probe did not run: the page did not finish loading"
-    broken = json.loads(probe.group(2).replace("&quot;", '"'))
-    return {"dom": proc.stdout, "console": console, "broken": broken, "images": int(probe.group(1))}
+class Page:
+    """A page of ``browser`` with what it logged: ``console``, ``errors``, ``requests``, ``dialogs``."""
+
+    def __init__(self, browser, width: int = 1280, height: int = 900):
+        self.page = browser.new_page(viewport={"width": width, "height": height})
+        self.console, self.errors, self.requests, self.dialogs = [], [], [], []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+
+    def open(self, path: Path, rendered: int = 1) -> "Page":
+        self.url = path.resolve().as_uri()
+        self.page.goto(self.url)
+        self.page.wait_for_function(f"document.querySelectorAll('.hi-report[data-hi-rendered]').length === {rendered}",
+                                    timeout=10_000)
+        return self
+
+    def tip(self) -> str:
+        return self.page.inner_text(".hi-tip")
+
+    def clean(self) -> None:
+        """The report logged nothing, raised nothing, fetched nothing but itself, opened no dialog."""
+        assert self.console == [] and self.errors == [] and self.dialogs == [], (self.console, self.errors, self.dialogs)
+        assert all(u == self.url or u.startswith("data:") for u in self.requests), self.requests
+        self.page.close()
 
 
-def screenshot(html_file: Path, png: Path) -> bytes:
-    proc = _browse(html_file, f"--screenshot={png}", "--window-size=1200,1600")
-    assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
-    return png.read_bytes()
-
-
-def test_browser_check_catches_errors_and_broken_images(tmp_path):
-    """The browser check can fail: a script error, a console error and an image that does not
-    decode are all seen."""
+def test_browser_check_catches_errors(browser, tmp_path):
+    """The page check can fail: a console error, a script error, a dialog and a request for a
+    resource outside the file are all seen."""
     bad = tmp_path / "bad.html"
-    bad.write_text('<!DOCTYPE html><html><body><img alt="broken" src="data:image/png;base64,AAAA">'
-                   '<script>console.error("boom"); missingFunction();</script></body></html>')
-    seen = render(bad, tmp_path)
-    assert any('"boom"' in line for line in seen["console"])
-    assert any("missingFunction is not defined" in line for line in seen["console"])
-    assert seen["broken"] == ["broken"] and seen["images"] == 1
+    bad.write_text('<!DOCTYPE html><html><body><img alt="x" src="http://127.0.0.1:9/x.png">'
+                   '<script>console.error("boom"); alert("hi"); missingFunction();</script></body></html>')
+    page = Page(browser)
+    page.page.goto(bad.resolve().as_uri())
+    page.page.wait_for_timeout(200)
+    assert any("boom" in line for line in page.console)
+    assert any("missingFunction is not defined" in e for e in page.errors)
+    assert page.dialogs == ["hi"] and any(u.startswith("http://127.0.0.1:9/") for u in page.requests)
+    page.page.close()
 
 
-def test_report_renders_in_chromium(cli_report, tmp_path):
-    """report.html of a CLI scan: renders without console messages, every image decodes, the
-    sections are in the rendered DOM; a 1200x1600 screenshot is taken."""
-    html_file = cli_report / "report.html"
-    seen = render(html_file, tmp_path)
-    assert seen["console"] == [], seen["console"]
-    assert seen["broken"] == []
-    n_patterns = len(re.findall(r'id="pattern-L\d+H\d+"', html_file.read_text()))
-    assert seen["images"] == 1 + n_patterns and n_patterns >= 1
-    dom = seen["dom"]
-    for element in ('id="settings"', 'id="heatmap"', 'id="heatmap-image"', 'id="top-heads"', 'id="patterns"', "<table"):
-        assert element in dom, element
+LAB_PROMPTS = [("When Mary and John went out, John gave it to", " Mary", " John"),
+               ("When John and Mary went out, Mary gave it to", " John", " Mary"),
+               ("When Mary and John met, John said hi to", " Mary", " John"),
+               ("When John and Mary met, Mary said hi to", " John", " Mary")]
+
+
+@pytest.fixture(scope="module")
+def lab(text_model_dir, tmp_path_factory):
+    """A report as a researcher writes it from the API: a mean-ablation scan of a real (tiny) model
+    with a patching scan as a column, the pair chart, pattern scores and roles, the attention
+    patterns of every head on two prompts and a circuit graph."""
+    from headint.integration.structure import model_shape
+    from headint.pattern_views import example_patterns, report_heads
+    from headint.patterns import previous_token_scores
+    from headint.scans import all_pairs
+
+    root, model, tok = text_model_dir
+    out = tmp_path_factory.mktemp("lab")
+    clean_ids = [tok(t)["input_ids"] for t, _, _ in LAB_PROMPTS]
+    corrupt_ids = [clean_ids[i ^ 1] for i in range(len(clean_ids))]
+    T = min(len(i) for i in clean_ids + corrupt_ids)
+    target = torch.tensor([tok(t)["input_ids"][0] for _, t, _ in LAB_PROMPTS])
+    contrast = torch.tensor([tok(c)["input_ids"][0] for _, _, c in LAB_PROMPTS])
+    clean = {"input_ids": torch.tensor([i[:T] for i in clean_ids]), "target": target, "contrast": contrast}
+    corrupt = {"input_ids": torch.tensor([i[:T] for i in corrupt_ids]), "target": target, "contrast": contrast}
+    common = dict(corrupt=corrupt, backend="reference", progress=False)
+    mean = headint.scan(model, clean, "logit_diff", method="mean", **common)
+    patch = headint.scan(model, clean, "logit_diff", method="patch", direction="noising", **common)
+    pairs = headint.scan(model, clean, "logit_diff", method="mean", head_sets=all_pairs(model_shape(model)), **common)
+    examples = [clean["input_ids"][0], clean["input_ids"][1]]
+    patterns = example_patterns(model, examples, report_heads(mean, [T, T]), backend="reference")
+    tokens = [headint.to_str_tokens(tok, ids) for ids in examples]
+    prev = previous_token_scores(model, clean["input_ids"])
+    roles = {(l, h): "previous-token" if prev[l, h] > 0.3 else "-" for l in range(2) for h in range(2)}
+    circuit = circuit_graph(["input", "L0H0", "L0H1", "L1H0", "L1H1", "logits"],
+                            [("input", "L0H0", 0.4), ("L0H0", "L1H0", -0.8, "k"), ("L1H0", "logits", 1.5),
+                             ("L0H1", "logits", 0.25)], title="Circuit (hand-made for the test)", weight_label="edge score")
+    path = mean.to_html(out / "lab.html", patterns=patterns, pattern_tokens=tokens, title="lab notebook: mean ablation",
+                        related=[RelatedScan("Activation patching (noising)", patch, column="patch effect"),
+                                 RelatedScan("Pairs of heads", pairs, singles=mean)],
+                        head_columns={"prev-tok": prev, "role": roles}, circuit=circuit,
+                        figures=[("the same scan as a PNG (ScanResult.heatmap)", mean.heatmap())])
+    return dict(path=path, mean=mean, patch=patch, pairs=pairs, patterns=patterns, tokens=tokens, circuit=circuit)
+
+
+def _head_order(page, scope="") -> list[str]:
+    return page.page.eval_on_selector_all(f"{scope} .hi-table tbody tr", "rows => rows.map(r => r.getAttribute('data-head'))")
+
+
+def test_report_hover_click_sort(browser, lab):
+    """Hover a heatmap cell: the tooltip shows its effect +- stderr and n as the result has them;
+    click a head: its patterns appear; hover a token: where it attends; sort and filter the table."""
+    mean = lab["mean"]
+    html = lab["path"].read_text()
+    assert_self_contained(html)
+    page = Page(browser).open(lab["path"])
+    p = page.page
+    d = decimals_for(mean.effect.reshape(-1).tolist())
+    for l, h in [(0, 0), (1, 1)]:
+        p.hover(f'[data-scan="main"] rect[data-cell="L{l}H{h}"]')
+        tip = page.tip()
+        eff, se = float(mean.effect[l, h]), float(mean.effect_stderr[l, h])
+        assert tip.startswith(f"L{l}H{h}\n"), tip
+        assert f"effect {format_number(eff, d)} \u00b1 {format_number(se, d)}" in tip and "n = 4 examples" in tip, tip
+    # click a head: the pattern view shows it, on example 1 of 2, with the prompt's tokens
+    p.click('[data-scan="main"] rect[data-cell="L1H0"]')
+    assert p.get_attribute(".hi-report", "data-selected") == "L1H0"
+    assert p.inner_text(".hi-pattern-title").startswith("L1H0, example 1 of 2")
+    strip = p.eval_on_selector_all(".hi-tokens .hi-tok", "s => s.map(x => x.textContent)")
+    assert strip == [t.replace(" ", "\u2423") for t in lab["tokens"][0]]
+    T = len(strip)
+    assert p.eval_on_selector_all(".hi-pattern-matrix rect[data-i]", "r => r.length") == T * T
+    assert p.get_attribute('.hi-table tbody tr.hi-selected', "data-head") == "L1H0"
+    # hover a token: the tokens it attends to are shaded; the caption names the largest weights
+    att = lab["patterns"][0][(1, 0)]
+    q = T - 1
+    p.hover(f'.hi-tokens .hi-tok[data-pos="{q}"]')
+    info = p.inner_text(".hi-attends")
+    m = re.match(rf"\u201c{re.escape(strip[q])}\u201d \(position {q}\) attends to: \u201c(.*?)\u201d \((\d+)\) (\d\.\d\d\d), ", info)
+    assert m, info
+    k = int(m.group(2))  # the largest weight (up to the report's 1e-4 resolution; ties may go either way)
+    assert m.group(1) == strip[k] and abs(float(att[q, k] - att[q].max())) <= 1e-4 and m.group(3) == f"{round(float(att[q, k]) * 10000) / 10000:.3f}"
+    q = 2  # causal: nothing after the query is attended to
+    p.hover(f'.hi-tokens .hi-tok[data-pos="{q}"]')
+    shades = p.eval_on_selector_all(".hi-tokens .hi-tok", "s => s.map(x => getComputedStyle(x).backgroundColor)")
+    assert all(c == "rgb(247, 251, 255)" for c in shades[q + 1:]) and len(set(shades[: q + 1])) > 1, shades
+    p.hover('.hi-pattern-matrix rect[data-i="0"]')
+    assert page.tip() == f"L1H0: query 0 \u201c{strip[0]}\u201d \u2192 key 0 \u201c{strip[0]}\u201d\nattention 1.000"
+    # the second example
+    p.click('.hi-patterns button[data-example="1"]')
+    assert p.inner_text(".hi-pattern-title").startswith("L1H0, example 2 of 2")
+    assert p.eval_on_selector_all(".hi-tokens .hi-tok", "s => s.map(x => x.textContent)") == [
+        t.replace(" ", "\u2423") for t in lab["tokens"][1]]
+    # the table: ranked by |effect|; click "effect" sorts descending, again ascending; filter
+    top = [f"L{l}H{h}" for l, h in zip(mean.top(4)["layer"], mean.top(4)["head"])]
+    assert _head_order(page) == top
+    assert "showing 4 of 4 rows" in p.inner_text(".hi-count")
+    eff = {f"L{l}H{h}": float(mean.effect[l, h]) for l in range(2) for h in range(2)}
+    p.click('.hi-table th[data-col="effect"]')
+    assert _head_order(page) == sorted(eff, key=lambda n: -eff[n])
+    assert p.get_attribute('.hi-table th[data-col="effect"]', "aria-sort") == "descending"
+    p.click('.hi-table th[data-col="effect"]')
+    assert _head_order(page) == sorted(eff, key=lambda n: eff[n])
+    cols = p.eval_on_selector_all(".hi-table thead th", "t => t.map(x => x.getAttribute('data-col'))")
+    labels = p.eval_on_selector_all(".hi-table thead th", "t => t.map(x => x.firstChild.textContent)")
+    assert labels[-3:] == ["patch effect", "prev-tok", "role"], labels
+    p.fill(".hi-heads input[type=search]", "L1")
+    assert sorted(_head_order(page)) == ["L1H0", "L1H1"]
+    assert "showing 2 of 2 rows matching the filter (4 in all)" in p.inner_text(".hi-count")
+    p.fill(".hi-heads input[type=search]", "")
+    # the patch-effect column holds the related scan's effect
+    patch_col = cols.index("related_0")
+    cells = p.eval_on_selector_all(".hi-table tbody tr", f"rows => rows.map(r => [r.getAttribute('data-head'), r.children[{patch_col}].textContent])")
+    dp = decimals_for(lab["patch"].effect.reshape(-1).tolist())
+    for head, text in cells:
+        l, h = int(head[1]), int(head[3])
+        assert text == format_number(float(lab["patch"].effect[l, h]), dp)
+    # clicking a table row selects the head everywhere
+    p.click('.hi-table tbody tr[data-head="L0H1"]')
+    assert p.inner_text(".hi-pattern-title").startswith("L0H1, example 2 of 2")
+    box = p.get_attribute('[data-scan="main"] .hi-selbox', "visibility")
+    assert box == "visible"
+    # a static figure decodes (the file's policy allows data: images)
+    assert p.eval_on_selector_all(".hi-figures img", "i => i.map(x => x.complete && x.naturalWidth > 0)") == [True]
     SHOTS.mkdir(exist_ok=True)
-    png = screenshot(html_file, SHOTS / "report.png")
-    assert png[:8] == PNG_MAGIC
-    width, height = struct.unpack(">II", png[16:24])
-    assert (width, height) == (1200, 1600)
+    p.click('[data-scan="main"] rect[data-cell="L1H0"]')
+    p.click('.hi-patterns button[data-example="0"]')
+    p.hover(f'.hi-tokens .hi-tok[data-pos="{T - 1}"]')
+    png = p.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    assert png[:8] == PNG_MAGIC and struct.unpack(">I", png[16:20])[0] == 1280
+    page.clean()
+
+
+def test_pair_chart_and_circuit(browser, lab):
+    """The pair chart lists the pairs sorted by |joint effect| (or by interaction, chosen); the
+    circuit graph draws every node and edge, hovering an edge shows its weight, clicking a head
+    node selects the head."""
+    frame = pair_frame(lab["pairs"], lab["mean"])
+    page = Page(browser).open(lab["path"])
+    p = page.page
+    sec = '[data-scan="related-1"]'
+    shown = p.eval_on_selector_all(f"{sec} .hi-bar", "b => b.map(x => x.getAttribute('data-set'))")
+    by_effect = frame.assign(a=frame["effect"].abs()).sort_values("a", ascending=False, kind="stable")
+    assert shown == list(by_effect["head_set"])
+    assert p.inner_text(f"{sec} .hi-caption >> nth=1").startswith(f"All {len(frame)} pairs, sorted by |joint effect|")
+    first = by_effect.iloc[0]
+    p.hover(f'{sec} .hi-bar[data-set="{first["head_set"]}"]')
+    d = decimals_for(list(frame["effect"]) + list(frame["singles_sum"]))
+    assert f"together {format_number(first['effect'], d)} \u00b1 {format_number(first['effect_stderr'], d)}" in page.tip()
+    p.select_option(f"{sec} select", "inter")
+    shown = p.eval_on_selector_all(f"{sec} .hi-bar", "b => b.map(x => x.getAttribute('data-set'))")
+    assert shown == list(frame.sort_values("interaction", kind="stable")["head_set"])
+    # the related heatmap: its own values
+    patch = lab["patch"]
+    p.hover('[data-scan="related-0"] rect[data-cell="L0H1"]')
+    dp = decimals_for(patch.effect.reshape(-1).tolist())
+    assert f"effect {format_number(float(patch.effect[0, 1]), dp)}" in page.tip()
+    # the circuit
+    c = lab["circuit"]
+    assert p.eval_on_selector_all(".hi-circuit .hi-node", "n => n.length") == len(c.nodes)
+    assert p.eval_on_selector_all(".hi-circuit .hi-edge", "e => e.length") == len(c.edges)
+    e = c.edges[1]
+    edge = f'.hi-circuit .hi-edge[data-edge="{e.source}->{e.target}"]'
+    p.locator(edge).scroll_into_view_if_needed()
+    x, y = p.eval_on_selector(edge + " path", """el => { const pt = el.getPointAtLength(el.getTotalLength() / 2), m = el.getScreenCTM();
+                                                      return [pt.x * m.a + pt.y * m.c + m.e, pt.x * m.b + pt.y * m.d + m.f]; }""")
+    p.mouse.move(x, y)  # onto the middle of the line, as a reader would
+    assert page.tip() == f"{e.source} \u2192 {e.target} (k)\nedge score -0.800"
+    p.click(f'.hi-circuit .hi-node[data-node="{e.target}"]')
+    assert p.get_attribute(".hi-report", "data-selected") == e.target
+    assert p.inner_text(".hi-circuit .hi-caption").startswith("All 4 edges with the largest |edge score|")
+    page.clean()
+
+
+def test_cli_report_in_browser(browser, cli_report):
+    """The CLI's per-position report: token-labelled heatmap, hover values as in scan.csv, patterns
+    on the prompts, a table of every cell of which the top --top rows show first ("show all")."""
+    import pandas as pd
+
+    frame = pd.read_csv(cli_report / "scan.csv")
+    clean = json.loads((cli_report / "settings.json").read_text())["clean_baseline"]
+    page = Page(browser).open(cli_report / "report.html")
+    p = page.page
+    data = report_data((cli_report / "report.html").read_text())
+    tokens = data["scans"][0]["tokens"]
+    labels = p.eval_on_selector_all('[data-scan="main"] svg text', "t => t.map(x => x.textContent)")
+    assert f"1 {tokens[1].replace(' ', chr(0x2423))}" in labels and "L1H1" in labels
+    row = frame.iloc[7]
+    l, h, pos = int(row["layer"]), int(row["head"]), int(row["position"])
+    p.hover(f'[data-scan="main"] rect[data-cell="L{l}H{h}:{pos}"]')
+    d = decimals_for((frame["value"] - clean).tolist())
+    tip = page.tip()
+    assert tip.startswith(f"L{l}H{h} position {pos} \u201c{tokens[pos].replace(' ', chr(0x2423))}\u201d")
+    assert f"effect {format_number(row['value'] - clean, d)}" in tip, tip
+    n_rows = len(frame)
+    shown = len(_head_order(page))
+    top = data["table"]["top"]
+    assert shown == top < n_rows and f"showing {top} of {n_rows} rows" in p.inner_text(".hi-count")
+    p.click(".hi-heads button")
+    assert len(_head_order(page)) == n_rows and f"showing {n_rows} of {n_rows} rows" in p.inner_text(".hi-count")
+    p.click('[data-scan="main"] rect[data-cell="L0H1:3"]')
+    assert p.inner_text(".hi-pattern-title").startswith("L0H1, example 1 of 2")
+    p.screenshot(path=str(SHOTS / "cli-report.png"), full_page=True)
+    page.clean()
+
+
+HOSTILE = ["</script><script>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned = 2">', "<!--", "-->",
+           '"; window.__pwned = 3; "', "\u2028x\u2029", "]]>", "&lt;b&gt;"]
+
+
+def test_hostile_strings_run_no_script(browser, tmp_path):
+    """Tokens, title, metric name, settings, warnings, head-table strings, captions and circuit
+    labels full of markup are shown as text; no injected script runs; the data block cannot be
+    closed early."""
+    tokens = HOSTILE
+    P = len(tokens)
+    g = torch.Generator().manual_seed(0)
+    r = ScanResult(torch.randn(2, 2, P, 3, generator=g), ("layer", "head", "position"), metric_name=HOSTILE[1],
+                   clean_baseline=0.0, base_per_example=torch.zeros(3), settings={"model": HOSTILE[0], "method": HOSTILE[2]})
+    pat = torch.softmax(torch.randn(P, P, generator=g), -1)
+    flat = ScanResult(torch.randn(2, 2, 3, generator=g), ("layer", "head"), metric_name=HOSTILE[4], clean_baseline=0.0)
+    circuit = circuit_graph([{"name": HOSTILE[0], "layer": 0, "label": HOSTILE[1]}, "logits"], [(HOSTILE[0], "logits", 1.0, HOSTILE[2])],
+                            title=HOSTILE[3], weight_label=HOSTILE[5])
+    path = r.to_html(tmp_path / "hostile.html", tokens=tokens, patterns={(0, 0): pat}, pattern_tokens=tokens, title=HOSTILE[0],
+                     warnings=[HOSTILE[1]], related=[RelatedScan(HOSTILE[1], flat)],
+                     head_columns={HOSTILE[0]: {(0, 0): HOSTILE[1], (1, 1): HOSTILE[0]}}, circuit=circuit)
+    html = path.read_text()
+    assert_self_contained(html)  # two scripts, the data block cannot be closed, CSP allows only the viewer
+    assert "window.__pwned = 1</script>" not in html and "<img src=x" not in html
+    assert report_data(html)["scans"][0]["tokens"] == tokens
+    page = Page(browser).open(path)
+    p = page.page
+    assert p.evaluate("typeof window.__pwned") == "undefined"
+    assert p.title() == HOSTILE[0] and p.inner_text(".hi-title") == HOSTILE[0]
+    assert p.eval_on_selector_all(".hi-tokens .hi-tok", "s => s.map(x => x.textContent)") == [
+        t.replace(" ", "\u2423") for t in tokens]
+    assert p.eval_on_selector_all(".hi-report img", "i => i.length") == 0
+    p.hover('[data-scan="main"] rect[data-cell="L0H0:0"]')
+    assert page.tip().startswith("L0H0 position 0 \u201c</script><script>window.__pwned\u2423=\u24231</script>\u201d")
+    for t in range(P):
+        p.hover(f'.hi-tokens .hi-tok[data-pos="{t}"]')
+    assert HOSTILE[1] in p.inner_text(".hi-table") and HOSTILE[1][:13] + "\u2026" in p.inner_text(".hi-circuit")
+    p.locator(".hi-circuit .hi-node").first.hover()
+    assert page.tip().startswith(f"{HOSTILE[1]} ({HOSTILE[0]})\nother, layer 0")
+    assert p.evaluate("typeof window.__pwned") == "undefined"
+    page.clean()
+
+
+def test_two_notebook_outputs_work_side_by_side(browser, tmp_path):
+    """Two ``_repr_html_`` outputs in one page, inserted as JupyterLab inserts output HTML
+    (innerHTML, then each script re-created so it runs): both render, no id is shared, and a click
+    in one selects nothing in the other."""
+    a = _result(("layer", "head"), (2, 3), seed=1)
+    b = _pairs_and_singles()[0]  # a head-set scan: bars
+    host = tmp_path / "notebook.html"
+    host.write_text("""<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>
+<div class="jp-OutputArea-output" id="out-1"></div><div class="jp-OutputArea-output" id="out-2"></div>
+<script type="application/json" id="outputs">""" + script_json([a._repr_html_(), b._repr_html_()]) + """</script>
+<script>
+JSON.parse(document.getElementById("outputs").textContent).forEach(function (html, i) {
+  var host = document.getElementById("out-" + (i + 1));
+  host.innerHTML = html;  /* scripts inserted this way do not run; JupyterLab re-creates them */
+  Array.prototype.forEach.call(host.querySelectorAll("script"), function (old) {
+    var s = document.createElement("script");
+    Array.prototype.forEach.call(old.attributes, function (at) { s.setAttribute(at.name, at.value); });
+    s.textContent = old.textContent;
+    old.parentNode.replaceChild(s, old);
+  });
+});
+</script></body></html>""")
+    page = Page(browser).open(host, rendered=2)
+    p = page.page
+    ids = p.eval_on_selector_all("[id]", "e => e.map(x => x.id)")
+    assert len(ids) == len(set(ids))
+    assert p.eval_on_selector_all(".hi-static", "e => e.map(x => getComputedStyle(x).display)") == ["none", "none"]
+    first, second = "#out-1 .hi-report", "#out-2 .hi-report"
+    start = [p.get_attribute(first, "data-selected"), p.get_attribute(second, "data-selected")]
+    assert start[0] != "L0H1"
+    p.click('#out-2 .hi-bar[data-set="L0H1+L1H0"]')
+    assert p.get_attribute(second, "data-selected") == "L0H1" and p.get_attribute(first, "data-selected") == start[0]
+    p.hover('#out-2 .hi-bar[data-set="L0H0+L1H1"]')
+    d = decimals_for(b.effect.tolist())
+    assert p.inner_text("#out-2 .hi-tip").startswith(f"L0H0+L1H1\neffect {format_number(float(b.effect[1]), d)}")
+    p.hover(f'#out-1 [data-scan="main"] rect[data-cell="L1H2"]')
+    d = decimals_for(a.effect.reshape(-1).tolist())
+    assert f"effect {format_number(float(a.effect[1, 2]), d)}" in p.inner_text("#out-1 .hi-tip")
+    assert p.eval_on_selector_all("#out-1 .hi-table tbody tr", "r => r.length") == 6
+    assert p.eval_on_selector_all("#out-2 .hi-table tbody tr", "r => r.length") == 3
+    SHOTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(SHOTS / "notebook.png"), full_page=True)
+    page.clean()

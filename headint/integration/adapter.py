@@ -6,7 +6,8 @@
   (:func:`model_configs`), the sub-models whose forward starts a sequence (:func:`submodels`);
 - the list of transformer blocks, the base model and the unembedding (:func:`model_parts`);
 - whether the forward takes ``position_ids`` that padding would otherwise shift
-  (:func:`padding_position_ids`).
+  (:func:`padding_position_ids`);
+- the device its inputs go to, also when its weights are offloaded (:func:`input_device`).
 
 What a model's attention looks like (sites, per-layer shapes, whether it is supported) is not
 guessed here but observed by a probe forward: :mod:`.structure`.
@@ -49,6 +50,23 @@ def check_transformers_version() -> None:
             f"{installed} is installed; model structure guesses (layers, configs, attention registry) may not hold",
             RuntimeWarning, stacklevel=3,
         )
+
+
+def input_device(model) -> torch.device:
+    """The device a model's inputs go to: that of its first parameter, or, for a model whose
+    parameters sit on the meta device because they are offloaded (``accelerate``'s
+    ``cpu_offload`` / ``disk_offload`` / ``dispatch_model``), the execution device of the
+    offload hook that runs its first module (the device its weights are loaded onto)."""
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type != "meta":
+        return first.device if first is not None else torch.device("cpu")
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    raise UnsupportedModelError(
+        f"{type(model).__name__}'s parameters are on the meta device (no values) and no offload hook (accelerate's "
+        "_hf_hook.execution_device) says where they run; load the weights, or offload them with accelerate")
 
 
 def text_config(config):

@@ -20,7 +20,8 @@ using it (wrong outputs there) and can be left behind (a corrupted model). So sc
   ``accelerate`` installs them, modules kept as plain attributes) point into the replica;
 - configs are private copies, holding the model's own attention implementation (the one saved by
   an ``intervene`` block another thread may have open), so switching the replica to headint's
-  attention (:meth:`Replica.session`) switches nothing of the model's;
+  attention (:meth:`Replica.session`) switches nothing of the model's; a copy of a config whose
+  masks are built in full (:mod:`.masks`) is marked so too;
 - hooks on the model when the replica is made run in the replica too (they ran in scans before),
   except headint's own session hooks (marked ``_headint_hook``).
 
@@ -41,6 +42,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from . import masks
 from .adapter import ModelParts, model_parts
 from .attention_function import register
 from .session import Session, close_session, model_attn_implementation, open_session
@@ -146,6 +148,8 @@ class Replica:
         own = self._configs.get(id(cfg))
         if own is None:
             own = self._configs[id(cfg)] = copy.copy(cfg)
+            if masks.is_marked(cfg):  # the probe found the model needs its masks built in full
+                masks.mark([own])
             impl = model_attn_implementation(cfg)  # the model's own, even while another thread's block switched it
             if impl is not None:
                 had, value = impl

@@ -21,8 +21,11 @@ what they say:
 - the head outputs the attention function returns are not the input of the output projection
   (a per-head gate or a norm sits between them, as in Laguna or BitNet): headint's ``z`` is
   defined as the per-head input of the output projection;
-- with headint's attention (no interventions) the model's output differs from its own: its
-  attention calls are not the whole attention (e.g. a bias passed as an extra keyword);
+- with headint's attention (no interventions) the model's output differs from its own, also with
+  every attention mask built in full: its attention calls are not the whole attention (e.g. a
+  bias passed as an extra keyword). (A model that matches only with full masks, such as
+  PEGASUS-X, whose decoder modules do not say they are causal, is supported with its masks
+  always built in full: :mod:`.masks`.)
 - a module's keys are neither its own positions nor the encoder's (merged self- and
   cross-attention, as in T5Gemma2's decoder, or extra memory keys);
 - two modules claim the same site.
@@ -42,7 +45,8 @@ import torch
 from torch import nn
 
 from ..shape import LayerShape, ModelShape
-from .adapter import UnsupportedModelError, check_transformers_version, config_shape, text_config
+from . import masks
+from .adapter import UnsupportedModelError, check_transformers_version, config_shape, input_device, model_configs, text_config
 from .attention_function import register
 from .replica import Replica
 from .session import Session, close_session, open_session, switched_by_any_session
@@ -81,6 +85,7 @@ class ModelStructure:
     sites: dict[int, Site] = field(default_factory=dict)
     shape: ModelShape | None = None
     problems: list[str] = field(default_factory=list)
+    full_masks: bool = False  # its masks are always built in full (see headint.integration.masks)
 
     def site_of(self, module) -> tuple[str, int] | None:
         """``(stack, layer)`` of an attention module, or None (a module the probe did not see)."""
@@ -133,7 +138,7 @@ def probe_inputs(model) -> dict[str, torch.Tensor]:
     """The probe's keyword inputs: ``input_ids [1, 5]`` (and ``decoder_input_ids [1, 3]`` for an
     encoder-decoder model), all-ones attention masks, no KV cache; for an image model (main input
     ``pixel_values``) one random image of the config's ``image_size``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     cfg = model.config
     params = inspect.signature(model.forward).parameters
     if getattr(model, "main_input_name", "input_ids") == "pixel_values" and "input_ids" not in params:
@@ -192,6 +197,7 @@ class _Call:
     out: torch.Tensor  # [B, Tq, H * Dv]
     keywords: list[str]
     matched: str | None = None
+    reached: str | None = None  # a module that got the head outputs unchanged but is not a projection
 
 
 class _Watcher:
@@ -211,12 +217,26 @@ class _Watcher:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states", kwargs.get("input"))
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             return
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 2 or x.shape[-1] not in tuple(w.shape):
-            return  # only a projection (a 2-D weight taking this width) counts as the output projection
+        w = _projection_weight(module)
+        name = self.names.get(id(module), type(module).__name__)
         for c in self.calls:
             if c.matched is None and c.out.shape == x.shape and torch.equal(c.out, x.detach()):
-                c.matched = self.names.get(id(module), type(module).__name__)
+                if w is not None and w.dim() == 2 and x.shape[-1] in tuple(w.shape):
+                    c.matched = name  # only a projection (a 2-D weight taking this width) counts as the output projection
+                elif w is None and c.reached is None and list(module.children()) == []:  # no weight at all (a norm has one)
+                    c.reached = f"{name} ({type(module).__module__}.{type(module).__name__})"
+
+
+def _projection_weight(module) -> torch.Tensor | None:
+    """A module's weight matrix: its ``weight`` tensor, or what a ``weight()`` method returns (the
+    packed weight of dynamically quantized ``torch.ao`` linear layers); None if it has neither."""
+    w = getattr(module, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):
+        try:
+            w = w()
+        except Exception:  # not an accessor
+            return None
+    return w if isinstance(w, torch.Tensor) else None
 
 
 # Keywords a model passes to its attention function that carry no attention semantics headint ignores.
@@ -266,7 +286,6 @@ def probe(model) -> ModelStructure:
     replica = Replica(model)
     root = model if replica.foreign else replica.root
     flags = [(m, m.training) for m in root.modules()]
-    watcher = _Watcher(root)
     reference = probed = None
     register()
     try:
@@ -274,16 +293,18 @@ def probe(model) -> ModelStructure:
         with torch.no_grad():
             if root is not model or not switched_by_any_session(model):  # else the model's own attention is not reachable now
                 reference = _run(root, inputs)
-            session = Session(root, None, "auto")
-            session.observer = watcher.observe
-            handles = [m.register_forward_pre_hook(_watch(watcher), with_kwargs=True) for m in root.modules()]
-            try:
-                open_session(session)
-                probed = _run(root, inputs)
-            finally:
-                close_session(session)
-                for h in handles:
-                    h.remove()
+            watcher, probed = _probed_run(root, inputs)
+            configs = model_configs(root)
+            if reference is not None and probed is not None and not _difference(probed, reference) <= _tolerance(root) \
+                    and not all(masks.is_marked(c) for c in configs):
+                # a model that relies on its causal mask being built (eager-only models whose modules do not
+                # say they are causal): headint's attention with every mask materialized may be exactly its own
+                with masks.materialized_masks(configs):
+                    full = _probed_run(root, inputs)
+                if _difference(full[1], reference) <= _tolerance(root):
+                    masks.mark(model_configs(model))  # replicas made from now on copy the mark (Replica._config)
+                    watcher, probed = full
+                    st.full_masks = True
     except (NotImplementedError, UnsupportedModelError) as e:
         st.problems.append(str(e))
         return st
@@ -299,12 +320,32 @@ def probe(model) -> ModelStructure:
     return st
 
 
+def _tolerance(model) -> float:
+    return TOLERANCE.get(next(model.parameters()).dtype, HALF_TOLERANCE)
+
+
 def _watch(watcher: _Watcher):
     def hook(module, args, kwargs):
         return watcher.pre_hook(module, args, kwargs)
 
     hook._headint_hook = True  # a replica made meanwhile leaves it out
     return hook
+
+
+def _probed_run(model, inputs) -> tuple[_Watcher, torch.Tensor | None]:
+    """One forward of ``model`` (the probe's replica, or the model itself) with headint's
+    attention (no interventions), every call watched."""
+    watcher = _Watcher(model)
+    session = Session(model, None, "auto")
+    session.observer = watcher.observe
+    handles = [m.register_forward_pre_hook(_watch(watcher), with_kwargs=True) for m in model.modules()]
+    try:
+        open_session(session)
+        return watcher, _run(model, inputs)
+    finally:
+        close_session(session)
+        for h in handles:
+            h.remove()
 
 
 def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) -> None:
@@ -327,7 +368,13 @@ def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) ->
                 "ALBERT), so a head of a layer is not one call"
             )
     for mid, c in first.items():
-        if c.matched is None:
+        if c.matched is None and c.reached is not None:
+            st.problems.append(
+                f"the head outputs of {names.get(mid)} ({type(c.module).__name__}) reach {c.reached} unchanged, but it has no "
+                "weight matrix headint recognises as an output projection's (a 2-D `weight` tensor, or a `weight()` accessor "
+                "returning one), so headint cannot tell that its input is the per-head z"
+            )
+        elif c.matched is None:
             m = c.module
             children = [n for n, _ in m.named_children()]
             st.problems.append(
@@ -337,8 +384,7 @@ def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) ->
             )
     if reference is not None and probed is not None:
         diff = _difference(probed, reference)
-        dtype = next(model.parameters()).dtype
-        tol = TOLERANCE.get(dtype, HALF_TOLERANCE)
+        tol = _tolerance(model)
         if not diff <= tol:
             extra = sorted({k for c in calls for k in c.keywords})
             hint = f"; its attention calls also pass {extra}, which headint does not apply" if extra else ""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .base import Intervention, as_int
+from ..vocabulary import ABLATIONS, check_choice
 from .sources import mean_source
 
 
@@ -31,8 +32,7 @@ class Ablate(Intervention):
 
     def validate(self, shape) -> None:
         super().validate(shape)
-        if self.kind not in ("zero", "mean"):
-            raise ValueError(f"Ablate.kind must be 'zero' or 'mean', got {self.kind!r}")
+        check_choice(self.kind, ABLATIONS, "Ablate.kind")
         if self.kind == "mean":
             ls = self.layer_shape(shape)
             v = mean_source(self.value, as_int(self.layer, "layer"))

@@ -13,6 +13,12 @@
     head scans, redundancy included.  ``model_dir("induction-2l") / "training.json"`` records how it was
     trained and its pattern scores.
 
+``tracr-reverse``, ``tracr-xproportion``
+    tracr-compiled programs (``lib.make_reverse``, ``lib.make_frac_prevs``) as
+    :class:`headint.models.tracr_model.TracrForCausalLM` (no layer norm, bidirectional
+    attention), with their ground-truth edges for resample ablation in ``ground_truth.json``;
+    rebuilt by ``python -m headint.models.tracr_build`` (optional extra ``tracr``).
+
 ``all-MiniLM-L6-v2`` (optional extra ``minilm``)
     :func:`headint.models.minilm.load_minilm` loads the real pretrained sentence encoder.
 
@@ -50,7 +56,8 @@ def model_dir(name: str = DEFAULT_MODEL) -> Path:
 
 
 def load(name: str = DEFAULT_MODEL, **kwargs):
-    """Load an embedded model as a ``transformers.GPT2LMHeadModel`` in eval mode.
+    """Load an embedded model in eval mode (``induction-2l``: a ``transformers.GPT2LMHeadModel``;
+    ``tracr-*``: a :class:`~headint.models.tracr_model.TracrForCausalLM`).
 
     Args:
         name: embedded model name (see :func:`available`).
@@ -61,8 +68,11 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
         ValueError: if ``name`` is not an embedded model.
     """
     path = model_dir(name)
-    from transformers import GPT2LMHeadModel
+    if name.startswith("tracr-"):
+        from .tracr_model import TracrForCausalLM as cls
+    else:
+        from transformers import GPT2LMHeadModel as cls
 
-    model = GPT2LMHeadModel.from_pretrained(str(path), **kwargs)
+    model = cls.from_pretrained(str(path), **kwargs)
     model.eval()
     return model

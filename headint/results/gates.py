@@ -24,9 +24,11 @@ class GateResult:
     a total order of the heads even where gates are clamped to 0 or 1). ``p_open`` ``[L, H]``:
     the probability that the gate is nonzero (Hard-Concrete) or the gate value (sigmoid).
     ``threshold``: a head is open when its gate is ``>= threshold``. ``curve``: a pandas table
-    with one row per training step (``step, objective, metric, penalty, loss, open_heads``).
-    ``intact``: the metric's mean without gates; ``final``: with the heads of
-    :attr:`closed_heads` ablated (exactly, not gated). ``settings``: JSON-able arguments.
+    with one row per training step (``step, objective, metric, penalty, loss, open_heads, n``;
+    ``n``: the minibatch rows whose metric value and gradient were finite, which the step's
+    ``metric`` averages). ``intact``: the metric's mean without gates; ``final``: with the heads
+    of :attr:`closed_heads` ablated (exactly, not gated); both over the finite examples
+    (``settings["finite_examples"]`` counts them). ``settings``: JSON-able arguments.
     """
 
     kind: str

@@ -106,7 +106,7 @@ def heatmap(result, path: str | os.PathLike | None = None, *, title: str | None 
         fig = _layer_head_image(Figure, data, label)
     else:
         fig = _position_image(Figure, data, label, tokens)
-    fig.axes[0].set_title(title, fontsize=10)
+    fig.axes[0].set_title(title, fontsize=10, wrap=True)  # wrapped to the figure: a long title is never clipped
     fig.tight_layout()
     if path is not None:
         fig.savefig(Path(path), format="png", dpi=100)

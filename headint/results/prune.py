@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .grid import head_set_name
-from .stats import finite_mean, finite_stderr
+from .stats import finite_count, finite_mean, finite_stderr
 
 __all__ = ["PruneCurve"]
 
@@ -41,22 +41,27 @@ class PruneCurve:
         return finite_mean(self.per_example)
 
     @property
+    def n(self) -> torch.Tensor:
+        """``[S + 1]``: how many examples are finite at each step (what :attr:`metric` rests on)."""
+        return finite_count(self.per_example)
+
+    @property
     def stderr(self) -> torch.Tensor:
         """``[S + 1]``: standard error of :attr:`metric` over the finite examples."""
         return finite_stderr(self.per_example)
 
     def to_frame(self):
         """A pandas table, one row per step: ``step, layer, head, removed, fraction_removed,
-        metric, stderr, score`` (step 0 has no removed head)."""
+        metric, stderr, n, score`` (step 0 has no removed head; ``n``: finite examples)."""
         import pandas as pd
 
-        metric, stderr = self.metric, self.stderr
+        metric, stderr, n = self.metric, self.stderr, self.n
         rows = []
         for s in range(len(self.removed) + 1):
             head = self.removed[s - 1] if s else None
             rows.append(dict(step=s, layer=None if head is None else head[0], head=None if head is None else head[1],
                              removed=None if head is None else head_set_name([head]), fraction_removed=s / self.n_heads,
-                             metric=float(metric[s]), stderr=float(stderr[s]),
+                             metric=float(metric[s]), stderr=float(stderr[s]), n=int(n[s]),
                              score=None if s == 0 or self.scores[s - 1] is None else float(self.scores[s - 1])))
         return pd.DataFrame(rows)
 

@@ -1,47 +1,121 @@
-"""A self-contained HTML report of a :class:`~headint.results.ScanResult`.
+"""The interactive, self-contained HTML report of a :class:`~headint.results.ScanResult`.
 
-One file, no network: every image is an inline base64 PNG, the style sheet is inline, there
-is no script. Sections (each an element with a stable ``id``, which the browser test checks):
+One file, no network: the viewer (``viewer/viewer.js``, ``viewer/viewer.css``, vanilla
+JavaScript and SVG, no library) and the data (one ``<script type="application/json">`` block,
+:mod:`headint.results.report_data`) are inlined. What it shows:
 
-* ``#settings``: metric, method, direction, N, baselines, normalisation, warnings;
-* ``#heatmap``: the scan's plot (layer x head image; per-position image with token labels
-  when ``tokens`` are given; for head sets the bar chart, beside the summed single effects
-  when ``singles`` is given);
-* ``#top-heads``: the ``top`` most important cells with value, stderr, effect,
-  effect_stderr and n;
-* ``#patterns`` (when ``patterns`` are given): one attention-pattern image per head, of one
-  example, labelled with its tokens;
-* ``#figures`` (when ``figures`` are given): further plots with captions.
+* the settings (metric, method, direction, N, baselines, normalisation) and warnings;
+* the scan as a heatmap (layer x head; (layer, head) x position with token labels) or, for
+  head sets, a bar chart (the pair chart, beside the summed single effects, when the
+  single-head scan is given): hover a cell for ``effect +- stderr``, ``value +- stderr`` and
+  ``n``; click it to select the head;
+* the attention patterns of the selected head on several examples, as a token strip (hover a
+  token: the tokens it attends to are shaded by weight) and a query x key matrix;
+* a sortable, filterable table of every cell, ranked by ``|effect|``, with the effects of
+  related scans and further per-head columns (pattern scores, roles);
+* related scans (:class:`~headint.results.report_data.RelatedScan`), each interactive;
+* a circuit graph when one is given (:mod:`headint.results.circuit_graph`, the hook for
+  edge-level circuit methods);
+* static figures (``figures=``, inline PNGs) if any.
 
-:func:`table_html` is the notebook view (``ScanResult._repr_html_``): the summary line and
-the top table, no images.
+Numbers are shown with :func:`decimals_for` decimals per column (``0.000``, never
+``1.788e-07``). Without JavaScript (e.g. an untrusted notebook) a static table of the top cells
+shows instead.
+
+Size budget: a report stays under :data:`REPORT_BUDGET_BYTES` (2 MB) unless its scans alone
+are larger. The viewer is under :data:`VIEWER_BUDGET_BYTES` (60 kB); the scans take about 100
+bytes per cell (the heatmap's numbers and the table's row); the attention patterns get what is
+left, at most :data:`~headint.results.report_data.PATTERN_VALUES` weights, the most important
+heads first (the others are named on the page as left out). The scans' own numbers are never
+cut: a scan of more than about 18,000 cells (per-position scans of large models) exceeds the
+budget, and :func:`report_html` then warns (``ReportSizeWarning``).
+
+Safety: every string from the data (tokens, names, settings) is escaped: in the HTML by
+:func:`html.escape`, in the JSON block with ``<``, ``>``, ``&`` written as ``\\u003c``,
+``\\u003e``, ``\\u0026`` (so ``</script>`` and ``<!--`` cannot occur there), and the viewer
+puts it into the page only as text. The standalone file also carries a Content Security
+Policy that allows only its own script (by hash), inline styles and ``data:`` images, so no
+network request and no other script can run.
+
+Notebook: :func:`notebook_html` (``ScanResult._repr_html_``) is the same view as an HTML
+fragment; every element id is prefixed with an id unique to that rendering, so several
+results in one notebook do not collide.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io as _io
+import json
 import math
 import os
+import secrets
+import warnings as _warnings
+from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from . import plots
+from .report_data import PATTERN_VALUES, RelatedScan, payload
 
-__all__ = ["report_html", "write_report", "table_html"]
+__all__ = ["report_html", "write_report", "notebook_html", "table_html", "RelatedScan", "ReportSizeWarning",
+           "REPORT_BUDGET_BYTES", "VIEWER_BUDGET_BYTES", "decimals_for", "format_number", "script_json"]
 
-_STYLE = """
-body { font-family: sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f0f0f0; } td.name, th.name { text-align: left; }
-img { max-width: 100%; height: auto; }
-.patterns { display: flex; flex-wrap: wrap; gap: 12px; }
-.patterns figure { margin: 0; width: 340px; } figcaption { font-size: 0.85em; text-align: center; }
-.warning { color: #8a4b00; background: #fff4e0; padding: 4px 8px; }
-"""
+REPORT_BUDGET_BYTES = 2_000_000
+"""A report (``report.html``) stays under this many bytes unless its scan alone is larger."""
+VIEWER_BUDGET_BYTES = 60_000
+"""The inlined viewer (script + style sheet) stays under this many bytes."""
+
+_VIEWER_DIR = Path(__file__).with_name("viewer")
+_PAGE_BYTES = 20_000  # the page around the data and the viewer: head, settings, static table, a margin
+
+
+class ReportSizeWarning(UserWarning):
+    """A report came out larger than :data:`REPORT_BUDGET_BYTES` (its scan has that many cells)."""
+
+
+@lru_cache(maxsize=1)
+def viewer_assets() -> tuple[str, str]:
+    """``(script, style sheet)`` of the viewer, read from ``viewer/`` beside this module."""
+    js = (_VIEWER_DIR / "viewer.js").read_text(encoding="utf-8")
+    css = (_VIEWER_DIR / "viewer.css").read_text(encoding="utf-8")
+    for name, text in (("viewer.js", js), ("viewer.css", css)):
+        low = text.lower()
+        if "</script" in low or "</style" in low or "<!--" in low:
+            raise RuntimeError(f"{name} contains a closing tag or '<!--' and cannot be inlined")
+    return js, css
+
+
+def decimals_for(values) -> int:
+    """Decimals to show a column of ``values`` with: 3; more (up to 6) when its largest
+    ``|value|`` is below 0.01, so that value keeps 2 significant digits; 0 from 10,000 up.
+    (The viewer uses the same rule.)"""
+    m = max((abs(float(v)) for v in values if v is not None and math.isfinite(float(v))), default=0.0)
+    if m == 0:
+        return 3
+    if m >= 10_000:
+        return 0
+    return max(3, min(6, 1 - math.floor(math.log10(m))))
+
+
+def format_number(x, decimals: int = 3) -> str:
+    """``x`` with ``decimals`` decimals (``"n/a"`` for None or NaN; no ``-0.000``)."""
+    if x is None or not math.isfinite(float(x)):
+        return "n/a"
+    text = f"{float(x):.{decimals}f}"
+    if text.startswith("-") and float(text) == 0:
+        text = text[1:]
+    return text
+
+
+def script_json(obj) -> str:
+    """``obj`` as JSON safe inside ``<script type="application/json">``: no ``<``, ``>`` or
+    ``&`` (written as ``\\u003c`` ... inside strings, the only place JSON has them), so neither
+    ``</script>`` nor ``<!--`` can occur; ASCII only; NaN refused (the data uses null)."""
+    text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _png_data_uri(fig) -> str:
@@ -50,126 +124,154 @@ def _png_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _num(x, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    x = float(x)
-    return "NaN" if math.isnan(x) else f"{x:.{digits}g}"
-
-
 def _summary_pairs(result) -> list[tuple[str, str]]:
     s = result.settings
     pairs = [("metric", result.metric_name), ("what the plots show", plots.describe(result)),
-             ("examples (N)", str(result.n_examples)), ("clean baseline", _num(result.clean_baseline)),
-             ("corrupt baseline", _num(result.corrupt_baseline))]
+             ("examples (N)", str(result.n_examples)), ("clean baseline", format_number(result.clean_baseline)),
+             ("corrupt baseline", format_number(result.corrupt_baseline))]
     for key in ("kind", "method", "direction", "model", "model_dir", "prompts", "corrupt", "backend"):
         if s.get(key) is not None:
             pairs.append((key, str(s[key])))
     norm = s.get("normalization")
     if result.normalized and isinstance(norm, dict):
-        pairs.append(("normalized from", f"clean {_num(norm.get('clean_baseline'))}, corrupt {_num(norm.get('corrupt_baseline'))}"))
+        pairs.append(("normalized from", f"clean {format_number(norm.get('clean_baseline'))}, "
+                                         f"corrupt {format_number(norm.get('corrupt_baseline'))}"))
     return pairs
 
 
 def _top_rows(result, top: int) -> str:
+    """A static table of the ``top`` most important cells (numbers with :func:`decimals_for`)."""
     frame = result.top(top)
     name_cols = [c for c in ("layer", "head", "position", "head_set") if c in frame.columns]
-    num_cols = [c for c in ("value", "stderr", "effect", "effect_stderr", "n") if c in frame.columns]
-    head = "".join(f'<th class="name">{c}</th>' for c in ["rank", *name_cols]) + "".join(f"<th>{c}</th>" for c in num_cols)
+    num_cols = [c for c in ("effect", "effect_stderr", "value", "stderr") if c in frame.columns]
+    dec = {c: decimals_for(frame[c]) for c in num_cols}
+    for mean, err in (("effect", "effect_stderr"), ("value", "stderr")):
+        if err in dec and mean in dec:
+            dec[err] = dec[mean]
+    head = "".join(f'<th class="hi-name">{c}</th>' for c in ["rank", *name_cols])
+    head += "".join(f"<th>{c}</th>" for c in [*num_cols, "n"])
     rows = []
     for rank, row in enumerate(frame.itertuples(index=False), start=1):
         d = row._asdict()
-        cells = [f'<td class="name">{rank}</td>']
-        cells += [f'<td class="name">{html.escape(str(d[c]))}</td>' for c in name_cols]
-        cells += [f"<td>{int(d[c])}</td>" if c == "n" else f"<td>{_num(d[c])}</td>" for c in num_cols]
+        cells = [f'<td class="hi-name">{rank}</td>']
+        cells += [f'<td class="hi-name">{html.escape(str(d[c]))}</td>' for c in name_cols]
+        cells += [f"<td>{format_number(d[c], dec[c])}</td>" for c in num_cols]
+        cells.append(f"<td>{int(d['n'])}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<table class="hi-top"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _n_cells(result) -> int:
+    return int(result.per_example[..., 0].numel())
 
 
 def table_html(result, top: int = 10) -> str:
-    """HTML snippet: one summary line and the ``top`` most important cells (notebook view)."""
-    line = html.escape(f"{result.metric_name}: {plots.describe(result)}; clean {_num(result.clean_baseline)}, "
-                       f"corrupt {_num(result.corrupt_baseline)}; grid {list(result.grid_shape)}")
-    k = max(1, min(int(top), result.per_example[..., 0].numel()))
-    return f'<div class="headint-scan-result"><p>{line}</p>{_top_rows(result, k)}</div>'
+    """HTML snippet, no script: one summary line and the ``top`` most important cells (the
+    view without JavaScript)."""
+    line = html.escape(f"{result.metric_name}: {plots.describe(result)}; clean {format_number(result.clean_baseline)}, "
+                       f"corrupt {format_number(result.corrupt_baseline)}; grid {list(result.grid_shape)}")
+    k = max(1, min(int(top), _n_cells(result)))
+    return (f'<div class="headint-scan-result"><p>{line}</p><p>The {k} most important of {_n_cells(result)} cells '
+            f"(largest |effect| first):</p>{_top_rows(result, k)}</div>")
 
 
-def _check_patterns(patterns: Mapping, pattern_tokens) -> list[tuple[tuple[int, int], object]]:
-    import numpy as np
+def _fragment(result, *, uid: str, title: str, heading: str, settings_open: bool = True, tokens=None, patterns=None,
+              pattern_tokens=None, singles=None, related: Sequence[RelatedScan] = (), head_columns: Mapping | None = None,
+              circuit=None, top: int = 10, warnings: Sequence[str] = (), figures=()) -> tuple[str, str]:
+    """``(fragment, script)``: the report's ``<div class="hi-report">`` and the text of its one
+    executable script (for the standalone file's Content Security Policy hash). settings_open:
+    whether the settings table starts unfolded (the notebook view folds it)."""
+    js, css = viewer_assets()
+    common = dict(title=title, tokens=tokens, singles=singles, related=related, head_columns=head_columns, circuit=circuit,
+                  top=top)
+    data = payload(result, **common)
+    if patterns:  # the patterns get what the rest leaves of the budget (a weight takes at most 7 bytes)
+        rest = len(script_json(data)) + len(js) + len(css) + _PAGE_BYTES
+        data = payload(result, patterns=patterns, pattern_tokens=pattern_tokens, **common,
+                       pattern_budget=min(PATTERN_VALUES, max(0, REPORT_BUDGET_BYTES - rest) // 7))
+    all_warnings = [*warnings, *[w for w in result.settings.get("warnings", []) if w not in warnings]]
+    script = f"{js}\nwindow.headintViewer.render(document.currentScript, {json.dumps(uid)});\n"
+    k = max(1, min(int(top), _n_cells(result)))
+    parts = [
+        f'<div class="hi-report" id="{uid}">',
+        f"<style>{css}</style>",
+        f'<{heading} class="hi-title">{html.escape(title)}</{heading}>',
+        *[f'<p class="hi-warning">warning: {html.escape(w)}</p>' for w in all_warnings],
+        f'<details class="hi-settings" id="{uid}-settings"{" open" if settings_open else ""}><summary>Settings</summary><table>',
+        *[f'<tr><th class="hi-name">{html.escape(k_)}</th><td>{html.escape(v)}</td></tr>' for k_, v in _summary_pairs(result)],
+        "</table></details>",
+        f'<section class="hi-static" id="{uid}-static"><h2>The {k} most important of {_n_cells(result)} cells</h2>'
+        f'<p class="hi-caption">The interactive view needs JavaScript; this is the table without it.</p>{_top_rows(result, k)}</section>',
+        f'<div class="hi-app" id="{uid}-app"></div>',
+    ]
+    if figures:
+        parts.append(f'<section class="hi-figures" id="{uid}-figures"><h2>Further figures</h2>')
+        for caption, fig in figures:
+            parts.append(f'<figure><img alt="{html.escape(caption)}" src="{_png_data_uri(fig)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append("</section>")
+    parts += [f'<script type="application/json" class="hi-data" id="{uid}-data">{script_json(data)}</script>',
+              f"<script>{script}</script>", "</div>"]
+    return "\n".join(parts), script
 
-    if not isinstance(patterns, Mapping):
-        raise TypeError(f"patterns must be a mapping {{(layer, head): [Tq, Tk] attention probabilities}}, got {type(patterns).__name__}")
-    items = []
-    for key, value in patterns.items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(i, int) for i in key)):
-            raise ValueError(f"patterns keys must be (layer, head) int pairs, got {key!r}")
-        arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=np.float64)
-        if arr.ndim != 2:
-            raise ValueError(f"patterns[{key}] must be [Tq, Tk] (one example, one head), got shape {list(arr.shape)}")
-        if pattern_tokens is not None and len(pattern_tokens) != arr.shape[1]:
-            raise ValueError(f"pattern_tokens has {len(pattern_tokens)} entries but patterns[{key}] has {arr.shape[1]} keys")
-        items.append((key, arr))
-    return items
 
-
-def report_html(result, *, tokens=None, patterns: Mapping | None = None, pattern_tokens=None, singles=None,
-                title: str | None = None, top: int = 10, warnings: list[str] | tuple = (), figures=()) -> str:
+def report_html(result, *, tokens=None, patterns=None, pattern_tokens=None, singles=None, related: Sequence[RelatedScan] = (),
+                head_columns: Mapping | None = None, circuit=None, title: str | None = None, top: int = 10,
+                warnings: Sequence[str] = (), figures=()) -> str:
     """The report of ``result`` as one self-contained HTML document (a string).
 
     tokens: ``P`` strings labelling the position axis of a per-position scan.
     patterns: ``{(layer, head): [Tq, Tk]}`` attention probabilities of one example (e.g. from
-    :func:`headint.record` with ``what=("pattern",)``), labelled with ``pattern_tokens``
-    (``Tk`` strings). singles: for a head-set scan, the single-head scan to compare with.
-    warnings: lines shown at the top (e.g. a near-zero normalisation gap); the result's
-    ``settings["warnings"]`` are shown too. figures: ``[(caption, matplotlib Figure)]`` added
-    in a ``#figures`` section (e.g. related scans).
+    :func:`headint.pattern_views.head_patterns`), or a list of such mappings, one per example;
+    pattern_tokens: the ``Tk`` key tokens (one list, or one list per example).
+    singles: for a head-set scan, the single-head scan (the pair chart).
+    related: further scans (:class:`RelatedScan`), each drawn interactively; with a
+    ``column``, its effect is a column of the head table. head_columns: ``{heading: [L, H]
+    array or {(layer, head): value}}`` more head-table columns (e.g. pattern scores, roles).
+    circuit: a :class:`~headint.results.circuit_graph.CircuitGraph` (the circuit section).
+    top: rows of the head table shown before "show all". warnings: lines shown at the top
+    (the result's ``settings["warnings"]`` too). figures: ``[(caption, matplotlib Figure)]``
+    shown as static images at the end.
     """
     title = title or f"headint scan: {result.metric_name}"
-    items = _check_patterns(patterns, pattern_tokens) if patterns else []
-    fig = plots.heatmap(result, title=title, tokens=tokens, singles=singles)
-    heat_uri = _png_data_uri(fig)
-    all_warnings = [*warnings, *[w for w in result.settings.get("warnings", []) if w not in warnings]]
-    parts = [
+    uid = "hi-" + hashlib.sha256(f"{title}|{result!r}|{result.per_example.sum().item()}".encode()).hexdigest()[:10]
+    fragment, script = _fragment(result, uid=uid, title=title, heading="h1", tokens=tokens, patterns=patterns,
+                                 pattern_tokens=pattern_tokens, singles=singles, related=related, head_columns=head_columns,
+                                 circuit=circuit, top=top, warnings=warnings, figures=figures)
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+           "base-uri 'none'; form-action 'none'")
+    doc = "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        '<section id="settings"><h2>Settings</h2><table>',
-        *[f'<tr><th class="name">{html.escape(k)}</th><td class="name">{html.escape(v)}</td></tr>' for k, v in _summary_pairs(result)],
-        "</table>",
-        *[f'<p class="warning">warning: {html.escape(w)}</p>' for w in all_warnings],
-        "</section>",
-        '<section id="heatmap"><h2>Effect of each intervention</h2>',
-        f'<img id="heatmap-image" alt="{html.escape(plots.describe(result))}" src="{heat_uri}">',
-        "</section>",
-        f'<section id="top-heads"><h2>Top {int(top)} (most important first, with standard errors)</h2>',
-        _top_rows(result, max(1, min(int(top), result.per_example[..., 0].numel()))),
-        "</section>",
-    ]
-    if items:
-        parts.append('<section id="patterns"><h2>Attention patterns of the top heads (one example)</h2><div class="patterns">')
-        for (layer, head), arr in items:
-            name = f"L{layer}H{head}"
-            uri = _png_data_uri(plots.pattern_image(arr, pattern_tokens, title=name))
-            parts.append(f'<figure class="pattern" id="pattern-{name}"><img alt="attention pattern of {name}" src="{uri}">'
-                         f"<figcaption>{name}: query rows, key columns</figcaption></figure>")
-        parts.append("</div></section>")
-    if figures:
-        parts.append('<section id="figures"><h2>Related scans</h2>')
-        for caption, fig in figures:
-            parts.append(f'<figure class="extra"><img alt="{html.escape(caption)}" src="{_png_data_uri(fig)}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        "<style>body { margin: 0; background: #fff; }</style></head><body>",
+        fragment,
+        "</body></html>",
+    ])
+    size = len(doc.encode("utf-8"))
+    if size > REPORT_BUDGET_BYTES:
+        _warnings.warn(f"the report is {size / 1e6:.1f} MB, over its {REPORT_BUDGET_BYTES / 1e6:.0f} MB budget: the scan has "
+                       f"{_n_cells(result)} cells, all kept", ReportSizeWarning, stacklevel=2)
+    return doc
+
+
+def notebook_html(result, top: int = 10) -> str:
+    """The interactive view of ``result`` as an HTML fragment for a notebook output cell
+    (heatmap with hover, head table; no patterns, no model at hand). Its element ids carry a
+    random id of this rendering, so two results in one notebook never collide."""
+    fragment, _ = _fragment(result, uid="hi-" + secrets.token_hex(6), title=f"{result.metric_name}: {plots.describe(result)}",
+                            heading="h3", settings_open=False, top=top)
+    return fragment
 
 
 def write_report(result, path: str | os.PathLike, **kwargs) -> Path:
     """Write :func:`report_html` of ``result`` to ``path`` (UTF-8); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = report_html(result, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

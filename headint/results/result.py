@@ -332,19 +332,24 @@ class ScanResult:
         return plots.heatmap(self, path, title=title, value=value, tokens=tokens, singles=singles)
 
     def to_html(self, path: str | os.PathLike, *, tokens: Sequence[str] | None = None, patterns=None,
-                pattern_tokens: Sequence[str] | None = None, singles: "ScanResult | None" = None,
+                pattern_tokens=None, singles: "ScanResult | None" = None, related=(), head_columns=None, circuit=None,
                 title: str | None = None, top: int = 10, warnings: Sequence[str] = (), figures=()) -> Path:
-        """Write a self-contained HTML report (inline PNGs, no network) to ``path``: settings,
-        the heatmap, the ``top`` cells with standard errors and, when ``patterns``
-        (``{(layer, head): [Tq, Tk]}`` attention probabilities of one example, labelled with
-        ``pattern_tokens``) are given, one pattern image per head; ``warnings`` (lines) are shown
-        at the top; ``figures`` (``[(caption, Figure)]``) are appended. See :mod:`headint.results.report`. Returns the path."""
+        """Write the interactive, self-contained HTML report (no network) to ``path``: settings,
+        the heatmap with hover values, a sortable and filterable table of every cell, and, when
+        ``patterns`` are given (``{(layer, head): [Tq, Tk]}`` attention probabilities of one
+        example or a list of them, one per example, labelled with ``pattern_tokens``), the
+        attention patterns of a clicked head with token hover. ``related``
+        (:class:`~headint.results.report.RelatedScan`) adds further scans, ``head_columns``
+        table columns, ``circuit`` a circuit graph. See :func:`headint.results.report.report_html`.
+        Returns the path."""
         return report.write_report(self, path, tokens=tokens, patterns=patterns, pattern_tokens=pattern_tokens,
-                                   singles=singles, title=title, top=top, warnings=list(warnings), figures=figures)
+                                   singles=singles, related=related, head_columns=head_columns, circuit=circuit, title=title,
+                                   top=top, warnings=list(warnings), figures=figures)
 
     def _repr_html_(self) -> str:
-        """Notebook view: a summary line and the top 10 cells."""
-        return report.table_html(self, top=10)
+        """Notebook view: the report's interactive heatmap and head table (the top 10 rows
+        first), with a static table where scripts do not run."""
+        return report.notebook_html(self, top=10)
 
     # ------------------------------------------------------------------ persistence
 

@@ -23,6 +23,7 @@ __all__ = [
     "finite_stderr",
     "paired_stderr",
     "non_finite_report",
+    "listing",
 ]
 
 
@@ -80,7 +81,8 @@ def paired_stderr(per_example: torch.Tensor, base: torch.Tensor) -> torch.Tensor
     return finite_stderr(per_example - base)
 
 
-def _listing(items: Sequence, limit: int) -> str:
+def listing(items: Sequence, limit: int) -> str:
+    """``items`` joined by commas, the first ``limit`` of them, then how many in all."""
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
@@ -112,8 +114,8 @@ def non_finite_report(
         examples = bad.reshape(-1, N).any(dim=0).nonzero().flatten().tolist()
         parts.append(
             f"metric {metric_name!r} is NaN or infinite for {int(bad.sum())} per-example value{'s' if int(bad.sum()) != 1 else ''} in "
-            f"{len(cells)} of {n.numel()} cells ({_listing([cell_name(c) for c in cells], 5)}), at examples "
-            f"[{_listing(examples, 10)}] of {N}; the values, stderr and effect of those cells use only "
+            f"{len(cells)} of {n.numel()} cells ({listing([cell_name(c) for c in cells], 5)}), at examples "
+            f"[{listing(examples, 10)}] of {N}; the values, stderr and effect of those cells use only "
             "their finite examples (the count per cell is ScanResult.n, column 'n' of to_frame())"
         )
     elif n.numel() > 0 and not bool((n > 0).any()):
@@ -122,7 +124,7 @@ def non_finite_report(
         base_bad = (~torch.isfinite(base_per_example)).nonzero().flatten().tolist()
         if base_bad:
             parts.append(
-                f"the base run's metric (base_per_example) is NaN or infinite at examples [{_listing(base_bad, 10)}]; "
+                f"the base run's metric (base_per_example) is NaN or infinite at examples [{listing(base_bad, 10)}]; "
                 "effect_stderr pairs only the examples where both values are finite"
             )
     for name, value in baselines.items():

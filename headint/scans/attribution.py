@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from ..integration.modes import require_autograd
 from ..interventions import CallPlan
 from ..plan import TensorPlan
 from ..results import ScanResult
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
+from ..vocabulary import ATTRIBUTION_METHODS, DIRECTIONS, AttributionMethod, Direction
 from .setup import prepare_scan
-
-ATTRIBUTION_METHODS = ("patch", "mask")
 
 
 def attribution_scan(
@@ -24,8 +24,8 @@ def attribution_scan(
     corrupt=None,
     metric="logit_diff",
     *,
-    method: str = "patch",
-    direction: str = "noising",
+    method: AttributionMethod = "patch",
+    direction: Direction = "noising",
     per_position: bool = False,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -62,11 +62,12 @@ def attribution_scan(
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
-    if direction not in ("noising", "denoising"):
-        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if method == "patch" and corrupt is None:
         raise ValueError("method='patch' needs corrupt= inputs")
     batch_size = check_batch_size(batch_size)
+    require_autograd("headint.attribution_scan")
     setup = prepare_scan(model, clean, corrupt, metric, kind="attribution", backend=backend, name="clean")
     shape, N, T, device = setup.shape, setup.N, setup.T, setup.device
     Tm = T if per_position else 1

@@ -1,8 +1,8 @@
 """Scan checkpoints: finished chunks on disk, so that a killed scan resumes where it stopped.
 
 A checkpoint path is a folder holding one subfolder per scan, named by the scan's
-fingerprint (a hash of its settings, inputs and model parameters), so scans sharing a path
-never overwrite each other's progress::
+fingerprint (a hash of everything that determines its values, see :mod:`.fingerprint`), so
+scans sharing a path never overwrite each other's progress, and no scan resumes another's::
 
     <checkpoint>/
         <fingerprint[:16]>/
@@ -19,7 +19,6 @@ scan is an error naming it and saying how to start over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,22 +36,6 @@ META = "scan.json"
 class CheckpointError(RuntimeError):
     """A checkpoint file or folder that cannot be used: unreadable, foreign, or of another scan.
     The message names the file and how to start over."""
-
-
-def fingerprint(model, batches: Sequence[dict | None], settings: dict) -> str:
-    """A hex digest of the scan's settings, its input tensors and the model's parameters
-    (name, shape and sum of each)."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for b in batches:
-        if b is None:
-            continue
-        for k in sorted(b):
-            h.update(k.encode())
-            h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(repr((tuple(p.shape), float(p.detach().double().sum()))).encode())
-    return h.hexdigest()
 
 
 def _brief(e: BaseException) -> str:
@@ -79,13 +62,14 @@ class ScanCheckpoint:
 
     Args:
         root: the checkpoint folder (created), or None for no checkpoint.
-        key: the scan's fingerprint (see :func:`fingerprint`).
+        key: the scan's fingerprint (see :func:`headint.scans.fingerprint.fingerprint`); None
+            without a checkpoint.
         rows_per_batch: the chunk size of this run; a resumed scan keeps the chunk size it
             started with (``self.rows_per_batch``), so its chunks are the same.
         settings: JSON-able settings, written next to the chunks for the record.
     """
 
-    def __init__(self, root: str | os.PathLike | None, key: str, rows_per_batch: int, settings: dict | None = None):
+    def __init__(self, root: str | os.PathLike | None, key: str | None, rows_per_batch: int, settings: dict | None = None):
         self.key = key
         self.rows_per_batch = int(rows_per_batch)
         self.done: dict[int, torch.Tensor] = {}

@@ -15,6 +15,13 @@ Two parameterisations:
 The objective is ``(-metric if maximize else metric).mean() + penalty_weight * penalty``; the
 model's weights are frozen (``requires_grad`` False inside, restored after) and the gate
 gradients come from the fused kernels' ``d head_mask`` (see :mod:`.masking`).
+
+NaN or infinite metric values follow the scans' rule: each step's objective is the mean over
+the rows whose value and gradient are finite (the gradient is taken with respect to each
+row's own gates first, so a NaN row, e.g. from ``0 * NaN`` in a branch ``torch.where`` left
+out, cannot reach the shared gate parameters); ``intact`` and ``final`` are means over the
+finite examples; one :class:`~headint.NaNMetricWarning` says how many were left out and where.
+Where no finite value remains (the intact model, a training step) the call is refused.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..results.gates import GateResult
+from ..results.stats import finite_mean
 from .batching import check_batch_size, run_in_halves
-from .masking import ablation_patches, frozen_parameters, check_ablation, mask_plan, metric_direction, removed_masks
+from .masking import NonFinite, ablation_patches, frozen_parameters, check_ablation, finite_or_refuse, mask_plan
+from .masking import metric_direction, removed_masks
+from ..vocabulary import GATE_KINDS, Ablation, GateKind, check_choice
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
-
-GATE_KINDS = ("hard_concrete", "sigmoid")
 
 
 class HardConcrete:
@@ -69,7 +78,7 @@ def learn_gates(
     loss_or_metric="loss",
     *,
     maximize: bool | None = None,
-    kind: str = "hard_concrete",
+    kind: GateKind = "hard_concrete",
     penalty_weight: float = 0.01,
     steps: int = 200,
     lr: float = 0.1,
@@ -77,7 +86,7 @@ def learn_gates(
     init: float = 3.0,
     temperature: float = 2 / 3,
     stretch: tuple[float, float] = (-0.1, 1.1),
-    ablation: str = "zero",
+    ablation: Ablation = "zero",
     threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
@@ -107,8 +116,7 @@ def learn_gates(
     Returns a :class:`~headint.results.gates.GateResult` (gate table and heatmap, training
     curve, the metric intact and with the closed heads ablated).
     """
-    if kind not in GATE_KINDS:
-        raise ValueError(f"learn_gates: kind must be one of {GATE_KINDS}, got {kind!r}")
+    check_choice(kind, GATE_KINDS, "kind", "learn_gates")
     check_ablation(ablation, "learn_gates")
     penalty_weight = _check_real(penalty_weight, "penalty_weight", low=0.0)
     lr = _check_real(lr, "lr", low=0.0, open_low=True)
@@ -126,6 +134,7 @@ def learn_gates(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"learn_gates: seed must be an int, got {seed!r}")
 
+    require_autograd("headint.learn_gates")
     setup = prepare_scan(model, inputs, None, loss_or_metric, kind="gates", backend=backend)
     up = metric_direction(setup.metric, maximize, "learn_gates")
     shape, N, device = setup.shape, setup.N, setup.device
@@ -140,10 +149,14 @@ def learn_gates(
         return hc.deterministic(p) if kind == "hard_concrete" else torch.sigmoid(p)
 
     curve = []
+    nan = NonFinite(setup.metric, "learn_gates")
     with frozen_parameters(model), setup.base_runs() as runs:
         base = runs.clean
         patches = ablation_patches(base, ablation)
-        intact = float(base.base_values().mean())
+        intact_values = base.base_values().float().cpu()
+        finite_or_refuse(intact_values, setup.metric, "learn_gates", "of the intact model")
+        nan.note(intact_values, "of the intact model", how="intact is their mean over the finite examples")
+        intact = float(finite_mean(intact_values))
         order: list[int] = []
         for step in tqdm(range(steps), desc="headint.learn_gates", disable=not progress, unit="step"):
             if len(order) < rows_per_step:
@@ -158,20 +171,37 @@ def learn_gates(
                 else:
                     g = torch.sigmoid(params)[None].expand(len(ex), L, H)
                     penalty = torch.sigmoid(params).sum()
-                values = base.run_differentiable(ex, mask_plan([g[:, l] for l in range(L)], patches))
-                metric_mean = values.float().mean()
-                objective = -metric_mean if up else metric_mean
-                loss = objective + penalty_weight * penalty
+                # each row's own gates: the metric's gradient reaches them first, rows with a
+                # non-finite value or gradient are dropped there, then it flows on to params
+                row_gates = g.detach().requires_grad_(True)
+                values = base.run_differentiable(ex, mask_plan([row_gates[:, l] for l in range(L)], patches)).float()
+                ok = finite_or_refuse(values.detach(), setup.metric, "learn_gates", f"of training step {step}'s minibatch", ex_cpu)
+                sign = -1.0 if up else 1.0
+                (grad,) = torch.autograd.grad(sign * values[ok].sum(), row_gates)
+                used = ok & torch.isfinite(grad).flatten(1).all(1)
+                if not bool(used.any()):
+                    raise ValueError(f"learn_gates: at training step {step} the gradient of metric {setup.metric.name!r} is NaN "
+                                     f"or infinite for every example of the minibatch, so the gates cannot be trained; fix "
+                                     "the metric (e.g. a NaN in a branch torch.where discards still poisons the gradient)")
+                nan.note(torch.where(used, values.detach(), float("nan")), "(value or gradient) in training minibatches",
+                         steps=[step] if not bool(used.all()) else (), examples=ex_cpu,
+                         how="each step's objective is the mean over its finite rows")
+                metric_mean = values.detach()[used].mean()
+                objective = sign * metric_mean
+                grad = torch.where(used.to(grad.device)[:, None, None], grad, torch.zeros((), device=grad.device)) / int(used.sum())
                 opt.zero_grad()
-                loss.backward()
+                torch.autograd.backward([g, penalty_weight * penalty], [grad, torch.ones((), device=device)])
+                loss = objective + penalty_weight * penalty.detach()
             opt.step()
             with torch.no_grad():
                 n_open = int((gates_now(params) >= threshold).sum())
             curve.append(dict(step=step, objective=objective.item(), metric=metric_mean.item(), penalty=penalty.item(),
-                              loss=loss.item(), open_heads=n_open))
+                              loss=loss.item(), open_heads=n_open, n=int(used.sum())))
 
         with torch.no_grad():
             params = params.detach()
+            if not bool(torch.isfinite(params).all()):  # cannot happen with finite gradients; never returned silently
+                raise RuntimeError("learn_gates: the gate parameters became NaN or infinite during training")
             gates = gates_now(params)
             closed = [[(l, h) for l, h in (gates < threshold).nonzero().tolist()]]
 
@@ -179,13 +209,19 @@ def learn_gates(
                 m = removed_masks(shape, closed, device).expand(len(rows), L, H)
                 return base.run(rows.to(device), mask_plan([m[:, l] for l in range(L)], patches)).float().cpu()
 
-            final = float(run_in_halves(final_values, torch.arange(N), device, "headint.learn_gates").mean())
+            final_per_example = run_in_halves(final_values, torch.arange(N), device, "headint.learn_gates")
+            nan.note(final_per_example, "with the closed heads ablated",
+                     how="final is their mean over the finite examples (NaN if none is)")
+            final = float(finite_mean(final_per_example))
+    nan.warn()
 
     import pandas as pd
 
     p_open = hc.p_open(params) if kind == "hard_concrete" else gates
     settings = dict(setup.settings, kind=kind, maximize=up, penalty_weight=penalty_weight, steps=steps, lr=lr,
                     batch_size=batch_size, init=init, temperature=temperature, stretch=[low, high], ablation=ablation,
-                    threshold=threshold, seed=seed)
+                    threshold=threshold, seed=seed,
+                    finite_examples=dict(intact=int(torch.isfinite(intact_values).sum()),
+                                         final=int(torch.isfinite(final_per_example).sum()), of=N))
     return GateResult(kind, gates.cpu(), params.cpu(), p_open.cpu(), threshold, pd.DataFrame(curve),
                       setup.metric.name, intact, final, settings)

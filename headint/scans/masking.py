@@ -11,6 +11,7 @@ their backward pass (no hooks).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ import torch
 from ..metrics import Metric
 from ..interventions import CallPlan
 from ..plan import TensorPlan
+from ..results.stats import NaNMetricWarning, listing
 from ..shape import ModelShape
+from ..vocabulary import ABLATIONS, check_choice
 from .runner import VariantRunner
 
 
@@ -34,32 +37,70 @@ def frozen_parameters(model):
         for p, f in flags:
             p.requires_grad_(f)
 
-ABLATIONS = ("zero", "mean")
-
-# Direction of the built-in metrics: True = higher is better.
-_HIGHER_IS_BETTER = {"logit_diff": True, "logprob": True, "prob": True, "loss": False, "kl": False}
-
-
 def metric_direction(metric: Metric, maximize: Any, who: str) -> bool:
-    """Whether ``metric`` is to be maximised: ``maximize`` when given (a bool), else the known
-    direction of a built-in metric (``logit_diff``/``logprob``/``prob`` up, ``loss``/``kl``
-    down); a custom metric without ``maximize`` is an error naming both."""
+    """Whether ``metric`` is to be maximised: ``maximize`` when given (a bool), else the direction
+    the metric carries (:attr:`Metric.maximize <headint.metrics.Metric.maximize>`: the built-ins
+    know theirs). A metric without a direction is an error naming it, whatever its name: a
+    function called ``loss`` is not taken to be minimised."""
     if maximize is not None:
         if not isinstance(maximize, bool):
-            raise TypeError(f"{who}: maximize must be True, False or None (the metric's known direction), got {maximize!r}")
+            raise TypeError(f"{who}: maximize must be True, False or None (the metric's own direction), got {maximize!r}")
         return maximize
-    if metric.name in _HIGHER_IS_BETTER:
-        return _HIGHER_IS_BETTER[metric.name]
+    if isinstance(metric.maximize, bool):
+        return metric.maximize
     raise ValueError(
-        f"{who}: metric {metric.name!r} has no known direction; pass maximize=True (higher is better, e.g. an "
-        "accuracy or logit difference) or maximize=False (lower is better, e.g. a loss)"
+        f"{who}: metric {metric.name!r} ({type(metric).__name__}) carries no direction; pass maximize=True (higher is "
+        "better, e.g. an accuracy or logit difference) or maximize=False (lower is better, e.g. a loss), or build it "
+        "as CallableMetric(fn, maximize=...)"
     )
 
 
+def finite_or_refuse(values: torch.Tensor, metric: Metric, who: str, what: str, examples: torch.Tensor | None = None) -> torch.Tensor:
+    """The finite mask ``[R]`` of per-row metric values ``[R]``; ``ValueError`` when no row is
+    finite (nothing to aggregate or to differentiate), naming ``what`` ran and the examples.
+    ``examples`` ``[R]``: the example index of each row (default ``0..R-1``)."""
+    ok = torch.isfinite(values)
+    if not bool(ok.any()):
+        ex = (torch.arange(len(values)) if examples is None else examples).tolist()
+        raise ValueError(f"{who}: metric {metric.name!r} is NaN or infinite for every example {what} (examples "
+                         f"[{listing(ex, 10)}]), so no value remains to aggregate; fix the metric or the inputs")
+    return ok
+
+
+class NonFinite:
+    """Tally of the non-finite metric values a method left out, by kind, for one
+    :class:`~headint.NaNMetricWarning` at the end (how many, at which steps, which examples)."""
+
+    def __init__(self, metric: Metric, who: str):
+        self.metric, self.who = metric, who
+        self.kinds: dict[str, dict] = {}
+
+    def note(self, values: torch.Tensor, kind: str, steps=(), examples: torch.Tensor | None = None, how: str = "") -> None:
+        """Record the non-finite entries of ``values`` ``[..., N]`` under ``kind`` (e.g. "in the
+        curve"), at ``steps``; ``examples``: the example index of the last dim's entries
+        (default ``0..N-1``); ``how``: what was done about them."""
+        bad = ~torch.isfinite(values)
+        if not bool(bad.any()):
+            return
+        ex = torch.arange(values.shape[-1]) if examples is None else examples.cpu()
+        e = self.kinds.setdefault(kind, dict(n=0, steps=[], examples=set(), how=how))
+        e["n"] += int(bad.sum())
+        e["steps"] += [s for s in steps if s not in e["steps"]]
+        e["examples"] |= {int(i) for i in ex[bad.reshape(-1, values.shape[-1]).any(0).cpu()]}
+
+    def warn(self) -> None:
+        parts = []
+        for kind, e in self.kinds.items():
+            at = f" at steps [{listing(e['steps'], 10)}]" if e["steps"] else ""
+            parts.append(f"{e['n']} value{'s' if e['n'] != 1 else ''} {kind}{at} (examples [{listing(sorted(e['examples']), 10)}])"
+                         + (f": {e['how']}" if e["how"] else ""))
+        if parts:
+            warnings.warn(f"{self.who}: metric {self.metric.name!r} is NaN or infinite for " + "; ".join(parts),
+                          NaNMetricWarning, stacklevel=3)
+
+
 def check_ablation(ablation: Any, who: str) -> str:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"{who}: ablation must be one of {ABLATIONS}, got {ablation!r}")
-    return ablation
+    return check_choice(ablation, ABLATIONS, "ablation", who)
 
 
 def ablation_patches(runner: VariantRunner, ablation: str) -> dict[int, torch.Tensor | None]:

@@ -78,6 +78,10 @@ class LastPositionOf(Metric):
         self.form = form
         self.name = inner.name
         self.needs_clean = inner.needs_clean
+        self.maximize = inner.maximize
+
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.inner.batch_keys()
 
     def _as_sequence(self, last: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.form == "single":

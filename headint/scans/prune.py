@@ -13,6 +13,12 @@ Orders:
 
 A removed head's output is replaced by zeros or by its mean over the inputs (``ablation``);
 every recorded value is an exact forward of the model with the removed heads ablated.
+
+NaN or infinite metric values follow the scans' rule: every aggregate uses each cell's finite
+examples (a step's metric and stderr; ``"exact"``: each candidate's mean; ``"importance"``: the
+gradient over the examples whose value and gradient are finite), one
+:class:`~headint.NaNMetricWarning` says how many were left out and where, and where no finite
+value remains (the intact model, every candidate of a step) the call is refused.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from tqdm.auto import tqdm
 
 from ..results.gates import GateResult
 from ..results.prune import PruneCurve
+from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .masking import frozen_parameters
-from .masking import ablation_patches, check_ablation, check_head, mask_plan, metric_direction, removed_masks
+from .masking import NonFinite, ablation_patches, check_ablation, check_head, finite_or_refuse, mask_plan, metric_direction
+from .masking import removed_masks
+from ..vocabulary import PRUNE_ORDERS, Ablation
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
-
-GREEDY_ORDERS = ("importance", "exact")
 
 
 def _given_order(order: Any, shape) -> tuple[list[tuple[int, int]], list | None, str]:
@@ -60,7 +68,7 @@ def prune_curve(
     order="importance",
     *,
     maximize: bool | None = None,
-    ablation: str = "zero",
+    ablation: Ablation = "zero",
     max_steps: int | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -91,11 +99,13 @@ def prune_curve(
     setup = prepare_scan(model, inputs, None, metric, kind="prune", backend=backend)
     shape, N, device = setup.shape, setup.N, setup.device
     L, H = shape.n_layers, shape.n_heads
-    greedy = isinstance(order, str) and order in GREEDY_ORDERS
+    greedy = isinstance(order, str) and order in PRUNE_ORDERS
+    if isinstance(order, str) and order == "importance":
+        require_autograd("headint.prune_curve(order='importance')")
     if isinstance(order, str) and not greedy:
-        raise ValueError(f"prune_curve: order must be one of {GREEDY_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
+        raise ValueError(f"prune_curve: order must be one of {PRUNE_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
     fixed, fixed_scores, order_name = (None, None, order) if greedy else _given_order(order, shape)
-    up = metric_direction(setup.metric, maximize, "prune_curve") if (order == "exact" or maximize is not None) else None
+    up = metric_direction(setup.metric, maximize, "prune_curve") if (order == "exact" or maximize is not None) else setup.metric.maximize
     total = L * H if greedy else len(fixed)
     if max_steps is not None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -123,22 +133,36 @@ def prune_curve(
                      for s in range(0, len(var), batch_size)]
             return torch.cat(parts).view(len(removed_sets), N)
 
+        nan = NonFinite(setup.metric, "prune_curve")
+
         def importance(removed: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            """Metric values ``[N]`` with ``removed`` ablated and ``mean_i |d metric_i / d m|`` ``[L, H]``."""
-            values, grads = [], torch.zeros(L, H)
+            """Metric values ``[N]`` with ``removed`` ablated and ``mean_i |d metric_i / d m|`` ``[L, H]``
+            over the examples whose value and gradient are finite (each row's mask is its own leaf,
+            so a NaN row cannot reach another row's gradient)."""
+            values, grads, used = [], torch.zeros(L, H), torch.zeros(N, dtype=torch.bool)
             for s in range(0, N, batch_size):
                 ex = torch.arange(s, min(N, s + batch_size), device=device)
                 m = removed_masks(shape, [removed], device).expand(len(ex), L, H).clone().requires_grad_(True)
                 with torch.enable_grad():
                     v = base.run_differentiable(ex, mask_plan([m[:, l] for l in range(L)], patches))
-                    (g,) = torch.autograd.grad(v.sum(), m)
+                    ok = torch.isfinite(v.detach())
+                    (g,) = torch.autograd.grad(v[ok].sum(), m) if bool(ok.any()) else (torch.zeros_like(m),)
+                good = (ok & torch.isfinite(g).flatten(1).all(1)).cpu()
                 values.append(v.detach().float().cpu())
-                grads += g.detach().abs().sum(0).float().cpu()
-            return torch.cat(values), grads / N
+                grads += g.detach()[good.to(g.device)].abs().sum(0).float().cpu()
+                used[ex.cpu()] = good
+            nan.note(torch.where(used, 0.0, float("nan")), "(value or gradient) in the importance estimates", steps=[len(removed)],
+                     how="those examples are left out of that step's importance")
+            if not bool(used.any()):
+                raise ValueError(f"prune_curve: the metric {setup.metric.name!r} or its gradient is NaN or infinite for every "
+                                 f"example with {len(removed)} heads removed, so no head importance can be estimated; fix the "
+                                 "metric or the inputs")
+            return torch.cat(values), grads / int(used.sum())
 
         removed: list[tuple[int, int]] = []
         scores: list = []
         rows = [base.base_values().float().cpu()]
+        finite_or_refuse(rows[0], setup.metric, "prune_curve", "with no head removed")
         bar = tqdm(range(total), desc="headint.prune_curve", disable=not progress, unit="head")
         if not greedy:
             prefixes = [fixed[: s + 1] for s in range(total)]
@@ -161,14 +185,27 @@ def prune_curve(
                     rows.append(None)
                 else:
                     after = evaluate([removed + [c] for c in remaining])  # [C, N]
-                    means = after.double().mean(1)
-                    best = int(torch.argmax(means) if up else torch.argmin(means))  # first best: lowest (layer, head)
+                    means = finite_mean(after)  # each candidate over its finite examples; NaN where none is
+                    if not bool(torch.isfinite(means).any()):
+                        raise ValueError(f"prune_curve: at step {len(removed) + 1}, removing any of the {len(remaining)} remaining heads leaves the "
+                                         f"metric {setup.metric.name!r} NaN or infinite for every example, so no head can be "
+                                         "chosen; fix the metric, or pass max_steps to stop before this step")
+                    nan.note(after, "among the candidate removals", steps=[len(removed) + 1],
+                             how="each candidate's mean is over its finite examples (candidates with none are never chosen)")
+                    ranked = torch.where(torch.isfinite(means), means, torch.tensor(float("-inf") if up else float("inf"),
+                                                                                    dtype=means.dtype))
+                    best = int(torch.argmax(ranked) if up else torch.argmin(ranked))  # first best: lowest (layer, head)
                     scores.append(float(means[best]))
                     removed.append(remaining[best])
                     rows.append(after[best])
             if order == "importance":
                 rows[-1] = evaluate([removed])[0]
         bar.close()
+        curve_values = torch.stack(rows)  # [S + 1, N]
+        steps = (~torch.isfinite(curve_values)).any(1).nonzero().flatten().tolist()
+        nan.note(curve_values, "in the curve", steps=steps,
+                 how="each step's metric and stderr use only its finite examples (PruneCurve.n per step)")
+        nan.warn()
 
     settings = dict(setup.settings, order=order_name, ablation=ablation, max_steps=max_steps, batch_rows=batch_size, maximize=up)
-    return PruneCurve(list(removed), torch.stack(rows), scores, L * H, setup.metric.name, up, order_name, settings)
+    return PruneCurve(list(removed), curve_values, scores, L * H, setup.metric.name, up, order_name, settings)

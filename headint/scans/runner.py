@@ -132,7 +132,9 @@ def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost
     if parts.unembed is not None and hasattr(out, "logits") and base_out:
         hidden = getattr(base_out[-1], "last_hidden_state", None)
         if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
-            restricted = torch.allclose(parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+            # (not when its weight is offloaded to the meta device: only the module's own forward loads it)
+            restricted = parts.unembed.weight.device.type != "meta" and torch.allclose(
+                parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
             last_hidden = hidden[:, -1].detach()
     logits = select_logits(full, metric, batch) if metric.position == "last" else full
     full_last = None

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from ..metrics import Metric, as_metric
+from ..integration.adapter import input_device
 from ..integration.structure import model_replica, model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
@@ -78,7 +79,8 @@ class ScanSetup:
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
-        """Inside: the base runs done, in a new private replica of the model (in eval mode)."""
+        """Inside: the base runs done, in a new private replica of the model (in eval mode; the
+        model's own train/eval flags are never changed)."""
         self.runs = base_runs(model_replica(self.model), self.clean, self.corrupt, self.metric, self.backend)
         yield self.runs
 
@@ -109,7 +111,7 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
-    device = next(model.parameters()).device
+    device = input_device(model)
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
     if shape.attention_layers != list(range(shape.n_layers)):  # a hybrid model: scans cover its attention layers only

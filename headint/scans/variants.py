@@ -50,7 +50,6 @@ def all_pairs(shape: ModelShape, layers: Sequence[int] | None = None, heads: Seq
     return [(a, b) for i, a in enumerate(grid) for b in grid[i + 1 :]]
 
 
-TARGETS = ("z", "q", "k", "v", "pattern")
 
 
 def target_heads(shape: ModelShape, target: str) -> int:

@@ -1,9 +1,8 @@
 """Shared setup of the backend conformance suite (CPU tensors: the Triton kernels interpreted).
 
-``TRITON_INTERPRET=1`` must be in the environment before anything imports triton's kernels
-(``triton.jit`` decides at decoration time whether to build interpreted functions), so it is set
-here, at the top of the conftest, before any import of headint or triton. (A session that
-collects this directory therefore runs every test with the variable set.)
+These tests run in the Triton interpreter lane: ``TRITON_INTERPRET=1`` is set by
+tests/conftest.py before anything imports triton's kernels (``triton.jit`` decides at decoration
+time whether to build interpreted functions), and only in a session that runs this lane.
 
 Every test runs with the kernels' outputs poisoned (``headint_kernels.launch.POISON_OUTPUTS``,
 ``headint.ops.cpu_backend.POISON_OUTPUTS``): outputs and scratch start NaN-filled, so an element
@@ -12,12 +11,8 @@ a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -37,8 +37,10 @@ def test_subset_matches_oracle_or_is_refused(cm, model_type):
             assert row.checks["scan"].startswith("ok")
         if model_type in ("gpt2", "llama", "lfm2", "stablelm"):
             assert row.checks["generate"].startswith("ok")
+            assert row.checks["generate_static"].startswith("ok")  # static KV cache, absolute positions
         if model_type == "bart":
             assert row.checks["other_stacks"].startswith("ok")  # encoder.self and decoder.cross
+            assert row.checks["cross_positions"].startswith("ok")  # decoder queries, encoder keys
     else:
         assert "cannot intervene" in row.reason and len(row.reason) > 60
 
@@ -59,11 +61,41 @@ def test_oracle_detects_a_wrong_intervention(cm, monkeypatch):
     assert row.checks["zero"].startswith("WRONG")
 
 
+def _rows_file(tmp_path, statuses):
+    import json
+
+    rows = [{"model_type": f"type{i}", "cls": f"C{i}", "status": s, "reason": "r", "checks": {}, "seconds": 0.0}
+            for i, s in enumerate(statuses)]
+    path = tmp_path / f"rows-{'-'.join(statuses)}.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
 def test_render_counts_and_exit_status(cm, tmp_path):
     rows = [cm.Row("a", "A", "supported"), cm.Row("b", "B", "refused", "because"), cm.Row("c", "C", "crash", "boom")]
     text = cm.render(rows, "x")
     assert "supported 1, refused 1, skipped 0, wrong 0, crash 1 (of 3)" in text
     assert "| b | B | refused | because |" in text
+    # the exit status: non-zero exactly when a row is wrong or crashed (no model is checked: --only
+    # names none, the rows come from --reuse)
+    for statuses, want in ((["supported", "refused", "skipped"], 0), (["supported", "wrong"], 1), (["crash"], 1)):
+        out = tmp_path / "m.md"
+        assert cm.main(["--only", "no-such-type", "--reuse", str(_rows_file(tmp_path, statuses)), "--out", str(out)]) == want, statuses
+        assert f"(of {len(statuses)})" in out.read_text()
+
+
+def test_script_process_exits_non_zero_on_a_crash_row(tmp_path):
+    """What CI sees: the process's exit status, not only main()'s return value."""
+    import subprocess
+    import sys
+
+    from _compat import SCRIPT
+
+    rows = _rows_file(tmp_path, ["supported", "crash"])
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "no-such-type", "--reuse", str(rows),
+                           "--out", str(tmp_path / "m.md")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-1000:], proc.stderr[-2000:])
+    assert "crash 1 (of 2)" in (tmp_path / "m.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,12 +1,17 @@
 """Setup of the op-level tests: every backend, the Triton one under its CPU interpreter.
 
-``TRITON_INTERPRET=1`` must be in the environment before anything imports triton's kernels, so
-it is set here, at the top of the conftest, like ``tests/kernels/conftest.py`` does. (A session
-that collects this directory therefore runs every test with the variable set.)
+These tests run in the Triton interpreter lane: ``TRITON_INTERPRET=1`` is set by tests/conftest.py
+before anything imports triton's kernels, and only in a session that runs this lane.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_lane():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("tests/ops runs in the Triton interpreter lane (TRITON_INTERPRET=1, set by tests/conftest.py)")

@@ -1,10 +1,9 @@
 """Shared setup of the Triton-specific tests (CPU, Triton interpreter; conformance of the Triton
 backend itself is in tests/backends/).
 
-``TRITON_INTERPRET=1`` must be in the environment before anything imports triton's kernels
-(``triton.jit`` decides at decoration time whether to build interpreted functions), so it is
-set here, at the top of the conftest, before any import of headint/triton. (A session that
-collects this directory therefore runs every test with the variable set.)
+These tests run in the Triton interpreter lane: ``TRITON_INTERPRET=1`` is set by
+tests/conftest.py before anything imports triton's kernels (``triton.jit`` decides at decoration
+time whether to build interpreted functions), and only in a session that runs this lane.
 
 Every test runs with ``headint_kernels.launch.POISON_OUTPUTS`` on: outputs and scratch start
 NaN-filled, so an element a kernel forgets to write fails the comparison.
@@ -12,11 +11,7 @@ NaN-filled, so an element a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)
