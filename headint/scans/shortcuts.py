@@ -85,8 +85,8 @@ class _Around(Plan):
     def layers(self) -> set[int]:
         return self.plan.layers()
 
-    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
-        return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start)
+    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
+        return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start, k_start=k_start)
 
 
 class AllowedEdits(_Around):
@@ -97,8 +97,8 @@ class AllowedEdits(_Around):
         super().__init__(plan)
         self.allowed, self.shortcut, self.only = allowed, shortcut, layers
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
-        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
+        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start, k_start=k_start)
         if call is not None and (self.only is None or layer in self.only):
             check_edits(call, self.allowed, self.shortcut, layer)
         return call
@@ -123,8 +123,8 @@ class CleanAttentionPlan(_Around):
         super().__init__(plan)
         self.layer, self.clean = layer, clean
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
-        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
+        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start, k_start=k_start)
         if layer != self.layer or call is None:
             return call
         check_edits(call, CLEAN_ATTENTION_EDITS, "clean_attention", layer)
