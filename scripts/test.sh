@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the test suite. Extra arguments go to pytest,
-# e.g. `bash scripts/test.sh -m slow` for the slow tests.
+# e.g. `bash scripts/test.sh -m slow` for the slow tests. The versions of constraints.txt by
+# default; `HEADINT_CONSTRAINTS=latest bash scripts/test.sh` runs against the newest releases.
 # Two lanes, one after the other (see tests/conftest.py): the native lane (no TRITON_INTERPRET),
 # then the Triton-interpreter lane (TRITON_INTERPRET=1: tests/backends, tests/triton, tests/ops).
 # Each collects only its own tests; a lane the arguments leave without tests (pytest's exit 5)
@@ -9,8 +10,9 @@
 # arguments overrides it), so CI's log shows where the suite's time goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 bash scripts/setup.sh
-. .venv/bin/activate
+. "$VENV/bin/activate"
 set +e
 echo "== headint tests, native lane"
 env -u TRITON_INTERPRET python -m pytest -q -n 2 --durations=25 "$@"
