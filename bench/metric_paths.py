@@ -4,7 +4,8 @@
     python bench/metric_paths.py --threads 2 --repeats 7
 
 Both paths run the same variant forwards (the final block for the last query only); they differ
-in what follows each batch's final hidden states and in what runs once per base run:
+in what follows each batch's final hidden states and in what runs once per base run (both in
+``headint/scans/metric_logits.py``: ``restricted_logits``, ``last_position_form``):
 
 - ``unembed full``: a callable metric that the last-position probe accepted (``form single``)
   gets the **full-vocabulary** logits of each variant row's last position: ``[R, d] @ [d, V]``;
