@@ -399,9 +399,14 @@ def main():
                     v = times.get(impl)
                     cells.append(f"{v['median_ms']:>11.1f}" if isinstance(v, dict) and "median_ms" in v else f"{'-':>11}")
                 q = row["ratios"]
+
+                def cell(key, width, suffix=""):
+                    v = q.get(key)
+                    return f"{'-':>{width + len(suffix)}}" if v is None or v != v else f"{v:>{width}.2f}{suffix}"
+
                 print(f"{T:>5} {case:>9} {mode:>7} " + " ".join(cells)
-                      + f"   {q.get('cpu_vs_sdpa', float('nan')):>7.2f}x {q.get('cpu_vs_dense_mask', float('nan')):>8.2f}x"
-                      + f" {q.get('auto_over_best', float('nan')):>8.2f}  {'-' if err is None else f'{err:.1e}'}"
+                      + f"   {cell('cpu_vs_sdpa', 7, 'x')} {cell('cpu_vs_dense_mask', 8, 'x')}"
+                      + f" {cell('auto_over_best', 8)}  {'-' if err is None else f'{err:.1e}'}"
                       + (f"  !! {times['error']}" if "error" in times else ""), flush=True)
     env["load_end"] = _load()
     if a.out:
