@@ -12,6 +12,7 @@ returning :class:`ScanResult` tables and heatmaps; :func:`learn_gates`, :func:`p
 
 from .activations import ActivationCache
 from .integration.adapter import UnsupportedModelError
+from .integration.modes import DropoutWarning
 from .integration.hf import intervene
 from .integration.record import record
 from .interventions import Ablate, Intervention, Knockout, Patch, PatchQKV, Scale
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape", "LayerShape",
-    "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError",
+    "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError", "DropoutWarning",
     "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "direct_vs_total", "DirectTotal", "ScanResult", "NaNMetricWarning", "metrics", "models",
     "to_str_tokens",
 ]

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from .integration.adapter import input_device, model_configs
+from .integration.modes import eval_mode
 
 __all__ = ["attention_patterns", "previous_token_scores", "induction_scores", "eager_attention"]
 
@@ -36,15 +37,13 @@ def eager_attention(model):
     """
     configs = model_configs(model)
     saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None)) for cfg in configs]
-    was_training = model.training
     try:
         model.set_attn_implementation("eager")
-        model.eval()
-        yield model
+        with eval_mode(model):
+            yield model
     finally:
         for cfg, value in saved:
             cfg._attn_implementation_internal = value
-        model.train(was_training)
 
 
 @torch.no_grad()

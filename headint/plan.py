@@ -32,14 +32,17 @@ class Plan:
     def layers(self) -> set[int]:
         raise NotImplementedError
 
-    def for_call(self, layer: int, B: int, Tq: int, Tk: int, device, dtype, q_start: int | None = None) -> CallPlan | None:
+    def for_call(self, layer: int, B: int, Tq: int, Tk: int, device, dtype, q_start: int | None = None,
+                 k_start: int | None = None) -> CallPlan | None:
         """Operands for a call at ``layer`` of the model's default attention stack whose queries sit
-        at absolute positions ``q_start .. q_start+Tq-1`` (default ``Tk - Tq``) and whose keys end
-        with the last query; None when nothing applies."""
+        at absolute positions ``q_start .. q_start+Tq-1`` (default ``Tk - Tq``) and whose keys at
+        ``k_start .. k_start+Tk-1`` (default: they end with the last query; the attention function
+        passes ``k_start`` only where they do not, see :mod:`headint.integration.positions`); None
+        when nothing applies."""
         raise NotImplementedError
 
     def for_stack_call(self, stack: str, layer: int, B: int, Tq: int, Tk: int, device, dtype,
-                       q_start: int | None = None) -> CallPlan | None:
+                       q_start: int | None = None, k_start: int | None = None) -> CallPlan | None:
         """Like :meth:`for_call`, for a call at ``layer`` of another attention ``stack`` (e.g.
         ``"encoder.self"``, ``"decoder.cross"``). The default: nothing applies (a plan that knows
         no stacks acts on the default stack only)."""
@@ -75,24 +78,26 @@ class InterventionPlan(Plan):
         d = self.shape.default_stack
         return {l for (s, l), _ in self.shared if s == d} | {l for r in self.rows or [] for (s, l), _ in r if s == d}
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
-        return self.for_stack_call(self.shape.default_stack, layer, B, Tq, Tk, device, dtype, q_start)
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
+        return self.for_stack_call(self.shape.default_stack, layer, B, Tq, Tk, device, dtype, q_start, k_start)
 
-    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
+    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
         q_start = Tk - Tq if q_start is None else q_start
-        key = (stack, layer, B, Tq, Tk, q_start, str(device), dtype)
+        k_start = q_start + Tq - Tk if k_start is None else k_start
+        key = (stack, layer, B, Tq, Tk, q_start, k_start, str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = self._build((stack, layer), B, Tq, Tk, device, q_start)
+            self._cache[key] = self._build((stack, layer), B, Tq, Tk, device, q_start, k_start)
         return self._cache[key]
 
-    def _build(self, site, B, Tq, Tk, device, q_start) -> CallPlan | None:
+    def _build(self, site, B, Tq, Tk, device, q_start, k_start) -> CallPlan | None:
         stack, layer = site
         if self.rows is not None and len(self.rows) != B:
             raise ValueError(f"per-row interventions were given for {len(self.rows)} rows but the batch has {B} rows")
         groups = [self.shared] if self.rows is None else [self.shared + r for r in self.rows]
         plans = []
         for i, group in enumerate(groups):
-            call = AttentionCall(self.shape, layer, B, Tq, Tk, device, q_start, row=None if self.rows is None else i, stack=stack)
+            call = AttentionCall(self.shape, layer, B, Tq, Tk, device, q_start, row=None if self.rows is None else i, stack=stack,
+                                 k_start=k_start)
             for at, iv in group:
                 if at == site:
                     iv.lower(call)
@@ -173,12 +178,12 @@ class TensorPlan(Plan):
     def layers(self) -> set[int]:
         return set(self._layers)
 
-    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
+    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None, k_start=None):
         spec = self._layers.get(layer)
         if not spec:
             return None
         q_start = Tk - Tq if q_start is None else q_start
-        k_start = q_start + Tq - Tk
+        k_start = q_start + Tq - Tk if k_start is None else k_start
 
         def window(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
             if x.shape[2] == 1:

@@ -242,6 +242,21 @@ def out_projection(model, attn_path: str):
     return None
 
 
+def head_outputs(model, proj, n_heads: int, inputs) -> torch.Tensor:
+    """The head outputs ``z [B, T, H, Dv]`` entering ``proj`` when ``model`` runs ``inputs``."""
+    store = {}
+
+    def grab(_m, args):
+        store["z"] = args[0].reshape(*args[0].shape[:-1], n_heads, -1).clone()
+
+    h = proj.register_forward_pre_hook(grab)
+    try:
+        _logits(model, inputs)
+    finally:
+        h.remove()
+    return store["z"]
+
+
 @contextlib.contextmanager
 def edit_z(proj, n_heads: int, fn):
     """Within the block, the output projection's input ``[B, T, H*Dv]`` is rewritten as
@@ -287,9 +302,9 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if id(module) == spec.get("module"):
         for h, qs, ks in spec.get("removed", []):
             qsel = torch.zeros(Tq, dtype=torch.bool)
-            qsel[qs] = True
+            qsel[[q for q in qs if q < Tq]] = True  # positions beyond this forward (generation) select nothing yet
             ksel = torch.zeros(Tk, dtype=torch.bool)
-            ksel[ks] = True
+            ksel[[k for k in ks if k < Tk]] = True
             keep[:, h] &= ~(qsel[:, None] & ksel[None, :])
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(v.dtype)
@@ -395,16 +410,7 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
     dec = getattr(model.config, "is_encoder_decoder", False)
 
     def z_of(inp):
-        store = {}
-        def grab(_m, a):
-            store["z"] = a[0].reshape(*a[0].shape[:-1], H, -1).clone()
-
-        h = proj.register_forward_pre_hook(grab)
-        try:
-            _logits(model, inp)
-        finally:
-            h.remove()
-        return store["z"]
+        return head_outputs(model, proj, H, inp)
 
     def with_head(fn_z):
         with edit_z(proj, H, fn_z):
@@ -531,9 +537,79 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
             return None, "one attention stack"
         return torch.stack([a for a, _ in outs]), torch.stack([b for _, b in outs])
 
+    def generate_static():
+        """Greedy generation with a static KV cache: a head ablated at absolute positions in the prompt
+        and in generated tokens, and (where the score oracle holds) edges knocked out between them;
+        the oracle generates without a cache, so every step is a full forward and a position is an index."""
+        if dec or not _is_causal_lm(model):
+            return None, "decoder-only models only"
+        kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_scores=True, return_dict_in_generate=True)
+        try:
+            with torch.no_grad():
+                own = model.generate(**inputs, cache_implementation="static", **kw)
+                own_free = model.generate(**inputs, use_cache=False, **kw)
+        except Exception as e:  # transformers itself: nothing headint could do
+            return None, f"the model's own static-cache generation fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        if not torch.equal(own.sequences, own_free.sequences) or _diff(torch.stack(own.scores), torch.stack(own_free.scores)) > TOL:
+            return None, ("no oracle: the model's own static-cache generation differs from its generation without a cache "
+                          "(e.g. a bidirectional model reading the cache's empty slots)")
+        pos, qs, ks = [1, T, T + 2], [T, T + 1, T + 2], [0, 2, T]
+
+        def f(z):
+            for p in pos:
+                if p < z.shape[1]:
+                    z[:, p, head] = 0
+            return z
+        ivs = [headint.Ablate(layer=layer, head=head, positions=pos)]
+        spec = {}
+        if scores_ok:
+            ivs.append(headint.Knockout(queries=qs, keys=ks, layer=layer, head=(head + 1) % H))
+            spec = {"module": id(attn_module), "removed": [((head + 1) % H, qs, ks)]}
+        with torch.no_grad(), headint.intervene(model, ivs):
+            a = model.generate(**inputs, cache_implementation="static", **kw)
+        with torch.no_grad(), edit_z(proj, H, f), (oracle_scores(model, spec) if scores_ok else contextlib.nullcontext()):
+            b = model.generate(**inputs, use_cache=False, **kw)
+        if not torch.equal(a.sequences, b.sequences):
+            return torch.ones(1), torch.zeros(1)
+        return torch.stack(a.scores), torch.stack(b.scores)
+
+    def cross_positions():
+        """On the decoder's cross-attention: a head ablated at decoder positions, edges from decoder
+        queries to encoder keys knocked out, and a head patched from a recording of the stack."""
+        cross = [s for s in sorted(shape.stacks) if s.endswith("cross")]
+        if not cross:
+            return None, "no cross-attention stack"
+        stack = cross[0]
+        l0 = shape.attention_layers_of(stack)[-1]
+        s = next(x for x in st.sites.values() if x.stack == stack and x.layer == l0)
+        p = out_projection(model, s.path)
+        if p is None:
+            return None, f"no output projection found by name under {s.path}"
+        n = shape.layer(l0, stack).n_heads
+        module = dict(model.named_modules())[s.path]
+        qs, ks = [3, 4], [0, 5, 6]
+        zo = head_outputs(model, p, n, other)
+        cache = headint.record(model, other, stack=stack)
+
+        def f(z):
+            z[:, qs, 0] = 0
+            z[:, [2, 4], 1 % n] = zo[:, [2, 4], 1 % n]
+            return z
+        ivs = [headint.Ablate(layer=l0, head=0, positions=qs, stack=stack),
+               headint.Patch(layer=l0, head=1 % n, positions=[2, 4], source=cache, stack=stack)]
+        if scores_ok:
+            ivs.append(headint.Knockout(queries=qs, keys=ks, layer=l0, head=2 % n, stack=stack))
+        with headint.intervene(model, ivs):
+            a = _logits(model, inputs)
+        spec = {"module": id(module), "removed": [(2 % n, qs, ks)]} if scores_ok else {}
+        with edit_z(p, n, f), (oracle_scores(model, spec) if scores_ok else contextlib.nullcontext()):
+            b = _logits(model, inputs)
+        return a, b
+
     checks = [("zero", zero), ("mean", mean), ("patch", patch), ("scale_output", scale_out),
               ("scale_scores", scale_scores), ("knockout", knockout), ("scan", scan), ("generate", generate),
-              ("other_stacks", other_stacks)]
+              ("other_stacks", other_stacks), ("generate_static", generate_static), ("cross_positions", cross_positions)]
     for name, fn in checks:
         if proj is None and name not in ("scale_scores", "knockout"):
             row.checks[name] = "n/a: no oracle (output projection not found by name)"
@@ -556,6 +632,21 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
 # the table
 
 
+COUNTED_CHECKS = ("generate", "other_stacks", "generate_static", "cross_positions")
+
+
+def _check_counts(rows: list[Row], check: str) -> dict:
+    """How the architectures fared on one check: ok, refused, n/a (not applicable or no oracle),
+    wrong, crash, not run (the model was refused or skipped before its checks)."""
+    out = {"ok": 0, "refused": 0, "n/a": 0, "wrong": 0, "crash": 0, "not run": 0}
+    for r in rows:
+        v = r.checks.get(check)
+        key = ("not run" if v is None else "ok" if v.startswith("ok") else "refused" if v.startswith("refused")
+               else "n/a" if v.startswith("n/a") else "wrong" if v.startswith("WRONG") else "crash")
+        out[key] += 1
+    return out
+
+
 def render(rows: list[Row], transformers_version: str) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("supported", "refused", "skipped", "wrong", "crash")}
     lines = [
@@ -570,12 +661,18 @@ def render(rows: list[Row], transformers_version: str) -> str:
         "Checks: `none` (no intervention), `zero` / `mean` ablation, `patch` (from a recording of other inputs), "
         "`scale_output`, `scale_scores`, `knockout`, `scan` (exact, per head, logit difference), `generate` (greedy, with "
         "an ablation), `other_stacks` (an ablation on every non-default attention stack, e.g. `encoder.self`, "
-        "`decoder.cross`). A check headint refuses with a clear error is listed with the architecture.",
+        "`decoder.cross`), `generate_static` (greedy, `cache_implementation=\"static\"`, a head ablated at absolute "
+        "positions in the prompt and the generated tokens and edges knocked out between them, against a generation without "
+        "a cache), `cross_positions` (on the decoder's cross-attention: an ablation and a knockout at decoder query "
+        "positions / encoder key positions, a patch from a recording of that stack). A check headint refuses with a clear "
+        "error is listed with the architecture.",
         "",
         "Statuses: **supported**, **refused** (headint raises an error naming the reason), **skipped** (no tiny model or "
         "no oracle; reason given), **wrong** / **crash** (none may remain: the script exits non-zero).",
         "",
         "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(rows)}).",
+        "",
+        *[f"`{c}`: " + ", ".join(f"{v} {n}" for v, n in _check_counts(rows, c).items()) + "." for c in COUNTED_CHECKS],
         "",
         "| model type | class | status | reason / notes |",
         "|---|---|---|---|",

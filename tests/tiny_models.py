@@ -210,6 +210,24 @@ class OracleSpec:
 _ACTIVE: list[OracleSpec] = []
 
 
+def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``[B, H, Tq, Tk]`` with ``transformers``' 4D mask applied (bool, or additive floats),
+    and the bool ``keep [B, H, Tq, Tk]`` of the keys each query may read; without a mask, causal
+    (queries at the end of the keys) when ``causal``, else every key."""
+    B, H, Tq, Tk = scores.shape
+    keep = torch.ones(B, H, Tq, Tk, dtype=torch.bool)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, :Tk]
+        if m.dtype == torch.bool:
+            keep &= m
+        else:
+            scores = scores + m
+            keep &= m > torch.finfo(m.dtype).min / 2
+    elif causal:
+        keep &= torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    return scores, keep
+
+
 def _oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                     sliding_window=None, softcap=None, **kwargs):
     spec = _ACTIVE[-1]
@@ -233,16 +251,7 @@ def _oracle_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     scores = (q @ k.transpose(-1, -2)) * scale
     for h, f in spec.score_factor.get(layer, {}).items():
         scores[:, h] = scores[:, h] * f
-    keep = torch.ones(B, H, Tq, Tk, dtype=torch.bool)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :Tk]
-        if m.dtype == torch.bool:
-            keep &= m
-        else:
-            scores = scores + m
-            keep &= m > torch.finfo(m.dtype).min / 2
-    elif is_causal if is_causal is not None else getattr(module, "is_causal", False):
-        keep &= torch.ones(Tq, Tk, dtype=torch.bool).tril()
+    scores, keep = apply_mask(scores, attention_mask, is_causal if is_causal is not None else getattr(module, "is_causal", False))
     for heads, qsel, ksel in spec.removed.get(layer, []):
         for h in heads:
             keep[:, h] &= ~(qsel[:, :, None] & ksel[:, None, :])

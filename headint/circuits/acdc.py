@@ -30,8 +30,6 @@ from .inputs import paired, resolve_metric
 from .patching import SourceValues, patch_edges
 from .structure import circuit_structure
 
-MAXIMIZED = {"logit_diff": True, "logprob": True, "prob": True, "kl": False, "loss": False}
-
 
 def acdc(model, clean, corrupt=None, *, threshold: float, criterion="kl", source: str = "corrupt", maximize: bool | None = None,
          abs_value: bool = False, graph: EdgeGraph | None = None, batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict:
@@ -45,7 +43,7 @@ def acdc(model, clean, corrupt=None, *, threshold: float, criterion="kl", source
         sign = 1.0
     else:
         if maximize is None:
-            maximize = MAXIMIZED.get(metric.name)
+            maximize = metric.maximize
             if maximize is None:
                 raise ValueError(f"criterion {metric.name!r}: say whether it is better high (maximize=True) or low "
                                  "(maximize=False), or use abs_value=True")

@@ -15,8 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..vocabulary import METRIC_NAMES
+
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "patch", "acdc")
-METRICS = ("logit_diff", "logprob", "prob", "kl", "loss")
 
 
 def add_parser(sub) -> None:
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     c.add_argument("model", help="a local transformers causal-LM checkpoint directory, or a shipped model name (e.g. induction-2l)")
     c.add_argument("--prompts", required=True, help="JSONL prompts (as for 'headint scan')")
     c.add_argument("--corrupt", required=True, help="JSONL corrupt prompts, line-aligned, same token counts")
-    c.add_argument("--metric", default="logit_diff", choices=METRICS, help="(default: logit_diff)")
+    c.add_argument("--metric", default="logit_diff", choices=METRIC_NAMES, help="(default: logit_diff)")
     c.add_argument("--method", default="eap-ig", choices=METHODS, help="eap, eap-ig (on the inputs), eap-ig-activations, "
                    "patch (exact, each edge alone), acdc (default: eap-ig)")
     c.add_argument("--steps", type=int, default=5, help="interpolation steps of EAP-IG (default: 5)")

@@ -20,18 +20,21 @@ from ..distributed import gather_heads, head_shard, is_active, take_heads
 from ..ops.arguments import prepare
 from ..ops.attention import attention
 from ..ops.reference import reference_probs
+from .masks import headint_mask
 from .pattern_patch import apply_pattern_edits
+from .positions import call_positions
+from .probs import call_probs, wants_probs
 from .session import ATTN_NAME, current_session, switched_by_any_session
 
 
 def register() -> None:
-    """Register the attention function (and SDPA's mask builder under the same name)."""
+    """Register the attention function (and SDPA's mask builder under the same name, see :mod:`.masks`)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, headint_attention_forward)
-    if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(ATTN_NAME) is not headint_mask:
+        AttentionMaskInterface.register(ATTN_NAME, headint_mask)
 
 
 def _apply_qkv_edits(edits, q, k, v):
@@ -56,7 +59,8 @@ def headint_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Query ``[B, Hq, Tq, D]``, key ``[B, Hkv, Tk, D]``, value ``[B, Hkv, Tk, Dv]``; returns
-    ``([B, Tq, Hq, Dv], None)`` as ``transformers`` expects. ``softcap`` (Gemma 2) and ``s_aux``
+    ``([B, Tq, Hq, Dv], probs)`` as ``transformers`` expects (``probs`` ``[B, Hq, Tq, Tk]`` only when
+    the forward asks for attention weights, see :mod:`.probs`; else None). ``softcap`` (Gemma 2) and ``s_aux``
     (gpt-oss's per-head sinks) become the ``softcap`` / ``sinks`` operands."""
     session = current_session(module)
     if session is None and not switched_by_any_session(module):
@@ -82,14 +86,17 @@ def headint_attention_forward(
 
     if session is None:  # another thread's session switched the model: this forward is not intervened
         out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend="auto", **ops)
-        return out.transpose(1, 2).contiguous(), None
+        weights = call_probs(query, key, value, causal=causal, mask=mask, scale=scaling, window=window, operands={}, ops=ops) \
+            if wants_probs(module, kwargs) else None
+        return out.transpose(1, 2).contiguous(), weights
 
     session.calls += 1
     site = session.site_of(module)
     stack, layer = site if site is not None else (None, None)
-    q_start = session.q_start
-    if q_start is not None and q_start + Tq < Tk:  # not a forward we saw the start of
-        q_start = None
+    placed = call_positions(session, module, stack, Tq, key, value, mask, causal)  # absolute query/key positions
+    key, value, mask, q_start = placed.key, placed.value, placed.mask, placed.q_start
+    Tk = key.shape[2]
+    at = {"q_start": q_start} if placed.k_start is None else {"q_start": q_start, "k_start": placed.k_start}
     shard = None  # tensor parallel: this rank holds a slice of the heads; plans name global heads
     if layer is not None and is_active():
         shape = session.structure.shape
@@ -97,9 +104,9 @@ def headint_attention_forward(
     plan = None
     if session.plan is not None and site is not None:
         if stack == session.structure.shape.default_stack:
-            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+            plan = session.plan.for_call(layer, B, Tq, Tk, query.device, query.dtype, **at)
         else:
-            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, q_start=q_start)
+            plan = session.plan.for_stack_call(stack, layer, B, Tq, Tk, query.device, query.dtype, **at)
         if plan is not None:
             plan = plan.to(query.device)
             if shard is not None:
@@ -135,4 +142,8 @@ def headint_attention_forward(
             args = prepare(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window,
                            knockout=kw.get("knockout"), score_scale=kw.get("score_scale"), **ops)
             rec.add(layer, "pattern", full(reference_probs(args), 1), concat_dim=None)
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if wants_probs(module, kwargs):  # output_attentions=True: the probabilities this call attended with
+        weights = call_probs(query, key, value, causal=causal, mask=mask, scale=scaling, window=window, operands=kw, ops=ops,
+                             pattern_edits=plan.pattern_edits if plan is not None else ())
+    return out.transpose(1, 2).contiguous(), weights

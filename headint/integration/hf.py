@@ -19,6 +19,7 @@ from ..ops.knockout import EdgeKnockout
 from ..plan import InterventionPlan, Plan
 from ..shape import ModelShape
 from .attention_function import register
+from .modes import warn_active_dropout
 from .session import Session, close_session, open_session
 from .structure import check_supported, model_shape
 
@@ -51,6 +52,7 @@ class InterventionBlock:
 
     def __enter__(self):
         register()
+        warn_active_dropout(self.session.model)
         open_session(self.session)
         return self.session.model
 

@@ -16,12 +16,15 @@ Rules (see README "Threads and nested blocks"):
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from . import checkpointing
 from .adapter import UnsupportedModelError, model_configs, submodels
+from .positions import cache_kv_offsets
 
 ATTN_NAME = "headint"
 _IMPL = "_attn_implementation_internal"
@@ -57,10 +60,22 @@ class Session:
         self.structure = structure
         self.observer = None
         self.q_start: int | None = None
+        self.kv_offsets: dict[int, tuple[int, int]] = {}  # this forward's static KV-cache layers: (first key position, slots)
+        self.self_q_start: int | None = None  # the last self-attention call's q_start (cross-attention's queries)
+        self.masked_columns: dict = {}  # per forward: whether a mask hides a static cache's empty slots
         self.calls = 0  # attention calls handled for this session
         self._forward_starts: list[int] = []
         self._stack: list | None = None
         self.state = "new"
+
+    def position_state(self) -> tuple:
+        """Where the current forward sits (see :mod:`.positions`), to resume it later."""
+        return (self.q_start, dict(self.kv_offsets), self.self_q_start)
+
+    def set_position_state(self, state: tuple) -> None:
+        self.q_start, kv_offsets, self.self_q_start = state
+        self.kv_offsets = dict(kv_offsets)
+        self.masked_columns = {}
 
     def site_of(self, module) -> tuple[str, int] | None:
         """``(stack, layer)`` of an attention module, or None (no interventions or recording apply)."""
@@ -76,7 +91,9 @@ class _Switch:
         self.module_ids = {id(m) for m in model.modules()}
         self.saved = [(c, c.__dict__.get(_IMPL, None), _IMPL in c.__dict__) for c in model_configs(model)]
         self.handles: list = []
+        self.checkpointing: list = []
         try:
+            self.checkpointing = checkpointing.wrap(model, current_session, resumed)
             for c, _, _ in self.saved:
                 setattr(c, _IMPL, ATTN_NAME)
             self.handles.append(model.register_forward_pre_hook(self._before_forward))
@@ -91,6 +108,8 @@ class _Switch:
         for h in self.handles:
             h.remove()
         self.handles = []
+        checkpointing.unwrap(self.checkpointing)
+        self.checkpointing = []
         for c, value, had in self.saved:
             if had:
                 setattr(c, _IMPL, value)
@@ -102,6 +121,9 @@ class _Switch:
         s = current_session(self.model)
         if s is not None:
             s._forward_starts.append(s.calls)
+        if self.model.training:  # checkpointing turned on inside the block (it only acts in train mode)
+            with _LOCK:
+                self.checkpointing += checkpointing.wrap(self.model, current_session, resumed)
 
     def _after_forward(self, _module, _args, _output) -> None:
         s = current_session(self.model)
@@ -117,7 +139,8 @@ def _set_q_start(module, args, kwargs) -> None:
 
     Read from ``cache_position``, else the 2D attention mask (which covers past and new
     tokens in ``generate``), else the KV cache's length; a sliding-window cache may hold
-    fewer keys than that, so the attention call alone cannot tell.
+    fewer keys than that, so the attention call alone cannot tell. Also where each KV-cache
+    layer's keys start (see :mod:`.positions`).
     """
     session = current_session(module)
     if session is None:
@@ -127,7 +150,11 @@ def _set_q_start(module, args, kwargs) -> None:
     n_new = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (emb.shape[1] if isinstance(emb, torch.Tensor) else None)
     cp = kwargs.get("cache_position")
     mask = kwargs.get("attention_mask")
-    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache") if past is None else past
+    session.kv_offsets = cache_kv_offsets(past)
+    session.self_q_start = None
+    session.masked_columns = {}
     if isinstance(cp, torch.Tensor) and cp.numel():
         session.q_start = int(cp.reshape(-1)[0])
     elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and n_new is not None:
@@ -162,12 +189,7 @@ def open_session(session: Session) -> None:
             "call headint.intervene(model, ...) again for a new block"
         )
     session.state = "open"
-    with _LOCK:
-        key = id(session.model)
-        switch = _SWITCHES.get(key)
-        if switch is None:
-            switch = _SWITCHES[key] = _Switch(session.model)
-        switch.count += 1
+    _acquire(session.model)
     session._stack = _stack()
     session._stack.append(session)
 
@@ -180,14 +202,53 @@ def close_session(session: Session) -> None:
     session.state = "closed"
     if session._stack is not None and session in session._stack:
         session._stack.remove(session)
+    _release(session.model)
+
+
+def _acquire(model) -> None:
+    """Switch ``model`` to headint's attention (the first holder) and count one more holder."""
     with _LOCK:
-        key = id(session.model)
+        key = id(model)
+        switch = _SWITCHES.get(key)
+        if switch is None:
+            switch = _SWITCHES[key] = _Switch(model)
+        switch.count += 1
+
+
+def _release(model) -> None:
+    """One holder fewer; the last one restores the model."""
+    with _LOCK:
+        key = id(model)
         switch = _SWITCHES.get(key)
         if switch is not None:
             switch.count -= 1
             if switch.count == 0:
                 del _SWITCHES[key]
                 switch.restore()
+
+
+@contextlib.contextmanager
+def resumed(session: Session, state: tuple) -> Iterator[None]:
+    """Within the block, ``session`` applies again in the calling thread with the forward
+    positions ``state`` (:meth:`Session.position_state`) and no recorder or observer: a
+    checkpointed layer recomputed during ``backward`` (see :mod:`.checkpointing`), also after
+    the ``intervene`` block has exited (the model is switched again meanwhile)."""
+    saved = (session.position_state(), session.recorder, session.observer)
+    stack = _stack()
+    _acquire(session.model)
+    stack.append(session)
+    session.recorder = session.observer = None
+    session.set_position_state(state)
+    try:
+        yield
+    finally:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is session:
+                del stack[i]
+                break
+        session.set_position_state(saved[0])
+        session.recorder, session.observer = saved[1], saved[2]
+        _release(session.model)
 
 
 def open_sessions() -> list[Any]:

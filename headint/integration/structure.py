@@ -21,8 +21,11 @@ what they say:
 - the head outputs the attention function returns are not the input of the output projection
   (a per-head gate or a norm sits between them, as in Laguna or BitNet): headint's ``z`` is
   defined as the per-head input of the output projection;
-- with headint's attention (no interventions) the model's output differs from its own: its
-  attention calls are not the whole attention (e.g. a bias passed as an extra keyword);
+- with headint's attention (no interventions) the model's output differs from its own, also with
+  every attention mask built in full: its attention calls are not the whole attention (e.g. a
+  bias passed as an extra keyword). (A model that matches only with full masks, such as
+  PEGASUS-X, whose decoder modules do not say they are causal, is supported with its masks
+  always built in full: :mod:`.masks`.)
 - a module's keys are neither its own positions nor the encoder's (merged self- and
   cross-attention, as in T5Gemma2's decoder, or extra memory keys);
 - two modules claim the same site.
@@ -42,7 +45,8 @@ import torch
 from torch import nn
 
 from ..shape import LayerShape, ModelShape
-from .adapter import UnsupportedModelError, check_transformers_version, config_shape, input_device, text_config
+from . import masks
+from .adapter import UnsupportedModelError, check_transformers_version, config_shape, input_device, model_configs, text_config
 from .attention_function import register
 from .session import Session, close_session, open_session, switched_by_any_session
 
@@ -80,6 +84,7 @@ class ModelStructure:
     sites: dict[int, Site] = field(default_factory=dict)
     shape: ModelShape | None = None
     problems: list[str] = field(default_factory=list)
+    full_masks: bool = False  # its masks are always built in full (see headint.integration.masks)
 
     def site_of(self, module) -> tuple[str, int] | None:
         """``(stack, layer)`` of an attention module, or None (a module the probe did not see)."""
@@ -191,6 +196,7 @@ class _Call:
     out: torch.Tensor  # [B, Tq, H * Dv]
     keywords: list[str]
     matched: str | None = None
+    reached: str | None = None  # a module that got the head outputs unchanged but is not a projection
 
 
 class _Watcher:
@@ -210,12 +216,26 @@ class _Watcher:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states", kwargs.get("input"))
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             return
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 2 or x.shape[-1] not in tuple(w.shape):
-            return  # only a projection (a 2-D weight taking this width) counts as the output projection
+        w = _projection_weight(module)
+        name = self.names.get(id(module), type(module).__name__)
         for c in self.calls:
             if c.matched is None and c.out.shape == x.shape and torch.equal(c.out, x.detach()):
-                c.matched = self.names.get(id(module), type(module).__name__)
+                if w is not None and w.dim() == 2 and x.shape[-1] in tuple(w.shape):
+                    c.matched = name  # only a projection (a 2-D weight taking this width) counts as the output projection
+                elif w is None and c.reached is None and list(module.children()) == []:  # no weight at all (a norm has one)
+                    c.reached = f"{name} ({type(module).__module__}.{type(module).__name__})"
+
+
+def _projection_weight(module) -> torch.Tensor | None:
+    """A module's weight matrix: its ``weight`` tensor, or what a ``weight()`` method returns (the
+    packed weight of dynamically quantized ``torch.ao`` linear layers); None if it has neither."""
+    w = getattr(module, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):
+        try:
+            w = w()
+        except Exception:  # not an accessor
+            return None
+    return w if isinstance(w, torch.Tensor) else None
 
 
 # Keywords a model passes to its attention function that carry no attention semantics headint ignores.
@@ -256,7 +276,6 @@ def probe(model) -> ModelStructure:
         st.problems.append(str(e))
         return st
     flags = [(m, m.training) for m in model.modules()]
-    watcher = _Watcher(model)
     reference = probed = None
     register()
     try:
@@ -264,16 +283,17 @@ def probe(model) -> ModelStructure:
         with torch.no_grad():
             if not switched_by_any_session(model):  # else the model's own attention is not reachable now
                 reference = _run(model, inputs)
-            session = Session(model, None, "auto")
-            session.observer = watcher.observe
-            handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in model.modules()]
-            try:
-                open_session(session)
-                probed = _run(model, inputs)
-            finally:
-                close_session(session)
-                for h in handles:
-                    h.remove()
+            watcher, probed = _probed_run(model, inputs)
+            if reference is not None and probed is not None and not _difference(probed, reference) <= _tolerance(model) \
+                    and not all(masks.is_marked(c) for c in model_configs(model)):
+                # a model that relies on its causal mask being built (eager-only models whose modules do not
+                # say they are causal): headint's attention with every mask materialized may be exactly its own
+                with masks.materialized_masks(model_configs(model)):
+                    full = _probed_run(model, inputs)
+                if _difference(full[1], reference) <= _tolerance(model):
+                    masks.mark(model_configs(model))
+                    watcher, probed = full
+                    st.full_masks = True
     except (NotImplementedError, UnsupportedModelError) as e:
         st.problems.append(str(e))
         return st
@@ -285,6 +305,25 @@ def probe(model) -> ModelStructure:
             m.training = training
     _analyse(model, st, watcher, reference, probed)
     return st
+
+
+def _tolerance(model) -> float:
+    return TOLERANCE.get(next(model.parameters()).dtype, HALF_TOLERANCE)
+
+
+def _probed_run(model, inputs) -> tuple[_Watcher, torch.Tensor | None]:
+    """One forward with headint's attention (no interventions), every call watched."""
+    watcher = _Watcher(model)
+    session = Session(model, None, "auto")
+    session.observer = watcher.observe
+    handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in model.modules()]
+    try:
+        open_session(session)
+        return watcher, _run(model, inputs)
+    finally:
+        close_session(session)
+        for h in handles:
+            h.remove()
 
 
 def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) -> None:
@@ -307,7 +346,13 @@ def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) ->
                 "ALBERT), so a head of a layer is not one call"
             )
     for mid, c in first.items():
-        if c.matched is None:
+        if c.matched is None and c.reached is not None:
+            st.problems.append(
+                f"the head outputs of {names.get(mid)} ({type(c.module).__name__}) reach {c.reached} unchanged, but it has no "
+                "weight matrix headint recognises as an output projection's (a 2-D `weight` tensor, or a `weight()` accessor "
+                "returning one), so headint cannot tell that its input is the per-head z"
+            )
+        elif c.matched is None:
             m = c.module
             children = [n for n, _ in m.named_children()]
             st.problems.append(
@@ -317,8 +362,7 @@ def _analyse(model, st: ModelStructure, watcher: _Watcher, reference, probed) ->
             )
     if reference is not None and probed is not None:
         diff = _difference(probed, reference)
-        dtype = next(model.parameters()).dtype
-        tol = TOLERANCE.get(dtype, HALF_TOLERANCE)
+        tol = _tolerance(model)
         if not diff <= tol:
             extra = sorted({k for c in calls for k in c.keywords})
             hint = f"; its attention calls also pass {extra}, which headint does not apply" if extra else ""

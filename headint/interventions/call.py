@@ -117,7 +117,8 @@ class AttentionCall:
 
     Geometry: ``stack`` and ``layer``; ``B`` rows in the model's batch; ``Tq`` queries at
     absolute positions ``q_positions`` (``[Tq]``, long) and ``Tk`` keys at ``k_positions``
-    (``[Tk]``; a sliding-window cache keeps only the last ``Tk``); ``device``; ``shape``: this
+    (``[Tk]``, from ``k_start``, by default ending with the last query: a sliding-window cache
+    keeps only the last ``Tk``; cross-attention's keys are the encoder's ``0 .. Tk - 1``); ``device``; ``shape``: this
     layer's :class:`~headint.shape.LayerShape` (``n_heads``, ``n_kv_heads``, ``head_dim``,
     ``v_head_dim``; head outputs are ``[.., n_heads, v_head_dim]``), ``model_shape``: the
     model's :class:`~headint.shape.ModelShape`; ``row``: the batch row these edits are for
@@ -131,7 +132,7 @@ class AttentionCall:
     """
 
     def __init__(self, shape: ModelShape, layer: int, B: int, Tq: int, Tk: int, device, q_start: int,
-                 row: int | None = None, stack: str | None = None):
+                 row: int | None = None, stack: str | None = None, k_start: int | None = None):
         self.model_shape = shape
         self.stack = shape.resolve_stack(stack)
         self.shape = shape.layer(layer, self.stack)
@@ -140,7 +141,8 @@ class AttentionCall:
         self.device = device
         self.row = row
         self.q_positions = torch.arange(q_start, q_start + Tq, device=device)
-        self.k_positions = torch.arange(q_start + Tq - Tk, q_start + Tq, device=device)
+        k_start = q_start + Tq - Tk if k_start is None else k_start  # default: the keys end with the last query
+        self.k_positions = torch.arange(k_start, k_start + Tk, device=device)
         H, D = self.shape.n_heads, self.shape.v_head_dim
         self._m: torch.Tensor | None = None  # [Bs, H, Tq]
         self._p: torch.Tensor | None = None  # [Bs, H, Tq, D]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..integration.modes import require_autograd
 from ..plan import TensorPlan
 from ..results import ScanResult
 from ..results.stats import finite_mean
@@ -90,6 +91,7 @@ def attribution_scan(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     batch_size = check_batch_size(batch_size)
+    require_autograd("headint.attribution_scan")
     setup = prepare_scan(model, clean, corrupt, metric, kind="attribution", backend=backend, name="clean")
     shape, N, T, device = setup.shape, setup.N, setup.T, setup.device
     Tm = T if per_position else 1

@@ -37,6 +37,7 @@ from .batching import check_batch_size, run_in_halves
 from .masking import NonFinite, ablation_patches, frozen_parameters, check_ablation, finite_or_refuse, mask_plan
 from .masking import metric_direction, removed_masks
 from ..vocabulary import GATE_KINDS, Ablation, GateKind, check_choice
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
 
 
@@ -133,6 +134,7 @@ def learn_gates(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"learn_gates: seed must be an int, got {seed!r}")
 
+    require_autograd("headint.learn_gates")
     setup = prepare_scan(model, inputs, None, loss_or_metric, kind="gates", backend=backend)
     up = metric_direction(setup.metric, maximize, "learn_gates")
     shape, N, device = setup.shape, setup.N, setup.device

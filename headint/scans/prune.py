@@ -36,6 +36,7 @@ from .masking import frozen_parameters
 from .masking import NonFinite, ablation_patches, check_ablation, check_head, finite_or_refuse, mask_plan, metric_direction
 from .masking import removed_masks
 from ..vocabulary import PRUNE_ORDERS, Ablation
+from ..integration.modes import require_autograd
 from .setup import prepare_scan
 
 
@@ -99,6 +100,8 @@ def prune_curve(
     shape, N, device = setup.shape, setup.N, setup.device
     L, H = shape.n_layers, shape.n_heads
     greedy = isinstance(order, str) and order in PRUNE_ORDERS
+    if isinstance(order, str) and order == "importance":
+        require_autograd("headint.prune_curve(order='importance')")
     if isinstance(order, str) and not greedy:
         raise ValueError(f"prune_curve: order must be one of {PRUNE_ORDERS}, a GateResult or a list of (layer, head) pairs; got {order!r}")
     fixed, fixed_scores, order_name = (None, None, order) if greedy else _given_order(order, shape)

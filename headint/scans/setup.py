@@ -20,7 +20,8 @@ from ..shape import ModelShape
 from ..results.stats import finite_mean
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from .runner import BaseRuns, VariantRunner, base_runs, eval_mode, paired_batches
+from ..integration.modes import eval_mode
+from .runner import BaseRuns, VariantRunner, base_runs, paired_batches
 
 
 @dataclass
@@ -77,7 +78,8 @@ class ScanSetup:
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
-        """Inside: the model in eval mode (its flag restored on exit) and the base runs done."""
+        """Inside: the model in eval mode (each module's own train/eval flag restored on exit) and
+        the base runs done."""
         with eval_mode(self.model):
             self.runs = base_runs(self.model, self.clean, self.corrupt, self.metric, self.backend)
             yield self.runs

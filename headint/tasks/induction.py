@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integration.modes import eval_mode
+
 __all__ = [
     "CopyBatch",
     "InductionPrompts",
@@ -208,12 +210,8 @@ def copy_accuracy(
     vocab = _vocab_of(model) if vocab is None else vocab
     data = copy_task_batch(batch, seq_len, vocab, min_seg, max_seg, seed=seed)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = model(input_ids=data.input_ids.to(device)).logits
-    finally:
-        model.train(was_training)
     pred = logits[:, :-1].argmax(-1).cpu()
     correct = pred == data.input_ids[:, 1:]
     mask = data.repeat_mask[:, :-1]

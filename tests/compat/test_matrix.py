@@ -37,8 +37,10 @@ def test_subset_matches_oracle_or_is_refused(cm, model_type):
             assert row.checks["scan"].startswith("ok")
         if model_type in ("gpt2", "llama", "lfm2", "stablelm"):
             assert row.checks["generate"].startswith("ok")
+            assert row.checks["generate_static"].startswith("ok")  # static KV cache, absolute positions
         if model_type == "bart":
             assert row.checks["other_stacks"].startswith("ok")  # encoder.self and decoder.cross
+            assert row.checks["cross_positions"].startswith("ok")  # decoder queries, encoder keys
     else:
         assert "cannot intervene" in row.reason and len(row.reason) > 60
 
