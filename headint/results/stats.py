@@ -28,6 +28,7 @@ __all__ = [
     "spearman",
     "bootstrap_means",
     "percentile_interval",
+    "rank_agreement",
 ]
 
 
@@ -193,3 +194,20 @@ def percentile_interval(replicates: torch.Tensor, level: float = 0.95) -> tuple[
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
     lo_hi = torch.nanquantile(torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan"))), q, dim=0)
     return lo_hi[0], lo_hi[1]
+
+
+def rank_agreement(a: torch.Tensor, b: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Spearman rank agreement of two methods' per-component effects, with a bootstrap interval
+    over the examples: ``a``, ``b`` ``[*grid, N]`` per-example effects (e.g. a scan's
+    ``per_example - base_per_example`` and an attribution scan's), on the same ``N`` examples.
+    Each replicate draws the examples once for both, averages each cell over the draw
+    (:func:`finite_mean`) and correlates the two grids. Returns ``dict(spearman, lo, hi)``."""
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"rank_agreement: the two have {a.shape[-1]} and {b.shape[-1]} examples; expected the same")
+    point = spearman(finite_mean(a), finite_mean(b))
+    N = a.shape[-1]
+    g = torch.Generator().manual_seed(int(seed))
+    draws = torch.randint(0, N, (n_boot, N), generator=g)
+    reps = torch.tensor([spearman(finite_mean(a[..., d]), finite_mean(b[..., d])) for d in draws], dtype=torch.float64)
+    lo, hi = percentile_interval(reps[:, None], level)
+    return dict(spearman=point, lo=float(lo[0]), hi=float(hi[0]))
