@@ -39,12 +39,13 @@ from .batching import auto_rows, check_batch_size, run_in_halves
 from .exact import _patch_source
 from .masking import check_head, frozen_parameters
 from .setup import prepare_scan
+from ..vocabulary import METHODS
 
 __all__ = ["NODE_ABLATIONS", "circuit_faithfulness", "faithfulness_curve", "edge_faithfulness", "node_edges",
            "faithfulness_across", "ranking_of"]
 
 # The replacements of a removed head's output: those of the exact scans (:func:`headint.scan`).
-NODE_ABLATIONS = ("zero", "mean", "resample", "patch")
+NODE_ABLATIONS = METHODS
 
 
 def _circuits(circuits: Any, shape) -> tuple[list[str], list[list[tuple[int, int]]]]:
