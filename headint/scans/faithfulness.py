@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..interventions import CallPlan
 from ..plan import TensorPlan
 from ..results.faithfulness import FaithfulnessResult
 from ..results.gates import GateResult
@@ -150,7 +151,7 @@ def circuit_faithfulness(
         def run(rows: torch.Tensor) -> torch.Tensor:
             ex = exs[rows].to(device)
             m = masks[var[rows]].to(device)
-            plan = TensorPlan({l: {"head_mask": m[:, l], "head_patch": source(l, ex)} for l in att})
+            plan = TensorPlan({l: CallPlan(head_mask=m[:, l], head_patch=source(l, ex)) for l in att})
             with torch.no_grad():
                 return base.run(ex, plan).float().cpu()
 
