@@ -21,7 +21,7 @@ from ..shape import ModelShape
 from ..results.stats import finite_mean
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from .inputs import paired_batches
+from .inputs import input_layout, paired_batches
 from .runner import BaseRuns, VariantRunner, base_runs
 
 
@@ -107,10 +107,11 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     """
     metric = as_metric(metric)
     shape = model_shape(model)
-    clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
-    clean_b = with_position_ids(model, clean_b, name)
+    layout = input_layout(model)
+    clean_b, corrupt_b = paired_batches(inputs, corrupt, name, layout)
+    clean_b = with_position_ids(model, clean_b, name, layout)
     if corrupt_b is not None:
-        corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
+        corrupt_b = with_position_ids(model, corrupt_b, "corrupt", layout)
     device = input_device(model)
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))
