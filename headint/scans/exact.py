@@ -70,8 +70,11 @@ def scan(
     time with hooks, computed in far fewer layer-forwards.
 
     Args:
-        inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask`` and what
-            the metric reads (``target``, ``contrast``, ``labels``). Left-padded rows get
+        inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask``, what
+            the metric reads (``target``, ``contrast``, ``labels``) and any other input the
+            model's forward takes (``token_type_ids``, ``pixel_values``, ...; one row per example).
+            An encoder-decoder model is scanned over its decoder: the dict needs
+            ``decoder_input_ids`` (see :mod:`headint.scans.inputs`). Left-padded rows get
             ``position_ids`` from the mask, so each example's values are those it gives alone.
         metric: a :class:`~headint.metrics.Metric`, a name (``"logit_diff"``, ``"logprob"``,
             ``"prob"``, ``"kl"``, ``"loss"``) or a callable on logits ``[N, T, V] -> [N]``.

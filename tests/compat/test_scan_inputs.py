@@ -215,3 +215,27 @@ def test_shared_kv_models_run_whole_forwards(cm):
                      group_positions=1, progress=False, backend="reference")
     assert r.settings["position_reuse"] is False
     assert r.settings["cost"]["layer_forwards"] >= 4 * (1 + 7)  # every variant runs every layer
+
+
+def test_mla_per_position_head_scans_feed_back_the_models_own_cache():
+    """DeepSeek-V3 (MLA) caches compressed latents: per-position scans of head outputs with one
+    position per chunk feed back what the model put in its cache (item 6; they crashed with
+    "Sizes of tensors must match" when the prefix was the per-head keys/values)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
+    from test_backend_models_softcap_sinks_vdim import make_deepseek_v3
+
+    model = make_deepseek_v3()
+    V = model.config.vocab_size
+    inputs = dict(input_ids=_ids((N, 7), 5, 3, V), target=torch.tensor([1, 2]) % V, contrast=torch.tensor([3, 4]) % V)
+    projs = projections(model)
+    l = sorted(projs)[-1]
+    r = headint.scan(model, inputs, "logit_diff", method="zero", per_position=True, layers=[l], heads=[0],
+                     group_positions=1, progress=False, backend="reference")
+    assert r.settings["position_reuse"] is True
+    proj, H = projs[l]
+    want = torch.stack([oracle(model, inputs, [(proj, H, 0, t, torch.zeros_like)]) for t in range(7)])
+    torch.testing.assert_close(r.per_example[l, 0], want, **TOL)
+    assert (want - oracle(model, inputs)).abs().max() > 1e-3
