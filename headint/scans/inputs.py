@@ -91,6 +91,13 @@ class InputLayout:
     def batch(self, inputs: Any, name: str = "inputs") -> dict[str, torch.Tensor]:
         """``inputs`` as a scan batch (:func:`as_batch`; an encoder-decoder's renamed so the
         batch's sequence is the decoder's). An encoder-decoder needs ``decoder_input_ids``."""
+        if isinstance(inputs, dict):
+            names = {k: ENCODER_DECODER.get(k, k) for k in inputs} if self.encoder_decoder else {k: k for k in inputs}
+            odd = sorted(k for k, v in inputs.items() if not isinstance(v, torch.Tensor) and self.takes(names[k]))
+            if odd:
+                raise TypeError(f"{name}: {odd} ({', '.join(type(inputs[k]).__name__ for k in odd)}) are inputs of "
+                                f"{self.model}.forward but not tensors: scans split every input by rows, so pass them as "
+                                "tensors with one row per example")
         if not self.encoder_decoder:
             return as_batch(inputs)
         if not isinstance(inputs, dict) or not isinstance(inputs.get("decoder_input_ids"), torch.Tensor):

@@ -239,3 +239,40 @@ def test_mla_per_position_head_scans_feed_back_the_models_own_cache():
     want = torch.stack([oracle(model, inputs, [(proj, H, 0, t, torch.zeros_like)]) for t in range(7)])
     torch.testing.assert_close(r.per_example[l, 0], want, **TOL)
     assert (want - oracle(model, inputs)).abs().max() > 1e-3
+
+
+def test_right_padded_decoder_rows_read_their_last_real_token(cm):
+    """An encoder-decoder batch with right-padded decoder rows: each row's metric is at its last
+    real decoder token, and padding changes nothing (the oracle runs each row alone)."""
+    model, inputs = model_and_inputs("bart", cm)
+    dmask = torch.ones(N, 6, dtype=torch.long)
+    dmask[0, -2:] = 0
+    inputs = dict(inputs, decoder_attention_mask=dmask)
+    projs = projections(model)
+    r = headint.scan(model, inputs, "logit_diff", method="zero", progress=False, backend="reference")
+    for i in range(N):
+        alone = {k: v[i : i + 1] for k, v in inputs.items()}
+        n = int(dmask[i].sum())
+        alone = dict(alone, decoder_input_ids=alone["decoder_input_ids"][:, :n], decoder_attention_mask=alone["decoder_attention_mask"][:, :n])
+        for l, (proj, H) in projs.items():
+            for h in range(H):
+                want = _oracle_one(model, alone, [(proj, H, h, None, torch.zeros_like)])
+                torch.testing.assert_close(r.per_example[l, h, i], want, **TOL)
+
+
+def _oracle_one(model, inputs, edits):
+    feed = {k: v for k, v in inputs.items() if k not in ("target", "contrast")}
+    hs = [edit_head(proj, H, h, fn) for proj, H, h, _, fn in edits]
+    try:
+        with torch.no_grad():
+            logits = model(**feed, use_cache=False).logits[0, -1]
+    finally:
+        for x in hs:
+            x.remove()
+    return logits[inputs["target"][0]] - logits[inputs["contrast"][0]]
+
+
+def test_a_forward_input_that_is_not_a_tensor_is_refused_naming_it(cm):
+    model, inputs = model_and_inputs("gemma3_vlm", cm)
+    with pytest.raises(TypeError, match=r"\['pixel_values'\] \(list\) are inputs of Gemma3ForConditionalGeneration.forward"):
+        headint.scan(model, dict(inputs, pixel_values=list(inputs["pixel_values"])), "logit_diff", progress=False)
