@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..results.io import _restore_non_finite, _standard, _write_atomic
+from ..files import write_files_atomically
+from ..results.io import _restore_non_finite, _standard
 from .extract import connect, select
 from .graph import EdgeGraph
 
@@ -143,8 +144,7 @@ class CircuitResult:
         meta = _standard(meta, [], found)
         meta["non_finite"] = found
         text = json.dumps(meta, indent=1, allow_nan=False)
-        _write_atomic(tfile, data)
-        _write_atomic(jfile, text.encode())
+        write_files_atomically([(tfile, data), (jfile, text.encode())])
         return stem
 
     @classmethod

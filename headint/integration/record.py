@@ -13,6 +13,7 @@ from .adapter import padding_position_ids
 from .hf import intervene
 from .replica import Replica
 from .structure import model_shape
+from ..tokens import check_token_ids, vocab_size
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 
@@ -93,6 +94,8 @@ def _recording_inputs(model, inputs, stack, forward_kwargs: dict) -> tuple[dict,
             if k in inputs:
                 raise TypeError(f"record: {k} was given both in inputs and as a keyword")
             inputs[k] = forward_kwargs.pop(k)
+    if isinstance(inputs.get("input_ids"), torch.Tensor):
+        check_token_ids(inputs["input_ids"], vocab_size(model), "record: input_ids", shape="[B, T]")
     mask = inputs.get("attention_mask")
     shape = model_shape(model)
     resolved = shape.resolve_stack(stack, "record stack")

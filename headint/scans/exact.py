@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..distributed import is_active
+from ..interventions.base import as_int
 from ..results import ScanResult
 from .batching import auto_rows, cpu_row_cap, positive_int, run_in_halves
 from .checkpoint import ScanCheckpoint
@@ -198,6 +199,7 @@ def scan(
         raise ValueError("checkpoint_key= names a checkpoint's scan; it needs checkpoint= (a folder) too")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
+    layers, heads, positions = _ints(layers, "layers"), _ints(heads, "heads"), _ints(positions, "positions (token positions)")
     variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions, target)
     settings = dict(setup.settings, target=target, effect=effect, head_kind="key/value" if target in ("k", "v") else "query",
                     method=method, direction=direction if method == "patch" else None, per_position=per_position,
@@ -298,13 +300,19 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     pairs = head_grid(shape, layers, heads, n_heads=n, kind="key/value " if target in ("k", "v") else "")
     if not per_position:
         return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, n), None
-    pos = list(range(T)) if positions is None else [int(p) for p in positions]
+    pos = list(range(T)) if positions is None else positions
     for p in pos:
         if not 0 <= p < T:
             raise ValueError(f"positions: {p} out of range for inputs of length {T}")
     variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
     index = [(l, h, p) for l, h in pairs for p in pos]
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
+
+
+def _ints(values, name: str) -> list[int] | None:
+    """``values`` as plain ints (numpy and 0-d tensor ints too: they are not JSON and leak into
+    counts), never floats or bools; TypeError naming ``name`` otherwise."""
+    return None if values is None else [as_int(v, f"each of {name}") for v in values]
 
 
 def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:

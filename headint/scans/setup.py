@@ -19,6 +19,7 @@ from ..integration.adapter import input_device
 from ..integration.structure import model_replica, model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
+from ..tokens import check_token_ids, vocab_size
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
 from .inputs import input_layout, paired_batches
@@ -98,6 +99,28 @@ class ScanSetup:
         return default_memory_budget(self.device) if memory_budget is None else memory_budget
 
 
+ANSWER_KEYS = ("target", "contrast")  # token ids the metrics read at the last position
+
+
+def check_batch_ids(model, batch: dict, name: str, layout=None) -> None:
+    """The token ids of ``batch``: ``input_ids`` ``[N, T]`` (N, T >= 1, integers within the
+    model's vocabulary; an encoder-decoder's encoder ids too) and, where present, the answers
+    ``target``/``contrast`` ``[N]`` (integers within it); errors name ``name`` and the input as
+    the caller named it (e.g. ``inputs['decoder_input_ids']``) and the id. ``layout``: the
+    model's :class:`~headint.scans.inputs.InputLayout` (how the batch's names map to the forward's)."""
+    vocab = vocab_size(model)
+    for key in ("input_ids", "encoder_input_ids"):
+        if key in batch:
+            called = layout.forward_name(key) if layout is not None else key
+            check_token_ids(batch[key], vocab, f"{name}[{called!r}]")
+    for key in ANSWER_KEYS:
+        if key in batch:
+            ids = batch[key]
+            if ids.dim() == 1:
+                ids = ids[:, None]
+            check_token_ids(ids, vocab, f"{name}[{key!r}]", shape="[N] or [N, k]")
+
+
 def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, name: str = "inputs") -> ScanSetup:
     """Check and normalise a scan's inputs (no model run).
 
@@ -109,6 +132,9 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     shape = model_shape(model)
     layout = input_layout(model)
     clean_b, corrupt_b = paired_batches(inputs, corrupt, name, layout)
+    check_batch_ids(model, clean_b, name, layout)
+    if corrupt_b is not None:
+        check_batch_ids(model, corrupt_b, "corrupt", layout)
     clean_b = with_position_ids(model, clean_b, name, layout)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt", layout)
