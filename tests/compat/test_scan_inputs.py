@@ -195,6 +195,14 @@ def test_encoder_decoder_needs_the_decoders_inputs(cm):
     model, inputs = model_and_inputs("bart", cm)
     with pytest.raises(TypeError, match="encoder-decoder.*'decoder_input_ids'"):
         headint.scan(model, {k: v for k, v in inputs.items() if k != "decoder_input_ids"}, "logit_diff", progress=False)
+    bad = inputs["decoder_input_ids"].clone()
+    bad[1, 2] = model.get_input_embeddings().num_embeddings  # one past the vocabulary
+    with pytest.raises(ValueError, match=r"inputs\['decoder_input_ids'\]"):
+        headint.scan(model, dict(inputs, decoder_input_ids=bad), "logit_diff", progress=False)
+    bad = inputs["input_ids"].clone()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match=r"inputs\['input_ids'\]"):
+        headint.scan(model, dict(inputs, input_ids=bad), "logit_diff", progress=False)
     left = dict(inputs, decoder_attention_mask=torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match=r"left-padded \(decoder_attention_mask\).*takes no decoder_position_ids"):
         headint.scan(model, left, "logit_diff", progress=False)
