@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="gpt2-small,llama-gqa")
     ap.add_argument("--skip", default="", help="comma-separated measurements to skip (e.g. 'hook eap-ig')")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "circuits_eap.json"), help="where the JSON goes")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -165,7 +166,7 @@ def main() -> int:
                 line += f"  speed-up vs hooks {hook['seconds'] / r[what]['seconds']:6.1f}x  memory vs hooks " \
                         f"{r[what]['peak_growth_mib'] / hook['peak_growth_mib']:5.2f}"
             print(line)
-    out = ROOT / "bench" / "results" / "circuits_eap.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"N": args.N, "T": args.T, "steps": args.steps, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..results.io import _restore_non_finite, _standard, _write_atomic
+from ..results.io import _restore_non_finite, _standard, _write_atomic, result_files
 from .extract import connect, select
 from .graph import EdgeGraph
 
@@ -126,7 +126,7 @@ class CircuitResult:
         folder, then ``circuit.*``); returns the stem."""
         from safetensors.torch import save as to_bytes
 
-        stem, tfile, jfile = _files(path, for_save=True)
+        stem, tfile, jfile = result_files(path, True, dir_stem=DIR_STEM)
         tfile.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"scores": self.scores.contiguous()}
         if self.stderr is not None:
@@ -154,7 +154,7 @@ class CircuitResult:
         from safetensors import SafetensorError
         from safetensors.torch import load as from_bytes
 
-        _, tfile, jfile = _files(path, for_save=False)
+        _, tfile, jfile = result_files(path, False, dir_stem=DIR_STEM)
         if not jfile.exists():
             raise FileNotFoundError(f"no CircuitResult at {os.fspath(path)!r}: {jfile} does not exist")
         try:
@@ -282,15 +282,3 @@ class CircuitResult:
             Path(path).write_text(page)
         return page
 
-
-def _files(path, for_save: bool) -> tuple[Path, Path, Path]:
-    text = os.fspath(path)
-    for suffix in (".safetensors", ".json"):
-        if text.endswith(suffix):
-            stem = Path(text[: -len(suffix)])
-            break
-    else:
-        p = Path(text)
-        is_dir = p.is_dir() or text.endswith(("/", os.sep))
-        stem = p / DIR_STEM if is_dir else p
-    return stem, Path(f"{stem}.safetensors"), Path(f"{stem}.json")
