@@ -523,6 +523,10 @@
   }
 
   // ------------------------------------------------------------------ circuit graph
+  function headOf(name) {  // a head node's name as the scans name heads: "L1H3" (also written "a1.h3"), else null
+    var m = /^(?:L(\d+)H(\d+)|a(\d+)\.h(\d+))$/.exec(name);
+    return m ? "L" + (m[1] || m[3]) + "H" + (m[2] || m[4]) : null;
+  }
   function circuitSection(app, c) {
     var sec = h("section", { "class": "hi-circuit" });
     sec.appendChild(h("h2", { text: c.title }));
@@ -573,7 +577,12 @@
       var n = c.nodes[i], into = c.edges.filter(function (e) { return e.target === n.name; }).length, out = c.edges.filter(function (e) { return e.source === n.name; }).length;
       return [n.label + (n.label !== n.name ? " (" + n.name + ")" : ""), n.kind + (n.layer === null ? "" : ", layer " + n.layer) + "; " + into + " edges in, " + out + " out"]
         .concat(finite(n.score) ? ["score " + fmt(n.score, 3)] : []);
-    }, function (i) { var n = c.nodes[i]; if (/^L\d+H\d+$/.test(n.name)) app.select(n.name); });
+    }, function (i) { var head = headOf(c.nodes[i].name); if (head) app.select(head); });  // selects it in the rest of the report
+    app.onSelect(function (head) {
+      Array.prototype.forEach.call(nodes.childNodes, function (g, i) {
+        g.setAttribute("class", "hi-node" + (head && headOf(c.nodes[i].name) === head ? " hi-selected" : ""));
+      });
+    });
     var ranked = c.edges.slice().sort(function (a, b) { return (finite(b.weight) ? Math.abs(b.weight) : -1) - (finite(a.weight) ? Math.abs(a.weight) : -1); });
     var shown = ranked.slice(0, 20);
     sec.appendChild(h("p", { "class": "hi-caption", text: (shown.length === ranked.length ? "All " + ranked.length : "The " + shown.length + " of " + ranked.length) +
@@ -605,15 +614,17 @@
     var mount = root.querySelector(".hi-app");
     var app = new App(root, data);
     var scans = data.scans;
-    var first = h("div", { "class": "hi-row" }, scanSection(app, scans[0], true));
-    if (data.patterns) first.appendChild(patternSection(app, data.patterns));
-    mount.appendChild(first);
-    mount.appendChild(headTable(app, data.table));
-    scans.slice(1).forEach(function (v) { mount.appendChild(scanSection(app, v, false)); });
+    if (scans.length) {  // a circuit's own report has no scan: the circuit alone
+      var first = h("div", { "class": "hi-row" }, scanSection(app, scans[0], true));
+      if (data.patterns) first.appendChild(patternSection(app, data.patterns));
+      mount.appendChild(first);
+      mount.appendChild(headTable(app, data.table));
+      scans.slice(1).forEach(function (v) { mount.appendChild(scanSection(app, v, false)); });
+    }
     if (data.circuit) mount.appendChild(circuitSection(app, data.circuit));
     var fallback = root.querySelector(".hi-static");
     if (fallback) fallback.style.display = "none";
-    var start = data.table.heads.filter(function (x) { return x; })[0] || (data.patterns && data.patterns.heads[0]) || null;
+    var start = (data.table && data.table.heads.filter(function (x) { return x; })[0]) || (data.patterns && data.patterns.heads[0]) || null;
     if (data.patterns && data.patterns.heads.length && data.patterns.heads.indexOf(start) < 0) start = data.patterns.heads[0];
     app.select(start);
     root.setAttribute("data-hi-rendered", "1");
