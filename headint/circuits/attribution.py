@@ -119,7 +119,7 @@ class _Scorer:
         self.pending.append((layer, recv, G))
         self.pending_size += G.numel()
         self.left[layer] -= len(recv)
-        if self.left[layer] <= 0 or 2 * self.pending_size >= self.budget:
+        if self.left[layer] <= 0 or self.pending_size >= self.budget:
             self.flush()
 
     def flush(self) -> None:

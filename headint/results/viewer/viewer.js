@@ -535,8 +535,10 @@
     var rows = levels.map(function (lv) {
       return c.nodes.filter(function (n) { return level(n) === lv; }).sort(function (a, b) { return a.name.localeCompare(b.name, undefined, { numeric: true }); });
     });
-    var widest = rows.reduce(function (m, r) { return Math.max(m, r.length); }, 1);
-    var W = Math.max(520, widest * 84), gap = 78, top = 24, H = top + (levels.length - 1) * gap + 40;
+    var boxW = function (n) { return Math.max(40, short(n.label, 14).length * 7.5 + 12); };  // a node's drawn width
+    var W = rows.reduce(function (m, r) {  // nodes evenly spaced: the widest box of a row and a margin fit each slot
+      return Math.max(m, (r.length + 1) * (r.reduce(function (w, n) { return Math.max(w, boxW(n)); }, 0) + 14));
+    }, 520), gap = 78, top = 24, H = top + (levels.length - 1) * gap + 40;
     var at = {};
     rows.forEach(function (r, li) {
       r.forEach(function (n, k) { at[n.name] = { x: ((k + 1) * W) / (r.length + 1), y: top + (levels.length - 1 - li) * gap + 10, n: n }; });
@@ -561,7 +563,7 @@
     c.nodes.forEach(function (n, i) {
       var p = at[n.name], g = s("g", { "class": "hi-node", "data-i": i, "data-node": n.name });
       var wide = n.kind === "input" || n.kind === "output" || n.kind === "mlp" || n.kind === "other";
-      var label = short(n.label, 14), w = Math.max(40, label.length * 7.5 + 12);
+      var label = short(n.label, 14), w = boxW(n);
       g.appendChild(wide ? s("rect", { x: p.x - w / 2, y: p.y - 12, width: w, height: 24, rx: 5, fill: n.kind === "mlp" ? "#eee" : "#f6f6f6", stroke: "#444" })
                          : s("ellipse", { cx: p.x, cy: p.y, rx: w / 2, ry: 13, fill: "#fff", stroke: "#222", "stroke-width": 1.5 }));
       g.appendChild(s("text", { x: p.x, y: p.y + 4, "font-size": 12, "text-anchor": "middle", text: label }));
