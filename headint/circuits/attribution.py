@@ -119,7 +119,7 @@ class _Scorer:
         self.pending.append((layer, recv, G))
         self.pending_size += G.numel()
         self.left[layer] -= len(recv)
-        if self.left[layer] <= 0 or self.pending_size >= self.budget:
+        if self.left[layer] <= 0 or 2 * self.pending_size >= self.budget:
             self.flush()
 
     def flush(self) -> None:
@@ -142,7 +142,8 @@ class _Scorer:
                 per = max(1, self.budget // (2 * B * T * W.shape[-1]))  # heads whose writes fit in half the budget
                 for c in range(0, len(heads), per):
                     hs = heads[c:c + per]
-                    D = torch.einsum("bthe,hed->hbtd", dz[:, :, hs].to(Gs[0].dtype), W[hs].to(Gs[0].dtype))
+                    # [hs, B, T, Dv] @ [hs, 1, Dv, d]: the heads' writes, contiguous [hs, B, T, d]
+                    D = torch.matmul(dz[:, :, hs].permute(2, 0, 1, 3).to(Gs[0].dtype), W[hs][:, None].to(Gs[0].dtype))
                     self._add([self.heads[l][h] for h in hs], D, recv, Gs)
                     del D
             m = self.mlp.get(l)
@@ -154,8 +155,9 @@ class _Scorer:
         and the receivers' gradients ``Gs`` (``[r_i, B, T, d]`` each, ``recv`` in order)."""
         s, B = D.shape[0], D.shape[1]
         D = D.to(Gs[0].dtype)
-        flat = D.reshape(s, B, -1)
-        per_example = torch.cat([torch.einsum("sbx,rbx->srb", flat, G.reshape(G.shape[0], B, -1)) for G in Gs], 1)
+        flat = D.reshape(s, B, -1)  # views of contiguous tensors: one matrix product per example, no copies
+        per_example = torch.cat([torch.stack([flat[:, b] @ G.reshape(G.shape[0], B, -1)[:, b].t() for b in range(B)], -1)
+                                 for G in Gs], 1)
         per_position = None
         if self.acc.positions is not None:
             per_position = torch.cat([torch.einsum("sbtd,rbtd->srt", D, G) for G in Gs], 1)
