@@ -13,6 +13,8 @@ warm-up on 4 tokens, so the one-time structure probe is not counted), and the wa
 - ``fwd+bwd``: a plain forward and backward of the model (logit difference at the last token),
   parameters requiring grad as loaded (their gradients are allocated);
 - ``fwd+bwd frozen``: the same with frozen parameters and the gradient taken at the embeddings;
+- ``fwd+bwd frozen xsteps``: the same on ``N * steps`` rows (each example ``steps`` times): the
+  plain counterpart of EAP-IG's one batch of ``N * steps`` rows;
 - ``headint eap`` / ``headint eap-ig``: :func:`headint.circuits.attribute`, every edge, all
   examples in one batch (EAP-IG: ``--steps`` interpolation steps as rows of that batch);
 - ``hook eap`` / ``hook eap-ig``: ``tests/circuit_oracle.py``: the residual stream as an explicit
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHATS = ("fwd+bwd", "fwd+bwd frozen", "headint eap", "hook eap", "headint eap-ig", "hook eap-ig")
+WHATS = ("fwd+bwd", "fwd+bwd frozen", "fwd+bwd frozen xsteps", "headint eap", "hook eap", "headint eap-ig", "hook eap-ig")
 
 
 def _model(name: str):
@@ -82,14 +84,16 @@ def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
         oracle = Oracle(model)
         for p in model.parameters():
             p.requires_grad_(False)
-    if what == "fwd+bwd frozen":
+    if what == "fwd+bwd frozen xsteps":
+        ids, tgt, con = ids.repeat_interleave(steps, 0), tgt.repeat_interleave(steps), con.repeat_interleave(steps)
+    if what.startswith("fwd+bwd frozen"):
         for p in model.parameters():
             p.requires_grad_(False)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if what == "fwd+bwd":
         metric(model(ids).logits).sum().backward()
-    elif what == "fwd+bwd frozen":
+    elif what.startswith("fwd+bwd frozen"):
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         metric(model(inputs_embeds=emb).logits).sum().backward()
     elif what == "headint eap":
@@ -152,15 +156,16 @@ def main() -> int:
     print()
     for name in args.models.split(","):
         r = {x["what"]: x for x in rows if x["model"] == name}
-        base, frozen = r.get("fwd+bwd"), r.get("fwd+bwd frozen")
         for what in ("headint eap", "headint eap-ig", "hook eap", "hook eap-ig"):
             if what not in r:
                 continue
+            base = r.get("fwd+bwd")  # EAP-IG (N * steps rows) against the frozen fwd+bwd of as many rows
+            frozen = r.get("fwd+bwd frozen xsteps" if what.endswith("eap-ig") else "fwd+bwd frozen")
             line = f"{name:11s} {what:16s}"
             if base and base["peak_growth_mib"] > 0:
                 line += f"  memory / fwd+bwd {r[what]['peak_growth_mib'] / base['peak_growth_mib']:5.2f}"
             if frozen and frozen["peak_growth_mib"] > 0:
-                line += f"  / frozen fwd+bwd {r[what]['peak_growth_mib'] / frozen['peak_growth_mib']:5.2f}"
+                line += f"  / frozen fwd+bwd (same rows) {r[what]['peak_growth_mib'] / frozen['peak_growth_mib']:5.2f}"
             hook = r.get(what.replace("headint", "hook"))
             if what.startswith("headint") and hook and hook["peak_growth_mib"] > 0 and r[what]["seconds"] > 0:
                 line += f"  speed-up vs hooks {hook['seconds'] / r[what]['seconds']:6.1f}x  memory vs hooks " \
