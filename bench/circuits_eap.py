@@ -57,13 +57,13 @@ def _model(name: str):
     return model.eval()
 
 
-def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
+def child(name: str, what: str, N: int, T: int, steps: int, threads: int = 2) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     from headint import circuits
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = _model(name)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -122,7 +122,7 @@ def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "what": what, "N": N, "T": T, "steps": steps, "seconds": seconds,
+    return {"model": name, "what": what, "N": N, "T": T, "steps": steps, "threads": threads, "seconds": seconds,
             "peak_growth_mib": (peak - start) / 1024, "params": params}
 
 
@@ -133,11 +133,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="gpt2-small,llama-gqa")
     ap.add_argument("--skip", default="", help="comma-separated measurements to skip (e.g. 'hook eap-ig')")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per measurement (1 is steadier on a loaded machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "circuits_eap.json"), help="where the JSON goes")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.N, args.T, args.steps)))
+        print(json.dumps(child(args.child[0], args.child[1], args.N, args.T, args.steps, args.threads)))
         return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     rows = []
@@ -145,7 +146,8 @@ def main() -> int:
         for what in WHATS:
             if what in skip:
                 continue
-            cmd = [sys.executable, __file__, "--child", name, what, "--N", str(args.N), "--T", str(args.T), "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--child", name, what, "--N", str(args.N), "--T", str(args.T), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{name} {what}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

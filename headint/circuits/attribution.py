@@ -142,8 +142,7 @@ class _Scorer:
                 per = max(1, self.budget // (2 * B * T * W.shape[-1]))  # heads whose writes fit in half the budget
                 for c in range(0, len(heads), per):
                     hs = heads[c:c + per]
-                    # [hs, B, T, Dv] @ [hs, 1, Dv, d]: the heads' writes, contiguous [hs, B, T, d]
-                    D = torch.matmul(dz[:, :, hs].permute(2, 0, 1, 3).to(Gs[0].dtype), W[hs][:, None].to(Gs[0].dtype))
+                    D = torch.einsum("bthe,hed->hbtd", dz[:, :, hs].to(Gs[0].dtype), W[hs].to(Gs[0].dtype))  # [hs, B, T, d]
                     self._add([self.heads[l][h] for h in hs], D, recv, Gs)
                     del D
             m = self.mlp.get(l)
