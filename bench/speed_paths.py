@@ -7,7 +7,7 @@ Also: per-position scans with ``group_positions`` 1, 2, 4, 8 (does batching neig
 positions pay on this device?).
 
 The all-heads activation-patching scan (``LogitDiff``) runs interleaved with every combination of
-the runner's shortcuts (``headint.scans.exact.SHORTCUTS``: the clean attention at each variant's
+the runner's shortcuts (``headint.scan(shortcuts=...)``, :class:`headint.scans.shortcuts.Shortcuts`: the clean attention at each variant's
 first intervened layer, the final block for the last query only), and a callable metric with
 the last-position probe on and off (``CallableMetric(probe_last=False)``), and on CPU with the
 cap of tokens per forward lifted (``batching.CPU_TOKENS_PER_FORWARD``: memory-sized batches). Values are checked
@@ -25,7 +25,6 @@ import torch
 
 import headint
 import headint.scans.batching as batching
-import headint.scans.exact as exact
 from headint.metrics import CallableMetric, LogitDiff
 
 HERE = Path(__file__).resolve().parent
@@ -40,17 +39,6 @@ COMBOS = {
     "no last-query block": dict(clean_attention=True, last_query=False),
     "neither": dict(clean_attention=False, last_query=False),
 }
-
-
-def _with(shortcuts: dict, fn):
-    def run():
-        saved = dict(exact.SHORTCUTS)
-        exact.SHORTCUTS.update(shortcuts)
-        try:
-            return fn()
-        finally:
-            exact.SHORTCUTS.update(saved)
-    return run
 
 
 def _uncapped(fn):
@@ -70,7 +58,7 @@ def measure(model, batch: dict, args, label: str) -> dict:
     tgt, con = int(batch["target"][0]), int(batch["contrast"][0])
     fn = lambda logits: logits[:, -1, tgt] - logits[:, -1, con]  # noqa: E731
     kw = dict(corrupt=hi_corrupt, method="patch", backend=args.backend, progress=False)
-    fns = {f"LogitDiff, {k}": _with(v, lambda: headint.scan(model, hi_clean, LogitDiff(), **kw)) for k, v in COMBOS.items()}
+    fns = {f"LogitDiff, {k}": (lambda v=v: headint.scan(model, hi_clean, LogitDiff(), shortcuts=v, **kw)) for k, v in COMBOS.items()}
     if args.device == "cpu":  # the CPU cap of tokens per forward lifted: memory-sized batches
         fns["LogitDiff, all shortcuts, memory-sized batches"] = _uncapped(lambda: headint.scan(model, hi_clean, LogitDiff(), **kw))
     fns["callable, probed"] = lambda: headint.scan(model, hi_clean, fn, **kw)

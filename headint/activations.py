@@ -1,7 +1,7 @@
 """Recorded activations: the :class:`ActivationCache` container, its means and its file format.
 
 A container only: :func:`headint.record` (in :mod:`headint.integration.record`) fills one.
-This module imports nothing from headint but its vocabulary (:mod:`headint.vocabulary`).
+This module imports nothing from headint but :mod:`headint.files` and its vocabulary (:mod:`headint.vocabulary`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .files import available_memory, parse_json, regular_file
 from .vocabulary import HEAD_TENSORS
 
 RECORDABLE = HEAD_TENSORS
@@ -127,10 +128,14 @@ class ActivationCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationCache":
-        """Read a file written by :meth:`save`; anything else raises ``ValueError`` naming ``path``."""
+        """Read a file written by :meth:`save`; anything else raises ``ValueError`` naming ``path``.
+
+        Only a regular file is opened (a FIFO or device is refused), and only one that fits in
+        the host memory available now (it is read whole); its metadata must be a JSON object."""
         from safetensors import safe_open
 
         path = str(path)
+        regular_file(path, "ActivationCache file", _load_cap())
         try:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata() or {}
@@ -142,9 +147,12 @@ class ActivationCache:
         if "headint" not in metadata:
             raise ValueError(f"ActivationCache.load: {path} was not written by ActivationCache.save (no 'headint' metadata)")
         try:
-            meta = json.loads(metadata["headint"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"ActivationCache.load: {path} has unreadable 'headint' metadata ({e})") from None
+            meta = parse_json(metadata["headint"], f"{path} (its 'headint' metadata)")
+        except ValueError as e:
+            raise ValueError(f"ActivationCache.load: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"ActivationCache.load: {path} has 'headint' metadata that is a JSON {type(meta).__name__}; "
+                             "ActivationCache.save writes an object")
         mask = data.pop("attention_mask", None)
         tensors = {}
         for k, v in data.items():
@@ -157,3 +165,9 @@ class ActivationCache:
     def __repr__(self) -> str:
         kinds = sorted({w for w, _ in self.tensors})
         return f"ActivationCache({kinds}, layers={self.layers()})"
+
+
+def _load_cap() -> int | None:
+    """The largest ActivationCache file :meth:`ActivationCache.load` reads: the host memory
+    available now (the tensors are read whole); None where the system does not say."""
+    return available_memory()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrupt", help="JSONL of corrupted prompts, line-aligned with --prompts, each of the same token count as its clean prompt (needed by --method patch/attribution and --normalize)")
     s.add_argument("--metric", default="logit_diff", choices=METRIC_CHOICES, help="logit_diff: logit[target]-logit[contrast] at the last token; logprob/prob: of the target; kl: KL(clean || patched) of the next-token distribution; loss: mean next-token cross-entropy (default: logit_diff)")
     s.add_argument("--method", default="zero", choices=METHOD_CHOICES, help="zero/mean/resample ablation, patch (activation patching from --corrupt), attribution (first-order estimate of patch), attribution-mask (gradient head importance) (default: zero)")
-    s.add_argument("--direction", choices=DIRECTIONS, help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, noising the reverse (default: denoising)")
+    s.add_argument("--direction", choices=DIRECTIONS, help="for --method patch and attribution only: denoising runs the corrupt prompts with clean head outputs patched in, its effect = value - corrupt baseline (what the head restores); noising runs the clean prompts with corrupt head outputs patched in, its effect = value - clean baseline (default: denoising)")
     s.add_argument("--per-position", action="store_true", help="one intervention per head and position instead of per head")
     s.add_argument("--pairs", action="store_true", help="exact methods only: scan all pairs of heads (finds heads that back each other up); also scans the single heads, to compare")
     s.add_argument("--layers", type=_int_list, help="exact methods only: comma-separated layers to scan (default: all)")
@@ -164,6 +166,7 @@ def check_model_dir(model_dir: Path):
         raise UsageError(f"{model_dir} is a file; expected a transformers checkpoint directory")
     if not (model_dir / "config.json").exists():
         raise UsageError(f"{model_dir} is not a transformers checkpoint (no config.json)")
+    check_weight_files(model_dir)
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -252,7 +255,71 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: {parent} is a file, so the directory cannot be created")
 
 
+def prepare_out(out: Path) -> list[Path]:
+    """Create ``--out`` (and its missing parents) and write and remove a probe file there, so an
+    unwritable folder is found before the model loads; returns the folders created, deepest
+    first (:func:`remove_empty` takes them away again if the command stops before writing)."""
+    import tempfile
+
+    from .files import describe_os_error
+
+    check_out(out)
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".headint-write-check-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        remove_empty(created)
+        raise UsageError(f"--out {out}: cannot write there ({describe_os_error(e)})") from None
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------- the model
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: the first non-empty line of the message`` (terminal escapes removed, cut at
+    ``limit`` characters)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(e).splitlines()]
+    text = next((l for l in lines if l), "")
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _load_error(model_dir: Path, e: BaseException) -> str:
+    """One line for a checkpoint ``transformers`` could not load."""
+    if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a pickle weight file
+        text = str(e)
+        after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        why = next((l.strip() for l in after.splitlines() if l.strip()), "") or "not a plain tensor archive"
+        why = why.split(". ")[0]
+        return (f"{model_dir}: its pickle weight file cannot be loaded safely (torch.load with weights_only=True refuses "
+                f"it: {why[:300]}); convert the weights to safetensors with a tool you trust")
+    return f"{model_dir} cannot be loaded as a causal language model: {_first_line(e)}"
+
+
+def check_weight_files(model_dir: Path) -> None:
+    """The folder's config and weight files must be regular files (a FIFO would block the load forever)."""
+    from .files import regular_file
+
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"):
+            try:
+                regular_file(f, "model file")
+            except (ValueError, OSError) as e:
+                raise UsageError(str(e)) from None
 
 
 def load_causal_lm(model_dir: Path, no_progress: bool):
@@ -267,8 +334,9 @@ def load_causal_lm(model_dir: Path, no_progress: bool):
     hf_logging.set_verbosity_error()  # the load report is judged below
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"{model_dir} cannot be loaded as a causal language model: {e}") from None
+    except (ValueError, OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        # e.g. a pickle pytorch_model.bin that torch.load(weights_only=True) refuses, a truncated file
+        raise UsageError(_load_error(model_dir, e)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -331,12 +399,18 @@ def run_scan(args) -> int:
         tokenizer = find_tokenizer(model_dir)
         clean, corrupt = read_prompts(args, model_dir, tokenizer, config)
         out = Path(args.out)
-        check_out(out)
-        from .distributed import init_from_env
+        created = prepare_out(out)
+        rc = 1
+        try:
+            from .distributed import init_from_env
 
-        init_from_env()  # under torchrun: a process group; the scan splits over it, rank 0 writes the outputs
-        model = load_causal_lm(model_dir, args.no_progress)
-        return _scan_and_write(args, model, model_dir, tokenizer, clean, corrupt, out)
+            init_from_env()  # under torchrun: a process group; the scan splits over it, rank 0 writes the outputs
+            model = load_causal_lm(model_dir, args.no_progress)
+            rc = _scan_and_write(args, model, model_dir, tokenizer, clean, corrupt, out)
+            return rc
+        finally:
+            if rc != 0:
+                remove_empty(created)  # a scan that stopped leaves no empty output folder behind
     except UsageError as e:
         return _fail(str(e))
 
@@ -347,10 +421,8 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     from .ops import BackendUnavailable
     from .pattern_views import example_patterns, report_heads
     from .integration.structure import model_shape
-    from .results.pairs import pair_frame
     from .scans import all_pairs
     from .scans.checkpoint import CheckpointError
-    from .tokens import to_str_tokens
 
     warnings: list[str] = []
     singles = None
@@ -388,6 +460,24 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
     if not is_main():  # torchrun: rank 0 writes the outputs, the others wait for it
         main_rank_done()
         return 0
+    try:
+        files = _write_outputs(args, result, singles, patterns, examples, warnings, model_dir, tokenizer, clean, out)
+    except OSError as e:
+        return _fail(_os_error_line(e, f"--out {out}"))
+    finally:
+        main_rank_done()
+    print(result.effect_definition if result.has_baseline else "value = the metric with each intervention")
+    print(result.top(args.top).to_string(index=False))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _write_outputs(args, result, singles, patterns, examples, warnings, model_dir: Path, tokenizer, clean, out: Path) -> list[Path]:
+    """Write scan.csv, heatmap.png, pair_effects.csv (pairs), report.html and settings.json;
+    ``patterns`` of the report's heads on ``examples`` (token ids of the first prompts)."""
+    from .results.pairs import pair_frame
+    from .tokens import to_str_tokens
+
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.method} scan of {model_dir.name} ({args.metric})"
     tokens = position_tokens(clean, tokenizer) if args.per_position else None
@@ -400,33 +490,75 @@ def _scan_and_write(args, model, model_dir: Path, tokenizer, clean, corrupt, out
                                 singles=singles, title=title, top=args.top, warnings=warnings))
     settings = dict(result.settings, model_dir=str(model_dir), prompts=args.prompts, corrupt=args.corrupt,
                     clean_baseline=result.clean_baseline, corrupt_baseline=result.corrupt_baseline, normalized=args.normalize,
-                    warnings=warnings)
+                    warnings=warnings, effect_reference=result.reference,
+                    effect_definition=result.effect_definition if result.has_baseline else None)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     files.append(out / "settings.json")
-    print(result.top(args.top).to_string(index=False))
-    print(f"\nwrote {', '.join(str(f) for f in files)}")
-    main_rank_done()
-    return 0
+    return files
+
+
+def _os_error_line(e: OSError, what: str) -> str:
+    """``<what>: cannot write <file>: <reason>`` for an error of the file system."""
+    where = e.filename if getattr(e, "filename", None) else what
+    return f"{what}: cannot write {where}: {e.strerror or e}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "scan":
-        return run_scan(args)
-    if args.command == "demo":
-        from .demo import run_demo
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(_unrecognized(extra, sys.argv[1:] if argv is None else list(argv)))
+    try:
+        if args.command == "scan":
+            return run_scan(args)
+        if args.command == "demo":
+            from .demo import run_demo
 
-        try:
-            out = Path(args.out)
-            check_out(out)
-        except UsageError as e:
-            return _fail(str(e), "demo")
-        return run_demo(out=args.out, n_examples=args.examples, seed=args.seed, backend=args.backend)
-    if args.command == "circuit":
-        from .circuits.cli import run as run_circuit
+            try:
+                prepare_out(Path(args.out))
+            except UsageError as e:
+                return _fail(str(e), "demo")
+            return run_demo(out=args.out, n_examples=args.examples, seed=args.seed, backend=args.backend)
+        if args.command == "circuit":
+            from .circuits.cli import run as run_circuit
 
-        return run_circuit(args, sys.modules[__name__])
-    return 2
+            return run_circuit(args, sys.modules[__name__])
+        return 2
+    except KeyboardInterrupt:
+        return _interrupted(args)
+
+
+LIST_OPTIONS = ("--layers", "--heads")
+
+
+def _unrecognized(extra: list[str], argv: list[str]) -> str:
+    """argparse's "unrecognized arguments", with what was meant where a list option got its
+    items space-separated (``--heads 0 1``)."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    for flag in LIST_OPTIONS:
+        if flag in argv:
+            i = argv.index(flag)
+            following = argv[i + 1 : i + 2 + len(extra)]
+            if len(following) > 1 and following[1:] == extra[: len(following) - 1]:
+                items = [following[0], *following[1:]]
+                return (f"{message} ({flag} takes one comma-separated list: {flag} {','.join(items)}, "
+                        f"not {flag} {' '.join(items)})")
+    return message
+
+
+def _interrupted(args) -> int:
+    """Ctrl-C: one line on stderr (saying how to resume when a checkpoint holds finished chunks),
+    exit code 130."""
+    line = f"headint {args.command}: interrupted"
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        chunks = sum(1 for _ in Path(checkpoint).glob("*/chunk-*.pt")) if Path(checkpoint).is_dir() else 0
+        line += (f"; {chunks} finished chunk{'s' if chunks != 1 else ''} saved in {checkpoint}: run the same command "
+                 "again to resume" if chunks else f"; no chunk had finished yet (checkpoint {checkpoint})")
+    elif args.command == "scan":
+        line += " (finished work is lost without --checkpoint DIR; with it, re-running the same command resumes)"
+    print(line, file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

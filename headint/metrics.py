@@ -48,8 +48,6 @@ __all__ = [
     "KLFromClean",
     "Loss",
     "CallableMetric",
-    "LastPositionOf",
-    "last_position_form",
     "logit_diff",
     "logprob",
     "prob",
@@ -439,7 +437,8 @@ class CallableMetric(Metric):
     the function's name (a function named ``loss`` is not taken to be minimised).
 
     ``probe_last``: scans check on their base runs whether a position-"all" ``fn`` reads only
-    the last real token's logits (:func:`last_position_form`) and then compute only those.
+    the last real token's logits (:func:`headint.scans.metric_logits.last_position_form`) and
+    then compute only those.
     The check is a test on the base runs' data, not a proof: a ``fn`` that depends on other
     positions only through, say, a threshold those runs never cross would pass it. Set
     ``probe_last=False`` to always hand ``fn`` the full logits.
@@ -486,139 +485,6 @@ class CallableMetric(Metric):
 
     def __repr__(self) -> str:
         return f"CallableMetric({self.name!r}, position={self.position!r}, needs_clean={self.needs_clean}, maximize={self.maximize})"
-
-
-# --------------------------------------------------------------------------- callables on the last position only
-
-
-LAST_FORMS = ("single", "expanded")
-
-
-class LastPositionOf(Metric):
-    """A position-``"all"`` metric fed only the logits at each example's last real token.
-
-    ``inner`` takes ``[B, T, V]`` logits; this wrapper takes the last-position layout ``[B, V]``
-    (so a scan unembeds one position per row) and hands ``inner``
-
-    - ``form="single"``: ``[B, 1, V]``, the last real token's logits as a length-1 sequence;
-    - ``form="expanded"``: ``[B, T, V]``, a zero-copy view repeating them at every position
-      (``T`` from ``batch['input_ids']``), for callables that need the full shape.
-
-    Only valid for an ``inner`` whose values depend on nothing but those logits:
-    :func:`last_position_form` checks that on a base run before a scan uses it.
-    ``clean_logits`` (``needs_clean``) are treated the same way.
-    """
-
-    position = "last"
-
-    def __init__(self, inner: Metric, form: str = "single"):
-        if not isinstance(inner, Metric):
-            raise TypeError(f"inner must be a Metric, got {type(inner).__name__}")
-        if inner.position != "all":
-            raise ValueError(f"inner metric {inner.name!r} has position {inner.position!r}; LastPositionOf wraps position-'all' metrics")
-        if form not in LAST_FORMS:
-            raise ValueError(f"form must be one of {LAST_FORMS}, got {form!r}")
-        self.inner = inner
-        self.form = form
-        self.name = inner.name
-        self.needs_clean = inner.needs_clean
-        self.maximize = inner.maximize
-
-    def _as_sequence(self, last: torch.Tensor, batch: dict) -> torch.Tensor:
-        if self.form == "single":
-            return last[:, None]
-        B, T = batch["input_ids"].shape
-        return last[:, None].expand(B, T, last.shape[-1])
-
-    def __call__(self, logits, batch, clean_logits=None):
-        logits = self._as_sequence(_last_logits(logits, batch), batch)
-        if clean_logits is not None:
-            clean_logits = self._as_sequence(_last_logits(clean_logits, batch, "clean_logits"), batch)
-        return self.inner(logits, batch, clean_logits=clean_logits)
-
-    def __repr__(self) -> str:
-        return f"LastPositionOf({self.inner!r}, form={self.form!r})"
-
-
-PROBE_SEED = 1234
-
-
-def _others_replaced(full: torch.Tensor, batch: dict, fill: str) -> torch.Tensor:
-    """``full`` ``[B, T, V]`` with every position but each row's last real token replaced:
-    ``"nan"`` by NaN, ``"noise"`` by seeded Gaussian noise of the logits' scale."""
-    B = full.shape[0]
-    keep = torch.zeros(full.shape[:2], dtype=torch.bool, device=full.device)
-    keep[torch.arange(B, device=full.device), last_positions(_batch_mask(batch)).to(full.device)] = True
-    if fill == "nan":
-        other = torch.full((), float("nan"), dtype=full.dtype, device=full.device)
-    else:
-        g = torch.Generator(device=full.device).manual_seed(PROBE_SEED)
-        scale = full.float().std().clamp_min(1.0)
-        other = (torch.randn(full.shape, generator=g, device=full.device) * 3 * scale + 1.0).to(full.dtype)
-    return torch.where(keep[..., None], full, other)
-
-
-def last_position_form(metric: Metric, full_logits: list, batches: list, clean_logits: list | None = None) -> tuple[Metric, str]:
-    """Whether a position-``"all"`` callable metric reads only the last real token's logits.
-
-    ``full_logits[i]`` ``[N_i, T, V]`` are the full logits of base run ``i`` on ``batches[i]``
-    (``clean_logits[i]`` its reference logits when the metric needs them). The metric's values
-    on them are compared, bit for bit, with its values when every other position holds NaN,
-    when every other position holds seeded noise, and on the cheap form (``[N, 1, V]``, else
-    the ``[N, T, V]`` expanded view, see :class:`LastPositionOf`). If every base run gives the
-    same values on all of them, the cheap metric is returned; otherwise (different values, an
-    error, or non-finite values) ``metric`` itself.
-
-    Returns ``(metric to use, path)`` with ``path`` ``"last position, form <form>"`` or
-    ``"full logits (<why>)"``. Metrics other than :class:`CallableMetric` with position
-    ``"all"`` are returned as they are (``"declared"``): built-ins declare what they read.
-    """
-    if not isinstance(metric, CallableMetric) or metric.position != "all":
-        return metric, "declared"
-    if not metric.probe_last:
-        return metric, "full logits (probe_last=False)"
-    clean_logits = clean_logits or [None] * len(full_logits)
-    reasons = []
-    for form in LAST_FORMS:
-        cheap = LastPositionOf(metric, form)
-        why = None
-        for full, batch, clean in zip(full_logits, batches, clean_logits):
-            why = _probe(metric, cheap, full, batch, clean)
-            if why:
-                break
-        if why is None:
-            return cheap, f"last position, form {form}"
-        reasons.append(f"{form}: {why}")
-    return metric, "full logits (" + "; ".join(reasons) + ")"
-
-
-def _probe(metric: Metric, cheap: LastPositionOf, full: torch.Tensor, batch: dict, clean) -> str | None:
-    """None if ``metric`` gives identical values on ``full`` and on every probe; else why not."""
-    with torch.no_grad():
-        try:
-            ref = metric(full, batch, clean_logits=clean)
-        except Exception as e:  # the full path raises the same error when the scan calls it
-            return f"the metric raised {type(e).__name__} on the full logits"
-        if not bool(torch.isfinite(ref).all()):
-            return "its values on the base run are not all finite"
-        probes = [
-            ("other positions set to NaN", lambda: metric(
-                _others_replaced(full, batch, "nan"), batch,
-                clean_logits=None if clean is None else _others_replaced(clean, batch, "nan"))),
-            ("other positions set to noise", lambda: metric(
-                _others_replaced(full, batch, "noise"), batch,
-                clean_logits=None if clean is None else _others_replaced(clean, batch, "noise"))),
-            (f"the {cheap.form} form", lambda: cheap(select_logits(full, cheap, batch), batch,
-                                                     clean_logits=None if clean is None else select_logits(clean, cheap, batch))),
-        ]
-        for what, run in probes:
-            try:
-                got = run()
-            except Exception as e:
-                return f"it raised {type(e).__name__} with {what}"
-            if not torch.equal(got, ref):
-                return f"its values change with {what}"
-    return None
 
 
 # --------------------------------------------------------------------------- factories

@@ -15,16 +15,24 @@ tokenization of every answer on it, before any model runs. Sequences of unequal 
 left-padded, so every example's last token sits at the last position; the scans number each
 prompt's positions from its first real token (``position_ids`` from the mask), so padding
 changes no result.
+
+A prompt file must be a regular file (a FIFO or device such as ``/dev/zero`` is refused before
+it is opened) of at most :data:`MAX_PROMPT_BYTES`, UTF-8 (a leading byte-order mark, as
+Notepad writes, is accepted), each line JSON that is not nested absurdly deep.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .files import parse_json, read_text
+
 ANSWER_KEYS = ("target", "contrast")
+MAX_PROMPT_BYTES = 256 * 2**20
+"""The largest prompt file read (256 MiB, about a million prompts of a few hundred characters):
+a prompt file is read whole, and a larger one is far more than a scan of every head can use."""
 
 
 def _tokenize_answer(x, tokenizer, what: str, where: str, no_tokenizer: str) -> list[int]:
@@ -63,25 +71,15 @@ def _json_type(x) -> str:
     return f"a JSON {type(x).__name__}"
 
 
-def _read_rows(path: str | Path) -> list[tuple[int, object]]:
-    """``[(line number, parsed JSON)]`` of the non-blank lines of ``path``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; expected a JSONL file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+def _read_rows(path: str | Path, max_bytes: int = MAX_PROMPT_BYTES) -> list[tuple[int, object]]:
+    """``[(line number, parsed JSON)]`` of the non-blank lines of ``path``: a regular UTF-8 file
+    (a byte-order mark is accepted) of at most ``max_bytes`` bytes."""
+    text = read_text(path, "prompt file", max_bytes)
     rows = []
     for i, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        try:
-            rows.append((i, json.loads(raw)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        rows.append((i, parse_json(raw, f"{path}:{i}")))
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
@@ -114,7 +112,8 @@ def load_prompts(path: str | Path, tokenizer=None, pad_id: int | None = None, *,
     is no tokenizer, said when a line needs one.
 
     Raises FileNotFoundError / IsADirectoryError for a missing file or a folder, and ValueError
-    naming ``path:line`` for a malformed line, an empty or too long sequence, a token id out
+    naming the file for one that is not a regular file or too large, and ``path:line`` for a
+    malformed line (not JSON, nested too deeply), an empty or too long sequence, a token id out
     of range, an answer that is not one token, or an answer given on some lines only."""
     rows = _read_rows(path)
     seqs = []

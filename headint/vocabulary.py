@@ -16,6 +16,7 @@ __all__ = [
     "HeadTensor", "HEAD_TENSORS", "Method", "METHODS", "Direction", "DIRECTIONS", "Target", "TARGETS", "Effect", "EFFECTS",
     "AttributionMethod", "ATTRIBUTION_METHODS", "Ablation", "ABLATIONS", "GateKind", "GATE_KINDS",
     "PruneOrder", "PRUNE_ORDERS", "MetricName", "METRIC_NAMES", "MetricPosition", "METRIC_POSITIONS",
+    "ScanKind", "SCAN_KINDS", "ResultMethod", "RESULT_METHODS", "HeadKind", "HEAD_KINDS", "Reference", "REFERENCES",
     "check_choice",
 ]
 
@@ -42,6 +43,14 @@ PruneOrder = Literal["importance", "exact"]
 MetricName = Literal["logit_diff", "logprob", "prob", "kl", "loss"]
 # Which logits a metric reads: each example's last real token, or every position.
 MetricPosition = Literal["last", "all"]
+# Which scan made a result: headint.scan, headint.attribution_scan, headint.path_patch.
+ScanKind = Literal["exact", "attribution", "path_patch"]
+# A result's method: an exact scan's or an attribution scan's.
+ResultMethod = Literal[Method, AttributionMethod]
+# Whether a result's head axis indexes query heads or key/value heads.
+HeadKind = Literal["query", "key/value"]
+# The run an effect is measured from (the base run the interventions were applied to).
+Reference = Literal["clean", "corrupt"]
 
 HEAD_TENSORS: tuple[str, ...] = get_args(HeadTensor)
 METHODS: tuple[str, ...] = get_args(Method)
@@ -54,6 +63,10 @@ GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 PRUNE_ORDERS: tuple[str, ...] = get_args(PruneOrder)
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 METRIC_POSITIONS: tuple[str, ...] = get_args(MetricPosition)
+SCAN_KINDS: tuple[str, ...] = get_args(ScanKind)
+RESULT_METHODS: tuple[str, ...] = get_args(ResultMethod)
+HEAD_KINDS: tuple[str, ...] = get_args(HeadKind)
+REFERENCES: tuple[str, ...] = get_args(Reference)
 
 
 def check_choice(value: Any, choices: tuple[str, ...], name: str, who: str | None = None) -> str:

@@ -3,6 +3,7 @@
 # induction model. Extra arguments go to `headint demo` (see `headint demo --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 bash scripts/setup.sh
-. .venv/bin/activate
+. "$VENV/bin/activate"
 exec headint demo "$@"

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the test suite. Extra arguments go to pytest,
-# e.g. `bash scripts/test.sh -m slow` for the slow tests.
+# e.g. `bash scripts/test.sh -m slow` for the slow tests. The versions of constraints.txt by
+# default; `HEADINT_CONSTRAINTS=latest bash scripts/test.sh` runs against the newest releases.
 # Two lanes, one after the other (see tests/conftest.py): the native lane (no TRITON_INTERPRET),
 # then the Triton-interpreter lane (TRITON_INTERPRET=1: tests/backends, tests/triton, tests/ops).
 # Each collects only its own tests; a lane the arguments leave without tests (pytest's exit 5)
 # is no failure when the other lane ran tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 bash scripts/setup.sh
-. .venv/bin/activate
+. "$VENV/bin/activate"
 set +e
 echo "== headint tests, native lane"
 env -u TRITON_INTERPRET python -m pytest -q -n 2 "$@"

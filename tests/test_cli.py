@@ -273,7 +273,7 @@ def mistakes(setup):
     P = ["--prompts", prompts, "--out", out]
     table = [
         ("missing prompts file", [model, "--prompts", str(bad / "nope.jsonl"), "--out", out], "nope.jsonl: no such file"),
-        ("prompts is a folder", [model, "--prompts", str(bad), "--out", out], "is a directory; expected a JSONL file"),
+        ("prompts is a folder", [model, "--prompts", str(bad), "--out", out], "is a directory; expected a file"),
         ("invalid JSON", [model, "--prompts", str(bad / "invalid.jsonl"), "--out", out], "invalid.jsonl:2: not valid JSON"),
         ("not UTF-8", [model, "--prompts", str(bad / "binary.jsonl"), "--out", out], "binary.jsonl: not a UTF-8 text file"),
         ("float token ids", [model, "--prompts", str(bad / "floats.jsonl"), "--out", out], "floats.jsonl:1: 'input_ids' must hold ints"),

@@ -144,14 +144,18 @@ def test_embedded_direct_vs_total(induction, method):
     kw = dict(method=method, corrupt=corrupt if method == "patch" else None, direction="noising")
     both = headint.direct_vs_total(model, clean, LogitDiff(), progress=False, **kw)
     assert torch.equal(both.direct.per_example[1], both.total.per_example[1])
-    assert torch.equal(both.self_repair[1], torch.zeros(4))
+    assert torch.equal(both.indirect[1], torch.zeros(4))
     total, direct = float(both.total.effect[0, 0]), float(both.direct.effect[0, 0])
     assert total < -3.0, total
     assert abs(direct) < 0.2 * abs(total), (direct, total)
-    assert float(both.self_repair[0, 0]) == pytest.approx(total - direct)
+    assert float(both.indirect[0, 0]) == pytest.approx(total - direct)
     frame = both.to_frame()
-    assert list(frame.columns) == ["layer", "head", "direct", "total", "self_repair"] and len(frame) == 8
+    # columns named for what they hold: L0H0's total effect flows through the induction heads
+    # (indirect), which is amplification, not self-repair
+    assert list(frame.columns) == ["layer", "head", "direct", "total", "indirect"] and len(frame) == 8
     assert frame.loc[0, "total"] == pytest.approx(total)
+    assert frame.loc[0, "indirect"] == pytest.approx(total - direct) and frame.loc[0, "indirect"] < -3.0
+    assert not hasattr(both, "self_repair")
 
 
 def test_direct_vs_total_arguments(induction):

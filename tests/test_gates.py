@@ -109,7 +109,7 @@ def test_weights_frozen_during_and_restored_after(gpt2):
     model_structure(gpt2)
     seen = []
     hook = gpt2.transformer.h[0].register_forward_pre_hook(
-        lambda m, a: seen.append((any(p.requires_grad for p in gpt2.parameters()), gpt2.training)))
+        lambda m, a: seen.append((any(p.requires_grad for p in gpt2.parameters()), m.training or not gpt2.training)))  # eval in the scan's replica; the model's own flag untouched
     try:
         headint.learn_gates(gpt2, batch, "logprob", steps=2, progress=False)
     finally:

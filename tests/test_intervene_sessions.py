@@ -16,6 +16,7 @@ from headint.integration import adapter, session
 
 import tiny_models as tm
 from test_intervene_safety import IDS, assert_pristine, snapshot
+from thread_helpers import block_held_elsewhere, in_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,26 +28,6 @@ def _single_thread():
 def _run(model, ivs):
     with intervene(model, ivs, backend="reference"):
         return tm.logits(model, IDS)
-
-
-def _in_threads(*targets):
-    errors: list = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as e:  # reported in the main thread
-                errors.append(e)
-        return run
-
-    threads = [threading.Thread(target=wrap(t)) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -73,7 +54,7 @@ def test_two_threads_get_their_own_interventions(name):
         for _ in range(40):
             plain.append(tm.logits(model, IDS))
 
-    _in_threads(worker("a"), worker("b"), plain_worker)
+    in_threads(worker("a"), worker("b"), plain_worker)
     for key in ivs:
         assert len(got[key]) == 40
         for i, out in enumerate(got[key]):
@@ -89,24 +70,10 @@ def test_thread_without_block_while_another_holds_one():
     tiny = tm.get("gpt2")
     model = tiny.model
     base = tm.logits(model, IDS)
-    entered, release = threading.Event(), threading.Event()
-    held: dict = {}
-
-    def holder():
-        with intervene(model, [Ablate(layer=0, head=None), Ablate(layer=1, head=None)], backend="reference"):
-            held["inside"] = tm.logits(model, IDS)
-            entered.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert entered.wait(30)
+    with block_held_elsewhere(model, [Ablate(layer=0, head=None), Ablate(layer=1, head=None)],
+                              on_enter=lambda m: tm.logits(m, IDS)) as held:
         assert model.config._attn_implementation == "headint"  # switched by the other thread
         torch.testing.assert_close(tm.logits(model, IDS), base, atol=1e-5, rtol=1e-5)  # but not intervened here
-    finally:
-        release.set()
-        t.join()
     assert not torch.allclose(held["inside"], base, atol=1e-3)
     assert model.config._attn_implementation != "headint"
 
@@ -135,7 +102,7 @@ def test_block_closed_by_another_thread():
     before, base = snapshot(model), tm.logits(model, IDS)
     block = intervene(model, [Ablate(layer=0, head=0)], backend="reference")
     block.__enter__()
-    _in_threads(lambda: block.__exit__(None, None, None))
+    in_threads(lambda: block.__exit__(None, None, None))
     assert session.open_sessions() == []
     assert_pristine(model, before, expected_logits=base)
 

@@ -90,7 +90,7 @@ ALLOWED = {
     "interventions": ("headint.interventions", "headint.shape", "headint.activations", "headint.vocabulary",
                       "headint.ops.knockout"),  # EdgeKnockout: a data type of the op, not the op
     "integration": ("headint.integration", "headint.interventions", "headint.plan", "headint.shape", "headint.activations",
-                    "headint.distributed", "headint.vocabulary",
+                    "headint.distributed", "headint.vocabulary", "headint.tokens",
                     "headint.ops.attention", "headint.ops.arguments", "headint.ops.reference", "headint.ops.knockout",
                     "headint.ops.errors"),
 }

@@ -75,6 +75,29 @@ def test_importance_order_is_greedy_on_oracle_gradients(gpt2):
     torch.testing.assert_close(curve.per_example, oracle_curve(gpt2, batch, "logprob", curve.removed, "zero"), atol=2e-4, rtol=1e-4)
 
 
+def test_importance_order_leaves_the_models_weights_alone(gpt2):
+    """The importance order differentiates the metric through the model in the scan's private
+    replica: weights that require grad keep their flag (seen by a hook of the model's, which runs
+    in the replica) and get no gradient; the curve is that of a model whose weights do not."""
+    batch = make_batch(N=2, T=5, seed=7)
+    want = headint.prune_curve(gpt2, batch, "logprob", order="importance", max_steps=2, progress=False)
+    weight = gpt2.transformer.h[0].attn.c_attn.weight
+    flag = weight.requires_grad
+    weight.requires_grad_(True)
+    seen = []
+    hook = gpt2.transformer.h[1].register_forward_pre_hook(lambda m, a: seen.append(weight.requires_grad))
+    try:
+        got = headint.prune_curve(gpt2, batch, "logprob", order="importance", max_steps=2, progress=False)
+        assert seen and all(seen)
+        assert weight.requires_grad and weight.grad is None
+    finally:
+        hook.remove()
+        weight.requires_grad_(flag)
+        weight.grad = None
+    assert got.removed == want.removed
+    torch.testing.assert_close(got.per_example, want.per_example, atol=0, rtol=0)
+
+
 def test_exact_order_is_greedy_on_exact_scans(llama):
     batch = make_batch(N=2, T=6, seed=6)
     curve = headint.prune_curve(llama, batch, "logit_diff", order="exact", max_steps=3, progress=False)

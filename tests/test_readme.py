@@ -1,7 +1,8 @@
 """The README's examples run as written.
 
 Every fenced ``python`` block is executed, in order, each in a fresh namespace and a scratch
-folder; every ``bash`` block is run (``headint`` resolves to ``python -m headint`` of this
+folder (the quick start in a fresh interpreter started in the repository root, as a user runs
+it: see tests/readme_blocks.py); every ``bash`` block is run (``headint`` resolves to ``python -m headint`` of this
 checkout). A block preceded by ``<!-- not-run: reason -->`` is skipped (the reason must be
 given); one preceded by ``<!-- needs: module -->`` runs only where ``module`` is installed.
 """
@@ -9,29 +10,15 @@ given); one preceded by ``<!-- needs: module -->`` runs only where ``module`` is
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import re
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
-from report_checks import report_data
-
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-BLOCK = re.compile(r"(?:<!--\s*(not-run|needs):\s*(.*?)\s*-->\s*\n)?```(\w*)\n(.*?)```", re.S)
-
-
-def blocks(language: str) -> list[dict]:
-    found = []
-    for n, m in enumerate(BLOCK.finditer(README.read_text())):
-        marker, arg, lang, code = m.groups()
-        if lang == language:
-            found.append(dict(index=n, marker=marker, arg=arg, code=code, line=README.read_text()[: m.start(3)].count("\n") + 1))
-    return found
+from readme_blocks import REPO, blocks
 
 
 def test_markers_are_explained_and_blocks_found():
@@ -58,15 +45,23 @@ def _run_python(block, tmp_path, monkeypatch):
     return namespace
 
 
-def test_quick_start_runs(tmp_path, monkeypatch):
-    block = next(b for b in blocks("python") if "headint.scan(" in b["code"])
-    namespace = _run_python(block, tmp_path, monkeypatch)
-    assert (tmp_path / "patching.png").exists() and (tmp_path / "patching.csv").exists()
-    patterns = report_data((tmp_path / "patching.html").read_text())["patterns"]
-    assert patterns["heads"] == ["L0H0", "L1H3"] and len(patterns["examples"]) == 3
-    assert namespace["logits"].shape[:2] == namespace["p"].clean.shape
-    top = namespace["result"].top(2)
-    assert {(int(r.layer), int(r.head)) for r in top.itertuples()} == {(0, 0), (1, 3)}
+def test_quick_start_runs_from_the_repo_root(tmp_path):
+    """The quick start as a user runs it: a fresh interpreter started in the clone's root, which
+    is first on sys.path (a folder there that shadows an installed package breaks this)."""
+    code = "import sys; sys.path.insert(1, 'tests'); import readme_blocks; readme_blocks.main()"
+    proc = subprocess.run([sys.executable, "-c", code, "quick-start", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("README-SUMMARY "))
+    summary = json.loads(line[len("README-SUMMARY "):])
+    assert {"patching.png", "patching.csv", "patching.html"} <= set(summary["files"])
+    assert summary["pattern_heads"] == ["L0H0", "L1H3"] and summary["pattern_examples"] == 3
+    assert summary["logits_shape"] == summary["clean_shape"]
+    assert {tuple(h) for h in summary["top"][:2]} == {(0, 0), (1, 3)}
+    assert {tuple(h) for h in summary["top"]} == {(0, 0), (1, 3), (1, 2), (1, 0), (0, 1)}
+    assert summary["effect_definition"].startswith("effect = value - clean baseline")
+    # transformers' `kernels` (where installed) came from site-packages, not from the clone
+    assert summary["kernels"] is None or not summary["kernels"].startswith(str(REPO) + os.sep + "kernels")
 
 
 def test_op_level_example_runs(tmp_path, monkeypatch, capsys):

@@ -666,7 +666,8 @@ def test_cli_report_in_browser(browser, cli_report):
     import pandas as pd
 
     frame = pd.read_csv(cli_report / "scan.csv")
-    clean = json.loads((cli_report / "settings.json").read_text())["clean_baseline"]
+    settings = json.loads((cli_report / "settings.json").read_text())
+    base = settings[f"{settings['effect_reference']}_baseline"]  # denoising (the default): the corrupt run
     page = Page(browser).open(cli_report / "report.html")
     p = page.page
     data = report_data((cli_report / "report.html").read_text())
@@ -676,10 +677,11 @@ def test_cli_report_in_browser(browser, cli_report):
     row = frame.iloc[7]
     l, h, pos = int(row["layer"]), int(row["head"]), int(row["position"])
     p.hover(f'[data-scan="main"] rect[data-cell="L{l}H{h}:{pos}"]')
-    d = decimals_for((frame["value"] - clean).tolist())
+    assert settings["effect_reference"] == "corrupt"
+    d = decimals_for((frame["value"] - base).tolist())
     tip = page.tip()
     assert tip.startswith(f"L{l}H{h} position {pos} \u201c{tokens[pos].replace(' ', chr(0x2423))}\u201d")
-    assert f"effect {format_number(row['value'] - clean, d)}" in tip, tip
+    assert f"effect {format_number(row['value'] - base, d)}" in tip, tip
     n_rows = len(frame)
     shown = len(_head_order(page))
     top = data["table"]["top"]
@@ -704,7 +706,7 @@ def test_hostile_strings_run_no_script(browser, tmp_path):
     P = len(tokens)
     g = torch.Generator().manual_seed(0)
     r = ScanResult(torch.randn(2, 2, P, 3, generator=g), ("layer", "head", "position"), metric_name=HOSTILE[1],
-                   clean_baseline=0.0, base_per_example=torch.zeros(3), settings={"model": HOSTILE[0], "method": HOSTILE[2]})
+                   clean_baseline=0.0, base_per_example=torch.zeros(3), settings={"model": HOSTILE[0], "prompts": HOSTILE[2]})
     pat = torch.softmax(torch.randn(P, P, generator=g), -1)
     flat = ScanResult(torch.randn(2, 2, 3, generator=g), ("layer", "head"), metric_name=HOSTILE[4], clean_baseline=0.0)
     circuit = circuit_graph([{"name": HOSTILE[0], "layer": 0, "label": HOSTILE[1]}, "logits"], [(HOSTILE[0], "logits", 1.0, HOSTILE[2])],

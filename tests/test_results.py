@@ -34,7 +34,7 @@ def grid_result():
         metric_name="logit_diff",
         clean_baseline=2.5,
         corrupt_baseline=-0.5,
-        settings={"method": "mean_ablation", "model": "tiny"},
+        settings={"method": "mean", "model": "tiny"},
     )
 
 
@@ -91,7 +91,7 @@ def test_normalized_result(grid_result):
     torch.testing.assert_close(nr.per_example, expected)
     torch.testing.assert_close(nr.values, (grid_result.values + 0.5) / 3.0)
     assert nr.settings["normalization"] == {"clean_baseline": 2.5, "corrupt_baseline": -0.5}
-    assert nr.settings["method"] == "mean_ablation"
+    assert nr.settings["method"] == "mean"
     # idempotent
     torch.testing.assert_close(nr.normalized_result().per_example, nr.per_example)
 
@@ -210,7 +210,7 @@ def test_heatmap_layer_head(grid_result, tmp_path):
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
     ax = fig.axes[0]
     assert ax.get_xlabel() == "head" and ax.get_ylabel() == "layer"
-    assert ax.get_title() == "my scan\nmethod mean_ablation, N=7"  # the title states method and N
+    assert ax.get_title() == "my scan\nmethod mean, N=7, effect from the clean run"  # method, N, what effect means
     assert list(ax.get_xticks()) == list(range(H)) and list(ax.get_yticks()) == list(range(L))
     image = ax.images[0]
     assert image.colorbar is not None
@@ -313,7 +313,7 @@ def test_load_missing(tmp_path):
 def test_repr(grid_result, set_result):
     text = repr(grid_result)
     assert text.startswith("ScanResult(") and "logit_diff" in text and "[3, 4]" in text
-    assert "n_examples=7" in text and "mean_ablation" in text
+    assert "n_examples=7" in text and "mean" in text
     assert "head_set" in repr(set_result)
     assert len(text) < 250
 

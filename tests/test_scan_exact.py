@@ -334,9 +334,11 @@ def test_cost_position_reuse(model):
     # the q/k/v capture (one per start layer) serves the rows fed from position 0 only
     assert cost["captures"] == L
     assert cost["replayed_projection_rows"] == L * H * N
-    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L) + two_step + 2 * checked + L * N
+    # position reuse is checked once, on 2 base rows fed from the first start position > 0 (2)
+    reuse_checked = 2
+    assert cost["layer_forwards"] == N * L + H * P * N * _tri(L) + two_step + 2 * checked + L * N + reuse_checked * L
     with_reuse = N * L * T + H * N * _tri(L) * sum(T - p for p in positions)
-    assert cost["token_layer_forwards"] == with_reuse + two_step + checked * (T + 1) + L * N * T
+    assert cost["token_layer_forwards"] == with_reuse + two_step + checked * (T + 1) + L * N * T + reuse_checked * L * (T - 2)
     assert cost["last_query_rows"] == two_step + checked
     without_reuse = N * L * T + H * N * _tri(L) * P * T
     assert with_reuse < without_reuse

@@ -23,9 +23,13 @@ import headint.integration.blocks as blocks
 from headint.integration.adapter import model_parts
 from headint.integration.structure import model_shape, model_structure
 import tiny_models as tm
-from headint.metrics import CallableMetric, LastPositionOf, LogitDiff, last_position_form
+from headint.integration.replica import Replica
+from headint.interventions.edits import CallPlan
+from headint.metrics import CallableMetric, LogitDiff
 from headint.plan import TensorPlan
-from headint.scans.runner import CleanAttentionPlan, VariantRunner
+from headint.scans.metric_logits import LastPositionOf, last_position_form
+from headint.scans.runner import VariantRunner
+from headint.scans.shortcuts import CleanAttentionPlan, Shortcuts
 from scan_oracles import corrupt_of, make_batch, oracle_scan, record_z
 
 ATOL = RTOL = 1e-5
@@ -238,9 +242,14 @@ def test_last_query_final_block_every_decoder(arch, per_position):
                                             heads=[0, 3] if per_position else None, positions=[0, 3, 5, 6] if per_position else None))
     # the final MLP ran on T tokens in the two clean passes only, and once in every other run
     # (every variant run and the check): on the last token, except where Mistral's sliding
-    # window dropped keys of a cached prefix (position 5: 3 cached + 2 fed keys < 7 positions)
+    # window dropped keys of a cached prefix (position 5: 3 cached + 2 fed keys < 7 positions),
+    # and in the position-reuse check (2 base rows fed from the first start position, 3: 4 tokens)
     cost = r.settings["cost"]
-    assert tokens.count(7) == 2 and len(tokens) == cost["runs"]
+    assert len(tokens) == cost["runs"]
+    if per_position:
+        assert r.settings["position_reuse"] is True
+        tokens.remove(7 - 3)
+    assert tokens.count(7) == 2
     assert cost["last_query_rows"] > 0
     sliding = arch == "mistral" and per_position
     assert all(t == 1 for t in tokens if t != 7) is not sliding
@@ -300,16 +309,36 @@ def test_last_query_check_catches_an_error(llama, monkeypatch):
     assert_close(r.per_example, oracle_scan(llama, batch, "logit_diff", method="zero"))
 
 
-def test_last_query_block_leaves_the_model_as_it_was(gpt2):
+def test_position_reuse_check_catches_a_wrong_prefix(gpt2, monkeypatch):
+    """If the cache prefix fed back were wrong (here: zeros), the check against the clean run turns
+    position reuse off and every row runs whole: values stay exact."""
+    import headint.scans.runner as runner_mod
+
+    orig = runner_mod._cache_contents
+    monkeypatch.setattr(runner_mod, "_cache_contents", lambda *a: {l: (k * 0, v * 0) for l, (k, v) in orig(*a).items()})
+    batch = make_batch(3, 6, seed=118)
+    kw = dict(method="zero", per_position=True, heads=[1], positions=[2, 4])
+    r = scan(gpt2, batch, "logit_diff", group_positions=1, **kw)
+    assert r.settings["position_reuse"] is False
+    assert_close(r.per_example, oracle_scan(gpt2, batch, "logit_diff", **kw))
+
+
+def test_last_query_block_only_in_a_replica(gpt2):
     original = list(gpt2.transformer.h)
     batch = make_batch(2, 5, seed=117)
     scan(gpt2, batch, "logit_diff", method="zero")
     assert list(gpt2.transformer.h) == original
-    parts = model_parts(gpt2, model_shape(gpt2))
+    with pytest.raises(RuntimeError, match="only a private Replica"):  # never in the user's model
+        with blocks.last_query_block(model_parts(gpt2, model_shape(gpt2)), 5):
+            pass
+    replica = Replica(gpt2, model_structure(gpt2))
+    in_replica = list(replica.root.transformer.h)
     with pytest.raises(KeyError):
-        with blocks.last_query_block(parts, 5):
-            assert isinstance(gpt2.transformer.h[-1], blocks.LastQueryBlock)
+        with blocks.last_query_block(replica.parts, 5):
+            assert isinstance(replica.root.transformer.h[-1], blocks.LastQueryBlock)
+            assert list(gpt2.transformer.h) == original
             raise KeyError("boom")
+    assert list(replica.root.transformer.h) == in_replica
     assert list(gpt2.transformer.h) == original
 
 
@@ -331,24 +360,24 @@ def _count_attention_calls(monkeypatch):
 @pytest.mark.parametrize("start_pos", [0, 3])
 def test_clean_attention_skips_the_first_layers_attention(model, monkeypatch, start_pos):
     batch = make_batch(3, 6, seed=121, pad="left", lengths=[6, 5, 4])
-    runner = VariantRunner(model, batch, LogitDiff(), backend=BACKEND)
-    runner.clean_pass()
+    runner = VariantRunner.start(model, batch, LogitDiff(), backend=BACKEND)
     ex = torch.tensor([0, 1, 2, 1])
     z = runner.base.z[1][ex].transpose(1, 2)
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(4, 4, 6, generator=g) > 0.5).float()
     patch = torch.randn(4, 4, 6, z.shape[-1], generator=g)
-    plan = TensorPlan({1: {"head_mask": mask, "head_patch": patch}, 2: {"head_mask": 1 - mask, "head_patch": None}})
+    plan = TensorPlan({1: CallPlan(head_mask=mask, head_patch=patch), 2: CallPlan(head_mask=1 - mask)})
     runner.children_before_attention(1)  # the clean rows' q/k/v projections of layer 1, captured once
+    runner.check_position_reuse(start_pos)  # ... and position reuse checked once
     site = next(s for s in model_structure(model).sites.values() if s.layer == 1)
-    attn = model.get_submodule(site.path)
+    attn = runner.model.get_submodule(site.path)  # the runner's replica of it
     children_called = []
     handles = [c.register_forward_hook(lambda m, a, o, n=n: children_called.append(n)) for n, c in attn.named_children()]
     calls = _count_attention_calls(monkeypatch)
     try:
         want = runner.run(ex, plan, start_layer=1, start_pos=start_pos)
         n_full, full_children = len(calls), list(children_called)
-        got = runner.run(ex, plan, start_layer=1, start_pos=start_pos, clean_attention=True)
+        got = runner.run(ex, plan, start_layer=1, start_pos=start_pos, shortcuts=Shortcuts(clean_attention=True, last_query=False))
     finally:
         for h in handles:
             h.remove()
@@ -368,19 +397,18 @@ def test_clean_attention_skips_the_first_layers_attention(model, monkeypatch, st
 
 def test_clean_attention_refuses_other_interventions(gpt2):
     batch = make_batch(2, 5, seed=122)
-    runner = VariantRunner(gpt2, batch, LogitDiff(), backend=BACKEND)
-    runner.clean_pass()
+    runner = VariantRunner.start(gpt2, batch, LogitDiff(), backend=BACKEND)
     ex = torch.tensor([0, 1])
-    plan = TensorPlan({0: {"head_mask": torch.ones(2, 4, 1), "score_scale": torch.full((2, 4), 0.5)}})
-    with pytest.raises(ValueError, match="only replace head outputs"):
-        runner.run(ex, plan, start_layer=0, clean_attention=True)
-    plan = CleanAttentionPlan(TensorPlan({0: {"head_mask": torch.ones(2, 4, 1)}}), 0, torch.zeros(3, 4, 5, 8))
+    plan = TensorPlan({0: CallPlan(head_mask=torch.ones(2, 4, 1), score_scale=torch.full((2, 4), 0.5))})
+    with pytest.raises(ValueError, match=r"clean_attention shortcut does not understand the edits \['score_scale'\]"):
+        runner.run(ex, plan, start_layer=0, shortcuts=Shortcuts(clean_attention=True, last_query=False))
+    plan = CleanAttentionPlan(TensorPlan({0: CallPlan(head_mask=torch.ones(2, 4, 1))}), 0, torch.zeros(3, 4, 5, 8))
     with pytest.raises(ValueError, match="do not cover rows 2"):
         plan.for_call(0, 2, 5, 5, "cpu", torch.float32)
 
 
 def test_plan_output_of_the_wrong_shape_is_an_error(gpt2):
-    from headint.plan import CallPlan, Plan  # noqa: F401
+    from headint.plan import Plan
 
     class Fixed(Plan):
         def layers(self):
@@ -475,7 +503,7 @@ def test_children_captured_only_when_one_output_can_stand_in():
             s = self.swap(x.transpose(0, 1))  # [T, N, 4]: not row-major
             raise AttentionReached(q + k + s.transpose(0, 1))
 
-    toy = Toy()
+    toy = Replica(Toy()).root  # stand-ins go into a private replica only
     x = torch.randn(3, 5, 4)
     with capture_children_before_attention(toy, 3, 5) as outputs:
         with pytest.raises(AttentionReached):

@@ -13,7 +13,8 @@ import torch
 
 import headint
 from headint import vocabulary as vocab
-from headint.metrics import CallableMetric, LastPositionOf, Metric, as_metric
+from headint.metrics import CallableMetric, Metric, as_metric
+from headint.scans.metric_logits import LastPositionOf
 from scan_oracles import make_batch
 
 PACKAGE = Path(headint.__file__).resolve().parent

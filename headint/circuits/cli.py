@@ -50,8 +50,9 @@ def _fail(msg: str) -> int:
 def run(args, cli) -> int:
     """Run ``headint circuit``; ``cli`` is :mod:`headint.cli` (its prompt loading, checks and model
     loading, passed in so that this module does not import it back)."""
-    UsageError, check_out, find_tokenizer, load_causal_lm, read_prompts = (
-        cli.UsageError, cli.check_out, cli.find_tokenizer, cli.load_causal_lm, cli.read_prompts)
+    UsageError, find_tokenizer, load_causal_lm, read_prompts = (
+        cli.UsageError, cli.find_tokenizer, cli.load_causal_lm, cli.read_prompts)
+    created: list[Path] = []
     try:
         if args.steps < 1 or args.batch_size < 1:
             raise UsageError("--steps and --batch-size must be positive integers")
@@ -62,7 +63,7 @@ def run(args, cli) -> int:
         if args.top is not None and args.top < 1:
             raise UsageError(f"--top must be a positive integer, got {args.top}")
         out = Path(args.out)
-        check_out(out)
+        cli.check_out(out)
         from .. import models
 
         if args.model in models.available():
@@ -76,7 +77,9 @@ def run(args, cli) -> int:
         tokenizer = find_tokenizer(model_dir)
         ns = argparse.Namespace(prompts=args.prompts, corrupt=args.corrupt, metric=args.metric, method="patch")
         clean, corrupt = read_prompts(ns, model_dir, tokenizer, config)
+        created = cli.prepare_out(out)  # created and probed before the model loads
     except UsageError as e:
+        cli.remove_empty(created)
         return _fail(str(e))
     from .. import circuits, models
 
@@ -93,8 +96,11 @@ def run(args, cli) -> int:
             res = res.circuit(top_n=args.top or (None if args.threshold is not None else min(20, res.graph.n_edges)),
                               threshold=args.threshold)
     except (ValueError, TypeError) as e:
+        cli.remove_empty(created)
         return _fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        cli.remove_empty(created)
+        raise
     res.to_csv(out / "edges.csv")
     res.save(out / "circuit")
     res.plot(out / "circuit.svg")

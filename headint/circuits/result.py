@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..results.io import _restore_non_finite, _standard, _write_atomic, result_files
+from ..files import write_files_atomically
+from ..results.io import _restore_non_finite, _standard, result_files
 from .extract import connect, select
 from .graph import EdgeGraph
 
@@ -144,8 +145,7 @@ class CircuitResult:
         meta = _standard(meta, [], found)
         meta["non_finite"] = found
         text = json.dumps(meta, indent=1, allow_nan=False)
-        _write_atomic(tfile, data)
-        _write_atomic(jfile, text.encode())
+        write_files_atomically([(tfile, data), (jfile, text.encode())])
         return stem
 
     @classmethod
@@ -347,6 +347,6 @@ class CircuitResult:
                   for k, v in self.settings.items() if k not in ("cost", "method") and v is not None]
         page = circuit_report_html(graph, title=title or f"headint circuit: {self.method} ({self.metric_name})", settings=pairs)
         if path is not None:
-            _write_atomic(Path(path), page.encode("utf-8"))
+            write_files_atomically([(path, page.encode("utf-8"))])
         return page
 

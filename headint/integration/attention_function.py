@@ -2,12 +2,14 @@
 
 It only translates: it finds the calling thread's session for the calling module and the
 module's site ``(stack, layer)``, asks the session's :class:`~headint.plan.Plan` for this call's
-operands (:meth:`~headint.plan.Plan.for_call` for the default stack,
-:meth:`~headint.plan.Plan.for_stack_call` for the others), applies q/k/v edits, calls
-:func:`headint.attention` (or takes the plan's known output), adds the plan's head bias, and hands the head outputs to the
-session's recorder. The operands are moved to the call's device (models split across
-devices); under tensor parallelism (:func:`headint.distributed.head_shard`) they are sliced to
-the heads this rank holds, and recordings are gathered to every head.
+edits (:meth:`~headint.plan.Plan.for_call` for the default stack,
+:meth:`~headint.plan.Plan.for_stack_call` for the others), applies them stage by stage (one
+handler per stage of :mod:`headint.interventions.edits`: q/k/v replaced, operator arguments,
+pattern replacement, a known output, what is added after), calls :func:`headint.attention` (or
+takes the plan's known output), and hands the head outputs to the session's recorder. The
+edits are moved to the call's device (models split across devices); under tensor parallelism
+(:func:`headint.distributed.head_shard`) they are sliced to the heads this rank holds, and
+recordings are gathered to every head.
 """
 
 from __future__ import annotations
@@ -37,12 +39,40 @@ def register() -> None:
         AttentionMaskInterface.register(ATTN_NAME, headint_mask)
 
 
-def _apply_qkv_edits(edits, q, k, v):
-    tensors = {"q": q, "k": k, "v": v}
-    for which, sel, values in edits:
-        x = tensors[which]
-        tensors[which] = torch.where(sel.to(x.device)[..., None], values.to(x.device, x.dtype), x)
-    return tensors["q"], tensors["k"], tensors["v"]
+class _Applied:
+    """A call's q/k/v and operator arguments with a plan's edits applied, stage by stage (see
+    :mod:`headint.interventions.edits`: each field's stage picks its handler)."""
+
+    def __init__(self, query, key, value):
+        self.inputs = {"q": query, "k": key, "v": value}
+        self.operands: dict[str, Any] = {}
+        self.output: torch.Tensor | None = None  # known attention output [B, Hq, Tq, Dv]
+        self.after: list = []  # added to the attention output
+
+    def inputs_stage(self, f, r) -> None:  # q/k/v replaced before attention
+        x = self.inputs[f.target]
+        sel = r.select.to(x.device)[..., None]
+        self.inputs[f.target] = x.masked_fill(sel, 0) if r.values is None else torch.where(sel, r.values.to(x.device, x.dtype), x)
+
+    def operator_stage(self, f, x) -> None:  # an argument of headint.attention
+        self.operands[f.operand] = x
+
+    def pattern_stage(self, f, edits) -> None:  # probabilities replaced: folded into the head-output blend
+        self.operands["head_mask"], self.operands["head_patch"] = apply_pattern_edits(
+            edits, self.inputs["v"], self.operands.get("head_mask"), self.operands.get("head_patch"))
+
+    def output_stage(self, f, x) -> None:
+        self.output = x
+
+    def after_stage(self, f, x) -> None:
+        self.after.append(x)
+
+
+def _apply(plan, query, key, value) -> _Applied:
+    applied = _Applied(query, key, value)
+    for f, x in plan.items():
+        getattr(applied, f"{f.stage}_stage")(f, x)
+    return applied
 
 
 def headint_attention_forward(
@@ -111,22 +141,18 @@ def headint_attention_forward(
             plan = plan.to(query.device)
             if shard is not None:
                 plan = plan.for_heads(shard.q, shard.kv, shape.n_heads, take=lambda x, sl: take_heads(x, sl, shard))
-    kw: dict[str, Any] = {}
-    if plan is not None:
-        if plan.qkv_edits:
-            query, key, value = _apply_qkv_edits(plan.qkv_edits, query, key, value)
-        kw = dict(head_mask=plan.head_mask, head_patch=plan.head_patch, score_scale=plan.score_scale, knockout=plan.knockouts or None)
-        if plan.pattern_edits:
-            kw["head_mask"], kw["head_patch"] = apply_pattern_edits(plan.pattern_edits, value, plan.head_mask, plan.head_patch)
-    if plan is not None and plan.output is not None:  # known from a clean run (see CallPlan.output)
+    applied = _apply(plan, query, key, value) if plan is not None else _Applied(query, key, value)
+    query, key, value = applied.inputs["q"], applied.inputs["k"], applied.inputs["v"]
+    kw = applied.operands
+    if applied.output is not None:  # known from a clean run (see CallPlan.output)
         want = (B, query.shape[1], Tq, value.shape[-1])
-        if tuple(plan.output.shape) != want:
-            raise ValueError(f"the plan's output for layer {layer} has shape {list(plan.output.shape)}; expected {list(want)}")
-        out = plan.output.to(query.dtype)
+        if tuple(applied.output.shape) != want:
+            raise ValueError(f"the plan's output for layer {layer} has shape {list(applied.output.shape)}; expected {list(want)}")
+        out = applied.output.to(query.dtype)
     else:
         out = attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, window=window, backend=session.backend, **kw, **ops)
-    if plan is not None and plan.head_bias is not None:
-        out = out + plan.head_bias.to(out.device, out.dtype)
+    for x in applied.after:
+        out = out + x.to(out.device, out.dtype)
 
     if session.observer is not None:
         session.observer(module, query, key, value, out.transpose(1, 2), kwargs)

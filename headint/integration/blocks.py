@@ -1,6 +1,11 @@
 """Running parts of a model: capture each block's output, replay cached outputs in place of blocks
 (depth reuse in scans), run the final block for the last query only (:class:`LastQueryBlock`),
-and map over nested outputs."""
+replay an attention module's work before its attention call, and map over nested outputs.
+
+Everything here that installs a stand-in or a hook does so only in a private
+:class:`~headint.integration.replica.Replica` of a model (checked: a user's model is refused),
+so no other caller of the model ever sees it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapter import ModelParts
+from .replica import require_replica
 
 
 def map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -29,7 +35,8 @@ def map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 @contextlib.contextmanager
 def capture_block_outputs(parts: ModelParts, store: list) -> Iterator[None]:
-    """Append each block's output (detached) to ``store[layer]`` during the block."""
+    """Put each block's output (detached) in ``store[layer]`` during the block (``parts`` of a replica)."""
+    require_replica(parts.blocks, "capture_block_outputs")
     handles = []
     for i, block in enumerate(parts.blocks):
         def hook(_m, _a, out, i=i):
@@ -76,6 +83,7 @@ def replay_blocks(parts: ModelParts, upto: int, outputs: list) -> Iterator[None]
     Only the output of block ``upto - 1`` reaches block ``upto``; the earlier ones are
     replayed too so that no work is done for them. The original blocks are put back on exit.
     """
+    require_replica(parts.blocks, "replay_blocks")
     originals = [parts.blocks[i] for i in range(upto)]
     try:
         for i in range(upto):
@@ -226,6 +234,7 @@ class LastQueryBlock(nn.Module):
 def last_query_block(parts: ModelParts, n_positions: int) -> Iterator[LastQueryBlock]:
     """Within the block, the final transformer block is a :class:`LastQueryBlock` (for sequences
     of ``n_positions`` absolute positions); the original is put back on exit."""
+    require_replica(parts.blocks, "last_query_block")
     L = len(parts.blocks)
     original = parts.blocks[L - 1]
     stand_in = LastQueryBlock(original, n_positions)
@@ -259,6 +268,7 @@ def capture_children_before_attention(module: nn.Module, n_rows: int, T: int) ->
     output could not stand in for two calls, and only row-major outputs can be cut to a variant
     run's rows). The caller stops the forward at the attention call (:class:`AttentionReached`),
     so what is recorded finished before it."""
+    require_replica(module, "capture_children_before_attention")
     outputs: dict[str, Any] = {}
     calls: dict[str, int] = {}
     handles = []
@@ -303,6 +313,7 @@ def replay_children(module: nn.Module, outputs: dict, ex: torch.Tensor, n_rows: 
     of ``T`` tokens by :func:`capture_children_before_attention`) return those outputs' rows
     ``ex`` when called on ``len(ex)`` rows of ``T`` tokens; the originals are put back on exit.
     Yields the stand-ins (``replayed`` counts the calls they answered)."""
+    require_replica(module, "replay_children")
     originals = {name: getattr(module, name) for name in outputs}
     stand_ins = []
     try:

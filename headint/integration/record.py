@@ -11,7 +11,9 @@ import torch
 from ..activations import RECORDABLE, ActivationCache
 from .adapter import padding_position_ids
 from .hf import intervene
+from .replica import Replica
 from .structure import model_shape
+from ..tokens import check_token_ids, vocab_size
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 
@@ -65,6 +67,25 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
     :func:`headint.integration.adapter.padding_position_ids`), so padding changes no value.
     """
     recorder = Recorder(what, stack)
+    inputs, mask, resolved = _recording_inputs(model, inputs, stack, forward_kwargs)
+    with torch.no_grad(), intervene(model, interventions, backend=backend, recorder=recorder):
+        model(**inputs, **forward_kwargs)
+    return _cache(recorder, mask, resolved, stack)
+
+
+def record_in(replica: Replica, inputs, what: Iterable[str] = ("z",), *, backend: str = "auto") -> ActivationCache:
+    """:func:`record` (default stack, no interventions) run in a private
+    :class:`~headint.integration.replica.Replica` of the model: the model itself is only read."""
+    recorder = Recorder(what)
+    inputs, mask, resolved = _recording_inputs(replica.model, inputs, None, {})
+    with torch.no_grad(), replica.session(None, backend, recorder):
+        replica.root(**inputs)
+    return _cache(recorder, mask, resolved, None)
+
+
+def _recording_inputs(model, inputs, stack, forward_kwargs: dict) -> tuple[dict, torch.Tensor | None, str]:
+    """``(model inputs, the recorded stack's attention mask, the stack's name)``; inputs named in
+    ``forward_kwargs`` move into the inputs, and padded batches get position ids."""
     if isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
     inputs = dict(inputs)
@@ -73,6 +94,8 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
             if k in inputs:
                 raise TypeError(f"record: {k} was given both in inputs and as a keyword")
             inputs[k] = forward_kwargs.pop(k)
+    if isinstance(inputs.get("input_ids"), torch.Tensor):
+        check_token_ids(inputs["input_ids"], vocab_size(model), "record: input_ids", shape="[B, T]")
     mask = inputs.get("attention_mask")
     shape = model_shape(model)
     resolved = shape.resolve_stack(stack, "record stack")
@@ -82,8 +105,10 @@ def record(model, inputs, what: Iterable[str] = ("z",), *, interventions=(), bac
         pos = padding_position_ids(model, mask)
         if pos is not None:
             inputs["position_ids"] = pos
-    with torch.no_grad(), intervene(model, interventions, backend=backend, recorder=recorder):
-        model(**inputs, **forward_kwargs)
+    return inputs, mask, resolved
+
+
+def _cache(recorder: Recorder, mask, resolved: str, stack) -> ActivationCache:
     if mask is not None:
         lengths = {t.shape[1] for (w, _), t in recorder.tensors.items() if w == "z"}
         if lengths and lengths != {mask.shape[-1]}:

@@ -134,7 +134,7 @@ class _Switch:
             )
 
 
-def _set_q_start(module, args, kwargs) -> None:
+def _set_q_start(module, args, kwargs) -> None:  # marked below: a session hook
     """Forward pre-hook: where this forward's queries sit in the whole sequence.
 
     Read from ``cache_position``, else the 2D attention mask (which covers past and new
@@ -163,6 +163,24 @@ def _set_q_start(module, args, kwargs) -> None:
         session.q_start = int(past.get_seq_length())
     else:
         session.q_start = None
+
+
+# Hooks headint's sessions register carry this mark (a Replica made meanwhile leaves them out).
+_Switch._before_forward._headint_hook = True
+_Switch._after_forward._headint_hook = True
+_set_q_start._headint_hook = True
+
+
+def model_attn_implementation(config) -> tuple[bool, Any] | None:
+    """``(had, value)``: ``config``'s own ``_attn_implementation_internal`` (whether its
+    ``__dict__`` had one, and which) as saved by an open session's switch, or None when no
+    session has switched it (the config holds its own)."""
+    with _LOCK:
+        for sw in _SWITCHES.values():
+            for c, value, had in sw.saved:
+                if c is config:
+                    return had, value
+    return None
 
 
 def current_session(module) -> Session | None:

@@ -2,7 +2,7 @@
 
 headint does not guess a model's attention from its config or class name: on the first
 :func:`headint.intervene` (or :func:`model_shape`) for a model it runs one small forward pass
-(a few tokens, ``torch.no_grad``, eval mode; the model is left exactly as it was) twice: with
+(a few tokens, ``torch.no_grad``, eval mode, in a private replica: the model is only read) twice: with
 the model's own attention implementation, and with headint's attention function, watching
 every call. From that run it learns, per attention module:
 
@@ -48,6 +48,7 @@ from ..shape import LayerShape, ModelShape
 from . import masks
 from .adapter import UnsupportedModelError, check_transformers_version, config_shape, input_device, model_configs, text_config
 from .attention_function import register
+from .replica import Replica
 from .session import Session, close_session, open_session, switched_by_any_session
 
 PROBE_LEN = 5  # encoder / decoder-only probe length
@@ -268,30 +269,40 @@ def _run(model, inputs) -> torch.Tensor | None:
 
 
 def probe(model) -> ModelStructure:
-    """Run the probe forward (see the module docstring) and return its findings, uncached."""
+    """Run the probe forward (see the module docstring) and return its findings, uncached.
+
+    Both forwards run in a private :class:`~headint.integration.replica.Replica` of the model (in
+    eval mode, with the model's own attention implementation, then switched to headint's), so the
+    model itself is only read: another thread using it meanwhile sees nothing. A model with
+    instance-level forwards of its own (``Replica.foreign``: they may run the model's modules, not
+    the replica's) is probed in place instead, as ``intervene`` runs it (eval mode and the switch
+    for the length of the probe, restored after)."""
     st = ModelStructure(type(model).__name__)
     try:
         inputs = probe_inputs(model)
     except UnsupportedModelError as e:
         st.problems.append(str(e))
         return st
-    flags = [(m, m.training) for m in model.modules()]
+    replica = Replica(model)
+    root = model if replica.foreign else replica.root
+    flags = [(m, m.training) for m in root.modules()]
     reference = probed = None
     register()
     try:
-        model.eval()
+        root.eval()
         with torch.no_grad():
-            if not switched_by_any_session(model):  # else the model's own attention is not reachable now
-                reference = _run(model, inputs)
-            watcher, probed = _probed_run(model, inputs)
-            if reference is not None and probed is not None and not _difference(probed, reference) <= _tolerance(model) \
-                    and not all(masks.is_marked(c) for c in model_configs(model)):
+            if root is not model or not switched_by_any_session(model):  # else the model's own attention is not reachable now
+                reference = _run(root, inputs)
+            watcher, probed = _probed_run(root, inputs)
+            configs = model_configs(root)
+            if reference is not None and probed is not None and not _difference(probed, reference) <= _tolerance(root) \
+                    and not all(masks.is_marked(c) for c in configs):
                 # a model that relies on its causal mask being built (eager-only models whose modules do not
                 # say they are causal): headint's attention with every mask materialized may be exactly its own
-                with masks.materialized_masks(model_configs(model)):
-                    full = _probed_run(model, inputs)
-                if _difference(full[1], reference) <= _tolerance(model):
-                    masks.mark(model_configs(model))
+                with masks.materialized_masks(configs):
+                    full = _probed_run(root, inputs)
+                if _difference(full[1], reference) <= _tolerance(root):
+                    masks.mark(model_configs(model))  # replicas made from now on copy the mark (Replica._config)
                     watcher, probed = full
                     st.full_masks = True
     except (NotImplementedError, UnsupportedModelError) as e:
@@ -303,7 +314,9 @@ def probe(model) -> ModelStructure:
     finally:
         for m, training in flags:
             m.training = training
-    _analyse(model, st, watcher, reference, probed)
+    _analyse(root, st, watcher, reference, probed)
+    if root is not model:
+        st.sites = {replica.original_id(mid): site for mid, site in st.sites.items()}  # the model's own modules
     return st
 
 
@@ -311,12 +324,21 @@ def _tolerance(model) -> float:
     return TOLERANCE.get(next(model.parameters()).dtype, HALF_TOLERANCE)
 
 
+def _watch(watcher: _Watcher):
+    def hook(module, args, kwargs):
+        return watcher.pre_hook(module, args, kwargs)
+
+    hook._headint_hook = True  # a replica made meanwhile leaves it out
+    return hook
+
+
 def _probed_run(model, inputs) -> tuple[_Watcher, torch.Tensor | None]:
-    """One forward with headint's attention (no interventions), every call watched."""
+    """One forward of ``model`` (the probe's replica, or the model itself) with headint's
+    attention (no interventions), every call watched."""
     watcher = _Watcher(model)
     session = Session(model, None, "auto")
     session.observer = watcher.observe
-    handles = [m.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(_watch(watcher), with_kwargs=True) for m in model.modules()]
     try:
         open_session(session)
         return watcher, _run(model, inputs)
@@ -442,6 +464,22 @@ def check_supported(model) -> ModelStructure:
     st = model_structure(model)
     st.check()
     return st
+
+
+def model_replica(model) -> Replica:
+    """A private :class:`~headint.integration.replica.Replica` of a supported ``model``, with
+    its structure (checked as by :func:`check_supported`). A model whose modules carry
+    instance-level forwards of their own (``Replica.foreign``) is refused: they may run the
+    model's modules instead of the replica's, and a scan must not change the model to run it."""
+    rep = Replica(model, check_supported(model))
+    if rep.foreign:
+        shown = rep.foreign[:4] + (["..."] if len(rep.foreign) > 4 else [])
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: modules {shown} carry an instance-level forward that is code of its own (not a "
+            "bound method or functools.partial of the module), which may run the model's submodules instead of the scan's "
+            "private replica of it; headint scans only run models they can run without changing them "
+            "(headint.intervene still works)")
+    return rep
 
 
 def model_shape(model_or_config) -> ModelShape:

@@ -10,7 +10,8 @@ implements ``lower(call)`` with the edit methods of
 
 from .ablate import Ablate
 from .base import Intervention
-from .call import AttentionCall, CallPlan
+from .call import AttentionCall
+from .edits import CallPlan
 from .knockout import Knockout
 from .patch import Patch
 from .patch_qkv import PatchQKV

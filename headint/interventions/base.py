@@ -67,6 +67,9 @@ def head_list(head: Any, n: int, what: str, layer: int) -> list[int]:
     return hs
 
 
+MAX_POSITION = 2**63  # positions become int64 tensors
+
+
 def positions_form(pos: Any, name: str) -> Any:
     """Normalise ``pos``: None, a bool tensor ``[T]``/``[B, T]`` or a list of non-negative ints."""
     if pos is None:
@@ -93,6 +96,8 @@ def positions_form(pos: Any, name: str) -> Any:
             raise TypeError(f"{name} must be non-negative ints (absolute token positions), a bool tensor or None; got {p!r}") from None
         if p < 0:
             raise ValueError(f"{name} must be non-negative ints (absolute token positions), got {p!r}")
+        if p >= MAX_POSITION:
+            raise ValueError(f"{name}: position {p} is beyond any sequence (positions index tokens; at most {MAX_POSITION - 1})")
         out.append(p)
     return out
 

@@ -1,5 +1,6 @@
 """One attention call as interventions see it: :class:`AttentionCall` (geometry + edit methods)
-and the :class:`CallPlan` it produces (the operands the attention function takes).
+and the :class:`~headint.interventions.edits.CallPlan` it produces (the call's edits, described
+in :mod:`headint.interventions.edits`).
 
 Layouts (``Bs`` is 1, meaning every row alike, or the model's batch ``B``; under per-row
 interventions each row gets its own call with ``Bs == 1``):
@@ -18,7 +19,6 @@ scales it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,86 +26,7 @@ import torch
 from ..ops.knockout import EdgeKnockout
 from ..shape import ModelShape
 from .base import as_real, head_list, positions_form
-
-
-@dataclass
-class CallPlan:
-    """Operator arguments for one attention call (``Bp`` is 1 or the batch size).
-
-    head_mask ``[Bp, H, Tq]`` float32 and head_patch ``[Bp, H, Tq, D]`` float32 (or None: zeros)
-    for :func:`headint.attention`; head_bias ``[Bp, H, Tq, D]`` float32 added to the attention's
-    output ``[B, H, Tq, D]`` right after it; score_scale ``[Bp, H]``; knockouts: a list of
-    :class:`~headint.ops.EdgeKnockout`; qkv_edits: ``(which, select [Bp, Hx, T] bool,
-    values [Bp, Hx, T, D])`` applied to q/k/v before attention; pattern_edits: ``(select
-    [Bp, H, Tq] bool, probs [Bp, H, Tq, Tk])``: those heads' outputs at those queries become
-    ``probs @ v`` (attention probabilities replaced; see
-    :mod:`headint.integration.pattern_patch`); output ``[B, H, Tq, Dv]``: the call's attention
-    output when the plan already knows it (a scan variant whose inputs to this layer are the
-    clean run's: the clean head outputs blended with the replacement, see
-    :class:`headint.scans.runner.CleanAttentionPlan`); the attention function then uses it in
-    place of computing attention (the head bias is still added).
-    """
-
-    head_mask: torch.Tensor | None = None
-    head_patch: torch.Tensor | None = None
-    head_bias: torch.Tensor | None = None
-    score_scale: torch.Tensor | None = None
-    knockouts: list = field(default_factory=list)
-    qkv_edits: list = field(default_factory=list)
-    pattern_edits: list = field(default_factory=list)
-    output: torch.Tensor | None = None
-
-    @property
-    def empty(self) -> bool:
-        return (self.head_mask is None and self.head_bias is None and self.score_scale is None
-                and not self.knockouts and not self.qkv_edits and not self.pattern_edits and self.output is None)
-
-    def to(self, device) -> "CallPlan":
-        """This plan with every tensor on ``device`` (the attention call's: a model split across
-        devices gets each layer's operands on that layer's device); self when all already are."""
-        device = torch.device(device)
-
-        def mv(x):
-            return x if x is None or x.device == device else x.to(device)
-
-        tensors = [self.head_mask, self.head_patch, self.head_bias, self.score_scale, self.output]
-        tensors += [t for ko in self.knockouts for t in (ko.queries, ko.keys) if isinstance(t, torch.Tensor)]
-        tensors += [t for _, s, v in self.qkv_edits for t in (s, v)]
-        tensors += [t for s, p in self.pattern_edits for t in (s, p)]
-        if all(t is None or t.device == device for t in tensors):
-            return self
-        knockouts = [EdgeKnockout(mv(ko.queries) if isinstance(ko.queries, torch.Tensor) else ko.queries,
-                                  mv(ko.keys) if isinstance(ko.keys, torch.Tensor) else ko.keys) for ko in self.knockouts]
-        return CallPlan(mv(self.head_mask), mv(self.head_patch), mv(self.head_bias), mv(self.score_scale),
-                        knockouts, [(w, mv(s), mv(v)) for w, s, v in self.qkv_edits],
-                        [(mv(s), mv(p)) for s, p in self.pattern_edits], mv(self.output))
-
-    def for_heads(self, q: slice, kv: slice, n_heads: int, take=None) -> "CallPlan":
-        """The operands of the heads one tensor-parallel rank holds: query heads ``q`` and
-        key/value heads ``kv`` of the global numbering (``n_heads`` query heads). Per-head
-        tensors are sliced on their head dim (dim 1) by ``take(x, sl)`` (default ``x[:, sl]``;
-        the attention function passes one whose backward sums gradients over the ranks); a
-        head dim of 1 broadcasts and is kept."""
-        take = take or (lambda x, sl: x[:, sl])
-
-        def heads(x, sl):
-            return x if x is None or x.shape[1] == 1 else take(x, sl)
-
-        def ko_side(x):
-            return heads(x, q) if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] in (1, n_heads) else x
-
-        for ko in self.knockouts:
-            for side in (ko.queries, ko.keys):
-                if not (isinstance(side, torch.Tensor) and side.dim() == 3 and side.shape[1] in (1, n_heads)):
-                    raise ValueError(f"a tensor-parallel call needs knockout selectors as [B, {n_heads} or 1, T] tensors, "
-                                     f"got {type(side).__name__} {list(side.shape) if isinstance(side, torch.Tensor) else side!r}")
-        return CallPlan(
-            heads(self.head_mask, q), heads(self.head_patch, q), heads(self.head_bias, q), heads(self.score_scale, q),
-            [EdgeKnockout(ko_side(ko.queries), ko_side(ko.keys)) for ko in self.knockouts],
-            [(w, heads(s, q if w == "q" else kv), heads(v, q if w == "q" else kv)) for w, s, v in self.qkv_edits],
-            [(heads(s, q), heads(p, q)) for s, p in self.pattern_edits],
-            heads(self.output, q),
-        )
+from .edits import INPUT_EDITS, CallPlan, PatternEdit, Replacement
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,7 +49,7 @@ class AttentionCall:
     Values: :meth:`batch` (a per-row source's rows for this call), :meth:`values_at` (a
     recording's values at this call's positions). Edits: :meth:`replace_output`,
     :meth:`scale_output`, :meth:`add_output`, :meth:`scale_scores`, :meth:`knock_out`,
-    :meth:`replace_qkv`. :meth:`plan` returns the resulting :class:`CallPlan`.
+    :meth:`replace_qkv`, :meth:`replace_pattern`. :meth:`plan` returns the resulting :class:`CallPlan`.
     """
 
     def __init__(self, shape: ModelShape, layer: int, B: int, Tq: int, Tk: int, device, q_start: int,
@@ -149,7 +70,8 @@ class AttentionCall:
         self._b: torch.Tensor | None = None  # [Bs, H, Tq, D]
         self._score_scale: torch.Tensor | None = None
         self._knockouts: list[EdgeKnockout] = []
-        self._qkv: list = []
+        self._inputs: dict[str, Replacement] = {}  # "q"/"k"/"v" -> the merged replacement
+        self._patterns: list[PatternEdit] = []
         self._H, self._D = H, D
 
     # -- selectors --------------------------------------------------------------------------------------
@@ -236,17 +158,19 @@ class AttentionCall:
             raise ValueError(f"{what}: the selector must be bool [Bs, {self._H}, {self.Tq}] (from call.select), got {got}")
         return self.batch(sel.to(self.device), what)
 
-    def _values(self, x: Any, what: str) -> torch.Tensor:
-        """``x`` as float32 on this call's device, checked to broadcast to ``[Bs, Hq, Tq, D]``."""
+    def _values(self, x: Any, what: str, last: int | None = None, last_name: str = "D") -> torch.Tensor:
+        """``x`` as float32 on this call's device, checked to broadcast to ``[Bs, Hq, Tq, last]``
+        (``last`` default: the head dim ``D``)."""
+        last = self._D if last is None else last
         v = torch.as_tensor(x, device=self.device).float()
         try:
-            s = torch.broadcast_shapes(tuple(v.shape), (1, self._H, self.Tq, self._D))
-            fits = v.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, self._D) and s[0] in (1, self.B)
+            s = torch.broadcast_shapes(tuple(v.shape), (1, self._H, self.Tq, last))
+            fits = v.dim() <= 4 and tuple(s[1:]) == (self._H, self.Tq, last) and s[0] in (1, self.B)
         except RuntimeError:
             fits = False
         if not fits:
             raise ValueError(f"{what} has shape {list(v.shape)}; expected a tensor broadcastable to "
-                             f"[Bs, {self._H}, {self.Tq}, {self._D}] ([Bs, H, Tq, D] with Bs 1 or {self.B})")
+                             f"[Bs, {self._H}, {self.Tq}, {last}] ([Bs, H, Tq, {last_name}] with Bs 1 or {self.B})")
         return self.batch(v, what) if v.dim() == 4 else v
 
     def replace_output(self, sel: torch.Tensor, value: Any) -> None:
@@ -293,11 +217,27 @@ class AttentionCall:
 
     def replace_qkv(self, which: str, sel: torch.Tensor, values: torch.Tensor) -> None:
         """Before attention, ``which`` (``"q"``, ``"k"`` or ``"v"``) takes ``values [Bs, Hx, T, D]``
-        where ``sel [Bs, Hx, T]`` is true."""
-        if which not in ("q", "k", "v"):
+        where ``sel [Bs, Hx, T]`` is true (a later replacement of the same entries wins)."""
+        if which not in INPUT_EDITS:
             raise ValueError(f"replace_qkv: which must be 'q', 'k' or 'v', got {which!r}")
-        self._qkv.append((which, sel.to(self.device), values.to(self.device)))
+        sel, values = sel.to(self.device), values.to(self.device)
+        old = self._inputs.get(which)
+        if old is not None:
+            values = torch.where(sel[..., None], values, old.values)
+            sel = sel | old.select
+        self._inputs[which] = Replacement(sel, values)
+
+    def replace_pattern(self, sel: torch.Tensor, probs: Any) -> None:
+        """The selected heads' attention probabilities at the selected queries (``sel [Bs, Hq, Tq]``
+        bool, from :meth:`select`) become ``probs`` (broadcastable to ``[Bs, Hq, Tq, Tk]``: rows over
+        this call's keys), so those head outputs become ``probs @ v``; output edits (replace, scale,
+        add) apply on top of it, whatever order they are made in (see
+        :mod:`headint.integration.pattern_patch`)."""
+        sel = self._check_sel(sel, "replace_pattern")
+        p = self._values(probs, "replace_pattern probs", self.Tk, "Tk")
+        self._patterns.append(PatternEdit(sel, p.expand(p.shape[0] if p.dim() == 4 else 1, self._H, self.Tq, self.Tk)))
 
     def plan(self) -> CallPlan:
         return CallPlan(head_mask=self._m, head_patch=self._p, head_bias=self._b, score_scale=self._score_scale,
-                        knockouts=list(self._knockouts), qkv_edits=list(self._qkv))
+                        knockouts=list(self._knockouts), pattern_edits=list(self._patterns),
+                        **{INPUT_EDITS[w]: r for w, r in self._inputs.items()})

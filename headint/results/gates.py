@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .grid import head_set_name
+from .plots import literal
 
 __all__ = ["GateResult"]
 
@@ -87,7 +88,7 @@ class GateResult:
                     ax.text(h, l, f"{data[l, h]:.2f}", ha="center", va="center", fontsize=7,
                             color="black" if data[l, h] > 0.5 else "white")
         fig.colorbar(im, ax=ax, label="gate")
-        ax.set_title(title or f"learned gates ({self.kind}), {len(self.open_heads)} of {L * H} open")
+        ax.set_title(literal(title or f"learned gates ({self.kind}), {len(self.open_heads)} of {L * H} open"))
         fig.tight_layout()
         if path is not None:
             fig.savefig(Path(path), format="png", dpi=100)
@@ -100,7 +101,7 @@ class GateResult:
         c = self.curve
         fig = Figure(figsize=(9.0, 3.5))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        ax1.plot(c["step"], c["objective"], label=f"objective ({self.metric_name})")
+        ax1.plot(c["step"], c["objective"], label=literal(f"objective ({self.metric_name})"))
         ax1.plot(c["step"], c["penalty"], label="penalty")
         ax1.set_xlabel("step")
         ax1.legend()

@@ -14,6 +14,12 @@ A saved result is a pair of files with one stem: ``<stem>.safetensors`` holds th
   "NaN" | "Infinity" | "-Infinity"}]``), so it reads back as exactly that float while a
   ``None`` stays ``None``.
 
+Saving writes both files under temporary names, flushed to disk, before renaming them over
+the stem (:func:`headint.files.write_files_atomically`): a save that fails (a full disk) leaves
+the result previously saved at that stem loadable, and no temporary file. Loading reads only
+regular files (no FIFO or device), a sidecar of at most 256 MiB and a tensor file no larger
+than the sidecar's shapes allow.
+
 Version 1 sidecars (headint 0.1 before this format) still load when the tensor file they
 name is the one beside them (they carry no hash); anything else is an error that names the
 file and what is wrong.
@@ -27,6 +33,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from ..files import MAX_TEXT_BYTES, JSONError, parse_json, read_bytes, read_text, write_files_atomically
 
 __all__ = ["FORMAT", "VERSION", "result_files", "save", "read", "write_csv"]
 
@@ -101,12 +109,6 @@ def _restore_non_finite(meta: dict, records: Any, json_file: Path) -> None:
 # ------------------------------------------------------------------ save
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save(result, path: str | os.PathLike) -> Path:
     """Write ``result`` to ``path`` (see :meth:`ScanResult.save`); returns the stem."""
     from safetensors.torch import save as tensors_to_bytes
@@ -135,8 +137,9 @@ def save(result, path: str | os.PathLike) -> Path:
     meta = _standard(meta, [], found)
     meta["non_finite"] = found
     text = json.dumps(meta, indent=2, allow_nan=False)
-    _write_atomic(tensor_file, data)
-    _write_atomic(json_file, text.encode())
+    # Both files reach the disk under temporary names before either final name changes: a save
+    # that fails (a full disk, say) leaves a previous result at this stem loadable.
+    write_files_atomically([(tensor_file, data), (json_file, text.encode())])
     return stem
 
 
@@ -144,15 +147,16 @@ def save(result, path: str | os.PathLike) -> Path:
 
 
 def _read_sidecar(json_file: Path) -> dict:
+    text = read_text(json_file, "ScanResult sidecar", MAX_TEXT_BYTES)  # a regular file of bounded size
     try:
-        meta = json.loads(json_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{json_file} is not a saved ScanResult: it is not valid JSON ({e})") from None
+        meta = parse_json(text, str(json_file))
+    except JSONError as e:
+        raise ValueError(f"{json_file} is not a saved ScanResult: it is {e.reason}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{json_file} is not a saved ScanResult (format {found!r}, expected {FORMAT!r})")
     version = meta.get("version")
-    if version not in _REQUIRED:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in _REQUIRED:
         raise ValueError(
             f"{json_file}: unknown ScanResult format version {version!r}; this headint reads versions "
             f"{sorted(_REQUIRED)} (a newer headint may have written it)"
@@ -189,11 +193,22 @@ def _shape_field(meta: dict, json_file: Path) -> list[int] | None:
     if "grid_shape" not in meta and "n_examples" not in meta:
         return None
     grid, n = meta.get("grid_shape"), meta.get("n_examples")
-    ok = isinstance(grid, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
-    if not ok or not isinstance(n, int) or isinstance(n, bool):
-        raise ValueError(f"{json_file}: fields 'grid_shape' (list of ints) and 'n_examples' (int) are malformed: "
+    ok = isinstance(grid, list) and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in grid)
+    if not ok or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"{json_file}: fields 'grid_shape' (list of ints >= 0) and 'n_examples' (int >= 0) are malformed: "
                          f"{grid!r}, {n!r}")
     return [*grid, n]
+
+
+def _tensor_file_cap(shape: list[int] | None) -> int | None:
+    """The most bytes a tensor file of a result with ``shape`` (grid + [N]) can hold: float64
+    ``per_example`` and ``base_per_example`` plus a header (None when the sidecar gives no shape)."""
+    if shape is None:
+        return None
+    numel = 1
+    for n in shape:
+        numel *= n
+    return 8 * (numel + shape[-1]) + 2**20
 
 
 def read(path: str | os.PathLike) -> tuple[Path, dict]:
@@ -214,7 +229,8 @@ def read(path: str | os.PathLike) -> tuple[Path, dict]:
     if not tensor_file.exists():
         raise FileNotFoundError(f"{json_file}: its tensor file {tensor_file} does not exist (the two files of a "
                                 "ScanResult share one stem and are renamed together)")
-    data = tensor_file.read_bytes()
+    expected = _shape_field(meta, json_file)
+    data = read_bytes(tensor_file, "ScanResult tensor file", _tensor_file_cap(expected))
     if meta["version"] >= 2:
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta["tensor_sha256"]:
@@ -229,7 +245,6 @@ def read(path: str | os.PathLike) -> tuple[Path, dict]:
         raise ValueError(f"{tensor_file} is not a safetensors file ({e})") from None
     if "per_example" not in tensors:
         raise ValueError(f"{tensor_file} has no 'per_example' tensor (found {sorted(tensors)})")
-    expected = _shape_field(meta, json_file)
     if expected is not None and list(tensors["per_example"].shape) != expected:
         raise ValueError(f"{tensor_file}: per_example has shape {list(tensors['per_example'].shape)}, but {json_file} "
                          f"records grid_shape + [n_examples] = {expected}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .plots import literal
 from .stats import finite_count, finite_mean, finite_stderr, paired_stderr
 
 __all__ = ["KnockoutResult"]
@@ -98,14 +99,14 @@ class KnockoutResult:
         im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=lim if value == "effect" else None, aspect="auto", interpolation="nearest")
         step = max(1, -(-S // 32))
         ax.set_xticks(range(0, S, step))
-        ax.set_xticklabels([str(s) for s in self.sources[::step]], rotation=90 if S > 8 else 0, fontsize=7)
+        ax.set_xticklabels([literal(s) for s in self.sources[::step]], rotation=90 if S > 8 else 0, fontsize=7)
         if len(ylabels) <= 64:
             ax.set_yticks(range(len(ylabels)))
             ax.set_yticklabels(ylabels, fontsize=7)
         ax.set_xlabel("source")
         ax.set_ylabel("layers knocked out" + (" (per head)" if self.per_head else ""))
-        fig.colorbar(im, ax=ax, label=f"{self.metric_name} ({value})")
-        ax.set_title(title or f"attention knockout, window {self.window}")
+        fig.colorbar(im, ax=ax, label=literal(f"{self.metric_name} ({value})"))
+        ax.set_title(literal(title or f"attention knockout, window {self.window}"))
         fig.tight_layout()
         if path is not None:
             fig.savefig(Path(path), format="png", dpi=100)

@@ -3,7 +3,8 @@
 A head-set scan (``axes ("head_set",)``, e.g. every pair of heads) says what removing a set
 does; whether the heads interact shows only beside what the same heads do alone. Per example
 ``n``, with ``base[n]`` the metric of the run the interventions were applied to (the result's
-``base_per_example``, else its clean baseline):
+``base_per_example``, else the baseline its effects are measured from: the corrupt one for
+denoising, else the clean one):
 
 * ``effect[n]      = set[n] - base[n]``
 * ``singles_sum[n] = sum over the set's heads (l, h) of (single[l, h, n] - base[n])``
@@ -27,9 +28,10 @@ def _base(result) -> torch.Tensor:
     """The per-example base ``[N]`` (float64) of ``result``."""
     if result.base_per_example is not None:
         return result.base_per_example.double()
-    if result.clean_baseline is None:
-        raise ValueError("pair_frame needs effects: a result with base_per_example or a clean_baseline")
-    return torch.full((result.n_examples,), float(result.clean_baseline), dtype=torch.float64)
+    if result.reference_baseline is None:
+        raise ValueError(f"pair_frame needs effects: a result with base_per_example or a {result.reference}_baseline "
+                         f"(its effects are measured from the {result.reference} run)")
+    return torch.full((result.n_examples,), float(result.reference_baseline), dtype=torch.float64)
 
 
 def pair_frame(sets, singles):
@@ -52,6 +54,9 @@ def pair_frame(sets, singles):
     if singles.metric_name != sets.metric_name or singles.normalized != sets.normalized:
         raise ValueError(f"singles ({singles.metric_name!r}, normalized={singles.normalized}) and sets ({sets.metric_name!r}, "
                          f"normalized={sets.normalized}) must measure the same metric the same way")
+    if singles.reference != sets.reference:
+        raise ValueError(f"singles measure effects from the {singles.reference} run and sets from the {sets.reference} run; "
+                         "both must be scanned in the same direction")
     L, H = singles.grid_shape
     single = singles.per_example.double() - _base(singles)  # [L, H, N]
     base = _base(sets)

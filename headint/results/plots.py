@@ -15,30 +15,40 @@ import numpy as np
 
 from .grid import head_set_name
 
-__all__ = ["heatmap", "describe", "pattern_image"]
+__all__ = ["heatmap", "describe", "pattern_image", "literal"]
 
 
-def describe(result) -> str:
+def literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: every ``$`` escaped, so a token, a metric or a
+    folder name such as ``"$x^$"`` is never parsed as mathtext (which would draw it as math or
+    fail with a parser error). Every string from user data goes through here before a plot."""
+    return str(text).replace("$", r"\$")
+
+
+def describe(result, value: str = "effect") -> str:
     """One line naming what a plot of ``result`` shows: method, direction (where it applies),
-    kind (exact / attribution), N and whether the values are normalized, e.g.
-    ``"method patch, direction noising, N=64"``."""
+    kind (exact / attribution), N, whether the values are normalized and, for a plot of the
+    effect (``value``), which run it is measured from, e.g. ``"method patch, direction
+    denoising, N=64, effect from the corrupt run"``."""
     s = result.settings
     parts = []
-    if s.get("kind") == "attribution":
+    if s.kind == "attribution":
         parts.append("attribution estimate")
-    if s.get("method"):
-        parts.append(f"method {s['method']}")
-    if s.get("direction"):
-        parts.append(f"direction {s['direction']}")
+    if s.method:
+        parts.append(f"method {s.method}")
+    if s.direction:
+        parts.append(f"direction {s.direction}")
     parts.append(f"N={result.n_examples}")
     if result.normalized:
         parts.append("normalized: 0 = corrupt, 1 = clean")
+    if value == "effect" and result.has_baseline:
+        parts.append(f"effect from the {result.reference} run")
     return ", ".join(parts)
 
 
 def _visible(token: str) -> str:
     """A tick label for ``token``: spaces shown as ``␣``, newlines and tabs escaped."""
-    return token.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t")
+    return literal(token.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t"))
 
 
 def _check_tokens(tokens, P: int) -> list[str]:
@@ -54,14 +64,16 @@ def heatmap(result, path: str | os.PathLike | None = None, *, title: str | None 
             tokens=None, singles=None):
     """Plot ``result``; returns a ``matplotlib.figure.Figure`` (PNG saved to ``path`` if given).
 
-    value: ``"effect"`` (values minus the clean baseline; falls back to ``"value"`` without
-    one) or ``"value"``. ``("layer", "head")``: a layer x head image; ``("layer", "head",
+    value: ``"effect"`` (values minus the base run's baseline, :attr:`ScanResult.effect`: the
+    corrupt one for denoising, else the clean one; falls back to ``"value"`` without it) or
+    ``"value"``. ``("layer", "head")``: a layer x head image; ``("layer", "head",
     "position")``: a (layer*head) x position image; ``("head_set",)``: a bar chart whose error
     bars are the standard error of what the bars show (``effect_stderr`` for the effect,
     ``stderr`` for the value). Images use a diverging colour map centred at zero and a colour
     bar labelled with the metric name. NaN cells are blank (images) or grey zero-height bars.
 
-    The title always ends with :func:`describe` (method, direction, N), below ``title`` if given.
+    The title always ends with :func:`describe` (method, direction, N, the run effects are
+    measured from), below ``title`` if given.
     tokens: for position scans only, ``P`` strings labelling the position axis (e.g.
     :func:`headint.to_str_tokens` of the prompt). singles: for head-set scans of effects only,
     the single-head scan (``("layer", "head")``, same examples) whose effects summed over each
@@ -87,11 +99,12 @@ def heatmap(result, path: str | os.PathLike | None = None, *, title: str | None 
         data, err = result.effect.double().numpy(), result.effect_stderr.double().numpy()
     else:
         data, err = result.values.double().numpy(), result.stderr.double().numpy()
-    label = f"{result.metric_name} ({value}{', normalized' if result.normalized else ''})"
+    what = f"effect: value - {result.reference}" if value == "effect" else "value"
+    label = literal(f"{result.metric_name} ({what}{', normalized' if result.normalized else ''})")
     if title is None:
         per = {"head_set": "head set", "position": "head and position"}.get(result.axes[-1], "head")
         title = f"{result.metric_name} {value} per {per}"
-    title = f"{title}\n{describe(result)}"
+    title = literal(f"{title}\n{describe(result, value)}")
 
     if result.axes == ("head_set",):
         names = [head_set_name(s) for s in result.labels]
@@ -140,7 +153,7 @@ def pattern_image(pattern, tokens=None, *, title: str = "", path: str | os.PathL
         _integer_ticks(ax.xaxis, Tk)
         _integer_ticks(ax.yaxis, Tq)
     fig.colorbar(im, ax=ax, label="attention probability")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(Path(path), format="png", dpi=100)

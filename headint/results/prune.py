@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .grid import head_set_name
+from .plots import literal
 from .stats import finite_count, finite_mean, finite_stderr
 
 __all__ = ["PruneCurve"]
@@ -77,8 +78,8 @@ class PruneCurve:
         ax.plot(x, y, marker="o", markersize=3)
         ax.fill_between(x, y - e, y + e, alpha=0.25)
         ax.set_xlabel("fraction of heads removed")
-        ax.set_ylabel(self.metric_name)
-        ax.set_title(title or f"pruning curve (order: {self.order})")
+        ax.set_ylabel(literal(self.metric_name))
+        ax.set_title(literal(title or f"pruning curve (order: {self.order})"))
         fig.tight_layout()
         if path is not None:
             fig.savefig(Path(path), format="png", dpi=100)

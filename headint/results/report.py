@@ -130,13 +130,17 @@ def _summary_pairs(result) -> list[tuple[str, str]]:
     pairs = [("metric", result.metric_name), ("what the plots show", plots.describe(result)),
              ("examples (N)", str(result.n_examples)), ("clean baseline", format_number(result.clean_baseline)),
              ("corrupt baseline", format_number(result.corrupt_baseline))]
-    for key in ("kind", "method", "direction", "model", "model_dir", "prompts", "corrupt", "backend"):
+    if result.has_baseline:
+        pairs.append(("effect", result.effect_definition))
+    for key, value in (("kind", s.kind), ("method", s.method), ("direction", s.direction)):
+        if value is not None:
+            pairs.append((key, value))
+    for key in ("model", "model_dir", "prompts", "corrupt", "backend"):
         if s.get(key) is not None:
             pairs.append((key, str(s[key])))
-    norm = s.get("normalization")
-    if result.normalized and isinstance(norm, dict):
-        pairs.append(("normalized from", f"clean {format_number(norm.get('clean_baseline'))}, "
-                                         f"corrupt {format_number(norm.get('corrupt_baseline'))}"))
+    if result.normalized and s.normalization is not None:
+        pairs.append(("normalized from", f"clean {format_number(s.normalization.clean_baseline)}, "
+                                         f"corrupt {format_number(s.normalization.corrupt_baseline)}"))
     return pairs
 
 

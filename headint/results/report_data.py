@@ -192,7 +192,8 @@ def head_table(result, *, related: Sequence[RelatedScan] = (), head_columns: Map
                 add("token", "token", "text", "the token at this position", [str(tokens[p]) for p in pos])
     if has_effect:
         eff_se = frame["effect_stderr"] if "effect_stderr" in frame.columns else frame["stderr"]
-        add("effect", "effect", "num", "mean change of the metric caused by the intervention", _nums(frame["effect"]))
+        what = result.effect_definition if getattr(result, "has_baseline", False) else "mean change of the metric caused by the intervention"
+        add("effect", "effect", "num", what, _nums(frame["effect"]))
         add("effect_stderr", "\u00b1 stderr", "num", "standard error of the effect", _nums(eff_se))
     add("value", "value", "num", "mean metric with the intervention", _nums(frame["value"]))
     if not has_effect:

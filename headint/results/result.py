@@ -21,6 +21,7 @@ import torch
 from ..metrics import normalize
 from . import io, plots, report, stats
 from .grid import AXES_CHOICES, cell_name, head_set_name
+from .settings import Reference, ScanSettings, effect_definition
 
 __all__ = ["ScanResult", "AXES_CHOICES", "head_set_name"]
 
@@ -47,16 +48,20 @@ def _as_float_or_none(x: Any, name: str) -> float | None:
     return float(x)
 
 
-def _json_settings(settings: Any) -> dict:
-    """A JSON round-tripped copy of ``settings`` (so save/load reproduces it exactly)."""
+def _json_settings(settings: Any) -> ScanSettings:
+    """Typed settings over a JSON round-tripped copy of ``settings`` (so save/load reproduces
+    it exactly); a value outside its vocabulary is a ValueError naming the key."""
     if settings is None:
-        return {}
+        return ScanSettings()
     if not isinstance(settings, dict):
         raise TypeError(f"settings must be a JSON-able dict, got {type(settings).__name__}")
     try:
-        return json.loads(json.dumps(settings))
+        record = json.loads(json.dumps(settings))
     except (TypeError, ValueError) as e:
         raise TypeError(f"settings must be a JSON-able dict: {e}") from None
+    except RecursionError:
+        raise ValueError("settings are nested too deeply to be JSON") from None
+    return ScanSettings(record)
 
 
 def _fmt(x: float | None) -> str:
@@ -72,10 +77,18 @@ class ScanResult:
     labels: for ``("head_set",)``, one head set (tuple of ``(layer, head)``) per entry.
     metric_name: the metric's name. clean_baseline / corrupt_baseline: the metric's mean
     on the clean / corrupted run (floats or None). settings: JSON-able dict (method,
-    model name, ...). normalized: whether values are already (v - corrupt) / (clean - corrupt).
-    base_per_example: optional ``[N]``, the metric per example on the run the interventions
-    were applied to, without them; gives paired standard errors of the effects
-    (:attr:`effect_stderr`, and ``effect``/``effect_stderr`` columns in :meth:`to_frame`).
+    direction, model name, ...), kept as :class:`~headint.results.settings.ScanSettings`
+    (typed fields for the vocabulary the result reads, a read-only mapping of the whole
+    record). normalized: whether values are already (v - corrupt) / (clean - corrupt).
+    base_per_example: optional ``[N]``, the metric per example on the base run (the run the
+    interventions were applied to, without them: the corrupted run for denoising, the clean
+    run otherwise); gives paired standard errors of the effects (:attr:`effect_stderr`, and
+    ``effect``/``effect_stderr`` columns in :meth:`to_frame`).
+
+    Effects are measured from the base run (:attr:`reference`): ``effect = value - corrupt
+    baseline`` for denoising (what patching the head restores), ``value - clean baseline``
+    for noising, ablations and path patching (what the intervention destroys); see
+    :mod:`headint.results.settings`.
 
     Non-finite values: a per-example value that is NaN or +-inf (the metric failed on that
     example) is left out of every aggregate (:attr:`values`, :attr:`stderr`, :attr:`effect`,
@@ -175,9 +188,27 @@ class ScanResult:
         return self.per_example.shape[-1]
 
     @property
+    def reference(self) -> Reference:
+        """The run effects are measured from: ``"corrupt"`` for denoising, ``"clean"`` otherwise
+        (:attr:`ScanSettings.reference <headint.results.settings.ScanSettings.reference>`)."""
+        return self.settings.reference
+
+    @property
+    def reference_baseline(self) -> float | None:
+        """The metric's mean on the :attr:`reference` run (``corrupt_baseline`` for denoising,
+        else ``clean_baseline``); None when unknown."""
+        return self.corrupt_baseline if self.reference == "corrupt" else self.clean_baseline
+
+    @property
     def has_baseline(self) -> bool:
-        """Whether a clean baseline exists (so ``effect`` is defined)."""
-        return self.clean_baseline is not None
+        """Whether the :attr:`reference` run's baseline exists (so ``effect`` is defined)."""
+        return self.reference_baseline is not None
+
+    @property
+    def effect_definition(self) -> str:
+        """One line saying what :attr:`effect` is for this result (the plots, the report and the
+        command line show it)."""
+        return effect_definition(self.settings, self.normalized)
 
     # ------------------------------------------------------------------ statistics
 
@@ -203,16 +234,22 @@ class ScanResult:
 
     @property
     def effect(self) -> torch.Tensor:
-        """``values - clean_baseline`` ``[*grid]``: the change each intervention caused."""
-        if self.clean_baseline is None:
-            raise ValueError("effect needs a clean baseline, but clean_baseline is None; use .values instead")
-        return (stats.finite_mean(self.per_example) - self.clean_baseline).to(self._stat_dtype())
+        """``values - reference_baseline`` ``[*grid]``: the change each intervention caused in
+        the run it was applied to. Denoising: ``values - corrupt_baseline`` (what patching the
+        head restores); noising, ablations, path patching: ``values - clean_baseline``."""
+        baseline = self.reference_baseline
+        if baseline is None:
+            why = ("a denoising effect is measured from the corrupted run" if self.reference == "corrupt"
+                   else "an effect is measured from the clean run")
+            raise ValueError(f"effect needs the {self.reference} baseline ({why}), but {self.reference}_baseline is None; "
+                             "use .values instead")
+        return (stats.finite_mean(self.per_example) - baseline).to(self._stat_dtype())
 
     @property
     def effect_stderr(self) -> torch.Tensor:
-        """Standard error of each intervention's change ``[*grid]``, paired per example
-        (``value - base`` per example, over the examples where both are finite) when
-        ``base_per_example`` is known, else :attr:`stderr`."""
+        """Standard error of each intervention's change ``[*grid]``, paired per example with the
+        same base run (``value - base`` per example, over the examples where both are finite)
+        when ``base_per_example`` is known, else :attr:`stderr`."""
         if self.base_per_example is None or self.n_examples == 1:
             return self.stderr
         return stats.paired_stderr(self.per_example, self.base_per_example).to(self._stat_dtype())
@@ -221,7 +258,9 @@ class ScanResult:
         """A new ScanResult with per-example values ``(v - corrupt) / (clean - corrupt)``.
 
         0 = corrupted behaviour, 1 = clean. Its baselines become 1.0 (clean) and 0.0
-        (corrupt); the original ones are kept in ``settings["normalization"]``.
+        (corrupt); the original ones are kept in ``settings["normalization"]``. Effects keep
+        their base run: a normalised denoising effect is the fraction of the gap a head
+        restores, a noising or ablation effect minus the fraction it destroys.
         Needs both baselines, distinct. An already normalized result is copied as is.
         """
         if self.normalized:
@@ -233,8 +272,8 @@ class ScanResult:
             )
         per_example = normalize(self.per_example, self.clean_baseline, self.corrupt_baseline)
         base = None if self.base_per_example is None else normalize(self.base_per_example, self.clean_baseline, self.corrupt_baseline)
-        settings = dict(self.settings)
-        settings["normalization"] = {"clean_baseline": self.clean_baseline, "corrupt_baseline": self.corrupt_baseline}
+        settings = self.settings.replace(normalization={"clean_baseline": self.clean_baseline,
+                                                        "corrupt_baseline": self.corrupt_baseline})
         return self._replace(
             per_example=per_example, clean_baseline=1.0, corrupt_baseline=0.0, settings=settings, normalized=True,
             base_per_example=base,
@@ -271,8 +310,9 @@ class ScanResult:
 
         Columns: ``layer, head, value, stderr, n`` / ``layer, head, position, value, stderr, n``
         / ``head_set, value, stderr, n`` (head sets as strings like ``"L0H1+L1H2"``; ``n``
-        the number of finite examples behind the cell), then ``effect, effect_stderr`` when
-        both a clean baseline and ``base_per_example`` are known.
+        the number of finite examples behind the cell), then ``effect, effect_stderr`` (see
+        :attr:`effect`: measured from the base run) when both the :attr:`reference` baseline
+        and ``base_per_example`` are known.
         """
         import pandas as pd
 
@@ -292,10 +332,12 @@ class ScanResult:
     def top(self, k: int = 10, by: str = "abs_effect"):
         """DataFrame of the ``k`` most important entries, most important first.
 
-        by: ``"abs_effect"`` (largest ``|effect|``), ``"effect"`` (largest effect),
-        ``"abs_value"`` or ``"value"``. Without a clean baseline, the effect orders fall
-        back to the value ones. Columns: those of :meth:`to_frame`, plus ``effect`` when a
-        baseline exists. NaN entries come last.
+        by: ``"abs_effect"`` (largest ``|effect|``: the heads that change the metric most from
+        the base run, whichever way: for denoising what they restore, for noising and
+        ablations what they destroy), ``"effect"`` (largest effect), ``"abs_value"`` or
+        ``"value"``. Without the reference baseline, the effect orders fall back to the value
+        ones. Columns: those of :meth:`to_frame`, plus ``effect`` when the baseline exists.
+        NaN entries come last.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -358,6 +400,8 @@ class ScanResult:
         ``scan.safetensors`` + ``scan.json``, or a file stem, getting ``<stem>.safetensors``
         + ``<stem>.json``. per_example goes to safetensors, everything else to the JSON
         sidecar (standard JSON, with the tensor file's sha256; see :mod:`headint.results.io`).
+        Both files are written under temporary names first: a save that fails (a full disk)
+        raises ``OSError`` naming the file and leaves a result saved there before loadable.
         Returns the stem."""
         return io.save(self, path)
 
@@ -387,7 +431,8 @@ class ScanResult:
         ]
         if self.normalized:
             parts.append("normalized=True")
-        method = self.settings.get("method")
-        if method is not None:
-            parts.append(f"method={method!r}")
+        if self.settings.method is not None:
+            parts.append(f"method={self.settings.method!r}")
+        if self.settings.direction is not None:
+            parts.append(f"direction={self.settings.direction!r}")
         return f"ScanResult({', '.join(parts)})"

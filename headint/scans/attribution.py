@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..integration.modes import require_autograd
+from ..interventions import CallPlan
 from ..plan import TensorPlan
 from ..results import ScanResult
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .distributed import agree_rows, data_parallel_ranks, run_chunks, running, settings_of
-from .masking import frozen_parameters
 from ..vocabulary import ATTRIBUTION_METHODS, DIRECTIONS, AttributionMethod, Direction
 from .setup import prepare_scan
 
@@ -91,7 +91,7 @@ def attribution_scan(
             ex = ex_cpu.to(device)
             att = shape.attention_layers  # a hybrid model's other layers have no heads: NaN rows
             masks = {l: torch.ones(len(ex), shape.n_heads, Tm, device=device, requires_grad=True) for l in att}
-            spec = {l: {"head_mask": m, "head_patch": source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None}
+            spec = {l: CallPlan(head_mask=m, head_patch=source.base.z[l][ex.to(source.base.z[l].device)].transpose(1, 2) if method == "patch" else None)
                     for l, m in masks.items()}
             with torch.enable_grad():
                 values = base.run_differentiable(ex, TensorPlan(spec))
@@ -102,10 +102,10 @@ def attribution_scan(
             return out
 
         starts = list(range(0, N, batch_size))
-        with frozen_parameters(model):
-            parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
-                estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
-                progress=False, desc="headint.attribution_scan")
+        # (the replica holds the weights detached: no gradient reaches them, their flags stay as they are)
+        parts = run_chunks(ranks, range(len(starts)), lambda i: run_in_halves(
+            estimate, torch.arange(starts[i], min(N, starts[i] + batch_size)), device, "headint.attribution_scan"),
+            progress=False, desc="headint.attribution_scan")
         estimates = torch.cat([parts[i] for i in range(len(starts))]).permute(1, 2, 3, 0)  # [L, H, Tm, N]
         run_settings = settings_of(ranks, {**runs.cost(), "backward_passes": backward_passes})
 

@@ -19,6 +19,7 @@ scan is an error naming it and saying how to start over.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..files import MAX_TEXT_BYTES, describe_os_error, parse_json, read_bytes, read_text, write_files_atomically
 
 logger = logging.getLogger("headint")
 
@@ -49,12 +52,52 @@ def chunk_name(i: int) -> str:
 
 
 def atomic_save(obj, path: Path) -> int:
-    """``torch.save(obj)`` to a temporary file renamed over ``path``; returns the bytes written."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    return size
+    """``torch.save(obj)`` to a temporary file renamed over ``path``; returns the bytes written.
+    A failed write (a full disk) leaves no temporary file and raises :class:`CheckpointError`
+    naming ``path``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    _write_or_fail([(path, data)])
+    return len(data)
+
+
+def _write_or_fail(files) -> None:
+    """:func:`headint.files.write_files_atomically`, an ``OSError`` turned into a
+    :class:`CheckpointError` naming the file."""
+    try:
+        write_files_atomically(files)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint file {describe_os_error(e)}; the chunks finished so far are "
+                              "kept (free some space, then run the same scan again to resume)") from None
+
+
+def _chunk_cap(rows_per_batch: int) -> int:
+    """The most bytes a chunk file of ``rows_per_batch`` float32 values can take (with torch.save's
+    archive around them)."""
+    return 4 * rows_per_batch + 2**20
+
+
+def _check_meta(data, meta: Path, start_over: str) -> None:
+    """``scan.json``'s fields: a JSON object of this format with a positive int ``rows_per_batch``
+    and a string ``fingerprint``; CheckpointError naming the file otherwise."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise CheckpointError(f"checkpoint file {meta} is not a {FORMAT} file (format {found!r}); {start_over}")
+    rows = data.get("rows_per_batch")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise CheckpointError(f"checkpoint file {meta}: 'rows_per_batch' must be a positive int, got {rows!r}; {start_over}")
+    if not isinstance(data.get("fingerprint"), str):
+        raise CheckpointError(f"checkpoint file {meta}: 'fingerprint' must be a string, got {data.get('fingerprint')!r}; "
+                              f"{start_over}")
+
+
+def _read_meta(meta: Path, start_over: str):
+    """The parsed ``scan.json`` (a regular file of at most 256 MiB, JSON of bounded depth)."""
+    try:
+        return parse_json(read_text(meta, "checkpoint file", MAX_TEXT_BYTES), str(meta))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {meta} is unreadable ({_brief(e)}); {start_over}") from None
 
 
 class ScanCheckpoint:
@@ -90,23 +133,19 @@ class ScanCheckpoint:
             if others:
                 logger.info("headint.scan: checkpoint %s holds other scans %s; they are kept, this scan saves to %s",
                             root, others, self.folder)
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create the checkpoint folder {describe_os_error(e)}") from None
             data = dict(format=FORMAT, fingerprint=key, rows_per_batch=self.rows_per_batch, settings=settings or {})
-            tmp = meta.with_name(f"{META}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(data, indent=2, default=str))
-            os.replace(tmp, meta)
+            _write_or_fail([(meta, json.dumps(data, indent=2, default=str).encode())])
 
     def _start_over(self) -> str:
         return f"delete the folder {self.folder} to start this scan over (other scans' progress next to it is kept)"
 
     def _resume(self, meta: Path) -> None:
-        try:
-            data = json.loads(meta.read_text())
-            ok = isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("rows_per_batch"), int)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint file {meta} is unreadable ({_brief(e)}); {self._start_over()}") from None
-        if not ok:
-            raise CheckpointError(f"checkpoint file {meta} is not a {FORMAT} file; {self._start_over()}")
+        data = _read_meta(meta, self._start_over())
+        _check_meta(data, meta, self._start_over())
         if data.get("fingerprint") != self.key:
             raise CheckpointError(f"checkpoint file {meta} belongs to another scan (fingerprint {str(data.get('fingerprint'))[:16]}..., "
                                f"this scan {self.key[:16]}...); {self._start_over()}")
@@ -121,7 +160,8 @@ class ScanCheckpoint:
 
     def _read_chunk(self, f: Path) -> tuple[int, torch.Tensor]:
         try:
-            data = torch.load(f, weights_only=True, map_location="cpu")
+            raw = read_bytes(f, "checkpoint chunk", _chunk_cap(self.rows_per_batch))  # no FIFO, no device, no giant
+            data = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
         except Exception as e:  # truncated zip, foreign pickle, ...: all unreadable
             raise CheckpointError(f"checkpoint file {f} is unreadable ({_brief(e)}); delete {f} to recompute "
                                f"that chunk, or {self._start_over()}") from None

@@ -68,7 +68,8 @@ def run_chunks(ranks: Ranks | None, todo: Sequence[int], run: Callable[[int], to
     round-robin share (one process: all of them)."""
     mine = list(todo) if ranks is None else ranks.share(todo)
     show = progress and is_main()  # under any process group (also tensor parallel), rank 0 only
-    out = {i: run(i) for i in tqdm(mine, desc=desc, disable=not show, unit=unit)}
+    with tqdm(mine, desc=desc, disable=not show, unit=unit) as bar:  # closed on Ctrl-C too, before the CLI's last line
+        out = {i: run(i) for i in bar}
     if ranks is None:
         return out
     merged: dict[int, torch.Tensor] = {}

@@ -10,19 +10,20 @@ from typing import Sequence
 import torch
 
 from ..distributed import is_active
+from ..interventions.base import as_int
 from ..results import ScanResult
 from .batching import auto_rows, cpu_row_cap, positive_int, run_in_halves
 from .checkpoint import ScanCheckpoint
 from . import fingerprint as fingerprints
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
-from .runner import VariantRunner, as_batch
+from ..integration.record import record_in
+from .inputs import as_batch
+from .runner import VariantRunner
 from .setup import prepare_scan
 from ..vocabulary import DIRECTIONS, EFFECTS, METHODS, TARGETS, Direction, Effect, Method, Target
+from .shortcuts import Shortcuts
 from .variants import Variant, build_plan, head_grid, target_heads
-
-# The runner's exact shortcuts (see VariantRunner.run); switched off only to measure what each saves.
-SHORTCUTS = {"clean_attention": True, "last_query": True}
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
@@ -61,6 +62,7 @@ def scan(
     target: Target = "z",
     effect: Effect = "total",
     group_positions: int | str = "auto",
+    shortcuts: Shortcuts | dict | None = None,
 ) -> ScanResult:
     """Exact causal scan of attention heads.
 
@@ -143,6 +145,9 @@ def scan(
             price of a few more tokens. ``"auto"``: as many as fill one batch (``batch_size``
             rows). Measured on CPU (``bench/speed_paths.py``, GPT-2 small, 16 rows per position,
             32-row batches): 2, 4 and 8 grouped positions ran 1.17x, 1.24x and 1.36x faster than 1.
+        shortcuts: which optional exact shortcuts may run (a
+            :class:`~headint.scans.shortcuts.Shortcuts` or a dict of its fields; None: all). The
+            values are identical either way; switch one off to measure what it saves.
 
     Cost, in layer-forwards (one block applied to one example), for ``L`` layers, ``H`` heads,
     ``N`` examples, ``P`` positions of length-``T`` inputs:
@@ -187,10 +192,12 @@ def scan(
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     if not (isinstance(group_positions, str) and group_positions == "auto") and positive_int(group_positions) is None:
         raise ValueError(f"group_positions must be a positive int or 'auto', got {group_positions!r}")
+    shortcuts = Shortcuts.of(shortcuts)
     if checkpoint_key is not None and checkpoint is None:
         raise ValueError("checkpoint_key= names a checkpoint's scan; it needs checkpoint= (a folder) too")
     setup = prepare_scan(model, inputs, corrupt, metric, kind="exact", backend=backend)
     metric, shape, N, T = setup.metric, setup.shape, setup.N, setup.T
+    layers, heads, positions = _ints(layers, "layers"), _ints(heads, "heads"), _ints(positions, "positions (token positions)")
     variants, index, axes, grid_shape, labels = _variants(shape, T, per_position, layers, heads, head_sets, positions, target)
     settings = dict(setup.settings, target=target, effect=effect, head_kind="key/value" if target in ("k", "v") else "query",
                     method=method, direction=direction if method == "patch" else None, per_position=per_position,
@@ -213,9 +220,8 @@ def scan(
         maybe_tp = is_active() and ranks is None
         position_reuse = per_position and base.causal and base.metric.position == "last" and not maybe_tp
         # Clean attention at the first intervened layer: only for head-output replacements.
-        shortcuts = dict(SHORTCUTS)
-        shortcuts["clean_attention"] = shortcuts["clean_attention"] and target == "z" and not maybe_tp
-        shortcuts["last_query"] = shortcuts["last_query"] and not maybe_tp
+        shortcuts = Shortcuts(clean_attention=shortcuts.clean_attention and target == "z" and not maybe_tp,
+                              last_query=shortcuts.last_query and not maybe_tp)
         if batch_size == "auto":
             patched = max(len({l for l, _ in v.heads}) for v in variants)
             if effect == "direct":
@@ -234,7 +240,7 @@ def scan(
         settings["group_positions"] = group_positions if group_positions == "auto" else positive_int(group_positions)
         key = None if checkpoint is None else fingerprints.fingerprint(
             model, metric, [setup.clean, setup.corrupt], settings, key=checkpoint_key,
-            extra=dict(mean_inputs=mean_inputs, shortcuts=shortcuts))
+            extra=dict(mean_inputs=mean_inputs, shortcuts=dict(vars(shortcuts))))
         ckpt = open_checkpoint(ranks, lambda: ScanCheckpoint(checkpoint, key, rows_per_batch, settings))
         rows_per_batch = ckpt.rows_per_batch
         group = _position_group(group_positions, variants, N, rows_per_batch) if position_reuse else 1
@@ -266,11 +272,11 @@ def scan(
     L = shape.n_layers
     settings["cost_one_forward_per_intervention"] = dict(layer_forwards=V * N * L, token_layer_forwards=V * N * L * T)
     settings["batch_rows"] = rows_per_batch
-    settings["position_reuse"] = position_reuse
+    settings["position_reuse"] = position_reuse and base.position_reuse_ok
     settings["restricted_logits"] = base.restricted
     settings["metric_logits"] = runs.metric_path
-    settings["final_block"] = base.last_query_note if shortcuts["last_query"] else "full final block (shortcut off)"
-    settings["clean_attention"] = shortcuts["clean_attention"]
+    settings["final_block"] = base.last_query_note if shortcuts.last_query else "full final block (shortcut off)"
+    settings["clean_attention"] = shortcuts.clean_attention
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
 
@@ -291,13 +297,19 @@ def _variants(shape, T, per_position, layers, heads, head_sets, positions, targe
     pairs = head_grid(shape, layers, heads, n_heads=n, kind="key/value " if target in ("k", "v") else "")
     if not per_position:
         return [Variant(((l, h),)) for l, h in pairs], pairs, ("layer", "head"), (shape.n_layers, n), None
-    pos = list(range(T)) if positions is None else [int(p) for p in positions]
+    pos = list(range(T)) if positions is None else positions
     for p in pos:
         if not 0 <= p < T:
             raise ValueError(f"positions: {p} out of range for inputs of length {T}")
     variants = [Variant(((l, h),), p) for l, h in pairs for p in pos]
     index = [(l, h, p) for l, h in pairs for p in pos]
     return variants, index, ("layer", "head", "position"), (shape.n_layers, n, T), None
+
+
+def _ints(values, name: str) -> list[int] | None:
+    """``values`` as plain ints (numpy and 0-d tensor ints too: they are not JSON and leak into
+    counts), never floats or bools; TypeError naming ``name`` otherwise."""
+    return None if values is None else [as_int(v, f"each of {name}") for v in values]
 
 
 def _position_group(group_positions: int | str, variants, N: int, rows_per_batch: int) -> int:
@@ -338,13 +350,13 @@ def _chunks(groups: dict[tuple[int, int], list[int]], N: int, rows_per_batch: in
 
 
 def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0, target="z", freeze_source=None,
-               shortcuts: dict | None = None) -> torch.Tensor:
+               shortcuts: Shortcuts | None = None) -> torch.Tensor:
     """Evaluate one chunk ``[R]``; on out-of-memory (CUDA or CPU), split it in halves and retry."""
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
         plan = build_plan(shape, variants, e, var[rows], T, patch_source, device, target, freeze_source)
-        return base.run(e, plan, start_layer=l0, start_pos=p0, **(shortcuts or {})).float().cpu()
+        return base.run(e, plan, start_layer=l0, start_pos=p0, shortcuts=shortcuts or Shortcuts()).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 
@@ -371,23 +383,21 @@ def _freeze_source(base: VariantRunner):
     return lambda layer, ex: base.base.z[layer][ex.to(base.base.z[layer].device)].transpose(1, 2)
 
 
-def _recorded(runner: VariantRunner, target: str, model=None, backend: str = "auto") -> dict[int, torch.Tensor]:
+def _recorded(runner: VariantRunner, target: str, backend: str = "auto") -> dict[int, torch.Tensor]:
     """``{layer: [N, Hx, T, D]}``: the runner's base-run values of ``target``, head-major.
     ``z``, ``k`` and ``v`` come from the clean pass; ``q`` and ``pattern`` (``[N, H, T, T]``)
-    are recorded by one more forward."""
+    are recorded by one more forward (in the runner's replica)."""
     if target == "z":
         return {l: z.transpose(1, 2) for l, z in runner.base.z.items()}
     if target in ("k", "v"):
         return dict(runner.base.k if target == "k" else runner.base.v)
-    cache = _record_inputs(model, runner.batch, target, backend)
+    cache = _record_inputs(runner, runner.batch, target, backend)
     return {l: cache.get(target, l) for l in cache.layers()}
 
 
-def _record_inputs(model, batch: dict, target: str, backend: str):
-    from ..integration.record import record
-
-    return record(model, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch},
-                  what=(target,), backend=backend)
+def _record_inputs(runner: VariantRunner, batch: dict, target: str, backend: str):
+    return record_in(runner.replica, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch},
+                     what=(target,), backend=backend)
 
 
 def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction, target="z"):
@@ -397,13 +407,13 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         return lambda layer, ex: None
     if method == "mean":
         if mean_inputs is None:
-            acts, mask = _recorded(base, target, model, backend), base.batch["attention_mask"]
+            acts, mask = _recorded(base, target, backend), base.batch["attention_mask"]
         else:
             ref = with_position_ids(model, as_batch(mean_inputs), "mean_inputs")
             if ref["input_ids"].shape[1] != base.T:
                 raise ValueError(f"mean_inputs have length {ref['input_ids'].shape[1]} (shape {list(ref['input_ids'].shape)}); "
                                  f"the per-position mean needs the inputs' length {base.T}")
-            cache = _record_inputs(model, ref, target, backend)
+            cache = _record_inputs(base, ref, target, backend)
             acts = {l: cache.get(target, l) for l in cache.layers()}
             if target == "z":
                 acts = {l: x.transpose(1, 2) for l, x in acts.items()}
@@ -414,9 +424,9 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
             means[l] = ((x.float() * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp_min(1)).to(x.dtype)
         return lambda layer, ex: means[layer]  # [1, Hx, T, D]
     if method == "resample":
-        acts = _recorded(base, target, model, backend)
+        acts = _recorded(base, target, backend)
         perm = _derangement(base.N, seed).to(base.batch["input_ids"].device)
         return lambda layer, ex: acts[layer][perm[ex].to(acts[layer].device)]
-    acts = _recorded(clean_runner if direction == "denoising" else corrupt_runner, target, model, backend)
+    acts = _recorded(clean_runner if direction == "denoising" else corrupt_runner, target, backend)
     # each layer's cached values sit on that layer's device (models split across devices)
     return lambda layer, ex: acts[layer][ex.to(acts[layer].device)]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..interventions import CallPlan
 from ..metrics import last_positions
 from ..ops.knockout import EdgeKnockout
 from ..plan import TensorPlan
@@ -165,7 +166,7 @@ def knockout_scan(
                     q = qsel[:, None, :]
                 k = sets[src, ex][:, None, :]  # [R, 1, T]
                 ko = EdgeKnockout(q.to(device), k.to(device))
-                plan = TensorPlan({l: {"knockout": ko} for l in range(w, w + window)})
+                plan = TensorPlan({l: CallPlan(knockouts=[ko]) for l in range(w, w + window)})
                 return base.run(ex.to(device), plan, start_layer=w, start_pos=start_pos).float().cpu()
 
             rows = torch.arange(s, min(n_var * N, s + rows_per_batch))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..metrics import Metric
+from ..interventions import CallPlan
 from ..plan import TensorPlan
 from ..results.stats import NaNMetricWarning, listing
 from ..shape import ModelShape
@@ -121,7 +122,7 @@ def ablation_patches(runner: VariantRunner, ablation: str) -> dict[int, torch.Te
 def mask_plan(masks: list[torch.Tensor], patches: dict[int, torch.Tensor | None]) -> TensorPlan:
     """A plan applying ``masks[l]`` ``[R, H]`` at every layer ``l`` (broadcast over positions),
     masked heads replaced by ``patches[l]`` (see :func:`ablation_patches`)."""
-    return TensorPlan({l: {"head_mask": m[:, :, None], "head_patch": patches[l]} for l, m in enumerate(masks)})
+    return TensorPlan({l: CallPlan(head_mask=m[:, :, None], head_patch=patches[l]) for l, m in enumerate(masks)})
 
 
 def removed_masks(shape: ModelShape, removed: list[list[tuple[int, int]]], device) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..interventions import PatchQKV
+from ..interventions import CallPlan, PatchQKV
 from ..plan import InterventionPlan, ModelShape, TensorPlan
 from ..integration.record import Recorder
 from ..results import ScanResult
@@ -116,7 +116,7 @@ def path_patch(
                     for sl, sh in sets[vi]:
                         if sl == l:
                             patch[r, sh] = zx[l][at[r], :, sh]
-                spec[l] = {"head_mask": torch.zeros(R, shape.n_heads, 1, device=device), "head_patch": patch}
+                spec[l] = CallPlan(head_mask=torch.zeros(R, shape.n_heads, 1, device=device), head_patch=patch)
             rec = Recorder(whats)
             _record_run(clean_runner, ex, TensorPlan(spec), rec)
             # Step 2: only the receivers' q/k/v replaced.

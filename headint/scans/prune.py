@@ -32,7 +32,6 @@ from ..results.gates import GateResult
 from ..results.prune import PruneCurve
 from ..results.stats import finite_mean
 from .batching import auto_rows, check_batch_size, run_in_halves
-from .masking import frozen_parameters
 from .masking import NonFinite, ablation_patches, check_ablation, check_head, finite_or_refuse, mask_plan, metric_direction
 from .masking import removed_masks
 from ..vocabulary import PRUNE_ORDERS, Ablation
@@ -112,7 +111,8 @@ def prune_curve(
             raise ValueError(f"prune_curve: max_steps must be a positive int or None, got {max_steps!r}")
         total = min(total, max_steps)
 
-    with frozen_parameters(model), setup.base_runs() as runs:
+    # (the scan's replica holds the weights detached: no gradient reaches them, their flags stay as they are)
+    with setup.base_runs() as runs:
         base = runs.clean
         patches = ablation_patches(base, ablation)
         if batch_size is None:

@@ -1,332 +1,277 @@
-"""The engine behind every scan: a clean pass cached once, then batched variant runs.
+"""The engine behind every scan: a clean pass cached once, then batched variant runs, all in a
+private replica of the model.
 
-A :class:`VariantRunner` holds one set of examples (a "base run") and can evaluate a
-metric for many intervened variants at once: each batch row is one (variant, example)
-pair carrying its own per-row plan. Three reuses make it cheaper than one forward per
-intervention, all exact:
+A :class:`VariantRunner` holds one set of examples (a "base run") and evaluates a metric for
+many intervened variants at once: each batch row is one (variant, example) pair carrying its own
+per-row plan. It never runs or changes the user's model: it runs the model's own forward code
+on a :class:`~headint.integration.replica.Replica` (private module objects over the model's
+own parameter and buffer tensors, in eval mode, with private configs switched to headint's
+attention), and every speed shortcut below changes that replica only, in the scanning thread.
+The shortcuts, all exact (which edits each understands: :mod:`headint.scans.shortcuts`):
 
-- depth reuse: a run whose interventions start at layer ``l`` replays the cached
-  clean outputs of blocks ``< l`` instead of recomputing them;
-- position reuse: on causal models, a run whose interventions start at position ``p``
-  feeds only tokens ``>= p``, with the clean keys/values of positions ``< p`` as a KV cache;
-- logit restriction: only the final position's hidden state is unembedded, and only for
-  the token ids the metric asks for;
-- last-query final block (``last_query=True``, last-position metrics on causal models whose
-  rows all end at position ``T - 1``): the final block computes keys/values at every position
-  but everything else at the last one only (see
-  :class:`~headint.integration.blocks.LastQueryBlock`); checked once per base run against
-  its clean output before any variant uses it;
-- clean attention at the first intervened layer (``clean_attention=True``, plans that only
-  replace head outputs): that layer's inputs are the clean run's, so its attention output is
-  the cached clean one, blended with the replacement, and attention is not recomputed there;
-  for whole rows (no position reuse) its attention module's work before the attention call
-  (q/k/v projections, q/k norms: the direct children that ran once, on whole rows) is replayed
-  from one capture of the clean rows per layer (:meth:`VariantRunner.children_before_attention`),
-  so only the output projection and what follows run there.
+- depth reuse: a run whose interventions start at layer ``l`` replays the cached clean outputs
+  of blocks ``< l`` (stand-ins for those blocks in the replica) instead of recomputing them;
+- position reuse: on causal models, a run whose interventions start at position ``p`` feeds only
+  tokens ``>= p``, with what the clean run put in the KV cache for positions ``< p`` as its
+  cache; checked once per base run against its clean output before any variant uses it;
+- logit restriction: only the final position's hidden state is unembedded, and only for the
+  token ids the metric asks for (:mod:`.metric_logits`);
+- last-query final block (``Shortcuts.last_query``, last-position metrics on causal models whose
+  rows all end at position ``T - 1``): the replica's final block computes keys/values at every
+  position but everything else at the last one only (see
+  :class:`~headint.integration.blocks.LastQueryBlock`); checked once per base run against its
+  clean output before any variant uses it;
+- clean attention at the first intervened layer (``Shortcuts.clean_attention``, plans that only
+  replace head outputs): that layer's inputs are the clean run's, so its attention output is the
+  cached clean one, blended with the replacement; for whole rows (no position reuse) the work of
+  its attention module before the attention call (q/k/v projections, q/k norms: the direct
+  children that ran once, on whole rows) is replayed from one capture of the clean rows per
+  layer (:meth:`VariantRunner.children_before_attention`), so only the output projection and
+  what follows run there.
 
-``cost`` counts what actually ran, in layer-forwards (one block over one row) and
-token-layer-forwards (one block over one token of one row).
+``cost`` counts what actually ran (:class:`~headint.scans.cost.Cost`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..integration.hf import intervene
-from ..integration.adapter import ModelParts, model_parts
-from ..integration.structure import model_shape, model_structure
 from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, last_query_block,
                                   map_tensors, replay_blocks, replay_children)
-from ..metrics import Metric, last_position_form, last_positions, select_logits
-from ..plan import Plan
-from ..interventions.call import CallPlan
 from ..integration.record import Recorder
+from ..integration.replica import Replica
+from ..integration.structure import model_replica
+from ..metrics import Metric, last_positions, select_logits
+from ..plan import Plan
+from .cost import Cost
+from .inputs import model_inputs, rows_of
+from .metric_logits import last_position_form, model_logits, restricted_logits
+from .shortcuts import NONE, PER_POSITION_EDITS, AllowedEdits, CleanAttentionPlan, Shortcuts
 
 
-@dataclass
-class Cost:
-    """Work done, counted per transformer block applied to one row (and to one token)."""
-
-    runs: int = 0
-    rows: int = 0
-    layer_forwards: int = 0
-    token_layer_forwards: int = 0
-    last_query_rows: int = 0  # rows whose final block ran for the last query only (two calls: see LastQueryBlock)
-    clean_attention_rows: int = 0  # rows whose first intervened layer took the clean run's attention
-    replayed_projection_rows: int = 0  # ... and its attention module's work before attention (q/k/v projections)
-    captures: int = 0  # forwards stopped at an attention call to capture that work (see children_before_attention)
-
-    def add(self, rows: int, layers: int, tokens: int) -> None:
-        self.runs += 1
-        self.rows += rows
-        self.layer_forwards += rows * layers
-        self.token_layer_forwards += rows * layers * tokens
-
-    def add_final_second_call(self, rows: int, tokens: int, last_query: bool) -> None:
-        """The final block's second call (see ``LastQueryBlock``), over ``tokens`` tokens of
-        ``rows`` rows: the last one (``last_query``), or all of them where a sliding window
-        dropped keys. Its first call, over every fed token and stopped after the keys/values,
-        is counted by :meth:`add`."""
-        self.last_query_rows += rows if last_query else 0
-        self.layer_forwards += rows
-        self.token_layer_forwards += rows * tokens
-
-    def add_capture(self, rows: int, tokens: int) -> None:
-        """A forward stopped at one layer's attention call (see ``children_before_attention``),
-        counted as one layer-forward of ``rows`` rows; not a run."""
-        self.captures += 1
-        self.layer_forwards += rows
-        self.token_layer_forwards += rows * tokens
-
-    def as_dict(self) -> dict:
-        return dict(runs=self.runs, rows=self.rows, layer_forwards=self.layer_forwards, token_layer_forwards=self.token_layer_forwards,
-                    last_query_rows=self.last_query_rows, clean_attention_rows=self.clean_attention_rows,
-                    replayed_projection_rows=self.replayed_projection_rows, captures=self.captures)
-
-
-def as_batch(inputs: Any) -> dict[str, torch.Tensor]:
-    """Normalise scan inputs to a dict of ``[N, ...]`` tensors with ``input_ids`` ``[N, T]`` and
-    ``attention_mask`` ``[N, T]`` (all ones when missing); other tensors (``target``, ``contrast``,
-    ``labels``, ``position_ids``, ...) are kept."""
-    if isinstance(inputs, torch.Tensor):
-        inputs = {"input_ids": inputs}
-    if not isinstance(inputs, dict) or "input_ids" not in inputs:
-        raise TypeError("inputs must be a [N, T] tensor of token ids or a dict with 'input_ids' (and e.g. 'attention_mask', 'target', 'contrast')")
-    batch = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    ids = batch["input_ids"]
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids has shape {list(ids.shape)}; expected [N, T]")
-    if "attention_mask" not in batch:
-        batch["attention_mask"] = torch.ones_like(ids)
-    for k, v in batch.items():
-        if v.shape[0] != ids.shape[0]:
-            raise ValueError(f"inputs[{k!r}] has {v.shape[0]} rows (shape {list(v.shape)}), input_ids has {ids.shape[0]}")
-    return batch
-
-
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-SLICED_KEYS = ("input_ids", "token_type_ids", "position_ids")  # per fed token; the mask spans the cache too
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Run the block with ``model.eval()``; the model's train/eval flag is restored on exit."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@dataclass
+@dataclass(frozen=True)
 class CleanPass:
-    """What a base run caches: block outputs, head outputs z ``[N, T, H, D]`` per layer,
-    keys/values ``[N, Hkv, T, D]`` per layer, and the metric's logits."""
+    """What a base run caches: each block's output, head outputs z ``[N, T, H, D]`` per layer,
+    keys/values ``[N, Hkv, T, D]`` per layer, the metric's logits (its layout), the last
+    position's logits ``[N, V]`` where a metric needs the clean distribution, whether the model's
+    logits are its base model's output unembedded (``restricted``: then variants unembed only
+    what the metric reads) with that output's last position ``[N, d]``, whether the model is
+    causal, and what each layer put in the KV cache (see :func:`clean_pass`)."""
 
     block_outputs: list
     z: dict[int, torch.Tensor]
     k: dict[int, torch.Tensor]
     v: dict[int, torch.Tensor]
-    logits: torch.Tensor  # the layout the metric takes
-    full_last_logits: torch.Tensor | None  # [N, V] when a metric needs the clean distribution
+    logits: torch.Tensor
+    full_last_logits: torch.Tensor | None
+    restricted: bool
+    last_hidden: torch.Tensor | None
+    causal: bool
+    cached: dict | None = None  # {layer: (keys, values)} as the model caches them: the prefix of position reuse
+
+
+def is_causal(replica: Replica) -> bool:
+    """Whether the model's blocks attend causally (decoder blocks have causal attention modules)."""
+    return any(getattr(m, "is_causal", False) for m in replica.parts.blocks[0].modules())
+
+
+def cache_kwarg(module) -> str:
+    """Newer ``transformers`` models take the KV cache as ``cache``, older as ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost: Cost) -> CleanPass:
+    """Run ``batch`` once through the replica, caching what variant runs reuse.
+
+    A causal decoder runs with an empty KV cache that keeps every position (no sliding-window
+    layers): afterwards it holds what each layer hands its cache, as the model itself would feed
+    it back (per-head keys/values, or e.g. DeepSeek-V3's compressed latents), the prefix of
+    position reuse. Should the model not run so, it runs without (then the prefix is the recorded
+    keys/values, and :meth:`VariantRunner.check_position_reuse` decides)."""
+    parts = replica.parts
+    L = parts.shape.n_layers
+    N, T = batch["input_ids"].shape
+    causal = is_causal(replica)
+    with_cache = causal and not getattr(replica.root.config, "is_encoder_decoder", False)
+    while True:
+        store: list = [None] * L
+        rec = Recorder(("z", "k", "v"))
+        base_out: list = []
+        kwargs = model_inputs(batch)
+        cache = None
+        if with_cache:
+            from transformers import DynamicCache
+
+            cache = kwargs[cache_kwarg(replica.root)] = DynamicCache()
+            kwargs["use_cache"] = True
+        elif causal:
+            kwargs["use_cache"] = False
+        capture = parts.base.register_forward_hook(lambda _m, _a, out: base_out.append(out))  # the replica's: private
+        try:
+            with replica.session(None, backend, rec), capture_block_outputs(parts, store):
+                out = replica.root(**kwargs)
+            break
+        except Exception:
+            if not with_cache:
+                raise
+            with_cache = False  # e.g. a model that takes no such cache: run as before
+        finally:
+            capture.remove()
+    cost.add(N, L, T)
+    full = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    # Variants take the restricted path (final hidden state -> only the logits the metric needs)
+    # only if unembedding the base model's output reproduces the model's own logits.
+    restricted, last_hidden = False, None
+    if parts.unembed is not None and hasattr(out, "logits") and base_out:
+        hidden = getattr(base_out[-1], "last_hidden_state", None)
+        if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
+            # (not when its weight is offloaded to the meta device: only the module's own forward loads it)
+            restricted = parts.unembed.weight.device.type != "meta" and torch.allclose(
+                parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
+            last_hidden = hidden[:, -1].detach()
+    logits = select_logits(full, metric, batch) if metric.position == "last" else full
+    full_last = None
+    if metric.needs_clean or metric.token_ids(batch) is None:
+        full_last = full[torch.arange(N), last_positions(batch["attention_mask"])]
+    att = parts.shape.attention_layers  # layers without attention (hybrid models) record nothing
+    missing = [l for l in att if ("z", l) not in rec.tensors]
+    if missing:
+        raise RuntimeError(f"{type(replica.model).__name__}: the attention of layers {missing} did not run in the scan's private "
+                           "replica of the model (a module runs code bound to the model itself, e.g. an instance-level forward "
+                           "that calls the model's own module), so headint cannot scan it without changing the model")
+    return CleanPass(store, {l: rec.tensors[("z", l)] for l in att}, {l: rec.tensors[("k", l)] for l in att},
+                     {l: rec.tensors[("v", l)] for l in att}, logits, full_last, bool(restricted), last_hidden, causal,
+                     _cache_contents(cache, att, N, T))
+
+
+def _cache_contents(cache, layers: list[int], N: int, T: int) -> dict | None:
+    """``{layer: (keys, values)}`` as the model put them in ``cache`` (``[N, ..., T, ...]``,
+    positions on dim -2; the same storage as the recorded keys/values where they are those), or
+    None unless every layer's are there."""
+    out = {}
+    for l in layers:
+        layer = cache.layers[l] if cache is not None and l < len(getattr(cache, "layers", ())) else None
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not all(isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[0] == N and x.shape[-2] == T for x in (k, v)):
+            return None
+        out[l] = (k.detach(), v.detach())
+    return out
 
 
 class VariantRunner:
-    """Evaluates ``metric`` on intervened variants of one base run.
+    """Evaluates ``metric`` on intervened variants of one base run, in ``replica``.
 
     Args:
-        model: a ``transformers`` model.
-        batch: the base run's inputs (see :func:`as_batch`), N examples.
+        replica: the model's private :class:`~headint.integration.replica.Replica` (with its structure).
+        batch: the base run's inputs (see :func:`~headint.scans.inputs.as_batch`), N examples.
+        base: the base run's :class:`CleanPass` (:func:`clean_pass`), its logits in ``metric``'s layout.
         metric: a :class:`~headint.metrics.Metric`.
         clean_logits: the clean run's logits in the metric's layout (for metrics that need them).
+        cost: where the work is counted (the clean pass's included).
     """
 
-    def __init__(self, model, batch: dict, metric: Metric, *, backend: str = "auto", clean_logits=None, causal: bool | None = None):
-        self.model = model
+    def __init__(self, replica: Replica, batch: dict, base: CleanPass, metric: Metric, *, backend: str = "auto",
+                 clean_logits=None, cost: Cost | None = None):
+        self.replica = replica
+        self.model = replica.root
+        self.parts = replica.parts
         self.batch = batch
+        self.base = base
         self.metric = metric
         self.backend = backend
-        self.parts: ModelParts = model_parts(model, model_shape(model))
-        self.cost = Cost()
         self.clean_logits = clean_logits
+        self.cost = cost if cost is not None else Cost()
         self.N, self.T = batch["input_ids"].shape
-        if causal is None:  # decoder blocks have causal attention modules
-            causal = any(getattr(m, "is_causal", False) for m in self.parts.blocks[0].modules())
-        self.causal = bool(causal)
-        self.restricted = False
+        self.causal = base.causal
+        self.restricted = base.restricted
         self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
         self._children = None  # (layer, attention module, captured outputs): see children_before_attention
-        self.last_query_ok: bool | None = None  # None: not checked yet (see check_last_query)
-        self.last_query_note = "not checked"
-        self.base: CleanPass | None = None
+        self._last_query: tuple[bool, str] | None = None  # see check_last_query
+        self._position_reuse: tuple[bool, str] | None = None  # see check_position_reuse
         self._base_values: torch.Tensor | None = None
 
-    # -- inputs ---------------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, model_or_replica, batch: dict, metric: Metric, *, backend: str = "auto") -> "VariantRunner":
+        """A runner of ``batch`` with its clean pass done (``model_or_replica``: a model, run in a
+        new replica of it, or a :class:`~headint.integration.replica.Replica`)."""
+        replica = model_or_replica if isinstance(model_or_replica, Replica) else model_replica(model_or_replica)
+        cost = Cost()
+        return cls(replica, batch, clean_pass(replica, batch, metric, backend, cost), metric, backend=backend, cost=cost)
+
     def rows(self, ex: torch.Tensor) -> dict:
-        return {k: v[ex] for k, v in self.batch.items()}
-
-    def model_inputs(self, rows: dict, start: int = 0) -> dict:
-        """The model's keyword inputs for ``rows``; with ``start`` (position reuse) only the tokens
-        ``>= start`` are fed, with their own position ids, and the mask still covers all ``T``."""
-        out = {k: rows[k] for k in MODEL_KEYS if k in rows}
-        if start:
-            for k in SLICED_KEYS:
-                if k in out:
-                    out[k] = out[k][:, start:]
-        return out
-
-    # -- logits ---------------------------------------------------------------------------------------------
-    def _metric_logits(self, out: torch.Tensor, rows: dict, start: int, is_hidden: bool) -> torch.Tensor:
-        """The metric's logits from final hidden states (restricted path) or full logits ``[R, T', *]``."""
-        last = (last_positions(rows["attention_mask"]) - start).clamp_min(0)
-        if is_hidden and self.metric.position == "last":
-            h = out[torch.arange(out.shape[0]), last]  # [R, d]: only the metric's position is unembedded
-            ids = self.metric.token_ids(rows)
-            W = self.parts.unembed.weight
-            b = getattr(self.parts.unembed, "bias", None)
-            if ids is None:
-                return torch.nn.functional.linear(h, W, b)
-            logits = torch.einsum("rd,rkd->rk", h, W[ids])  # only the K ids the metric reads
-            return logits + b[ids] if b is not None else logits
-        logits = self.parts.unembed(out) if is_hidden else out
-        if self.metric.position == "all":
-            return logits
-        return self._select_last(logits, rows, last)
-
-    def _select_last(self, logits: torch.Tensor, rows: dict, last: torch.Tensor) -> torch.Tensor:
-        last = last.clamp_min(0)
-        x = logits[torch.arange(logits.shape[0]), last]
-        ids = self.metric.token_ids(rows)
-        return x if ids is None else x.gather(1, ids)
-
-    # -- runs -----------------------------------------------------------------------------------------------
-    def _forward(self, inputs: dict, past=None):
-        """Final hidden states (restricted path) or logits; returns (tensor, is_hidden)."""
-        kwargs = dict(inputs)
-        if past is not None:
-            kwargs[self._cache_kwarg()] = past
-            kwargs["use_cache"] = True
-        elif self.causal:
-            kwargs["use_cache"] = False
-        if self.restricted:
-            out = self.parts.base(**kwargs)
-            return out.last_hidden_state, True
-        out = self.model(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        return logits, False
-
-    def _cache_kwarg(self) -> str:
-        """Newer ``transformers`` models take the KV cache as ``cache``, older as ``past_key_values``."""
-        target = self.parts.base if self.restricted else self.model
-        params = inspect.signature(target.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-
-    @torch.no_grad()
-    def clean_pass(self) -> CleanPass:
-        """Run the base inputs once, caching what variant runs reuse."""
-        L = self.parts.shape.n_layers
-        store: list = [None] * L
-        rec = Recorder(("z", "k", "v"))
-        inputs = self.model_inputs(self.batch)
-        base_out: list = []
-        capture = self.parts.base.register_forward_hook(lambda _m, _a, out: base_out.append(out))
-        try:
-            with intervene(self.model, (), backend=self.backend, recorder=rec), capture_block_outputs(self.parts, store):
-                kwargs = dict(inputs)
-                if self.causal:
-                    kwargs["use_cache"] = False
-                out = self.model(**kwargs)
-        finally:
-            capture.remove()
-        self.cost.add(self.N, L, self.T)
-        full = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        # Use the restricted path (final hidden state -> only the logits the metric needs) only if
-        # unembedding the base model's output reproduces the model's own logits.
-        self._clean_last_hidden = None
-        if self.parts.unembed is not None and hasattr(out, "logits") and base_out:
-            hidden = getattr(base_out[-1], "last_hidden_state", None)
-            if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == self.parts.unembed.in_features:  # e.g. ELECTRA: a head sits between
-                # (not when its weight is offloaded to the meta device: only the module's own forward loads it)
-                self.restricted = self.parts.unembed.weight.device.type != "meta" and torch.allclose(
-                    self.parts.unembed(hidden[:1]), full[:1], rtol=1e-4, atol=1e-4)
-                self._clean_last_hidden = hidden[:, -1].detach()
-        logits = select_logits(full, self.metric, self.batch) if self.metric.position == "last" else full
-        full_last = None
-        if self.metric.needs_clean or self.metric.token_ids(self.batch) is None:
-            full_last = full[torch.arange(self.N), last_positions(self.batch["attention_mask"])]
-        att = self.parts.shape.attention_layers  # layers without attention (hybrid models) record nothing
-        self.base = CleanPass(store, {l: rec.tensors[("z", l)] for l in att},
-                              {l: rec.tensors[("k", l)] for l in att}, {l: rec.tensors[("v", l)] for l in att},
-                              logits, full_last)
-        return self.base
-
-    def use_metric(self, metric: Metric) -> None:
-        """Switch to ``metric`` (same values, another logit layout) before any variant runs;
-        the base run's logits are re-laid out from the full ones it holds."""
-        assert self.base is not None and self._base_values is None, "switch metrics after clean_pass(), before base_values()"
-        if self.metric.position != "all":
-            raise ValueError(f"use_metric: the base run holds {self.metric.position!r}-position logits, not the full ones")
-        self.metric = metric
-        if metric.position == "last":
-            self.base.logits = select_logits(self.base.logits, metric, self.batch)
+        return rows_of(self.batch, ex)
 
     def base_values(self) -> torch.Tensor:
         """Metric values ``[N]`` of the unintervened base run (computed once)."""
-        assert self.base is not None
         if self._base_values is None:
             self._base_values = self.metric(self.base.logits, self.batch, clean_logits=self.clean_logits).float()
         return self._base_values
 
+    @property
+    def last_query_note(self) -> str:
+        """Whether variant runs may run the final block for the last query only, and why not."""
+        return "not checked" if self._last_query is None else self._last_query[1]
+
+    # -- runs -----------------------------------------------------------------------------------------
+
     @torch.no_grad()
-    def run(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0, *,
-            clean_attention: bool = False, last_query: bool = False) -> torch.Tensor:
-        """Like :meth:`run_differentiable`, without building a graph.
+    def run(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, *,
+            shortcuts: Shortcuts = NONE) -> torch.Tensor:
+        """Like :meth:`run_differentiable`, without building a graph, with the optional ``shortcuts``
+        (:class:`~headint.scans.shortcuts.Shortcuts`; values are the same with or without):
+        ``clean_attention``: the plan only edits head outputs at ``start_layer``, so that layer's
+        attention output is the clean run's (its inputs are), blended with the replacement;
+        ``last_query``: the final block runs for the last query only where
+        :meth:`check_last_query` allows it (last-position metrics; no effect otherwise)."""
+        return self._run(ex, plan, start_layer, start_pos, None, shortcuts)
 
-        ``clean_attention``: the plan only replaces head outputs (head mask/patch), so layer
-        ``start_layer``'s attention output is the clean run's (its inputs are), blended with the
-        replacement: attention is not recomputed there.
-        ``last_query``: run the final block for the last query only where :meth:`check_last_query`
-        allows it (last-position metrics; no effect otherwise). Both give the same values.
-        """
-        return self._run(ex, plan, start_layer, start_pos, None, clean_attention, last_query)
-
-    def run_differentiable(self, ex: torch.Tensor, plan: Plan, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
+    def run_differentiable(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
         """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
 
         ``start_layer``: the plan intervenes at no layer below it (blocks below are replayed).
         ``start_pos``: the plan changes no position below it (causal models only; earlier
         positions come from the clean keys/values).
         """
-        return self._run(ex, plan, start_layer, start_pos, recorder, False, False)
+        return self._run(ex, plan, start_layer, start_pos, recorder, NONE)
 
-    def _run(self, ex, plan, start_layer, start_pos, recorder, clean_attention, last_query) -> torch.Tensor:
-        assert self.base is not None, "call clean_pass() first"
-        if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention):
-            start_pos = 0  # position reuse needs every layer's state as keys/values
+    def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts) -> torch.Tensor:
+        if plan is not None and start_layer and any(l < start_layer for l in plan.layers()):
+            raise ValueError(f"depth reuse: the plan intervenes at layers {sorted(plan.layers())}, below start_layer {start_layer}")
+        if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention
+                              and self.check_position_reuse(start_pos)):
+            start_pos = 0  # position reuse needs every layer's state as keys/values, fed back right
         children = None
-        if clean_attention:
+        if shortcuts.clean_attention and plan is not None:
             z = self.base.z[start_layer]
             plan = CleanAttentionPlan(plan, start_layer, z[ex.to(z.device)].transpose(1, 2))
             if start_pos == 0:  # the captured outputs are of whole rows
                 children = self.children_before_attention(start_layer)
-        last_query = last_query and recorder is None and self.T - start_pos >= 2 and self.check_last_query()
+        last_query = shortcuts.last_query and recorder is None and self.T - start_pos >= 2 and self.check_last_query()
+        if plan is not None and start_pos:
+            plan = AllowedEdits(plan, PER_POSITION_EDITS, "position reuse")
+        elif plan is not None and last_query:
+            plan = AllowedEdits(plan, PER_POSITION_EDITS, "last_query", {self.parts.shape.n_layers - 1})
         fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children)
-        rows = fw.rows
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
         if fw.second_call_tokens:
             self.cost.add_final_second_call(len(ex), fw.second_call_tokens, fw.last_query_ran)
-        if clean_attention:
+        if shortcuts.clean_attention and plan is not None:
             self.cost.clean_attention_rows += len(ex)
         if fw.children_replayed:
             self.cost.replayed_projection_rows += len(ex)
-        logits = self._metric_logits(fw.out, rows, start_pos, fw.is_hidden)
+        rows = fw.rows
+        if fw.is_hidden:
+            logits = restricted_logits(self.metric, fw.out, rows, start_pos, self.parts.unembed)
+        else:
+            logits = model_logits(self.metric, fw.out, rows, start_pos)
         clean = None
         if self.metric.needs_clean:
             clean = self.clean_logits[ex] if self.clean_logits is not None else None
@@ -340,11 +285,11 @@ class VariantRunner:
 
     def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool,
                          children: tuple | None = None) -> "_Forward":
-        """One forward of rows ``ex`` under ``plan``. ``children``: ``(attention module, {name:
-        captured output})`` of layer ``start_layer`` (see :meth:`children_before_attention`),
-        replayed for these rows."""
+        """One forward of rows ``ex`` under ``plan``, in the replica. ``children``: ``(attention
+        module, {name: captured output})`` of layer ``start_layer`` (see
+        :meth:`children_before_attention`), replayed for these rows."""
         rows = self.rows(ex)
-        inputs = self.model_inputs(rows, start_pos)
+        inputs = model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
         replayed = [None] * start_layer
         if start_layer:
@@ -356,10 +301,11 @@ class VariantRunner:
 
             past = DynamicCache(config=self.model.config)
             for l in range(self.parts.shape.n_layers):
-                past.update(self.base.k[l][ex.to(self.base.k[l].device)][:, :, :start_pos], self.base.v[l][ex.to(self.base.v[l].device)][:, :, :start_pos], l)
+                k, v = self.base.cached[l] if self.base.cached is not None else (self.base.k[l], self.base.v[l])
+                past.update(k[ex.to(k.device)][..., :start_pos, :], v[ex.to(v.device)][..., :start_pos, :], l)
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
         replay = replay_children(*children, ex, self.N, self.T) if children is not None and children[1] else contextlib.nullcontext()
-        with intervene(self.model, plan, backend=self.backend, recorder=recorder), replay_blocks(self.parts, start_layer, replayed), \
+        with self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
                 final as stand_in, replay as replay_stand_ins:
             out, is_hidden = self._forward(inputs, past)
         if last_query and not stand_in.second_call_tokens:
@@ -369,17 +315,38 @@ class VariantRunner:
                         second_call_tokens=stand_in.second_call_tokens if last_query else 0,
                         children_replayed=bool(replay_stand_ins) and all(r.replayed for r in replay_stand_ins))
 
+    def _forward(self, inputs: dict, past=None):
+        """Final hidden states (restricted path) or logits; returns (tensor, is_hidden)."""
+        kwargs = dict(inputs)
+        if past is not None:
+            kwargs[self._cache_kwarg] = past
+            kwargs["use_cache"] = True
+        elif self.causal:
+            kwargs["use_cache"] = False
+        if self.restricted:
+            out = self.parts.base(**kwargs)
+            return out.last_hidden_state, True
+        out = self.model(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return logits, False
+
+    @functools.cached_property
+    def _cache_kwarg(self) -> str:
+        return cache_kwarg(self.parts.base if self.restricted else self.model)
+
+    # -- what the shortcuts need, found once -------------------------------------------------------
+
     @torch.no_grad()
     def children_before_attention(self, layer: int) -> tuple:
-        """``(attention module, {name: output})`` for ``layer``: the outputs, on the clean rows, of
-        the module's direct children that ran (once each, on whole rows) before its attention
-        call - its q/k/v projections and the like (see
+        """``(attention module, {name: output})`` for ``layer`` (the replica's): the outputs, on
+        the clean rows, of the module's direct children that ran (once each, on whole rows)
+        before its attention call - its q/k/v projections and the like (see
         :func:`~headint.integration.blocks.capture_children_before_attention`). Captured by one
         forward of the clean rows stopped at that call; one layer is held at a time."""
         if self._children is not None and self._children[0] == layer:
             return self._children[1:]
         self._children = None
-        site = next((s for s in model_structure(self.model).sites.values()
+        site = next((s for s in self.replica.structure.sites.values()
                      if s.stack == self.parts.shape.default_stack and s.layer == layer), None)
         module = None if site is None else self.model.get_submodule(site.path)
         outputs: dict = {}
@@ -397,6 +364,43 @@ class VariantRunner:
         self._children = (layer, module, outputs)
         return module, outputs
 
+    @property
+    def position_reuse_ok(self) -> bool:
+        """Whether position reuse ran right where it was checked (True: not refused so far)."""
+        return self._position_reuse is None or self._position_reuse[0]
+
+    @torch.no_grad()
+    def check_position_reuse(self, start_pos: int) -> bool:
+        """Whether variant runs may feed tokens ``>= start_pos`` with the clean run's cache before
+        them (cached): the base run's first rows whose metric position is at or after
+        ``start_pos`` are run so, without interventions, and the logits the metric reads must
+        agree with the clean pass's to float tolerance (e.g. a model whose cache holds something
+        the prefix is not fed back as fails here and runs whole rows instead)."""
+        if self._position_reuse is not None or start_pos <= 0:
+            return self._position_reuse is None or self._position_reuse[0]
+        eligible = (last_positions(self.batch["attention_mask"]) >= start_pos).nonzero().flatten()[:2]
+        if not len(eligible):
+            return True  # every row ends before start_pos: each keeps its base value
+        ex = eligible.to(self.batch["input_ids"].device)
+        why = None
+        try:
+            fw = self._variant_forward(ex, None, 0, start_pos, None, False)
+        except Exception as e:
+            why = f"a forward fed from position {start_pos} failed ({type(e).__name__}: {e})"
+        else:
+            self.cost.add(len(ex), self.parts.shape.n_layers, self.T - start_pos)
+            if fw.is_hidden:
+                got = restricted_logits(self.metric, fw.out, fw.rows, start_pos, self.parts.unembed)
+            else:
+                got = model_logits(self.metric, fw.out, fw.rows, start_pos)
+            want = self.base.logits[ex.to(self.base.logits.device)]
+            err = float((got.float() - want.float()).abs().max())
+            tol = 1e-4 * (1.0 + float(want.float().abs().max()))
+            if not err <= tol:
+                why = f"fed from position {start_pos} it differs from the clean run by {err:.3g} (tolerance {tol:.3g})"
+        self._position_reuse = (why is None, "position reuse" if why is None else f"whole rows ({why})")
+        return self._position_reuse[0]
+
     @torch.no_grad()
     def check_last_query(self) -> bool:
         """Whether variant runs may compute the final block for the last query only (cached).
@@ -408,11 +412,10 @@ class VariantRunner:
         last position must agree with the clean pass's to float tolerance; ``last_query_note``
         says why not otherwise.
         """
-        if self.last_query_ok is not None:
-            return self.last_query_ok
-        assert self.base is not None, "call clean_pass() first"
+        if self._last_query is not None:
+            return self._last_query[0]
         why = None
-        if not (self.metric.position == "last" and self.restricted and self._clean_last_hidden is not None):
+        if not (self.metric.position == "last" and self.restricted and self.base.last_hidden is not None):
             why = "the metric does not read the last position's final hidden state only"
         elif not self.causal:
             why = "the model is not causal"
@@ -425,22 +428,20 @@ class VariantRunner:
             L = self.parts.shape.n_layers
             try:
                 fw = self._variant_forward(ex, None, L - 1, 0, None, True)
-                out, shortcut, second = fw.out, fw.last_query_ran, fw.second_call_tokens
             except Exception as e:  # e.g. a block whose arguments cannot be cut to the last query
                 why = f"the final block failed on the last query only ({type(e).__name__}: {e})"
             else:
                 self.cost.add(len(ex), 1, self.T)
-                self.cost.add_final_second_call(len(ex), second, shortcut)
-                got, want = out[:, -1].float(), self._clean_last_hidden[ex].float()
+                self.cost.add_final_second_call(len(ex), fw.second_call_tokens, fw.last_query_ran)
+                got, want = fw.out[:, -1].float(), self.base.last_hidden[ex].float()
                 err = float((got - want).abs().max())
                 tol = 1e-4 * (1.0 + float(want.abs().max()))
-                if not shortcut:
+                if not fw.last_query_ran:
                     why = "the final block's keys do not cover every position"
                 elif not err <= tol:
                     why = f"the final block on the last query only differs from the clean run by {err:.3g} (tolerance {tol:.3g})"
-        self.last_query_ok = why is None
-        self.last_query_note = "final block for the last query only" if why is None else f"full final block ({why})"
-        return self.last_query_ok
+        self._last_query = (why is None, "final block for the last query only" if why is None else f"full final block ({why})")
+        return self._last_query[0]
 
 
 @dataclass
@@ -469,47 +470,8 @@ class _StopAtAttention(Recorder):
             raise AttentionReached(f"layer {layer}")
 
 
-class CleanAttentionPlan(Plan):
-    """``plan`` with the attention output of ``layer`` known: ``m * clean + (1 - m) * patch``
-    from the plan's own head mask ``m`` and replacement ``patch`` and the clean run's head
-    outputs ``clean`` ``[R, H, T, D]`` (absolute positions), valid when that layer's inputs are
-    the clean run's. The plan at ``layer`` may only replace head outputs (a head bias is kept:
-    the attention function adds it to the known output as to a computed one)."""
-
-    def __init__(self, plan: Plan, layer: int, clean: torch.Tensor):
-        self.plan, self.layer, self.clean = plan, layer, clean
-
-    def layers(self) -> set[int]:
-        return self.plan.layers()
-
-    def for_stack_call(self, stack, layer, B, Tq, Tk, device, dtype, q_start=None):
-        return self.plan.for_stack_call(stack, layer, B, Tq, Tk, device, dtype, q_start=q_start)
-
-    def for_call(self, layer, B, Tq, Tk, device, dtype, q_start=None):
-        call = self.plan.for_call(layer, B, Tq, Tk, device, dtype, q_start=q_start)
-        if layer != self.layer or call is None:
-            return call
-        if call.head_mask is None or call.score_scale is not None or call.knockouts or call.qkv_edits or call.pattern_edits:
-            raise ValueError(f"clean_attention: the plan at layer {layer} must only replace head outputs (head_mask/head_patch)")
-        q0 = Tk - Tq if q_start is None else q_start
-        attn = self.clean[:, :, q0 : q0 + Tq].to(device=device, dtype=torch.float32)
-        if attn.shape[0] != B or attn.shape[2] != Tq:
-            raise ValueError(f"clean_attention: clean head outputs {list(self.clean.shape)} do not cover rows {B}, positions {q0}..{q0 + Tq - 1}")
-        m = call.head_mask.to(device=device, dtype=torch.float32)[..., None]  # [Bp, H, Tq or 1, 1]
-        out = m * attn
-        if call.head_patch is not None:
-            out = out + (1 - m) * call.head_patch.to(device=device, dtype=torch.float32)
-        return CallPlan(output=out.to(dtype).expand(B, -1, Tq, -1), head_bias=call.head_bias)
-
-
-def paired_batches(clean: Any, corrupt: Any, name: str = "inputs") -> tuple[dict, dict | None]:
-    """Clean and (optional) corrupted inputs as batches of the same ``[N, T]``."""
-    clean_b = as_batch(clean)
-    corrupt_b = as_batch(corrupt) if corrupt is not None else None
-    shape = tuple(clean_b["input_ids"].shape)
-    if corrupt_b is not None and tuple(corrupt_b["input_ids"].shape) != shape:
-        raise ValueError(f"corrupt input_ids has shape {list(corrupt_b['input_ids'].shape)}; expected {list(shape)} like {name}")
-    return clean_b, corrupt_b
+# ---------------------------------------------------------------------------------------------
+# The base runs every scan starts from
 
 
 @dataclass
@@ -521,36 +483,29 @@ class BaseRuns:
     corrupt: VariantRunner | None
     clean_values: torch.Tensor
     corrupt_values: torch.Tensor | None
-    metric_path: str = "declared"  # see headint.metrics.last_position_form
+    metric_path: str = "declared"  # see headint.scans.metric_logits.last_position_form
 
     def cost(self) -> dict:
         runners = [r for r in (self.clean, self.corrupt) if r is not None]
         return {k: sum(r.cost.as_dict()[k] for r in runners) for k in Cost().as_dict()}
 
 
-def base_runs(model, clean_b: dict, corrupt_b: dict | None, metric: Metric, backend: str) -> BaseRuns:
-    """Run the clean inputs (and the corrupted ones) once, caching what variant runs reuse.
-    The clean run's logits are the reference of metrics that compare with it (e.g. KL).
+def base_runs(replica: Replica, clean_b: dict, corrupt_b: dict | None, metric: Metric, backend: str) -> BaseRuns:
+    """Run the clean inputs (and the corrupted ones) once in ``replica``, caching what variant
+    runs reuse. The clean run's logits are the reference of metrics that compare with it (e.g. KL).
 
-    A callable metric on full logits is probed on these runs (:func:`~headint.metrics.last_position_form`):
-    if it reads only the last real token's logits, every variant computes only those;
-    ``BaseRuns.metric_path`` says which path runs."""
-    clean = VariantRunner(model, clean_b, metric, backend=backend)
-    clean.clean_pass()
-    corrupt = None
-    if corrupt_b is not None:
-        corrupt = VariantRunner(model, corrupt_b, metric, backend=backend)
-        corrupt.clean_pass()
-    runners = [r for r in (clean, corrupt) if r is not None]
-    refs = [clean.base.logits if metric.needs_clean else None for _ in runners]
-    use, path = last_position_form(metric, [r.base.logits for r in runners], [r.batch for r in runners], refs)
-    if use is not metric:
-        for r in runners:
-            r.use_metric(use)
-    clean.clean_logits = clean.base.logits
-    clean_values = clean.base_values()
-    corrupt_values = None
-    if corrupt is not None:
-        corrupt.clean_logits = clean.base.logits
-        corrupt_values = corrupt.base_values()
-    return BaseRuns(clean, corrupt, clean_values, corrupt_values, path)
+    A callable metric on full logits is probed on these runs
+    (:func:`~headint.scans.metric_logits.last_position_form`): if it reads only the last real
+    token's logits, every variant computes only those; ``BaseRuns.metric_path`` says which path runs."""
+    batches = [b for b in (clean_b, corrupt_b) if b is not None]
+    costs = [Cost() for _ in batches]
+    passes = [clean_pass(replica, b, metric, backend, c) for b, c in zip(batches, costs)]
+    refs = [passes[0].logits if metric.needs_clean else None for _ in passes]
+    use, path = last_position_form(metric, [p.logits for p in passes], batches, refs)
+    if use is not metric:  # the passes hold full logits ("all" position): re-laid out for the cheap form
+        passes = [replace(p, logits=select_logits(p.logits, use, b)) for p, b in zip(passes, batches)]
+    runners = [VariantRunner(replica, b, p, use, backend=backend, clean_logits=passes[0].logits, cost=c)
+               for b, p, c in zip(batches, passes, costs)]
+    clean = runners[0]
+    corrupt = runners[1] if corrupt_b is not None else None
+    return BaseRuns(clean, corrupt, clean.base_values(), None if corrupt is None else corrupt.base_values(), path)

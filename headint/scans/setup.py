@@ -2,7 +2,8 @@
 
 :func:`prepare_scan` checks and normalises the inputs without running the model (so a scan
 can validate its own arguments against ``shape`` and ``T`` first); :meth:`ScanSetup.base_runs`
-then puts the model in eval mode and runs the clean (and corrupted) inputs once.
+then runs the clean (and corrupted) inputs once, in a private replica of the model (eval mode;
+the model itself is only read, see :mod:`headint.integration.replica`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import torch
 
 from ..metrics import Metric, as_metric
 from ..integration.adapter import input_device
-from ..integration.structure import model_shape
+from ..integration.structure import model_replica, model_shape
 from ..shape import ModelShape
 from ..results.stats import finite_mean
+from ..tokens import check_token_ids, vocab_size
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from ..integration.modes import eval_mode
-from .runner import BaseRuns, VariantRunner, base_runs, paired_batches
+from .inputs import paired_batches
+from .runner import BaseRuns, VariantRunner, base_runs
 
 
 @dataclass
@@ -78,11 +80,10 @@ class ScanSetup:
 
     @contextlib.contextmanager
     def base_runs(self) -> Iterator[BaseRuns]:
-        """Inside: the model in eval mode (each module's own train/eval flag restored on exit) and
-        the base runs done."""
-        with eval_mode(self.model):
-            self.runs = base_runs(self.model, self.clean, self.corrupt, self.metric, self.backend)
-            yield self.runs
+        """Inside: the base runs done, in a new private replica of the model (in eval mode; the
+        model's own train/eval flags are never changed)."""
+        self.runs = base_runs(model_replica(self.model), self.clean, self.corrupt, self.metric, self.backend)
+        yield self.runs
 
     def row_geometry(self, runner: VariantRunner, patched_layers: int = 1, keeps_graph: bool = False) -> RowGeometry:
         """The per-row memory geometry of variant runs of ``runner`` (see :mod:`.batching`)."""
@@ -98,16 +99,36 @@ class ScanSetup:
         return default_memory_budget(self.device) if memory_budget is None else memory_budget
 
 
+ANSWER_KEYS = ("target", "contrast")  # token ids the metrics read at the last position
+
+
+def check_batch_ids(model, batch: dict, name: str) -> None:
+    """The token ids of ``batch``: ``input_ids`` ``[N, T]`` (N, T >= 1, integers within the
+    model's vocabulary) and, where present, the answers ``target``/``contrast`` ``[N]``
+    (integers within it); errors name ``name`` (e.g. ``inputs['input_ids']``) and the id."""
+    vocab = vocab_size(model)
+    check_token_ids(batch["input_ids"], vocab, f"{name}['input_ids']")
+    for key in ANSWER_KEYS:
+        if key in batch:
+            ids = batch[key]
+            if ids.dim() == 1:
+                ids = ids[:, None]
+            check_token_ids(ids, vocab, f"{name}[{key!r}]", shape="[N] or [N, k]")
+
+
 def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, name: str = "inputs") -> ScanSetup:
     """Check and normalise a scan's inputs (no model run).
 
-    ``inputs``/``corrupt``: ``[N, T]`` token ids or dicts (see :func:`~headint.scans.runner.as_batch`),
+    ``inputs``/``corrupt``: ``[N, T]`` token ids or dicts (see :func:`~headint.scans.inputs.as_batch`),
     of the same shape. Left-padded batches get ``position_ids`` from their mask (see
     :mod:`.positions`), so every example gives the values it gives alone.
     """
     metric = as_metric(metric)
     shape = model_shape(model)
     clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
+    check_batch_ids(model, clean_b, name)
+    if corrupt_b is not None:
+        check_batch_ids(model, corrupt_b, "corrupt")
     clean_b = with_position_ids(model, clean_b, name)
     if corrupt_b is not None:
         corrupt_b = with_position_ids(model, corrupt_b, "corrupt")

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..interventions.edits import CallPlan, PatternEdit, replace_input
 from ..plan import ModelShape, TensorPlan
 
 
@@ -75,7 +76,9 @@ def build_plan(
     key/value (heads index key/value heads, positions index keys), all after rotary embeddings
     (``qkv`` edits), ``"pattern"`` the attention probabilities (positions index queries).
     ``patch_source(layer, ex) -> [R or 1, Hx, T, D] | None`` gives the replacement values,
-    head-major (None: zeros); for ``"pattern"``, ``[R or 1, H, T, T]`` probabilities.
+    head-major (None: zeros, the edits' fill); for ``"pattern"``, ``[R or 1, H, T, T]``
+    probabilities. Each layer's edits are a :class:`~headint.interventions.edits.CallPlan` over
+    absolute positions.
 
     ``freeze_source(layer, ex) -> [R, H, T, D]`` (direct effects): every head output of every
     layer above a row's variant's lowest layer is replaced by it (the base run's ``z``), except
@@ -101,30 +104,27 @@ def build_plan(
                 sel[rows, h, :] = True
             else:
                 sel[rows, h, v.position] = True
-    layers: dict[int, dict] = {}
+    layers: dict[int, CallPlan] = {}
     for l, sel in sels.items():
         if target == "z":
-            layers[l] = {"head_mask": (~sel).float(), "head_patch": patch_source(l, ex)}
+            layers[l] = CallPlan(head_mask=(~sel).float(), head_patch=patch_source(l, ex))
         elif target == "pattern":
-            layers[l] = {"pattern": (sel, patch_source(l, ex))}
+            layers[l] = CallPlan(pattern_edits=[PatternEdit(sel, patch_source(l, ex))])
         else:
-            values = patch_source(l, ex)
-            if values is None:
-                values = torch.zeros(1, n, T, shape.head_dim, device=device)
-            layers[l] = {"qkv": [(target, sel, values)]}
+            layers[l] = replace_input(target, sel, patch_source(l, ex))
     if freeze_source is not None:
         start = start.to(device)
         for l in range(int(start.min()) + 1, shape.n_layers):
             frozen = start < l  # [R]
             if not frozen.any():
                 continue
-            spec = layers.setdefault(l, {})
-            own = (~spec["head_mask"].bool()) if "head_mask" in spec else torch.zeros(R, H, 1, dtype=torch.bool, device=device)
+            spec = layers.setdefault(l, CallPlan())
+            own = (~spec.head_mask.bool()) if spec.head_mask is not None else torch.zeros(R, H, 1, dtype=torch.bool, device=device)
             replaced = own | frozen[:, None, None]
             base_z = freeze_source(l, ex)
-            if "head_patch" in spec:
-                own_values = spec["head_patch"] if spec["head_patch"] is not None else torch.zeros_like(base_z)
+            if spec.head_mask is not None:
+                own_values = spec.head_patch if spec.head_patch is not None else torch.zeros_like(base_z)
                 base_z = torch.where(own[..., None], own_values.to(base_z.dtype).expand_as(base_z), base_z)
-            spec["head_mask"] = (~replaced).float()
-            spec["head_patch"] = base_z
+            spec.head_mask = (~replaced).float()
+            spec.head_patch = base_z
     return TensorPlan(layers)

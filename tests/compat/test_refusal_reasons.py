@@ -47,6 +47,15 @@ def test_pegasus_x_decoder_is_causal_with_its_masks_built(cm):
     with headint.intervene(model, []):
         a, b = logits(model, **dict(inputs, decoder_input_ids=y)), logits(model, **dict(inputs, decoder_input_ids=y2))
     torch.testing.assert_close(a[:, :3], b[:, :3], **TOL)
+    # scans run in a private replica of the model: its config copies build their masks in full too
+    from headint.integration import masks
+    from headint.integration.adapter import model_configs
+    from headint.integration.structure import model_replica
+
+    replica = model_replica(model)
+    assert all(masks.is_marked(c) for c in model_configs(replica.root))
+    with replica.session(None, "reference"):
+        torch.testing.assert_close(logits(replica.root, **inputs), ref, **TOL)
 
 
 def test_models_whose_masks_may_be_skipped_keep_skipping():

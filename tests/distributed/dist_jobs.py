@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import headint
 import headint.scans.exact as exact
-from headint.scans.runner import VariantRunner
+import headint.scans.runner as runner_mod
 from scan_oracles import corrupt_of, make_batch, tiny_gpt2, tiny_llama
 
 BACKEND = "reference"
@@ -125,15 +125,15 @@ def interrupted_and_resumed(root: str) -> dict:
     with Counting() as c:
         out["C"] = summary(resume_scan(root / "single"))
         out["C_computed"] = c.calls
-    orig = VariantRunner.clean_pass
+    orig = runner_mod.clean_pass
     if rank == 1:
-        def broken(self):
+        def broken(*args, **kwargs):
             raise ValueError("simulated failure in the clean pass")
-        VariantRunner.clean_pass = broken
+        runner_mod.clean_pass = broken
     try:
         out["D_error"] = error_of(lambda: resume_scan(None))
     finally:
-        VariantRunner.clean_pass = orig
+        runner_mod.clean_pass = orig
     dist.barrier()
     return out
 

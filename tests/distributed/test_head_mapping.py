@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headint.distributed import data_parallel_ranks, head_shard, is_active
-from headint.interventions.call import CallPlan
+from headint.interventions.edits import CallPlan, Replacement
 from headint.ops import EdgeKnockout
 
 B, H, HKV, TQ, TK, D = 2, 4, 2, 3, 5, 8
@@ -20,13 +20,13 @@ def full_plan() -> CallPlan:
     b = lambda *s: torch.rand(*s, generator=g) > 0.5  # noqa: E731
     return CallPlan(head_mask=r(B, H, TQ), head_patch=r(1, H, TQ, D), head_bias=r(B, H, TQ, D), score_scale=r(B, H),
                     knockouts=[EdgeKnockout(b(B, H, TQ), b(B, 1, TK))],
-                    qkv_edits=[("q", b(B, H, TQ), r(B, H, TQ, D)), ("k", b(B, HKV, TK), r(B, HKV, TK, D))])
+                    q_edit=Replacement(b(B, H, TQ), r(B, H, TQ, D)), k_edit=Replacement(b(B, HKV, TK), r(B, HKV, TK, D)))
 
 
 def tensors(p: CallPlan) -> list:
     out = [p.head_mask, p.head_patch, p.head_bias, p.score_scale]
     out += [t for ko in p.knockouts for t in (ko.queries, ko.keys)]
-    return out + [t for _, s, v in p.qkv_edits for t in (s, v)]
+    return out + [t for e in (p.q_edit, p.k_edit) for t in e]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -39,7 +39,7 @@ def test_rank_slices_put_back_together_are_the_plan(world):
     for p in parts:
         assert p.head_mask.shape == (B, nq, TQ) and p.score_scale.shape == (B, nq)
         assert p.knockouts[0].keys.shape == (B, 1, TK), "a broadcast head dim must not be sliced"
-        assert p.qkv_edits[1][1].shape == (B, nkv, TK), "k edits slice key/value heads"
+        assert p.k_edit.select.shape == (B, nkv, TK), "k edits slice key/value heads"
     whole = tensors(plan)
     for i, t in enumerate(whole):
         pieces = [tensors(p)[i] for p in parts]
@@ -51,13 +51,13 @@ def test_rank_slice_is_its_own_heads():
     plan = full_plan()
     p = plan.for_heads(slice(2, 4), slice(1, 2), H)
     assert torch.equal(p.head_mask, plan.head_mask[:, 2:4])
-    assert torch.equal(p.qkv_edits[0][2], plan.qkv_edits[0][2][:, 2:4])
-    assert torch.equal(p.qkv_edits[1][2], plan.qkv_edits[1][2][:, 1:2])
+    assert torch.equal(p.q_edit.values, plan.q_edit.values[:, 2:4])
+    assert torch.equal(p.k_edit.values, plan.k_edit.values[:, 1:2])
 
 
 def test_knockout_with_index_selectors_refused_under_tensor_parallelism():
     plan = CallPlan(knockouts=[EdgeKnockout(1, [0, 2])])
-    with pytest.raises(ValueError, match="tensor-parallel call needs knockout selectors"):
+    with pytest.raises(ValueError, match="tensor-parallel call needs knockouts parts as"):
         plan.for_heads(slice(0, 2), slice(0, 1), H)
 
 
@@ -67,7 +67,7 @@ def test_plan_follows_the_call_device():
     moved = plan.to("meta")
     assert all(t.device.type == "meta" for t in tensors(moved))
     assert all(t.device.type == "cpu" for t in tensors(plan)), "the original plan is left as it was"
-    assert moved.qkv_edits[0][0] == "q" and len(moved.knockouts) == 1
+    assert moved.q_edit is not None and moved.v_edit is None and len(moved.knockouts) == 1
 
 
 def test_no_process_group_no_mapping():
