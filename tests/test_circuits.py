@@ -309,6 +309,18 @@ def test_save_load_and_safety(tmp_path, case):
         circuits.CircuitResult.load(tmp_path / "bad.json")
     r.save(str(tmp_path / "d") + "/")
     assert (tmp_path / "d" / "circuit.json").exists()
+    assert circuits.CircuitResult.load(tmp_path / "d").edges == r.edges  # a folder without the slash
+    # untrusted files: a tensor file larger than the sidecar's edges allow, a FIFO sidecar
+    stem = r.save(tmp_path / "big")
+    with open(f"{stem}.safetensors", "ab") as f:
+        f.write(b"\0" * (2 * 2**20))
+    with pytest.raises(ValueError, match="over the"):
+        circuits.CircuitResult.load(stem)
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ValueError, match="FIFO"):
+        circuits.CircuitResult.load(tmp_path / "fifo.json")
 
 
 def test_drawing(tmp_path, case):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_files_atomically
+from ..files import MAX_TEXT_BYTES, JSONError, parse_json, read_bytes, read_text, write_files_atomically
 from ..results.io import _restore_non_finite, _standard, result_files
 from .extract import connect, select
 from .graph import EdgeGraph
@@ -140,7 +140,8 @@ class CircuitResult:
         data = to_bytes(tensors)
         meta = {"format": FORMAT, "version": VERSION, "graph": self.graph.to_dict(), "scope": self.graph.mask.flatten().int().tolist(),
                 "edges": self.graph.names, "method": self.method, "metric_name": self.metric_name, "settings": self.settings,
-                "tensor_sha256": hashlib.sha256(data).hexdigest()}
+                "tensor_sha256": hashlib.sha256(data).hexdigest(),
+                "positions_T": None if self.positions is None else int(self.positions.shape[1])}
         found: list = []
         meta = _standard(meta, [], found)
         meta["non_finite"] = found
@@ -158,10 +159,11 @@ class CircuitResult:
         _, tfile, jfile = result_files(path, False, dir_stem=DIR_STEM)
         if not jfile.exists():
             raise FileNotFoundError(f"no CircuitResult at {os.fspath(path)!r}: {jfile} does not exist")
+        text = read_text(jfile, "CircuitResult sidecar", MAX_TEXT_BYTES)  # a regular file of bounded size
         try:
-            meta = json.loads(jfile.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{jfile} is not a saved CircuitResult: not valid JSON ({e})") from None
+            meta = parse_json(text, str(jfile))
+        except JSONError as e:
+            raise ValueError(f"{jfile} is not a saved CircuitResult: it is {e.reason}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{jfile} is not a saved CircuitResult (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("version") != VERSION:
@@ -172,7 +174,7 @@ class CircuitResult:
             raise ValueError(f"{jfile}: missing fields {missing}")
         if not tfile.exists():
             raise FileNotFoundError(f"{jfile}: its tensor file {tfile} does not exist (the two files share one stem)")
-        data = tfile.read_bytes()
+        data = read_bytes(tfile, "CircuitResult tensor file", _tensor_file_cap(meta, jfile))
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta["tensor_sha256"]:
             raise ValueError(f"{tfile} does not hold the tensors {jfile} was saved with (sha256 {digest[:12]}..., recorded "
@@ -350,3 +352,15 @@ class CircuitResult:
             write_files_atomically([(path, page.encode("utf-8"))])
         return page
 
+
+def _tensor_file_cap(meta: dict, jfile: Path) -> int | None:
+    """The most bytes the tensor file of the result ``meta`` describes can hold (``scores``,
+    ``stderr`` float32 and ``in_circuit`` uint8 per edge, ``positions`` float32 ``[E, T]`` with
+    ``T`` the sidecar's ``positions_T``, a header); None when the sidecar does not record
+    ``positions_T`` (written before it did)."""
+    edges, T = meta.get("edges"), meta.get("positions_T", -1)
+    if not isinstance(edges, list) or T == -1:
+        return None
+    if T is not None and (isinstance(T, bool) or not isinstance(T, int) or T < 0):
+        raise ValueError(f"{jfile}: field 'positions_T' must be null or an int >= 0, got {T!r}")
+    return 9 * len(edges) + 4 * len(edges) * (T or 0) + 2**20
