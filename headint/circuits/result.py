@@ -5,7 +5,10 @@ Files: ``<stem>.safetensors`` (``scores`` ``[E]``, optionally ``stderr`` ``[E]``
 edge names, method, metric, settings, and ``tensor_sha256``, the hash of the tensor file). As
 for :class:`~headint.results.ScanResult`: the tensor file is always the one beside the sidecar
 (no path is read from the JSON), its hash is checked on load, non-finite floats are written as
-``null`` and listed, and the edge names must be those of the recorded graph.
+``null`` and listed, and the edge names must be those of the recorded graph; both files must be
+regular files (:mod:`headint.files`), the sidecar at most 256 MiB and the tensor file no larger
+than the sidecar's edges (and ``positions_T``) allow; both are written together
+(:func:`headint.files.write_files_atomically`).
 """
 
 from __future__ import annotations
