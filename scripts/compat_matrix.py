@@ -480,8 +480,6 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         return a, b
 
     def scan():
-        if dec:
-            return None, "scans run on decoder-only and encoder-only models"
         tgt, con = torch.tensor([5, 6]), torch.tensor([7, 8])
         batch = dict(inputs, target=tgt, contrast=con)
         res = headint.scan(model, batch, headint.metrics.logit_diff(), progress=False, batch_size=4)
@@ -498,6 +496,25 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
                     lg = _logits(model, inputs)[:, -1]
                 exp[l, h] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
         return torch.nan_to_num(vals, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    def scan_positions():
+        """A per-position scan (zero ablation of one head at every position of the scanned sequence: the
+        decoder's for an encoder-decoder), one position per chunk so position reuse (a cached prefix) runs
+        where the model allows it."""
+        tgt, con = torch.tensor([5, 6]), torch.tensor([7, 8])
+        batch = dict(inputs, target=tgt, contrast=con)
+        res = headint.scan(model, batch, headint.metrics.logit_diff(), per_position=True, layers=[layer], heads=[head],
+                           group_positions=1, progress=False, batch_size=4)
+        vals = res.per_example[layer, head]  # [T, N]
+        exp = torch.empty_like(vals)
+        for t in range(vals.shape[0]):
+            def f(z, t=t):
+                z[:, t, head] = 0
+                return z
+            with edit_z(proj, H, f):
+                lg = _logits(model, inputs)[:, -1]
+            exp[t] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+        return vals, exp
 
     def generate():
         if dec or not _is_causal_lm(model):
@@ -608,7 +625,8 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         return a, b
 
     checks = [("zero", zero), ("mean", mean), ("patch", patch), ("scale_output", scale_out),
-              ("scale_scores", scale_scores), ("knockout", knockout), ("scan", scan), ("generate", generate),
+              ("scale_scores", scale_scores), ("knockout", knockout), ("scan", scan), ("scan_positions", scan_positions),
+              ("generate", generate),
               ("other_stacks", other_stacks), ("generate_static", generate_static), ("cross_positions", cross_positions)]
     for name, fn in checks:
         if proj is None and name not in ("scale_scores", "knockout"):
@@ -632,7 +650,7 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
 # the table
 
 
-COUNTED_CHECKS = ("generate", "other_stacks", "generate_static", "cross_positions")
+COUNTED_CHECKS = ("scan", "scan_positions", "generate", "other_stacks", "generate_static", "cross_positions")
 
 
 def _check_counts(rows: list[Row], check: str) -> dict:
@@ -659,7 +677,9 @@ def render(rows: list[Row], transformers_version: str) -> str:
         f"of our own for score edits) to a normalised tolerance of {TOL:g}.",
         "",
         "Checks: `none` (no intervention), `zero` / `mean` ablation, `patch` (from a recording of other inputs), "
-        "`scale_output`, `scale_scores`, `knockout`, `scan` (exact, per head, logit difference), `generate` (greedy, with "
+        "`scale_output`, `scale_scores`, `knockout`, `scan` (exact, per head, logit difference; an encoder-decoder's over its "
+        "decoder, with `decoder_input_ids`), `scan_positions` (exact, one head at every position, one position per chunk: "
+        "position reuse where the model allows it), `generate` (greedy, with "
         "an ablation), `other_stacks` (an ablation on every non-default attention stack, e.g. `encoder.self`, "
         "`decoder.cross`), `generate_static` (greedy, `cache_implementation=\"static\"`, a head ablated at absolute "
         "positions in the prompt and the generated tokens and edges knocked out between them, against a generation without "

@@ -13,7 +13,7 @@ using it (wrong outputs there) and can be left behind (a corrupted model). So sc
   and set attribute, copied one level deep), its own ``training`` flag (eval unless asked);
 - the replica's modules hold the model's **parameter and buffer tensors themselves** (the same
   objects, never written: no copy of the weights; a parameter that requires grad is held as a
-  detached view of the same storage, so nothing run in the replica reaches the model's
+  parameter without ``requires_grad`` over the same storage, so nothing run in the replica reaches the model's
   ``.grad`` or needs its ``requires_grad`` flags changed) and its other attributes (functions,
   numbers);
 - references between modules (submodules, bound methods and ``functools.partial`` forwards as
@@ -105,7 +105,8 @@ class Replica:
             if isinstance(params, dict):  # the same tensors, without a way back to the model's gradients
                 for k, p in params.items():
                     if type(p) is nn.Parameter and p.requires_grad:
-                        params[k] = p.detach()
+                        # still a Parameter (accelerate's offload hooks rebuild a parameter through its class)
+                        params[k] = nn.Parameter(p.detach(), requires_grad=False)
             c.__dict__.update(own)
         self.root: nn.Module = self._clones[id(model)]
         self.structure = None
@@ -181,7 +182,8 @@ class Replica:
         """The replica's blocks, base model and unembedding (needs the model's structure)."""
         if self.structure is None:
             raise ValueError("Replica.parts needs the model's structure (Replica(model, structure))")
-        return model_parts(self.root, self.structure.shape)
+        paths = {s.layer: s.path for s in self.structure.sites.values() if s.stack == self.structure.shape.default_stack}
+        return model_parts(self.root, self.structure.shape, paths)
 
     @contextlib.contextmanager
     def session(self, plan=None, backend: str = "auto", recorder=None) -> Iterator[Session]:

@@ -33,8 +33,8 @@ def test_subset_matches_oracle_or_is_refused(cm, model_type):
         # every intervention kind actually ran against the oracle
         for k in ("none", "zero", "mean", "patch", "scale_output", "scale_scores", "knockout"):
             assert row.checks[k].startswith("ok"), (k, row.checks[k])
-        if model_type != "bart":
-            assert row.checks["scan"].startswith("ok")
+        assert row.checks["scan"].startswith("ok")  # BART: over its decoder, with decoder_input_ids
+        assert row.checks["scan_positions"].startswith("ok")
         if model_type in ("gpt2", "llama", "lfm2", "stablelm"):
             assert row.checks["generate"].startswith("ok")
             assert row.checks["generate_static"].startswith("ok")  # static KV cache, absolute positions
