@@ -81,6 +81,7 @@ class Row:
     reason: str = ""
     checks: dict = field(default_factory=dict)  # name -> "ok (diff)" / "refused: ..." / "WRONG (diff)"
     seconds: float = 0.0
+    section: str = "lm"  # "lm": a text LM class (the main table); "vlm": a vision-language model scanned with pixels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,6 +328,28 @@ def oracle_scores(model, spec: dict):
         _SPEC.remove(spec)
 
 
+def scan_oracle(model, st, inputs: dict, tgt: torch.Tensor, con: torch.Tensor, value, like: torch.Tensor,
+                run_on: dict | None = None) -> torch.Tensor:
+    """What a per-head scan of the default attention stack should give, shaped ``like`` the scan's
+    ``per_example`` ``[L, H, N]`` (NaN where a layer has no such head): for each head, the logit difference ``target - contrast`` at the last
+    token when ``model`` runs ``run_on`` (default ``inputs``, every model input passed) with that head's
+    input to the output projection replaced by ``value(layer, head, z) -> [N, T, Dv]``."""
+    shape = st.shape
+    exp = torch.full_like(like, float("nan"))
+    for l in shape.attention_layers:
+        s = next(x for x in st.sites.values() if x.stack == shape.default_stack and x.layer == l)
+        p = out_projection(model, s.path)
+        n = shape.layer(l).n_heads
+        for h in range(n):
+            def f(z, l=l, h=h):
+                z[:, :, h] = value(l, h, z)
+                return z
+            with edit_z(p, n, f):
+                lg = _logits(model, run_on if run_on is not None else inputs)[:, -1]
+            exp[l, h] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+    return exp
+
+
 # ------------------------------------------------------------------------------------------------
 # the checks
 
@@ -484,17 +507,7 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         batch = dict(inputs, target=tgt, contrast=con)
         res = headint.scan(model, batch, headint.metrics.logit_diff(), progress=False, batch_size=4)
         vals = res.per_example  # [L, H, N]
-        exp = torch.full_like(vals, float("nan"))
-        for l in shape.attention_layers:
-            s = next(x for x in st.sites.values() if x.stack == default and x.layer == l)
-            p = out_projection(model, s.path)
-            for h in range(shape.layer(l).n_heads):
-                def f(z, h=h):
-                    z[:, :, h] = 0
-                    return z
-                with edit_z(p, shape.layer(l).n_heads, f):
-                    lg = _logits(model, inputs)[:, -1]
-                exp[l, h] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: torch.zeros_like(z[:, :, h]), like=vals)
         return torch.nan_to_num(vals, nan=1e9), torch.nan_to_num(exp, nan=1e9)
 
     def scan_positions():
@@ -644,6 +657,191 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         row.status = "supported"
         refused = [f"{k} ({v.split(': ', 2)[-1][:100]})" for k, v in row.checks.items() if v.startswith("refused")]
         row.reason = ("refuses: " + "; ".join(refused)) if refused else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# vision-language models: scans with pixels
+
+# model type -> class, and overrides of its tiny config (on top of the text sizes above): images of
+# IMAGE x IMAGE pixels cut into PATCH x PATCH patches, so each image is a handful of tokens
+IMAGE, PATCH = 32, 8
+VLM_TYPES = {
+    "gemma3": ("Gemma3ForConditionalGeneration", {"mm_tokens_per_image": 4}),
+    "llava": ("LlavaForConditionalGeneration", {"image_seq_length": (IMAGE // PATCH) ** 2}),
+    "paligemma": ("PaliGemmaForConditionalGeneration", {"projection_dim": HIDDEN}),
+    "idefics3": ("Idefics3ForConditionalGeneration", {}),
+    "smolvlm": ("SmolVLMForConditionalGeneration", {}),
+    "mistral3": ("Mistral3ForConditionalGeneration", {}),
+    "aya_vision": ("AyaVisionForConditionalGeneration", {}),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", {}),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", {}),
+}
+VLM_TEXT = 6  # text tokens after the image's
+
+
+def tiny_vlm(model_type: str, cls_name: str):
+    """A tiny float32 vision-language model: the text and vision sizes of :func:`tiny_model`, images
+    of ``IMAGE`` pixels in ``PATCH``-pixel patches, special token ids moved into the tiny vocabulary."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[model_type]()
+    _shrink(cfg, set())
+    for k, v in VLM_TYPES[model_type][1].items():
+        setattr(cfg, k, v)
+    vc = cfg.vision_config
+    for k, v in (("image_size", IMAGE), ("patch_size", PATCH)):
+        if getattr(vc, k, None) is not None:
+            setattr(vc, k, (v, v) if isinstance(getattr(vc, k), (list, tuple)) else v)
+    if hasattr(vc, "depth"):  # Qwen2-VL's vision layers
+        vc.depth = LAYERS
+    if model_type == "paligemma":  # derived from the vision sizes at construction
+        cfg.text_config.num_image_tokens = (IMAGE // PATCH) ** 2
+        vc.projection_dim = HIDDEN
+    rope = getattr(cfg.get_text_config(), "rope_parameters", None)
+    if model_type.startswith("qwen2") and isinstance(rope, dict):  # multimodal rotary sections: half the tiny head dim
+        rope["mrope_section"] = [2, 3, 3]
+    free = iter(range(3, 16))
+    for c in (cfg, cfg.get_text_config()):
+        for k, v in list(vars(c).items()):
+            if k.lstrip("_").endswith(("_token_id", "_token_index")) and isinstance(v, int) and v >= VOCAB:
+                setattr(c, k.lstrip("_") if k.startswith("_") and hasattr(type(c), k.lstrip("_")) else k, next(free))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.25 if "embed" not in n else 1.0)
+    return model.float()
+
+
+def _image_token(model) -> int:
+    for c in (model.config, model.config.get_text_config()):
+        for k in ("image_token_id", "image_token_index"):
+            if isinstance(getattr(c, k, None), int):
+                return getattr(c, k)
+    raise ValueError(f"{type(model).__name__}: no image token id in its config")
+
+
+def _pixels(model, seed: int) -> dict:
+    """Pixel inputs for ``B`` images of ``IMAGE`` pixels, in the layout the model's forward takes."""
+    g = torch.Generator().manual_seed(seed)
+    params = inspect.signature(model.forward).parameters
+    vc = model.config.vision_config
+    C = getattr(vc, "num_channels", 3) or 3
+    if "image_grid_thw" in params:  # flattened patches of every image, with each image's (t, h, w) grid
+        tps = getattr(vc, "temporal_patch_size", 2)
+        n = (IMAGE // PATCH) ** 2
+        return {"pixel_values": torch.randn(B * n, C * tps * PATCH * PATCH, generator=g),
+                "image_grid_thw": torch.tensor([[1, IMAGE // PATCH, IMAGE // PATCH]] * B)}
+    if "pixel_attention_mask" in params:  # [B, images, C, H, W]
+        return {"pixel_values": torch.randn(B, 1, C, IMAGE, IMAGE, generator=g),
+                "pixel_attention_mask": torch.ones(B, 1, IMAGE, IMAGE, dtype=torch.bool)}
+    out = {"pixel_values": torch.randn(B, C, IMAGE, IMAGE, generator=g)}
+    if "image_sizes" in params and "image_sizes" in inspect.signature(model.get_image_features).parameters:
+        out["image_sizes"] = torch.tensor([[IMAGE, IMAGE]] * B)
+    return out
+
+
+def _image_tokens(model, pixels: dict) -> int:
+    """How many image tokens one image becomes (the length of its features)."""
+    params = inspect.signature(model.get_image_features).parameters
+    with torch.no_grad():
+        out = model.get_image_features(**{k: v for k, v in pixels.items() if k in params})
+    feats = getattr(out, "pooler_output", None) if not isinstance(out, (torch.Tensor, list, tuple)) else out
+    if feats is None:
+        feats = out[0]
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1]).shape[0] // B
+
+
+def vlm_inputs(model, seed: int, n_image: int) -> dict:
+    """``B`` rows of one image each: a text token, the image's ``n_image`` tokens, ``VLM_TEXT``
+    text tokens, and the pixel inputs (``token_type_ids`` marking the image where the forward takes them)."""
+    g = torch.Generator().manual_seed(seed)
+    special = set(range(16))
+    allowed = torch.tensor([i for i in range(3, VOCAB) if i not in special])
+    ids = allowed[torch.randint(len(allowed), (B, 1 + n_image + VLM_TEXT), generator=g)]
+    ids[:, 1 : 1 + n_image] = _image_token(model)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **_pixels(model, seed)}
+    for k in ("token_type_ids", "mm_token_type_ids"):
+        if k in inspect.signature(model.forward).parameters:
+            inputs[k] = (ids == _image_token(model)).long()
+    return inputs
+
+
+def check_vlm(model_type: str, cls_name: str) -> Row:
+    """A vision-language model scanned with pixel inputs (the default attention stack: its language
+    model's), against the eager oracle with every input passed: a per-head zero-ablation ``scan``
+    and a denoising ``scan_patch`` (clean run, one head at a time patched from a run on another
+    image and other text). Checks ``none`` (no intervention) and ``pixels`` (whether the image
+    changes the logits: the oracle would not see pixels dropped otherwise) come first."""
+    import headint
+    from headint.integration.structure import model_structure
+
+    row = Row(model_type, cls_name, section="vlm")
+    t0 = time.time()
+    try:
+        model = tiny_vlm(model_type, cls_name)
+        n_image = _image_tokens(model, _pixels(model, 1))
+        inputs, other = vlm_inputs(model, 1, n_image), vlm_inputs(model, 2, n_image)
+        ref = _logits(model, inputs)
+        other_image = _logits(model, dict(inputs, pixel_values=other["pixel_values"]))
+    except Exception as e:
+        row.status = "skipped"
+        row.reason = f"no tiny model with pixels: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row.seconds = time.time() - t0
+        return row
+    row.reason = f"{n_image} image tokens per image; inputs {sorted(k for k in inputs if k != 'input_ids')}"
+    try:
+        with headint.intervene(model, []):
+            got = _logits(model, inputs)
+        st = model_structure(model)
+    except Exception as e:
+        row.status = "refused" if _clear(e) else "crash"
+        row.reason = f"{type(e).__name__}: {e}"
+        row.seconds = time.time() - t0
+        return row
+    d = _diff(got, ref)
+    row.checks["none"] = f"ok ({d:.1e})" if d <= TOL else f"WRONG ({d:.2e})"
+    d = _diff(other_image, ref)
+    row.checks["pixels"] = f"ok (another image moves the logits by {d:.1e})" if d > 1e-3 else f"n/a: the image barely matters ({d:.1e})"
+    tgt, con = torch.tensor([20, 21]), torch.tensor([22, 23])
+
+    def scan():
+        res = headint.scan(model, dict(inputs, target=tgt, contrast=con), headint.metrics.logit_diff(), progress=False, batch_size=4)
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: torch.zeros_like(z[:, :, h]), like=res.per_example)
+        return torch.nan_to_num(res.per_example, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    def scan_patch():
+        res = headint.scan(model, dict(inputs, target=tgt, contrast=con), headint.metrics.logit_diff(), method="patch",
+                           corrupt=dict(other, target=tgt, contrast=con), progress=False, batch_size=4)
+        # denoising: the corrupted run (``other``) with one head's output taken from the clean run
+        clean_z = {}
+        for l in st.shape.attention_layers:
+            s = next(x for x in st.sites.values() if x.stack == st.shape.default_stack and x.layer == l)
+            clean_z[l] = head_outputs(model, out_projection(model, s.path), st.shape.layer(l).n_heads, inputs)
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: clean_z[l][:, :, h], like=res.per_example, run_on=other)
+        return torch.nan_to_num(res.per_example, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    site = next(s for s in st.sites.values() if s.stack == st.shape.default_stack)
+    if out_projection(model, site.path) is None:
+        row.status, row.reason = "skipped", f"the oracle finds no output projection by name under {site.path}"
+    else:
+        _run_check(row, "scan", scan)
+        _run_check(row, "scan_patch", scan_patch)
+        verdicts = list(row.checks.values())
+        refused = [f"{k} ({v.split(': ', 2)[-1][:160]})" for k, v in row.checks.items() if v.startswith("refused")]
+        row.status = ("wrong" if any(v.startswith("WRONG") for v in verdicts) else
+                      "crash" if any(v.startswith("CRASH") for v in verdicts) else
+                      "refused" if refused and not any(row.checks[k].startswith("ok") for k in ("scan", "scan_patch")) else "supported")
+        if refused:
+            row.reason = "refuses: " + "; ".join(refused) + f" ({row.reason})"
+    row.seconds = time.time() - t0
+    return row
 
 
 # ------------------------------------------------------------------------------------------------
