@@ -24,6 +24,11 @@ exit non-zero.
 
     python scripts/compat_matrix.py --out docs/compatibility.md --json docs/compatibility.json   # the full walk
     python scripts/compat_matrix.py --only llama,gpt2 --reuse docs/compatibility.json --out ... --json ...  # recheck some
+    python scripts/compat_matrix.py --section vlm --reuse docs/compatibility.json --out ... --json ...  # the VLM rows only
+
+A second section (``vlm``, :func:`check_vlm`) scans tiny vision-language models (``VLM_TYPES``) with
+pixel inputs: a per-head zero-ablation scan and a denoising patch scan from another image, against
+the same oracle with every model input passed.
 """
 
 from __future__ import annotations
@@ -675,6 +680,26 @@ VLM_TYPES = {
     "aya_vision": ("AyaVisionForConditionalGeneration", {}),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", {}),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", {}),
+    "llava_next": ("LlavaNextForConditionalGeneration", {}),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", {}),
+    "vipllava": ("VipLlavaForConditionalGeneration", {}),
+    "internvl": ("InternVLForConditionalGeneration", {}),
+    "lfm2_vl": ("Lfm2VlForConditionalGeneration", {}),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", {}),
+    "glm4v": ("Glm4vForConditionalGeneration", {}),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration", {}),
+    "got_ocr2": ("GotOcr2ForConditionalGeneration", {}),
+    "fast_vlm": ("FastVlmForConditionalGeneration", {}),
+    "lighton_ocr": ("LightOnOcrForConditionalGeneration", {}),
+    "perception_lm": ("PerceptionLMForConditionalGeneration", {}),
+    "janus": ("JanusForConditionalGeneration", {}),
+    "chameleon": ("ChameleonForConditionalGeneration", {}),
+    "gemma3n": ("Gemma3nForConditionalGeneration", {}),
+    "mllama": ("MllamaForConditionalGeneration", {}),
+    "llama4": ("Llama4ForConditionalGeneration", {}),
+    "fuyu": ("FuyuForCausalLM", {}),
+    "gemma4": ("Gemma4ForConditionalGeneration", {}),
+    "video_llava": ("VideoLlavaForConditionalGeneration", {}),
 }
 VLM_TEXT = 6  # text tokens after the image's
 
@@ -699,8 +724,14 @@ def tiny_vlm(model_type: str, cls_name: str):
         cfg.text_config.num_image_tokens = (IMAGE // PATCH) ** 2
         vc.projection_dim = HIDDEN
     rope = getattr(cfg.get_text_config(), "rope_parameters", None)
-    if model_type.startswith("qwen2") and isinstance(rope, dict):  # multimodal rotary sections: half the tiny head dim
+    if model_type.startswith(("qwen", "glm")) and isinstance(rope, dict):  # multimodal rotary sections: half the tiny head dim
         rope["mrope_section"] = [2, 3, 3]
+    if hasattr(vc, "out_hidden_size"):  # the merger's output feeds the language model
+        vc.out_hidden_size = cfg.get_text_config().hidden_size
+    if hasattr(vc, "deepstack_visual_indexes"):
+        vc.deepstack_visual_indexes = [0]
+    if isinstance(getattr(cfg, "vision_feature_layers", None), (list, tuple)):  # VipLlava: layers of the 2 kept
+        cfg.vision_feature_layers = [-2, -1]
     free = iter(range(3, 16))
     for c in (cfg, cfg.get_text_config()):
         for k, v in list(vars(c).items()):
@@ -792,7 +823,9 @@ def check_vlm(model_type: str, cls_name: str) -> Row:
         other_image = _logits(model, dict(inputs, pixel_values=other["pixel_values"]))
     except Exception as e:
         row.status = "skipped"
-        row.reason = f"no tiny model with pixels: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        msg = lines[0][:160] if lines else f"(no message; raised at {traceback.format_exc().splitlines()[-3].strip()})"
+        row.reason = f"no tiny model with pixels: {type(e).__name__}: {msg}"
         row.seconds = time.time() - t0
         return row
     row.reason = f"{n_image} image tokens per image; inputs {sorted(k for k in inputs if k != 'input_ids')}"
@@ -808,7 +841,9 @@ def check_vlm(model_type: str, cls_name: str) -> Row:
     d = _diff(got, ref)
     row.checks["none"] = f"ok ({d:.1e})" if d <= TOL else f"WRONG ({d:.2e})"
     d = _diff(other_image, ref)
-    row.checks["pixels"] = f"ok (another image moves the logits by {d:.1e})" if d > 1e-3 else f"n/a: the image barely matters ({d:.1e})"
+    row.checks["pixels"] = f"ok ({d:.1e})" if d > 1e-3 else f"n/a: another image barely moves the logits ({d:.1e})"
+    if d <= 1e-3:
+        row.reason += "; the image barely moves the logits: this row does not show that pixels reach the scan"
     tgt, con = torch.tensor([20, 21]), torch.tensor([22, 23])
 
     def scan():
@@ -834,7 +869,11 @@ def check_vlm(model_type: str, cls_name: str) -> Row:
         _run_check(row, "scan", scan)
         _run_check(row, "scan_patch", scan_patch)
         verdicts = list(row.checks.values())
-        refused = [f"{k} ({v.split(': ', 2)[-1][:160]})" for k, v in row.checks.items() if v.startswith("refused")]
+        reasons: dict = {}  # one refusal message -> the checks refused with it
+        for k, v in row.checks.items():
+            if v.startswith("refused"):
+                reasons.setdefault(v.split(": ", 2)[-1][:200], []).append(k)
+        refused = [f"{', '.join(ks)}: {msg}" for msg, ks in reasons.items()]
         row.status = ("wrong" if any(v.startswith("WRONG") for v in verdicts) else
                       "crash" if any(v.startswith("CRASH") for v in verdicts) else
                       "refused" if refused and not any(row.checks[k].startswith("ok") for k in ("scan", "scan_patch")) else "supported")
@@ -863,8 +902,53 @@ def _check_counts(rows: list[Row], check: str) -> dict:
     return out
 
 
-def render(rows: list[Row], transformers_version: str) -> str:
+def _totals(rows: list[Row]) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("supported", "refused", "skipped", "wrong", "crash")}
+    return "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(rows)})."
+
+
+def _note(r: Row) -> str:
+    note = r.reason.replace("|", "\\|").replace("\n", " ")
+    if r.status in ("wrong", "crash"):
+        bad = [f"{k}: {v}" for k, v in r.checks.items() if v.startswith(("WRONG", "CRASH"))]
+        note = "; ".join(bad + ([note] if note else [])).replace("|", "\\|")
+    return note[:400] + "..." if len(note) > 400 else note
+
+
+VLM_CHECKS = ("scan", "scan_patch")
+
+
+def render_vlm(rows: list[Row]) -> list[str]:
+    """The vision-language section's lines (``rows``: the ``vlm`` ones)."""
+    lines = [
+        "## Vision-language models: scans with pixels",
+        "",
+        f"Generated by `python scripts/compat_matrix.py --section vlm` (part of the full walk). Each model type's "
+        "image-text-to-text class, built tiny (the text sizes above, a vision tower of the same sizes, "
+        f"{IMAGE}x{IMAGE}-pixel images in {PATCH}-pixel patches, special token ids moved into the vocabulary), scanned "
+        f"with {B} rows of one image each: a text token, the image's tokens, {VLM_TEXT} text tokens, and every pixel input "
+        "the model's forward takes (`pixel_values`, `image_sizes`, `pixel_attention_mask`, `token_type_ids`, ...). Compared "
+        "with the eager oracle (every input passed, a pre-hook on each output projection of the language model) to "
+        f"{TOL:g}: `scan` (exact, per head, zero ablation, logit difference at the last token), `scan_patch` (denoising: "
+        "a run on another image and other text with one head patched from the clean run). `pixels`: how far another "
+        "image moves the logits (where it barely does, n/a: a scan that dropped the pixels would pass unseen).",
+        "",
+        _totals(rows),
+        "",
+        *[f"`{c}`: " + ", ".join(f"{v} {n}" for v, n in _check_counts(rows, c).items()) + "." for c in VLM_CHECKS],
+        "",
+        "| model type | class | status | scan | scan_patch | pixels | reason / notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r.checks.get(c, "-").split(":")[0] for c in (*VLM_CHECKS, "pixels")]
+        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {' | '.join(cells)} | {_note(r)} |")
+    return lines
+
+
+def render(rows: list[Row], transformers_version: str) -> str:
+    vlm = [r for r in rows if r.section == "vlm"]
+    rows = [r for r in rows if r.section != "vlm"]
     lines = [
         "# Compatibility matrix",
         "",
@@ -888,7 +972,7 @@ def render(rows: list[Row], transformers_version: str) -> str:
         "Statuses: **supported**, **refused** (headint raises an error naming the reason), **skipped** (no tiny model or "
         "no oracle; reason given), **wrong** / **crash** (none may remain: the script exits non-zero).",
         "",
-        "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(rows)}).",
+        _totals(rows),
         "",
         *[f"`{c}`: " + ", ".join(f"{v} {n}" for v, n in _check_counts(rows, c).items()) + "." for c in COUNTED_CHECKS],
         "",
@@ -896,13 +980,9 @@ def render(rows: list[Row], transformers_version: str) -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        note = r.reason.replace("|", "\\|").replace("\n", " ")
-        if r.status in ("wrong", "crash"):
-            bad = [f"{k}: {v}" for k, v in r.checks.items() if v.startswith(("WRONG", "CRASH"))]
-            note = "; ".join(bad + ([note] if note else [])).replace("|", "\\|")
-        if len(note) > 400:
-            note = note[:400] + "..."
-        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {note} |")
+        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {_note(r)} |")
+    if vlm:
+        lines += ["", *render_vlm(vlm)]
     return "\n".join(lines) + "\n"
 
 
@@ -913,27 +993,31 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated model types")
     ap.add_argument("--out", default=None, help="write the markdown table here (default: print)")
     ap.add_argument("--json", default=None, help="write per-check results as JSON here")
-    ap.add_argument("--reuse", default=None, help="a JSON written by --json: its rows stand for the model types not in --only")
+    ap.add_argument("--reuse", default=None, help="a JSON written by --json: its rows stand for the model types not checked "
+                    "(not in --only, or in a section not run)")
+    ap.add_argument("--section", choices=("all", "lm", "vlm"), default="all",
+                    help="which sections to check: the text LMs (lm), the vision-language scans with pixels (vlm), or both")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     types = candidate_types()
     if args.only:
         wanted = args.only.split(",")
         types = [t for t in types if t[0] in wanted]
+    vlm_types = sorted((mt, cls) for mt, (cls, _) in VLM_TYPES.items() if not args.only or mt in args.only.split(","))
+    jobs = ([(mt, cls, check_model) for mt, cls in types if uses_registry(mt, cls)] if args.section in ("all", "lm") else [])
+    jobs += [(mt, cls, check_vlm) for mt, cls in vlm_types] if args.section in ("all", "vlm") else []
     rows = []
-    for mt, cls in types:
-        if not uses_registry(mt, cls):
-            continue
-        row = check_model(mt, cls)
+    for mt, cls, check in jobs:
+        row = check(mt, cls)
         rows.append(row)
-        print(f"{mt:28s} {row.status:9s} {row.seconds:5.1f}s {row.reason[:150]}", flush=True)
+        print(f"{row.section:3s} {mt:28s} {row.status:9s} {row.seconds:5.1f}s {row.reason[:150]}", flush=True)
         bad = {k: v for k, v in row.checks.items() if v.startswith(("WRONG", "CRASH"))}
         if bad:
             print("    ", bad, flush=True)
     if args.reuse:
-        checked = {r.model_type for r in rows}
-        rows += [Row(**r) for r in json.loads(Path(args.reuse).read_text()) if r["model_type"] not in checked]
-        rows.sort(key=lambda r: r.model_type)
+        checked = {(r.section, r.model_type) for r in rows}
+        rows += [row for row in (Row(**r) for r in json.loads(Path(args.reuse).read_text())) if (row.section, row.model_type) not in checked]
+    rows.sort(key=lambda r: (r.section, r.model_type))
     text = render(rows, transformers.__version__)
     if args.out:
         Path(args.out).write_text(text)
