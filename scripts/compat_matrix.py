@@ -179,9 +179,14 @@ def tiny_model(model_type: str, cls_name: str):
             setattr(cfg, k, 0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager")
+    return _finish(getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager"))
+
+
+def _finish(model):
+    """``model`` in eval mode, float32, with larger weights than the default init (peaked
+    attention, so interventions matter)."""
     model.eval()
-    with torch.no_grad():  # larger weights than the default init: peaked attention, so interventions matter
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.25 if "embed" not in n else 1.0)
@@ -739,13 +744,7 @@ def tiny_vlm(model_type: str, cls_name: str):
                 setattr(c, k.lstrip("_") if k.startswith("_") and hasattr(type(c), k.lstrip("_")) else k, next(free))
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager")
-    model.eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.25 if "embed" not in n else 1.0)
-    return model.float()
+    return _finish(getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager"))
 
 
 def _image_token(model) -> int:
