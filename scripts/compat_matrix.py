@@ -719,7 +719,10 @@ def tiny_vlm(model_type: str, cls_name: str):
     _shrink(cfg, set())
     for k, v in VLM_TYPES[model_type][1].items():
         setattr(cfg, k, v)
-    vc = cfg.vision_config
+    vc = getattr(cfg, "vision_config", None)
+    if vc is None:
+        raise ValueError(f"its default config has no vision_config ({type(cfg).__name__}): this section sizes a vision tower "
+                         "and feeds its image tokens; images encoded otherwise (a VQ tokenizer, raw patches) are not built")
     for k, v in (("image_size", IMAGE), ("patch_size", PATCH)):
         if getattr(vc, k, None) is not None:
             setattr(vc, k, (v, v) if isinstance(getattr(vc, k), (list, tuple)) else v)
@@ -737,6 +740,13 @@ def tiny_vlm(model_type: str, cls_name: str):
         vc.deepstack_visual_indexes = [0]
     if isinstance(getattr(cfg, "vision_feature_layers", None), (list, tuple)):  # VipLlava: layers of the 2 kept
         cfg.vision_feature_layers = [-2, -1]
+    if getattr(cfg, "image_grid_pinpoints", None):  # LLaVA-NeXT's any-resolution tiles: one tile of one image size
+        cfg.image_grid_pinpoints = [[IMAGE, IMAGE]]
+    for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim"):  # Llama 4's projector
+        if isinstance(getattr(vc, k, None), int):
+            setattr(vc, k, HIDDEN)
+    if isinstance(getattr(vc, "pixel_shuffle_ratio", None), float):  # its adapter's input: the shuffled patch features
+        vc.intermediate_size = int(vc.hidden_size / vc.pixel_shuffle_ratio ** 2)
     free = iter(range(3, 16))
     for c in (cfg, cfg.get_text_config()):
         for k, v in list(vars(c).items()):
@@ -769,6 +779,8 @@ def _pixels(model, seed: int) -> dict:
     if "pixel_attention_mask" in params:  # [B, images, C, H, W]
         return {"pixel_values": torch.randn(B, 1, C, IMAGE, IMAGE, generator=g),
                 "pixel_attention_mask": torch.ones(B, 1, IMAGE, IMAGE, dtype=torch.bool)}
+    if getattr(model.config, "image_grid_pinpoints", None):  # [B, tiles, C, H, W]: the whole image and its one tile
+        return {"pixel_values": torch.randn(B, 2, C, IMAGE, IMAGE, generator=g), "image_sizes": torch.tensor([[IMAGE, IMAGE]] * B)}
     out = {"pixel_values": torch.randn(B, C, IMAGE, IMAGE, generator=g)}
     if "image_sizes" in params and "image_sizes" in inspect.signature(model.get_image_features).parameters:
         out["image_sizes"] = torch.tensor([[IMAGE, IMAGE]] * B)
