@@ -13,6 +13,8 @@ warm-up on 4 tokens, so the one-time structure probe is not counted), and the wa
 - ``fwd+bwd``: a plain forward and backward of the model (logit difference at the last token),
   parameters requiring grad as loaded (their gradients are allocated);
 - ``fwd+bwd frozen``: the same with frozen parameters and the gradient taken at the embeddings;
+- ``fwd+bwd frozen xsteps``: the same on ``N * steps`` rows (each example ``steps`` times): the
+  plain counterpart of EAP-IG's one batch of ``N * steps`` rows;
 - ``headint eap`` / ``headint eap-ig``: :func:`headint.circuits.attribute`, every edge, all
   examples in one batch (EAP-IG: ``--steps`` interpolation steps as rows of that batch);
 - ``hook eap`` / ``hook eap-ig``: ``tests/circuit_oracle.py``: the residual stream as an explicit
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHATS = ("fwd+bwd", "fwd+bwd frozen", "headint eap", "hook eap", "headint eap-ig", "hook eap-ig")
+WHATS = ("fwd+bwd", "fwd+bwd frozen", "fwd+bwd frozen xsteps", "headint eap", "hook eap", "headint eap-ig", "hook eap-ig")
 
 
 def _model(name: str):
@@ -55,13 +57,13 @@ def _model(name: str):
     return model.eval()
 
 
-def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
+def child(name: str, what: str, N: int, T: int, steps: int, threads: int = 2) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     from headint import circuits
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = _model(name)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -82,14 +84,16 @@ def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
         oracle = Oracle(model)
         for p in model.parameters():
             p.requires_grad_(False)
-    if what == "fwd+bwd frozen":
+    if what == "fwd+bwd frozen xsteps":
+        ids, tgt, con = ids.repeat_interleave(steps, 0), tgt.repeat_interleave(steps), con.repeat_interleave(steps)
+    if what.startswith("fwd+bwd frozen"):
         for p in model.parameters():
             p.requires_grad_(False)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if what == "fwd+bwd":
         metric(model(ids).logits).sum().backward()
-    elif what == "fwd+bwd frozen":
+    elif what.startswith("fwd+bwd frozen"):
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         metric(model(inputs_embeds=emb).logits).sum().backward()
     elif what == "headint eap":
@@ -118,7 +122,7 @@ def child(name: str, what: str, N: int, T: int, steps: int) -> dict:
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "what": what, "N": N, "T": T, "steps": steps, "seconds": seconds,
+    return {"model": name, "what": what, "N": N, "T": T, "steps": steps, "threads": threads, "seconds": seconds,
             "peak_growth_mib": (peak - start) / 1024, "params": params}
 
 
@@ -129,10 +133,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="gpt2-small,llama-gqa")
     ap.add_argument("--skip", default="", help="comma-separated measurements to skip (e.g. 'hook eap-ig')")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per measurement (1 is steadier on a loaded machine)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "circuits_eap.json"), help="where the JSON goes")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.N, args.T, args.steps)))
+        print(json.dumps(child(args.child[0], args.child[1], args.N, args.T, args.steps, args.threads)))
         return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     rows = []
@@ -140,7 +146,8 @@ def main() -> int:
         for what in WHATS:
             if what in skip:
                 continue
-            cmd = [sys.executable, __file__, "--child", name, what, "--N", str(args.N), "--T", str(args.T), "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--child", name, what, "--N", str(args.N), "--T", str(args.T), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{name} {what}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -151,21 +158,22 @@ def main() -> int:
     print()
     for name in args.models.split(","):
         r = {x["what"]: x for x in rows if x["model"] == name}
-        base, frozen = r.get("fwd+bwd"), r.get("fwd+bwd frozen")
         for what in ("headint eap", "headint eap-ig", "hook eap", "hook eap-ig"):
             if what not in r:
                 continue
+            base = r.get("fwd+bwd")  # EAP-IG (N * steps rows) against the frozen fwd+bwd of as many rows
+            frozen = r.get("fwd+bwd frozen xsteps" if what.endswith("eap-ig") else "fwd+bwd frozen")
             line = f"{name:11s} {what:16s}"
             if base and base["peak_growth_mib"] > 0:
                 line += f"  memory / fwd+bwd {r[what]['peak_growth_mib'] / base['peak_growth_mib']:5.2f}"
             if frozen and frozen["peak_growth_mib"] > 0:
-                line += f"  / frozen fwd+bwd {r[what]['peak_growth_mib'] / frozen['peak_growth_mib']:5.2f}"
+                line += f"  / frozen fwd+bwd (same rows) {r[what]['peak_growth_mib'] / frozen['peak_growth_mib']:5.2f}"
             hook = r.get(what.replace("headint", "hook"))
             if what.startswith("headint") and hook and hook["peak_growth_mib"] > 0 and r[what]["seconds"] > 0:
                 line += f"  speed-up vs hooks {hook['seconds'] / r[what]['seconds']:6.1f}x  memory vs hooks " \
                         f"{r[what]['peak_growth_mib'] / hook['peak_growth_mib']:5.2f}"
             print(line)
-    out = ROOT / "bench" / "results" / "circuits_eap.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"N": args.N, "T": args.T, "steps": args.steps, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")

@@ -24,6 +24,7 @@ from .scans import all_pairs, attribution_scan, path_patch, scan
 from .scans import DirectTotal, direct_vs_total
 from .tokens import to_str_tokens
 from .scans import knockout_scan, learn_gates, prune_curve
+from .scans import circuit_faithfulness, faithfulness_across, faithfulness_curve, route_knockout_scan
 from . import metrics, models
 
 __version__ = "0.1.0"
@@ -32,6 +33,6 @@ __all__ = [
     "attention", "EdgeKnockout", "Intervention", "Knockout", "Ablate", "Patch", "Scale", "PatchQKV",
     "intervene", "record", "ActivationCache", "Plan", "InterventionPlan", "TensorPlan", "ModelShape", "LayerShape",
     "available_backends", "last_backend", "BackendUnavailable", "UnsupportedModelError", "DropoutWarning",
-    "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "direct_vs_total", "DirectTotal", "ScanResult", "NaNMetricWarning", "metrics", "models",
+    "scan", "attribution_scan", "path_patch", "all_pairs", "learn_gates", "prune_curve", "knockout_scan", "circuit_faithfulness", "faithfulness_curve", "faithfulness_across", "route_knockout_scan", "direct_vs_total", "DirectTotal", "ScanResult", "NaNMetricWarning", "metrics", "models",
     "to_str_tokens",
 ]

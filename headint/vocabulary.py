@@ -31,8 +31,10 @@ HeadTensor = Literal["z", "q", "k", "v", "pattern"]
 Target = HeadTensor
 # "total": every later component recomputes; "direct": later heads keep the base run's outputs.
 Effect = Literal["total", "direct"]
-# Attribution scans: first-order patching ("patch") or gradient head importance ("mask").
-AttributionMethod = Literal["patch", "mask"]
+# Attribution scans: the first-order estimate of the exact scan with the same replacement
+# ("zero", "mean", "resample", "patch"), or gradient head importance ("mask", Michel et al. 2019:
+# the zero-ablation estimate under its own name).
+AttributionMethod = Literal["patch", "mask", "zero", "mean", "resample"]
 # What an ablated head's output becomes (Ablate.kind; learned gates' and pruning curves' ablation).
 Ablation = Literal["zero", "mean"]
 # Learned gates' parameterisation.

@@ -24,6 +24,11 @@ exit non-zero.
 
     python scripts/compat_matrix.py --out docs/compatibility.md --json docs/compatibility.json   # the full walk
     python scripts/compat_matrix.py --only llama,gpt2 --reuse docs/compatibility.json --out ... --json ...  # recheck some
+    python scripts/compat_matrix.py --section vlm --reuse docs/compatibility.json --out ... --json ...  # the VLM rows only
+
+A second section (``vlm``, :func:`check_vlm`) scans tiny vision-language models (``VLM_TYPES``) with
+pixel inputs: a per-head zero-ablation scan and a denoising patch scan from another image, against
+the same oracle with every model input passed.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class Row:
     reason: str = ""
     checks: dict = field(default_factory=dict)  # name -> "ok (diff)" / "refused: ..." / "WRONG (diff)"
     seconds: float = 0.0
+    section: str = "lm"  # "lm": a text LM class (the main table); "vlm": a vision-language model scanned with pixels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,9 +179,14 @@ def tiny_model(model_type: str, cls_name: str):
             setattr(cfg, k, 0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager")
+    return _finish(getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager"))
+
+
+def _finish(model):
+    """``model`` in eval mode, float32, with larger weights than the default init (peaked
+    attention, so interventions matter)."""
     model.eval()
-    with torch.no_grad():  # larger weights than the default init: peaked attention, so interventions matter
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.25 if "embed" not in n else 1.0)
@@ -325,6 +336,28 @@ def oracle_scores(model, spec: dict):
     finally:
         model.set_attn_implementation("eager")
         _SPEC.remove(spec)
+
+
+def scan_oracle(model, st, inputs: dict, tgt: torch.Tensor, con: torch.Tensor, value, like: torch.Tensor,
+                run_on: dict | None = None) -> torch.Tensor:
+    """What a per-head scan of the default attention stack should give, shaped ``like`` the scan's
+    ``per_example`` ``[L, H, N]`` (NaN where a layer has no such head): for each head, the logit difference ``target - contrast`` at the last
+    token when ``model`` runs ``run_on`` (default ``inputs``, every model input passed) with that head's
+    input to the output projection replaced by ``value(layer, head, z) -> [N, T, Dv]``."""
+    shape = st.shape
+    exp = torch.full_like(like, float("nan"))
+    for l in shape.attention_layers:
+        s = next(x for x in st.sites.values() if x.stack == shape.default_stack and x.layer == l)
+        p = out_projection(model, s.path)
+        n = shape.layer(l).n_heads
+        for h in range(n):
+            def f(z, l=l, h=h):
+                z[:, :, h] = value(l, h, z)
+                return z
+            with edit_z(p, n, f):
+                lg = _logits(model, run_on if run_on is not None else inputs)[:, -1]
+            exp[l, h] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+    return exp
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,24 +513,31 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         return a, b
 
     def scan():
-        if dec:
-            return None, "scans run on decoder-only and encoder-only models"
         tgt, con = torch.tensor([5, 6]), torch.tensor([7, 8])
         batch = dict(inputs, target=tgt, contrast=con)
         res = headint.scan(model, batch, headint.metrics.logit_diff(), progress=False, batch_size=4)
         vals = res.per_example  # [L, H, N]
-        exp = torch.full_like(vals, float("nan"))
-        for l in shape.attention_layers:
-            s = next(x for x in st.sites.values() if x.stack == default and x.layer == l)
-            p = out_projection(model, s.path)
-            for h in range(shape.layer(l).n_heads):
-                def f(z, h=h):
-                    z[:, :, h] = 0
-                    return z
-                with edit_z(p, shape.layer(l).n_heads, f):
-                    lg = _logits(model, inputs)[:, -1]
-                exp[l, h] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: torch.zeros_like(z[:, :, h]), like=vals)
         return torch.nan_to_num(vals, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    def scan_positions():
+        """A per-position scan (zero ablation of one head at every position of the scanned sequence: the
+        decoder's for an encoder-decoder), one position per chunk so position reuse (a cached prefix) runs
+        where the model allows it."""
+        tgt, con = torch.tensor([5, 6]), torch.tensor([7, 8])
+        batch = dict(inputs, target=tgt, contrast=con)
+        res = headint.scan(model, batch, headint.metrics.logit_diff(), per_position=True, layers=[layer], heads=[head],
+                           group_positions=1, progress=False, batch_size=4)
+        vals = res.per_example[layer, head]  # [T, N]
+        exp = torch.empty_like(vals)
+        for t in range(vals.shape[0]):
+            def f(z, t=t):
+                z[:, t, head] = 0
+                return z
+            with edit_z(proj, H, f):
+                lg = _logits(model, inputs)[:, -1]
+            exp[t] = lg.gather(1, tgt[:, None])[:, 0] - lg.gather(1, con[:, None])[:, 0]
+        return vals, exp
 
     def generate():
         if dec or not _is_causal_lm(model):
@@ -608,7 +648,8 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
         return a, b
 
     checks = [("zero", zero), ("mean", mean), ("patch", patch), ("scale_output", scale_out),
-              ("scale_scores", scale_scores), ("knockout", knockout), ("scan", scan), ("generate", generate),
+              ("scale_scores", scale_scores), ("knockout", knockout), ("scan", scan), ("scan_positions", scan_positions),
+              ("generate", generate),
               ("other_stacks", other_stacks), ("generate_static", generate_static), ("cross_positions", cross_positions)]
     for name, fn in checks:
         if proj is None and name not in ("scale_scores", "knockout"):
@@ -629,10 +670,235 @@ def _checks(model, st, inputs, other, ref, got, row: Row) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# vision-language models: scans with pixels
+
+# model type -> class, and overrides of its tiny config (on top of the text sizes above): images of
+# IMAGE x IMAGE pixels cut into PATCH x PATCH patches, so each image is a handful of tokens
+IMAGE, PATCH = 32, 8
+VLM_TYPES = {
+    "gemma3": ("Gemma3ForConditionalGeneration", {"mm_tokens_per_image": 4}),
+    "llava": ("LlavaForConditionalGeneration", {"image_seq_length": (IMAGE // PATCH) ** 2}),
+    "paligemma": ("PaliGemmaForConditionalGeneration", {"projection_dim": HIDDEN}),
+    "idefics3": ("Idefics3ForConditionalGeneration", {}),
+    "smolvlm": ("SmolVLMForConditionalGeneration", {}),
+    "mistral3": ("Mistral3ForConditionalGeneration", {}),
+    "aya_vision": ("AyaVisionForConditionalGeneration", {}),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", {}),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", {}),
+    "llava_next": ("LlavaNextForConditionalGeneration", {}),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", {}),
+    "vipllava": ("VipLlavaForConditionalGeneration", {}),
+    "internvl": ("InternVLForConditionalGeneration", {}),
+    "lfm2_vl": ("Lfm2VlForConditionalGeneration", {}),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", {}),
+    "glm4v": ("Glm4vForConditionalGeneration", {}),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration", {}),
+    "got_ocr2": ("GotOcr2ForConditionalGeneration", {}),
+    "fast_vlm": ("FastVlmForConditionalGeneration", {}),
+    "lighton_ocr": ("LightOnOcrForConditionalGeneration", {}),
+    "perception_lm": ("PerceptionLMForConditionalGeneration", {}),
+    "janus": ("JanusForConditionalGeneration", {}),
+    "chameleon": ("ChameleonForConditionalGeneration", {}),
+    "gemma3n": ("Gemma3nForConditionalGeneration", {}),
+    "mllama": ("MllamaForConditionalGeneration", {}),
+    "llama4": ("Llama4ForConditionalGeneration", {}),
+    "fuyu": ("FuyuForCausalLM", {}),
+    "gemma4": ("Gemma4ForConditionalGeneration", {}),
+    "video_llava": ("VideoLlavaForConditionalGeneration", {}),
+}
+VLM_TEXT = 6  # text tokens after the image's
+
+
+def tiny_vlm(model_type: str, cls_name: str):
+    """A tiny float32 vision-language model: the text and vision sizes of :func:`tiny_model`, images
+    of ``IMAGE`` pixels in ``PATCH``-pixel patches, special token ids moved into the tiny vocabulary."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[model_type]()
+    _shrink(cfg, set())
+    for k, v in VLM_TYPES[model_type][1].items():
+        setattr(cfg, k, v)
+    vc = getattr(cfg, "vision_config", None)
+    if vc is None:
+        raise ValueError(f"its default config has no vision_config ({type(cfg).__name__}): this section sizes a vision tower "
+                         "and feeds its image tokens; images encoded otherwise (a VQ tokenizer, raw patches) are not built")
+    for k, v in (("image_size", IMAGE), ("patch_size", PATCH)):
+        if getattr(vc, k, None) is not None:
+            setattr(vc, k, (v, v) if isinstance(getattr(vc, k), (list, tuple)) else v)
+    if hasattr(vc, "depth"):  # Qwen2-VL's vision layers
+        vc.depth = LAYERS
+    if model_type == "paligemma":  # derived from the vision sizes at construction
+        cfg.text_config.num_image_tokens = (IMAGE // PATCH) ** 2
+        vc.projection_dim = HIDDEN
+    rope = getattr(cfg.get_text_config(), "rope_parameters", None)
+    if model_type.startswith(("qwen", "glm")) and isinstance(rope, dict):  # multimodal rotary sections: half the tiny head dim
+        rope["mrope_section"] = [2, 3, 3]
+    if hasattr(vc, "out_hidden_size"):  # the merger's output feeds the language model
+        vc.out_hidden_size = cfg.get_text_config().hidden_size
+    if hasattr(vc, "deepstack_visual_indexes"):
+        vc.deepstack_visual_indexes = [0]
+    if isinstance(getattr(cfg, "vision_feature_layers", None), (list, tuple)):  # VipLlava: layers of the 2 kept
+        cfg.vision_feature_layers = [-2, -1]
+    if getattr(cfg, "image_grid_pinpoints", None):  # LLaVA-NeXT's any-resolution tiles: one tile of one image size
+        cfg.image_grid_pinpoints = [[IMAGE, IMAGE]]
+    for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim"):  # Llama 4's projector
+        if isinstance(getattr(vc, k, None), int):
+            setattr(vc, k, HIDDEN)
+    if isinstance(getattr(vc, "pixel_shuffle_ratio", None), float):  # its adapter's input: the shuffled patch features
+        vc.intermediate_size = int(vc.hidden_size / vc.pixel_shuffle_ratio ** 2)
+    free = iter(range(3, 16))
+    for c in (cfg, cfg.get_text_config()):
+        for k, v in list(vars(c).items()):
+            if k.lstrip("_").endswith(("_token_id", "_token_index")) and isinstance(v, int) and v >= VOCAB:
+                setattr(c, k.lstrip("_") if k.startswith("_") and hasattr(type(c), k.lstrip("_")) else k, next(free))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return _finish(getattr(transformers, cls_name)._from_config(cfg, attn_implementation="eager"))
+
+
+def _image_token(model) -> int:
+    for c in (model.config, model.config.get_text_config()):
+        for k in ("image_token_id", "image_token_index"):
+            if isinstance(getattr(c, k, None), int):
+                return getattr(c, k)
+    raise ValueError(f"{type(model).__name__}: no image token id in its config")
+
+
+def _pixels(model, seed: int) -> dict:
+    """Pixel inputs for ``B`` images of ``IMAGE`` pixels, in the layout the model's forward takes."""
+    g = torch.Generator().manual_seed(seed)
+    params = inspect.signature(model.forward).parameters
+    vc = model.config.vision_config
+    C = getattr(vc, "num_channels", 3) or 3
+    if "image_grid_thw" in params:  # flattened patches of every image, with each image's (t, h, w) grid
+        tps = getattr(vc, "temporal_patch_size", 2)
+        n = (IMAGE // PATCH) ** 2
+        return {"pixel_values": torch.randn(B * n, C * tps * PATCH * PATCH, generator=g),
+                "image_grid_thw": torch.tensor([[1, IMAGE // PATCH, IMAGE // PATCH]] * B)}
+    if "pixel_attention_mask" in params:  # [B, images, C, H, W]
+        return {"pixel_values": torch.randn(B, 1, C, IMAGE, IMAGE, generator=g),
+                "pixel_attention_mask": torch.ones(B, 1, IMAGE, IMAGE, dtype=torch.bool)}
+    if getattr(model.config, "image_grid_pinpoints", None):  # [B, tiles, C, H, W]: the whole image and its one tile
+        return {"pixel_values": torch.randn(B, 2, C, IMAGE, IMAGE, generator=g), "image_sizes": torch.tensor([[IMAGE, IMAGE]] * B)}
+    out = {"pixel_values": torch.randn(B, C, IMAGE, IMAGE, generator=g)}
+    if "image_sizes" in params and "image_sizes" in inspect.signature(model.get_image_features).parameters:
+        out["image_sizes"] = torch.tensor([[IMAGE, IMAGE]] * B)
+    return out
+
+
+def _image_tokens(model, pixels: dict) -> int:
+    """How many image tokens one image becomes (the length of its features)."""
+    params = inspect.signature(model.get_image_features).parameters
+    with torch.no_grad():
+        out = model.get_image_features(**{k: v for k, v in pixels.items() if k in params})
+    feats = getattr(out, "pooler_output", None) if not isinstance(out, (torch.Tensor, list, tuple)) else out
+    if feats is None:
+        feats = out[0]
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1]).shape[0] // B
+
+
+def vlm_inputs(model, seed: int, n_image: int) -> dict:
+    """``B`` rows of one image each: a text token, the image's ``n_image`` tokens, ``VLM_TEXT``
+    text tokens, and the pixel inputs (``token_type_ids`` marking the image where the forward takes them)."""
+    g = torch.Generator().manual_seed(seed)
+    special = set(range(16))
+    allowed = torch.tensor([i for i in range(3, VOCAB) if i not in special])
+    ids = allowed[torch.randint(len(allowed), (B, 1 + n_image + VLM_TEXT), generator=g)]
+    ids[:, 1 : 1 + n_image] = _image_token(model)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **_pixels(model, seed)}
+    for k in ("token_type_ids", "mm_token_type_ids"):
+        if k in inspect.signature(model.forward).parameters:
+            inputs[k] = (ids == _image_token(model)).long()
+    return inputs
+
+
+def check_vlm(model_type: str, cls_name: str) -> Row:
+    """A vision-language model scanned with pixel inputs (the default attention stack: its language
+    model's), against the eager oracle with every input passed: a per-head zero-ablation ``scan``
+    and a denoising ``scan_patch`` (clean run, one head at a time patched from a run on another
+    image and other text). Checks ``none`` (no intervention) and ``pixels`` (whether the image
+    changes the logits: the oracle would not see pixels dropped otherwise) come first."""
+    import headint
+    from headint.integration.structure import model_structure
+
+    row = Row(model_type, cls_name, section="vlm")
+    t0 = time.time()
+    try:
+        model = tiny_vlm(model_type, cls_name)
+        n_image = _image_tokens(model, _pixels(model, 1))
+        inputs, other = vlm_inputs(model, 1, n_image), vlm_inputs(model, 2, n_image)
+        ref = _logits(model, inputs)
+        other_image = _logits(model, dict(inputs, pixel_values=other["pixel_values"]))
+    except Exception as e:
+        row.status = "skipped"
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        msg = lines[0][:160] if lines else f"(no message; raised at {traceback.format_exc().splitlines()[-3].strip()})"
+        row.reason = f"no tiny model with pixels: {type(e).__name__}: {msg}"
+        row.seconds = time.time() - t0
+        return row
+    row.reason = f"{n_image} image tokens per image; inputs {sorted(k for k in inputs if k != 'input_ids')}"
+    try:
+        with headint.intervene(model, []):
+            got = _logits(model, inputs)
+        st = model_structure(model)
+    except Exception as e:
+        row.status = "refused" if _clear(e) else "crash"
+        row.reason = f"{type(e).__name__}: {e}"
+        row.seconds = time.time() - t0
+        return row
+    d = _diff(got, ref)
+    row.checks["none"] = f"ok ({d:.1e})" if d <= TOL else f"WRONG ({d:.2e})"
+    d = _diff(other_image, ref)
+    row.checks["pixels"] = f"ok ({d:.1e})" if d > 1e-3 else f"n/a: another image barely moves the logits ({d:.1e})"
+    if d <= 1e-3:
+        row.reason += "; the image barely moves the logits: this row does not show that pixels reach the scan"
+    tgt, con = torch.tensor([20, 21]), torch.tensor([22, 23])
+
+    def scan():
+        res = headint.scan(model, dict(inputs, target=tgt, contrast=con), headint.metrics.logit_diff(), progress=False, batch_size=4)
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: torch.zeros_like(z[:, :, h]), like=res.per_example)
+        return torch.nan_to_num(res.per_example, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    def scan_patch():
+        res = headint.scan(model, dict(inputs, target=tgt, contrast=con), headint.metrics.logit_diff(), method="patch",
+                           corrupt=dict(other, target=tgt, contrast=con), progress=False, batch_size=4)
+        # denoising: the corrupted run (``other``) with one head's output taken from the clean run
+        clean_z = {}
+        for l in st.shape.attention_layers:
+            s = next(x for x in st.sites.values() if x.stack == st.shape.default_stack and x.layer == l)
+            clean_z[l] = head_outputs(model, out_projection(model, s.path), st.shape.layer(l).n_heads, inputs)
+        exp = scan_oracle(model, st, inputs, tgt, con, lambda l, h, z: clean_z[l][:, :, h], like=res.per_example, run_on=other)
+        return torch.nan_to_num(res.per_example, nan=1e9), torch.nan_to_num(exp, nan=1e9)
+
+    site = next(s for s in st.sites.values() if s.stack == st.shape.default_stack)
+    if out_projection(model, site.path) is None:
+        row.status, row.reason = "skipped", f"the oracle finds no output projection by name under {site.path}"
+    else:
+        _run_check(row, "scan", scan)
+        _run_check(row, "scan_patch", scan_patch)
+        verdicts = list(row.checks.values())
+        reasons: dict = {}  # one refusal message -> the checks refused with it
+        for k, v in row.checks.items():
+            if v.startswith("refused"):
+                reasons.setdefault(v.split(": ", 2)[-1][:200], []).append(k)
+        refused = [f"{', '.join(ks)}: {msg}" for msg, ks in reasons.items()]
+        row.status = ("wrong" if any(v.startswith("WRONG") for v in verdicts) else
+                      "crash" if any(v.startswith("CRASH") for v in verdicts) else
+                      "refused" if refused and not any(row.checks[k].startswith("ok") for k in ("scan", "scan_patch")) else "supported")
+        if refused:
+            row.reason = "refuses: " + "; ".join(refused) + f" ({row.reason})"
+    row.seconds = time.time() - t0
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
 # the table
 
 
-COUNTED_CHECKS = ("generate", "other_stacks", "generate_static", "cross_positions")
+COUNTED_CHECKS = ("scan", "scan_positions", "generate", "other_stacks", "generate_static", "cross_positions")
 
 
 def _check_counts(rows: list[Row], check: str) -> dict:
@@ -647,8 +913,53 @@ def _check_counts(rows: list[Row], check: str) -> dict:
     return out
 
 
-def render(rows: list[Row], transformers_version: str) -> str:
+def _totals(rows: list[Row]) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("supported", "refused", "skipped", "wrong", "crash")}
+    return "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(rows)})."
+
+
+def _note(r: Row) -> str:
+    note = r.reason.replace("|", "\\|").replace("\n", " ")
+    if r.status in ("wrong", "crash"):
+        bad = [f"{k}: {v}" for k, v in r.checks.items() if v.startswith(("WRONG", "CRASH"))]
+        note = "; ".join(bad + ([note] if note else [])).replace("|", "\\|")
+    return note[:400] + "..." if len(note) > 400 else note
+
+
+VLM_CHECKS = ("scan", "scan_patch")
+
+
+def render_vlm(rows: list[Row]) -> list[str]:
+    """The vision-language section's lines (``rows``: the ``vlm`` ones)."""
+    lines = [
+        "## Vision-language models: scans with pixels",
+        "",
+        f"Generated by `python scripts/compat_matrix.py --section vlm` (part of the full walk). Each model type's "
+        "image-text-to-text class, built tiny (the text sizes above, a vision tower of the same sizes, "
+        f"{IMAGE}x{IMAGE}-pixel images in {PATCH}-pixel patches, special token ids moved into the vocabulary), scanned "
+        f"with {B} rows of one image each: a text token, the image's tokens, {VLM_TEXT} text tokens, and every pixel input "
+        "the model's forward takes (`pixel_values`, `image_sizes`, `pixel_attention_mask`, `token_type_ids`, ...). Compared "
+        "with the eager oracle (every input passed, a pre-hook on each output projection of the language model) to "
+        f"{TOL:g}: `scan` (exact, per head, zero ablation, logit difference at the last token), `scan_patch` (denoising: "
+        "a run on another image and other text with one head patched from the clean run). `pixels`: how far another "
+        "image moves the logits (where it barely does, n/a: a scan that dropped the pixels would pass unseen).",
+        "",
+        _totals(rows),
+        "",
+        *[f"`{c}`: " + ", ".join(f"{v} {n}" for v, n in _check_counts(rows, c).items()) + "." for c in VLM_CHECKS],
+        "",
+        "| model type | class | status | scan | scan_patch | pixels | reason / notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r.checks.get(c, "-").split(":")[0] for c in (*VLM_CHECKS, "pixels")]
+        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {' | '.join(cells)} | {_note(r)} |")
+    return lines
+
+
+def render(rows: list[Row], transformers_version: str) -> str:
+    vlm = [r for r in rows if r.section == "vlm"]
+    rows = [r for r in rows if r.section != "vlm"]
     lines = [
         "# Compatibility matrix",
         "",
@@ -659,7 +970,9 @@ def render(rows: list[Row], transformers_version: str) -> str:
         f"of our own for score edits) to a normalised tolerance of {TOL:g}.",
         "",
         "Checks: `none` (no intervention), `zero` / `mean` ablation, `patch` (from a recording of other inputs), "
-        "`scale_output`, `scale_scores`, `knockout`, `scan` (exact, per head, logit difference), `generate` (greedy, with "
+        "`scale_output`, `scale_scores`, `knockout`, `scan` (exact, per head, logit difference; an encoder-decoder's over its "
+        "decoder, with `decoder_input_ids`), `scan_positions` (exact, one head at every position, one position per chunk: "
+        "position reuse where the model allows it), `generate` (greedy, with "
         "an ablation), `other_stacks` (an ablation on every non-default attention stack, e.g. `encoder.self`, "
         "`decoder.cross`), `generate_static` (greedy, `cache_implementation=\"static\"`, a head ablated at absolute "
         "positions in the prompt and the generated tokens and edges knocked out between them, against a generation without "
@@ -670,7 +983,7 @@ def render(rows: list[Row], transformers_version: str) -> str:
         "Statuses: **supported**, **refused** (headint raises an error naming the reason), **skipped** (no tiny model or "
         "no oracle; reason given), **wrong** / **crash** (none may remain: the script exits non-zero).",
         "",
-        "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(rows)}).",
+        _totals(rows),
         "",
         *[f"`{c}`: " + ", ".join(f"{v} {n}" for v, n in _check_counts(rows, c).items()) + "." for c in COUNTED_CHECKS],
         "",
@@ -678,13 +991,9 @@ def render(rows: list[Row], transformers_version: str) -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        note = r.reason.replace("|", "\\|").replace("\n", " ")
-        if r.status in ("wrong", "crash"):
-            bad = [f"{k}: {v}" for k, v in r.checks.items() if v.startswith(("WRONG", "CRASH"))]
-            note = "; ".join(bad + ([note] if note else [])).replace("|", "\\|")
-        if len(note) > 400:
-            note = note[:400] + "..."
-        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {note} |")
+        lines.append(f"| {r.model_type} | {r.cls} | {r.status} | {_note(r)} |")
+    if vlm:
+        lines += ["", *render_vlm(vlm)]
     return "\n".join(lines) + "\n"
 
 
@@ -695,27 +1004,31 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated model types")
     ap.add_argument("--out", default=None, help="write the markdown table here (default: print)")
     ap.add_argument("--json", default=None, help="write per-check results as JSON here")
-    ap.add_argument("--reuse", default=None, help="a JSON written by --json: its rows stand for the model types not in --only")
+    ap.add_argument("--reuse", default=None, help="a JSON written by --json: its rows stand for the model types not checked "
+                    "(not in --only, or in a section not run)")
+    ap.add_argument("--section", choices=("all", "lm", "vlm"), default="all",
+                    help="which sections to check: the text LMs (lm), the vision-language scans with pixels (vlm), or both")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     types = candidate_types()
     if args.only:
         wanted = args.only.split(",")
         types = [t for t in types if t[0] in wanted]
+    vlm_types = sorted((mt, cls) for mt, (cls, _) in VLM_TYPES.items() if not args.only or mt in args.only.split(","))
+    jobs = ([(mt, cls, check_model) for mt, cls in types if uses_registry(mt, cls)] if args.section in ("all", "lm") else [])
+    jobs += [(mt, cls, check_vlm) for mt, cls in vlm_types] if args.section in ("all", "vlm") else []
     rows = []
-    for mt, cls in types:
-        if not uses_registry(mt, cls):
-            continue
-        row = check_model(mt, cls)
+    for mt, cls, check in jobs:
+        row = check(mt, cls)
         rows.append(row)
-        print(f"{mt:28s} {row.status:9s} {row.seconds:5.1f}s {row.reason[:150]}", flush=True)
+        print(f"{row.section:3s} {mt:28s} {row.status:9s} {row.seconds:5.1f}s {row.reason[:150]}", flush=True)
         bad = {k: v for k, v in row.checks.items() if v.startswith(("WRONG", "CRASH"))}
         if bad:
             print("    ", bad, flush=True)
     if args.reuse:
-        checked = {r.model_type for r in rows}
-        rows += [Row(**r) for r in json.loads(Path(args.reuse).read_text()) if r["model_type"] not in checked]
-        rows.sort(key=lambda r: r.model_type)
+        checked = {(r.section, r.model_type) for r in rows}
+        rows += [row for row in (Row(**r) for r in json.loads(Path(args.reuse).read_text())) if (row.section, row.model_type) not in checked]
+    rows.sort(key=lambda r: (r.section, r.model_type))
     text = render(rows, transformers.__version__)
     if args.out:
         Path(args.out).write_text(text)

@@ -339,17 +339,19 @@ def oracle_baseline(model, batch: dict, metric, clean: dict | None = None) -> to
 
 
 def oracle_attribution(model, base: dict, source: dict | None, metric, *, per_position: bool = False,
-                       clean: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       clean: dict | None = None, z_source: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Brute-force attribution by autograd: per example, head (and position), a scalar ``alpha``
     with the head output replaced by ``z + alpha * (z_src - z)`` (``z`` the live value); the
     estimate is ``d metric / d alpha`` at ``alpha = 0``. ``source`` None: ``z_src = 0``, i.e.
     ``(1 - alpha) * z``, the derivative of a multiplicative mask ``m = 1 - alpha`` negated.
+    ``z_source``: ``{layer: [N or 1, T, H, D]}`` given baselines instead (e.g. a mean, or
+    another example's ``z``).
 
     Returns (base values ``[N]``, estimates ``[L, H, N]`` or ``[L, H, T, N]``).
     """
     L, H, D = n_layers(model), n_heads(model), head_dim(model)
     N, T = base["input_ids"].shape
-    z_src = record_z(model, source)[0] if source is not None else None
+    z_src = record_z(model, source)[0] if source is not None else z_source
     clean_logits = record_z(model, clean if clean is not None else base)[1]
     alphas = {l: torch.zeros(N, T if per_position else 1, H, requires_grad=True) for l in range(L)}
     handles = []
@@ -357,7 +359,7 @@ def oracle_attribution(model, base: dict, source: dict | None, metric, *, per_po
         def pre(_m, args, l=l):
             x = args[0]
             z = x.view(N, T, H, D)
-            target = torch.zeros_like(z) if z_src is None else z_src[l]
+            target = torch.zeros_like(z) if z_src is None else z_src[l].expand_as(z)
             z = z + alphas[l][..., None] * (target - z)
             return (z.reshape(x.shape),) + tuple(args[1:])
         handles.append(out_proj(model, l).register_forward_pre_hook(pre))

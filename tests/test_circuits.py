@@ -309,6 +309,18 @@ def test_save_load_and_safety(tmp_path, case):
         circuits.CircuitResult.load(tmp_path / "bad.json")
     r.save(str(tmp_path / "d") + "/")
     assert (tmp_path / "d" / "circuit.json").exists()
+    assert circuits.CircuitResult.load(tmp_path / "d").edges == r.edges  # a folder without the slash
+    # untrusted files: a tensor file larger than the sidecar's edges allow, a FIFO sidecar
+    stem = r.save(tmp_path / "big")
+    with open(f"{stem}.safetensors", "ab") as f:
+        f.write(b"\0" * (2 * 2**20))
+    with pytest.raises(ValueError, match="over the"):
+        circuits.CircuitResult.load(stem)
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ValueError, match="FIFO"):
+        circuits.CircuitResult.load(tmp_path / "fifo.json")
 
 
 def test_drawing(tmp_path, case):
@@ -317,10 +329,67 @@ def test_drawing(tmp_path, case):
     svg = r.to_svg()
     assert svg.startswith("<svg") and svg.count("<line") == len(r.circuit_edges)
     page = r.to_html(tmp_path / "c.html")
-    assert "<svg" in page and (tmp_path / "c.html").exists()
+    assert page == (tmp_path / "c.html").read_text() and 'class="hi-report"' in page
     r.plot(tmp_path / "c.svg")
     with pytest.raises(ValueError, match="svg"):
         r.plot(tmp_path / "c.png")
+
+
+def test_circuit_graph_for_the_report(tmp_path, case):
+    """What the report draws of a CircuitResult: each drawn edge is one edge of the result, with
+    its score as the weight and its q/k/v input as the kind; grouped key/value receivers are
+    nodes a{l}.kv{g}; the circuit, else the top edges; max_edges keeps the largest."""
+    from headint.results.circuit_graph import CircuitGraph
+    from headint.results.report_data import circuit_of
+    from report_checks import assert_self_contained, report_data
+
+    name, model, clean, corrupt, _ = case
+    r = circuits.attribute(model, clean, corrupt, method="eap")
+    frame = r.to_frame().set_index("edge")
+
+    def as_edge(e):
+        recv = e.target if e.kind is None else f"{e.target}<{e.kind}>"
+        return f"{e.source}->{recv}"
+
+    top = r.to_circuit_graph(top=7)
+    assert [as_edge(e) for e in top.edges] == list(r.top(7)["edge"])  # the 7 largest |score|, in rank order
+    for e in top.edges:
+        assert e.weight == pytest.approx(frame.loc[as_edge(e), "score"], rel=1e-6)
+    c = r.circuit(top_n=10)
+    g = c.to_circuit_graph()
+    assert sorted(as_edge(e) for e in g.edges) == sorted(c.circuit_edges)
+    assert g.note.startswith(f"eap (logit_diff): the circuit: {len(c.circuit_edges)} of {r.graph.n_edges} edges")
+    names = {n.name: n for n in g.nodes}
+    assert names["logits"].kind == "output" and all(e.source in names and e.target in names for e in g.edges)
+    kinds = {n.kind for n in g.nodes}
+    full = r.to_circuit_graph(edges="top", top=r.graph.n_edges)
+    kv = [n for n in full.nodes if ".kv" in n.name]
+    if name == "llama":  # 4 query heads, 2 key/value heads: a1.kv0 serves h0-1
+        assert {n.name for n in kv} == {f"a{l}.kv{g}" for l in range(2) for g in range(2)}
+        a1kv0 = next(n for n in kv if n.name == "a1.kv0")
+        assert a1kv0.kind == "other" and a1kv0.layer == 1 and a1kv0.label == "a1.kv0 (h0-1)"
+        assert {e.kind for e in full.edges if e.target.startswith("a1.kv")} == {"k", "v"}
+    else:
+        assert kv == [] and "other" not in kinds
+    assert len(full.edges) == r.graph.n_edges
+    few = r.to_circuit_graph(edges="top", top=r.graph.n_edges, max_edges=5)
+    assert [as_edge(e) for e in few.edges] == list(r.top(5)["edge"]) and f"{r.graph.n_edges - 5} edges with the smallest" in few.note
+    with pytest.raises(ValueError, match="edges must be"):
+        r.to_circuit_graph(edges="all")
+    with pytest.raises(ValueError, match="max_edges"):
+        r.to_circuit_graph(max_edges=0)
+    # into a scan's report (the same graph) and its own report
+    assert isinstance(circuit_of(c), CircuitGraph) and circuit_of(c).to_json() == g.to_json()
+    with pytest.raises(TypeError, match="CircuitGraph"):
+        circuit_of("a0.h0->logits")
+    page = c.to_html(tmp_path / "own.html")
+    assert_self_contained(page)
+    data = report_data(page)
+    assert data["scans"] == [] and data["table"] is None and data["circuit"] == g.to_json()
+    scan = headint.scan(model, clean, "logit_diff", method="patch", corrupt=dict(corrupt, target=clean["target"], contrast=clean["contrast"]),
+                        backend="reference", progress=False)
+    both = report_data(scan.to_html(tmp_path / "scan.html", circuit=c).read_text())
+    assert both["circuit"] == g.to_json() and both["scans"][0]["key"] == "main"
 
 
 def test_model_left_as_it_was_and_threads(case):

@@ -779,3 +779,119 @@ JSON.parse(document.getElementById("outputs").textContent).forEach(function (htm
     SHOTS.mkdir(exist_ok=True)
     p.screenshot(path=str(SHOTS / "notebook.png"), full_page=True)
     page.clean()
+
+
+# ---------------------------------------------------------------------- edge-level circuits (headint.circuits)
+
+
+@pytest.fixture(scope="module")
+def gqa_circuit(tmp_path_factory):
+    """EAP on a tiny grouped-query Llama (4 query heads, 2 key/value heads): its circuit's own
+    report, and a scan's report of the same model with the circuit in it."""
+    import tiny_models as tm
+
+    from headint import circuits
+
+    torch.manual_seed(0)
+    model = tm.FACTORIES["llama"]().model
+    g = torch.Generator().manual_seed(1)
+    ids, cor = torch.randint(3, tm.VOCAB, (3, 7), generator=g), torch.randint(3, tm.VOCAB, (3, 7), generator=g)
+    clean = {"input_ids": ids, "target": ids[:, 0], "contrast": ids[:, 1]}
+    corrupt = {"input_ids": cor, "target": ids[:, 0], "contrast": ids[:, 1]}
+    result = circuits.attribute(model, clean, corrupt, method="eap")
+    circuit = result.circuit(top_n=25)  # 25 edges connected to the logits, grouped key/value receivers among them
+    out = tmp_path_factory.mktemp("circuit-report")
+    scan = headint.scan(model, clean, "logit_diff", method="patch", corrupt=corrupt, backend="reference", progress=False)
+    return dict(result=result, circuit=circuit, own=Path(circuit.to_html(out / "circuit.html") and out / "circuit.html"),
+                scan=scan.to_html(out / "scan.html", circuit=circuit))
+
+
+def test_circuit_result_report_in_browser(browser, gqa_circuit):
+    """A CircuitResult's own report: every edge of the circuit drawn once, hovering one shows its
+    edge name and score as the result has it, the grouped key/value nodes show the heads they
+    serve, the edge list is ranked by |score|; no scan, no error, nothing fetched."""
+    c = gqa_circuit["circuit"]
+    html = gqa_circuit["own"].read_text()
+    assert_self_contained(html)
+    graph = c.to_circuit_graph()
+    page = Page(browser).open(gqa_circuit["own"])
+    p = page.page
+    assert p.eval_on_selector_all(".hi-heatmap, .hi-table", "e => e.length") == 0  # the circuit alone
+    assert p.eval_on_selector(".hi-static", "e => getComputedStyle(e).display") == "none"
+    drawn = p.eval_on_selector_all(".hi-circuit .hi-edge", "e => e.map(x => x.getAttribute('data-edge'))")
+    assert len(drawn) == len(c.circuit_edges) == len(graph.edges)
+    assert sorted(f"{e.source}->{e.target}" + (f"<{e.kind}>" if e.kind else "") for e in graph.edges) == sorted(c.circuit_edges)
+    assert p.eval_on_selector_all(".hi-circuit .hi-node", "n => n.length") == len(graph.nodes)
+    frame = c.to_frame().set_index("edge")
+    dec = decimals_for([e.weight for e in graph.edges])
+    p.locator(".hi-circuit svg").scroll_into_view_if_needed()
+    hovered = 0
+    for i, e in enumerate(graph.edges):  # onto a point of each line where no other line lies above it, as a reader would
+        xy = p.eval_on_selector(f'.hi-circuit .hi-edge[data-i="{i}"] path', """el => {
+            const m = el.getScreenCTM(), L = el.getTotalLength(), g = el.closest(".hi-edge");
+            for (let f = 0.5; f < 0.95; f += 0.05) for (const a of [f, 1 - f]) {
+                const pt = el.getPointAtLength(a * L), x = pt.x * m.a + pt.y * m.c + m.e, y = pt.x * m.b + pt.y * m.d + m.f;
+                const hit = document.elementFromPoint(x, y);
+                if (hit && hit.closest(".hi-edge") === g) return [x, y];
+            }
+            return null; }""")
+        if xy is None:  # wholly covered by other lines and nodes
+            continue
+        p.mouse.move(*xy)
+        name = f"{e.source}->{e.target}" + (f"<{e.kind}>" if e.kind else "")
+        kind = f" ({e.kind})" if e.kind else ""
+        assert page.tip() == f"{e.source} \u2192 {e.target}{kind}\neap score {format_number(frame.loc[name, 'score'], dec)}"
+        hovered += 1
+    assert hovered >= len(graph.edges) // 2
+    kv = [n for n in graph.nodes if ".kv" in n.name]
+    assert kv, "the circuit has no grouped key/value receiver; pick another seed"
+    p.hover(f'.hi-circuit .hi-node[data-node="{kv[0].name}"]')
+    g = int(kv[0].name.split(".kv")[1])
+    assert page.tip().startswith(f"{kv[0].name} (h{2 * g}-{2 * g + 1}) ({kv[0].name})\nother, layer {kv[0].layer}")
+    listed = p.eval_on_selector_all(".hi-circuit .hi-edges tbody tr td:last-child", "t => t.map(x => x.textContent)")
+    ranked = sorted((e.weight for e in graph.edges), key=abs, reverse=True)[:20]
+    assert listed == [format_number(w, dec) for w in ranked]
+    assert f"the circuit: {len(c.circuit_edges)} of {c.graph.n_edges} edges" in p.inner_text(".hi-circuit")
+    SHOTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(SHOTS / "circuit-report.png"), full_page=True)
+    page.clean()
+
+
+def test_circuit_in_a_scan_report_selects_heads(browser, gqa_circuit):
+    """A CircuitResult in a scan's report: clicking head node a{l}.h{h} selects L{l}H{h} in the
+    scan (heatmap, head table); selecting a head in the heatmap marks its node in the circuit."""
+    graph = gqa_circuit["circuit"].to_circuit_graph()
+    assert report_data(gqa_circuit["scan"].read_text())["circuit"] == graph.to_json()
+    page = Page(browser).open(gqa_circuit["scan"])
+    p = page.page
+    head = next(n for n in graph.nodes if n.kind == "head")
+    l, h = head.name[1:].split(".h")
+    p.click(f'.hi-circuit .hi-node[data-node="{head.name}"]')
+    assert p.get_attribute(".hi-report", "data-selected") == f"L{l}H{h}"
+    assert p.get_attribute(f'.hi-circuit .hi-node[data-node="{head.name}"]', "class") == "hi-node hi-selected"
+    assert p.eval_on_selector_all(".hi-circuit .hi-node.hi-selected", "n => n.length") == 1
+    other = next((f"L{x}H{y}", f"a{x}.h{y}") for x in range(2) for y in range(4) if f"a{x}.h{y}" != head.name)
+    p.click(f'[data-scan="main"] rect[data-cell="{other[0]}"]')
+    assert p.get_attribute(".hi-report", "data-selected") == other[0]
+    marked = p.eval_on_selector_all(".hi-circuit .hi-node.hi-selected", "n => n.map(x => x.getAttribute('data-node'))")
+    assert marked == ([other[1]] if any(n.name == other[1] for n in graph.nodes) else [])
+    page.clean()
+
+
+def test_circuit_report_hostile_strings(browser, tmp_path):
+    """A CircuitResult's settings, metric name and title full of markup are text; no script runs."""
+    from headint import circuits
+    from headint.circuits.graph import EdgeGraph
+
+    graph = EdgeGraph(1, 2, 2, [True], [False])
+    r = circuits.CircuitResult(graph, torch.linspace(-1, 1, graph.n_edges), method="eap", metric_name=HOSTILE[1],
+                               settings={"model": HOSTILE[0], "prompts": HOSTILE[4]}).circuit(top_n=3)
+    page_text = r.to_html(tmp_path / "h.html", title=HOSTILE[0])
+    assert_self_contained(page_text)
+    assert "window.__pwned = 1</script>" not in page_text and "<img src=x" not in page_text
+    page = Page(browser).open(tmp_path / "h.html")
+    p = page.page
+    assert p.evaluate("typeof window.__pwned") == "undefined"
+    assert p.title() == HOSTILE[0] and p.inner_text(".hi-title") == HOSTILE[0]
+    assert HOSTILE[0] in p.inner_text(".hi-settings") and HOSTILE[1] in p.inner_text(".hi-circuit")
+    page.clean()

@@ -17,7 +17,9 @@ import torch
 import headint
 from scan_oracles import (
     corrupt_of,
+    derangement,
     make_batch,
+    masked_mean_z,
     model_inputs,
     oracle_attribution,
     oracle_metric,
@@ -59,6 +61,43 @@ def test_attribution_matches_autograd(model, method, direction, per_position, me
     torch.testing.assert_close(r.per_example, expected.float(), atol=ATOL, rtol=RTOL)
     if not (metric == "kl" and (method == "mask" or direction == "noising")):
         assert est.abs().max() > 1e-3  # a non-trivial check (KL at the clean run has zero gradient)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("per_position", [False, True], ids=["head", "head-position"])
+def test_ablation_baselines_match_autograd(model, method, per_position):
+    """method zero/mean/resample: (z_b - z) . d metric / d z with z_b the exact scan's baseline
+    (zeros; the per-position mean over the inputs, padding left out; the seeded derangement)."""
+    clean = make_batch(4, 6, seed=12, pad="left", lengths=[6, 4, 5, 6])
+    r = headint.attribution_scan(model, clean, None, "logprob", method=method, per_position=per_position, seed=3,
+                                 backend=BACKEND)
+    z = record_z(model, clean)[0]
+    z_source = {"zero": None, "mean": masked_mean_z(z, clean["attention_mask"]),
+                "resample": {l: x[derangement(4, 3)] for l, x in z.items()}}[method]
+    values, est = oracle_attribution(model, clean, None, "logprob", per_position=per_position, z_source=z_source)
+    expected = values.view(*((1, 1, 1, -1) if per_position else (1, 1, -1))) + est
+    torch.testing.assert_close(r.per_example, expected.float(), atol=ATOL, rtol=RTOL)
+    assert est.abs().max() > 1e-3
+    assert r.settings["approximates"]["method"] == method
+    if method == "zero":  # the mask method is the same estimate under Michel et al.'s name
+        mask = headint.attribution_scan(model, clean, None, "logprob", method="mask", per_position=per_position, backend=BACKEND)
+        torch.testing.assert_close(mask.per_example, r.per_example)
+
+
+def test_baselines_differ_and_mean_inputs(gpt2):
+    """Mean and zero baselines give different estimates (the test can fail); mean_inputs= is the
+    exact scan's reference set."""
+    clean = make_batch(4, 6, seed=13)
+    ref = make_batch(5, 6, seed=14)
+    zero = headint.attribution_scan(gpt2, clean, None, "logit_diff", method="zero", backend=BACKEND)
+    mean = headint.attribution_scan(gpt2, clean, None, "logit_diff", method="mean", backend=BACKEND)
+    assert (zero.effect - mean.effect).abs().max() > 1e-2
+    other = headint.attribution_scan(gpt2, clean, None, "logit_diff", method="mean", mean_inputs=ref, backend=BACKEND)
+    z = masked_mean_z(record_z(gpt2, ref)[0], ref["attention_mask"])
+    _, est = oracle_attribution(gpt2, clean, None, "logit_diff", z_source=z)
+    torch.testing.assert_close(other.effect, est.mean(-1).float(), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="mean_inputs"):
+        headint.attribution_scan(gpt2, clean, None, "logit_diff", method="zero", mean_inputs=ref, backend=BACKEND)
 
 
 def test_attribution_batch_size_chunks(llama):

@@ -65,62 +65,102 @@ def _diffs(src: dict, base: dict, mask: torch.Tensor) -> dict:
     """Sender output differences ``src - base``, zero at padding positions."""
     out = {}
     for k, v in base.items():
+        out[k] = _mask_(src[k].to(v.dtype) - v, mask)
+    return out
+
+
+def _mask_(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``v`` (``[B, T, ...]``, owned) zeroed in place at padding positions (``mask`` ``[B, T]``)."""
+    if not bool(mask.all()):
         m = mask.to(v.device, v.dtype)
-        m = m[..., None, None] if v.dim() == 4 else m[..., None]
-        out[k] = (src[k].to(v.dtype) - v) * m
-    return out
+        v.mul_(m.reshape(*m.shape, *([1] * (v.dim() - 2))))
+    return v
 
 
-def _receivers_by_layer(graph: EdgeGraph, n_layers: int, senders: set[int] | None = None) -> dict[int, list[int]]:
-    """Receivers with at least one edge in scope (from ``senders`` if given), by layer (``n_layers``: logits)."""
-    cols = graph.mask if senders is None else graph.mask[sorted(senders)]
-    live = cols.any(0)
-    out: dict[int, list[int]] = {}
-    for r, rc in enumerate(graph.receivers):
-        if bool(live[r]):
-            out.setdefault(rc.layer, []).append(r)
-    return out
+class _Scorer:
+    """The gradient sink of one backward (:class:`~headint.circuits.taps.Taps` ``grads=``).
 
+    Receivers' input gradients ``G`` ``[r, rows, T, d]`` arrive during the backward, a chunk at a
+    time, layer by layer from the last. They are buffered until their layer is complete (or the
+    buffer reaches half the ``budget``) and then scored against every sender in scope and dropped:
+    no receiver gradient outlives its layer, and a sender layer's head writes (``[H, B, T, d]``,
+    a few heads at a time within the other half of the budget) are built once per flush.
+    ``budget`` (elements) is set by :func:`_backward` to the size of the logits: the gradient a
+    plain backward starts with, freed before any receiver's gradient arrives, so scoring does not
+    raise the backward's peak by more than that.
 
-RECEIVER_CHUNK = 8  # receivers whose norm vector-Jacobian products are taken at once (bounds temporaries)
+    ``diffs``: the sender differences ``corrupt - clean`` (zero at padding), ``{"embed": [B, T, d],
+    ("z", l): [B, T, H, Dv], ("mlp", l): [B, T, d]}``; ``steps`` consecutive gradient rows per
+    example are averaged first (EAP-IG); ``only``: score the edges from these senders only;
+    ``want``: the receivers expected (a layer is complete when all of its have arrived)."""
 
+    def __init__(self, graph: EdgeGraph, st, diffs: dict | None, acc: _Scores, steps: int = 1, only: set[int] | None = None):
+        self.graph, self.st, self.diffs, self.acc, self.steps = graph, st, diffs, acc, steps
+        self.allowed = torch.ones(len(graph.senders), dtype=torch.bool)
+        if only is not None:
+            self.allowed[:] = False
+            self.allowed[sorted(only)] = True
+        self.want = (graph.mask & self.allowed[:, None]).any(0).nonzero()[:, 0].tolist()
+        self.left: dict[int, int] = {}
+        for r in self.want:
+            layer = graph.receivers[r].layer
+            self.left[layer] = self.left.get(layer, 0) + 1
+        self.heads = {l: [i for i, s in enumerate(graph.senders) if s.kind == "head" and s.layer == l] for l in range(st.n_layers)}
+        self.mlp = {s.layer: i for i, s in enumerate(graph.senders) if s.kind == "mlp"}
+        self.budget = 0
+        self.pending: list[tuple[int, list[int], torch.Tensor]] = []
+        self.pending_size = 0
 
-def _score_layer(taps: Taps, graph: EdgeGraph, st, layer: int, recv: list[int], diffs: dict, acc: _Scores,
-                 steps: int = 1, only: set[int] | None = None) -> None:
-    """Score the edges into receivers ``recv`` (of ``layer``) from every sender in scope
-    (``only``: these senders); ``steps`` consecutive rows per example are averaged first. The
-    layer's stored gradients are freed afterwards."""
-    parts = []
-    for i in range(0, len(recv), RECEIVER_CHUNK):
-        g = taps.receiver_grads(layer, recv[i:i + RECEIVER_CHUNK])  # [r, rows, T, d]
-        if steps > 1:
-            g = g.reshape(g.shape[0], g.shape[1] // steps, steps, *g.shape[2:]).mean(2)
-        parts.append(g)
-    taps.release(layer)
-    G = parts[0] if len(parts) == 1 else torch.cat(parts)
-    del parts
-    col = graph.mask[:, recv]
-    groups: list[tuple[list[int], Callable[[], torch.Tensor]]] = [([0], lambda: diffs["embed"][None])]
-    for l in range(min(layer + 1, st.n_layers)):
-        lp = st.layers[l]
-        heads = [i for i, s in enumerate(graph.senders) if s.kind == "head" and s.layer == l]
-        groups.append((heads, lambda l=l, lp=lp: torch.einsum("bthe,hed->hbtd", diffs[("z", l)], lp.out_matrix.detach().to(G.dtype))))
-        if lp.mlp is not None:
-            m = next(i for i, s in enumerate(graph.senders) if s.kind == "mlp" and s.layer == l)
-            groups.append(([m], lambda l=l: diffs[("mlp", l)][None]))
-    R, B, T, d = G.shape
-    flat = G.reshape(R, B, T * d)
-    for s_idx, make in groups:
-        keep = [s for s in s_idx if (only is None or s in only) and bool(col[s].any())]
-        if not keep:
-            continue
-        D = make()
-        if D.shape[0] != len(keep):
-            D = D[[s_idx.index(s) for s in keep]]
-        D = D.to(G.dtype)
-        per_example = torch.einsum("sbx,rbx->srb", D.reshape(len(keep), B, T * d), flat)
-        per_position = torch.einsum("sbtd,rbtd->srt", D, G) if acc.positions is not None else None
-        acc.add(keep, recv, per_example, per_position)
+    def __call__(self, layer: int, recv: list[int], G: torch.Tensor) -> None:
+        if self.pending and self.pending[-1][0] != layer:
+            self.flush()
+        if self.steps > 1:
+            G = G.reshape(G.shape[0], G.shape[1] // self.steps, self.steps, *G.shape[2:]).mean(2)
+        self.pending.append((layer, recv, G))
+        self.pending_size += G.numel()
+        self.left[layer] -= len(recv)
+        if self.left[layer] <= 0 or 2 * self.pending_size >= self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the buffered receivers (all of one layer) and drop their gradients."""
+        if not self.pending:
+            return
+        layer = self.pending[0][0]
+        recv = [r for _, rs, _ in self.pending for r in rs]
+        Gs = [G for _, _, G in self.pending]
+        self.pending, self.pending_size = [], 0
+        ok = self.graph.mask[:, recv].any(1) & self.allowed  # senders with an edge into the buffered receivers
+        if bool(ok[0]):
+            self._add([0], self.diffs["embed"][None], recv, Gs)
+        for l in range(min(layer + 1, self.st.n_layers)):
+            heads = [h for h, s in enumerate(self.heads[l]) if bool(ok[s])]
+            if heads:
+                W = self.st.layers[l].out_matrix.detach()
+                dz = self.diffs[("z", l)]
+                B, T = dz.shape[:2]
+                per = max(1, self.budget // (2 * B * T * W.shape[-1]))  # heads whose writes fit in half the budget
+                for c in range(0, len(heads), per):
+                    hs = heads[c:c + per]
+                    D = torch.einsum("bthe,hed->hbtd", dz[:, :, hs].to(Gs[0].dtype), W[hs].to(Gs[0].dtype))  # [hs, B, T, d]
+                    self._add([self.heads[l][h] for h in hs], D, recv, Gs)
+                    del D
+            m = self.mlp.get(l)
+            if m is not None and bool(ok[m]):
+                self._add([m], self.diffs[("mlp", l)][None], recv, Gs)
+
+    def _add(self, s_idx: list[int], D: torch.Tensor, recv: list[int], Gs: list[torch.Tensor]) -> None:
+        """Scores of the edges ``s_idx`` x ``recv`` from the sender writes ``D`` ``[s, B, T, d]``
+        and the receivers' gradients ``Gs`` (``[r_i, B, T, d]`` each, ``recv`` in order)."""
+        s, B = D.shape[0], D.shape[1]
+        D = D.to(Gs[0].dtype)
+        flat = D.reshape(s, B, -1)  # views of contiguous tensors: one matrix product per example, no copies
+        per_example = torch.cat([torch.stack([flat[:, b] @ G.reshape(G.shape[0], B, -1)[:, b].t() for b in range(B)], -1)
+                                 for G in Gs], 1)
+        per_position = None
+        if self.acc.positions is not None:
+            per_position = torch.cat([torch.einsum("sbtd,rbtd->srt", D, G) for G in Gs], 1)
+        self.acc.add(s_idx, recv, per_example, per_position)
 
 
 def edge_attribution(model, clean, corrupt, metric="logit_diff", *, method: str = "eap", steps: int = 5,
@@ -176,50 +216,73 @@ def edge_attribution(model, clean, corrupt, metric="logit_diff", *, method: str 
     return out
 
 
-def _run(model, kw, taps: Taps, cb: dict, metric, clean_logits, grad: bool, cost: dict):
-    with taps, torch.set_grad_enabled(grad):
+def _logits(model, kw, taps: Taps, cost: dict) -> torch.Tensor:
+    """One forward without gradients under ``taps``; the logits."""
+    with taps, torch.no_grad():
+        logits = logits_of(model(**kw)).detach()
+    cost["forwards"] += 1
+    cost["rows"] += logits.shape[0]
+    return logits
+
+
+def _backward(model, kw, taps: Taps, batch: dict, metric, clean_logits, cost: dict, ready: Callable[[], None] | None = None) -> None:
+    """A forward and a backward of the summed metric under ``taps``, whose ``grads`` sink (a
+    :class:`_Scorer`) scores the edges during the backward. The logits are dropped before the
+    backward (the metric keeps what its own backward needs) and their size is the scorer's
+    budget; ``ready`` runs between the forward and the backward."""
+    with taps, torch.enable_grad():
         logits = logits_of(model(**kw))
         cost["forwards"] += 1
         cost["rows"] += logits.shape[0]
-        if not grad:
-            return logits.detach()
         if clean_logits is None and metric.needs_clean:
             clean_logits = logits.detach()  # EAP: the clean run is this run
-        values = metric_values(metric, logits, cb, clean_logits)
-        values.sum().backward()
+        total = metric_values(metric, logits, batch, clean_logits).sum()
+        taps.grads.budget = logits.numel()
+        del logits, clean_logits
+        if ready is not None:
+            ready()
+        total.backward()
+        taps.grads.flush()  # receivers of a layer some of whose gradients never arrived (zero)
         cost["backwards"] += 1
-        return logits.detach()
 
 
 def _chunk(model, st, graph, metric, method, steps, cb, xb, device, acc, cost) -> None:
-    mask = cb["attention_mask"].to(device)
+    mask = cb["attention_mask"].to(device).bool()
     corrupt_taps = Taps(model, st, graph, capture=True, stop=True)
     with corrupt_taps, torch.no_grad():  # sender values only: the forward ends after the last block
         model(**forward_kwargs(model, xb, device))
     cost["forwards"] += 1
     B = cb["input_ids"].shape[0]
     if method == "eap":
-        taps = Taps(model, st, graph, capture=True, grads=True)
-        _run(model, forward_kwargs(model, cb, device), taps, cb, metric, None, True, cost)
-        diffs = _diffs(corrupt_taps.values, taps.values, mask)
-        for layer, recv in sorted(_receivers_by_layer(graph, st.n_layers).items()):
-            _score_layer(taps, graph, st, layer, recv, diffs, acc)
+        # the clean run turns the corrupt values into differences as it meets them (no clean copy
+        # is kept); every receiver is scored during the backward as its gradient completes
+        scorer = _Scorer(graph, st, None, acc)
+        taps = Taps(model, st, graph, grads=scorer, diff_from=corrupt_taps.values)
+        scorer.diffs = taps.values
+
+        def ready():
+            for v in taps.values.values():
+                _mask_(v, mask)
+        _backward(model, forward_kwargs(model, cb, device), taps, cb, metric, None, cost, ready)
         return
     clean_taps = Taps(model, st, graph, capture=True)
-    clean_logits = _run(model, forward_kwargs(model, cb, device), clean_taps, cb, metric, None, False, cost)
+    clean_logits = _logits(model, forward_kwargs(model, cb, device), clean_taps, cost)
     diffs = _diffs(corrupt_taps.values, clean_taps.values, mask)
     rep = torch.arange(B).repeat_interleave(steps)
     big = rows(cb, rep)
     kw = forward_kwargs(model, big, device)
-    big_clean = clean_logits[rep.to(clean_logits.device)]
+    big_clean = clean_logits[rep.to(clean_logits.device)] if metric.needs_clean else None
+    del clean_logits
     if method == "eap-ig":
         e_clean, e_corr = clean_taps.values["embed"], corrupt_taps.values["embed"]
+        del clean_taps, corrupt_taps
         alpha = (torch.arange(steps, dtype=e_clean.dtype, device=e_clean.device) / steps).repeat(B)[:, None, None]
-        e = e_corr[rep.to(e_corr.device)] + alpha * (e_clean - e_corr)[rep.to(e_corr.device)]
-        taps = Taps(model, st, graph, grads=True, replace={"embed": e})
-        _run(model, kw, taps, big, metric, big_clean, True, cost)
-        for layer, recv in sorted(_receivers_by_layer(graph, st.n_layers).items()):
-            _score_layer(taps, graph, st, layer, recv, diffs, acc, steps=steps)
+        r = rep.to(e_corr.device)
+        e = e_corr[r] + alpha * (e_clean - e_corr)[r]
+        del e_clean, e_corr
+        taps = Taps(model, st, graph, grads=_Scorer(graph, st, diffs, acc, steps=steps), replace={"embed": e})
+        del e
+        _backward(model, kw, taps, big, metric, big_clean, cost)
         return
     # eap-ig-activations: one batch of B * steps rows per sender group
     groups = [("embed", [0])]
@@ -235,8 +298,8 @@ def _chunk(model, st, graph, metric, method, steps, cb, xb, device, acc, cost) -
         alpha = (torch.arange(1, steps + 1, dtype=a.dtype, device=a.device) / steps).repeat(B).reshape(-1, *shape)
         r = rep.to(a.device)
         value = a_corr[r] + alpha * (a - a_corr)[r]
-        taps = Taps(model, st, graph, grads=True, replace={key: value})
-        _run(model, kw, taps, big, metric, big_clean, True, cost)
         only = set(senders)
-        for layer, recv in sorted(_receivers_by_layer(graph, st.n_layers, only).items()):
-            _score_layer(taps, graph, st, layer, recv, diffs, acc, steps=steps, only=only)
+        scorer = _Scorer(graph, st, diffs, acc, steps=steps, only=only)
+        taps = Taps(model, st, graph, grads=scorer, want=scorer.want, replace={key: value})
+        del value
+        _backward(model, kw, taps, big, metric, big_clean, cost)

@@ -5,7 +5,10 @@ Files: ``<stem>.safetensors`` (``scores`` ``[E]``, optionally ``stderr`` ``[E]``
 edge names, method, metric, settings, and ``tensor_sha256``, the hash of the tensor file). As
 for :class:`~headint.results.ScanResult`: the tensor file is always the one beside the sidecar
 (no path is read from the JSON), its hash is checked on load, non-finite floats are written as
-``null`` and listed, and the edge names must be those of the recorded graph.
+``null`` and listed, and the edge names must be those of the recorded graph; both files must be
+regular files (:mod:`headint.files`), the sidecar at most 256 MiB and the tensor file no larger
+than the sidecar's edges (and ``positions_T``) allow; both are written together
+(:func:`headint.files.write_files_atomically`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_files_atomically
-from ..results.io import _restore_non_finite, _standard
+from ..files import MAX_TEXT_BYTES, JSONError, parse_json, read_bytes, read_text, write_files_atomically
+from ..results.io import _restore_non_finite, _standard, result_files
 from .extract import connect, select
 from .graph import EdgeGraph
 
@@ -35,7 +38,8 @@ class CircuitResult:
 
     ``to_frame()`` is the tidy table (one row per edge); ``top(n)`` the n largest by ``|score|``;
     ``circuit(top_n=... | threshold=...)`` a copy with ``in_circuit`` set; ``save`` / ``load``;
-    ``to_svg`` / ``plot`` / ``to_html`` draw the circuit.
+    ``to_svg`` / ``plot`` draw the circuit as a static SVG, ``to_html`` as the interactive report
+    (:meth:`to_circuit_graph` is what the report draws, also inside a scan's report).
     """
 
     def __init__(self, graph: EdgeGraph, scores: torch.Tensor, *, method: str, metric_name: str, stderr=None,
@@ -127,7 +131,7 @@ class CircuitResult:
         folder, then ``circuit.*``); returns the stem."""
         from safetensors.torch import save as to_bytes
 
-        stem, tfile, jfile = _files(path, for_save=True)
+        stem, tfile, jfile = result_files(path, True, dir_stem=DIR_STEM)
         tfile.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"scores": self.scores.contiguous()}
         if self.stderr is not None:
@@ -139,7 +143,8 @@ class CircuitResult:
         data = to_bytes(tensors)
         meta = {"format": FORMAT, "version": VERSION, "graph": self.graph.to_dict(), "scope": self.graph.mask.flatten().int().tolist(),
                 "edges": self.graph.names, "method": self.method, "metric_name": self.metric_name, "settings": self.settings,
-                "tensor_sha256": hashlib.sha256(data).hexdigest()}
+                "tensor_sha256": hashlib.sha256(data).hexdigest(),
+                "positions_T": None if self.positions is None else int(self.positions.shape[1])}
         found: list = []
         meta = _standard(meta, [], found)
         meta["non_finite"] = found
@@ -154,13 +159,14 @@ class CircuitResult:
         from safetensors import SafetensorError
         from safetensors.torch import load as from_bytes
 
-        _, tfile, jfile = _files(path, for_save=False)
+        _, tfile, jfile = result_files(path, False, dir_stem=DIR_STEM)
         if not jfile.exists():
             raise FileNotFoundError(f"no CircuitResult at {os.fspath(path)!r}: {jfile} does not exist")
+        text = read_text(jfile, "CircuitResult sidecar", MAX_TEXT_BYTES)  # a regular file of bounded size
         try:
-            meta = json.loads(jfile.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{jfile} is not a saved CircuitResult: not valid JSON ({e})") from None
+            meta = parse_json(text, str(jfile))
+        except JSONError as e:
+            raise ValueError(f"{jfile} is not a saved CircuitResult: it is {e.reason}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{jfile} is not a saved CircuitResult (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("version") != VERSION:
@@ -171,7 +177,7 @@ class CircuitResult:
             raise ValueError(f"{jfile}: missing fields {missing}")
         if not tfile.exists():
             raise FileNotFoundError(f"{jfile}: its tensor file {tfile} does not exist (the two files share one stem)")
-        data = tfile.read_bytes()
+        data = read_bytes(tfile, "CircuitResult tensor file", _tensor_file_cap(meta, jfile))
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta["tensor_sha256"]:
             raise ValueError(f"{tfile} does not hold the tensors {jfile} was saved with (sha256 {digest[:12]}..., recorded "
@@ -205,11 +211,7 @@ class CircuitResult:
         or ``"top"``, each a line from sender to receiver with its input letter, width by
         ``|score|``, blue positive, red negative."""
         g = self.graph
-        if edges == "circuit" and self.in_circuit is not None:
-            chosen = self.in_circuit.nonzero().flatten().tolist()
-        else:
-            chosen = torch.sort(-torch.nan_to_num(self.scores.abs(), nan=-1.0).double(), stable=True).indices[:20].tolist()
-        chosen = chosen[:max_edges]
+        chosen = self._chosen(edges, 20)[:max_edges]
         col_w, row_h, pad = 70, 90, 40
         n_cols = g.n_heads + 1
         width = pad * 2 + n_cols * col_w
@@ -262,6 +264,69 @@ class CircuitResult:
         parts.append("</svg>")
         return "\n".join(parts)
 
+    def _chosen(self, edges: str, top: int) -> list[int]:
+        """Edge indices drawn: the circuit (``edges="circuit"``, when there is one) or the ``top``
+        largest by ``|score|``, in rank order."""
+        if edges not in ("circuit", "top"):
+            raise ValueError(f"edges must be 'circuit' or 'top', got {edges!r}")
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a positive integer, got {top!r}")
+        order = torch.sort(-torch.nan_to_num(self.scores.abs(), nan=-1.0).double(), stable=True).indices
+        if edges == "circuit" and self.in_circuit is not None:
+            return [i for i in order.tolist() if bool(self.in_circuit[i])]
+        return order[:top].tolist()
+
+    def to_circuit_graph(self, *, edges: str = "circuit", top: int = 20, max_edges: int = 300, title: str | None = None):
+        """The edges as the interactive report draws them (a
+        :class:`~headint.results.circuit_graph.CircuitGraph`): ``edges="circuit"`` (the circuit, or
+        the ``top`` edges by ``|score|`` when this result holds none) or ``"top"``, at most
+        ``max_edges`` (the largest ``|score|`` first; the note says how many were left out).
+
+        Nodes are named as the senders (``input``, ``a{l}.h{h}``, ``m{l}``) and ``logits``; an
+        edge into a head's q, k or v input goes to the head with that ``kind``; under grouped-query
+        attention an edge into a key/value head's input goes to a node ``a{l}.kv{g}`` (drawn in
+        layer ``l``'s row, labelled with the query heads it serves). Weights are the scores."""
+        from ..results.circuit_graph import circuit_graph
+
+        if isinstance(max_edges, bool) or not isinstance(max_edges, int) or max_edges < 1:
+            raise ValueError(f"max_edges must be a positive integer, got {max_edges!r}")
+        g = self.graph
+        chosen = self._chosen(edges, top)
+        left_out = max(0, len(chosen) - max_edges)
+        chosen = chosen[:max_edges]
+        group = g.n_heads // g.n_kv_heads
+        nodes: dict[str, dict] = {}
+
+        def node(kind: str, layer: int, name: str, head: int = -1) -> str:
+            if name not in nodes:
+                if kind == "input":
+                    nodes[name] = {"name": name, "kind": "input"}
+                elif kind == "logits":
+                    nodes[name] = {"name": name, "kind": "output"}
+                elif kind == "kv":
+                    nodes[name] = {"name": name, "kind": "other", "layer": layer,
+                                   "label": f"{name} (h{head * group}-{(head + 1) * group - 1})"}
+                else:
+                    nodes[name] = {"name": name, "kind": "mlp" if kind == "mlp" else "head", "layer": layer}
+            return name
+
+        out = []
+        for i in chosen:
+            s, r = g.edges[i]
+            snd, rcv = g.senders[s], g.receivers[r]
+            src = node(snd.kind, snd.layer, snd.name)
+            kv = rcv.kind in ("k", "v") and rcv.grouped
+            dst = node("kv" if kv else rcv.kind if rcv.kind in ("mlp", "logits") else "head", rcv.layer, rcv.node, rcv.head)
+            out.append((src, dst, float(self.scores[i]), rcv.kind if rcv.kind in ("q", "k", "v") else None))
+        node("logits", g.n_layers, "logits")
+        what = (f"the circuit: {int(self.in_circuit.sum())} of {g.n_edges} edges" if edges == "circuit" and self.in_circuit is not None
+                else f"the {len(chosen) + left_out} edges with the largest |score| of {g.n_edges}")
+        note = f"{self.method} ({self.metric_name}): {what}"
+        if left_out:
+            note += f"; {left_out} edges with the smallest |score| are not drawn (max_edges={max_edges})"
+        return circuit_graph(list(nodes.values()), out, title=title or f"Circuit ({self.method})",
+                             weight_label=f"{self.method} score", note=note + ".")
+
     def plot(self, path, **kwargs) -> Path:
         """Write the drawing of :meth:`to_svg` to ``path`` (``.svg``)."""
         path = Path(path)
@@ -270,27 +335,35 @@ class CircuitResult:
         path.write_text(self.to_svg(**kwargs))
         return path
 
-    def to_html(self, path=None, top: int = 30) -> str:
-        """A self-contained HTML page: the drawing and the top edges; written to ``path`` if given."""
-        table = self.top(top)[["rank", "edge", "score", "stderr", "in_circuit"]].to_html(index=False, float_format=lambda v: f"{v:.4g}")
-        settings = html.escape(json.dumps({k: v for k, v in self.settings.items() if k != "cost"}, default=str))
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>headint circuit: {html.escape(self.method)}</title></head>"
-                f"<body><h1>{html.escape(self.method)} edge scores ({html.escape(self.metric_name)})</h1>"
-                f"<p>{self.graph.n_edges} edges scored{'' if self.in_circuit is None else f', {int(self.in_circuit.sum())} in the circuit'}."
-                f"</p>{self.to_svg()}<h2>Top edges</h2>{table}<h2>Settings</h2><pre>{settings}</pre></body></html>")
+    def to_html(self, path=None, *, edges: str = "circuit", top: int = 20, max_edges: int = 300, title: str | None = None) -> str:
+        """The interactive, self-contained report of this result
+        (:func:`headint.results.report.circuit_report_html`): the settings, the circuit graph of
+        :meth:`to_circuit_graph` (hover an edge for its score, a node for its edges) and the edges
+        by ``|score|``; written to ``path`` if given. The same graph goes into a scan's report
+        with ``ScanResult.to_html(path, circuit=this_result)``."""
+        from ..results.report import circuit_report_html
+
+        graph = self.to_circuit_graph(edges=edges, top=top, max_edges=max_edges, title=title)
+        pairs = [("method", self.method), ("metric", self.metric_name), ("edges scored", str(self.graph.n_edges)),
+                 ("graph", repr(self.graph))]
+        if self.in_circuit is not None:
+            pairs.append(("edges in the circuit", str(int(self.in_circuit.sum()))))
+        pairs += [(k, json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else str(v))
+                  for k, v in self.settings.items() if k not in ("cost", "method") and v is not None]
+        page = circuit_report_html(graph, title=title or f"headint circuit: {self.method} ({self.metric_name})", settings=pairs)
         if path is not None:
-            Path(path).write_text(page)
+            write_files_atomically([(path, page.encode("utf-8"))])
         return page
 
 
-def _files(path, for_save: bool) -> tuple[Path, Path, Path]:
-    text = os.fspath(path)
-    for suffix in (".safetensors", ".json"):
-        if text.endswith(suffix):
-            stem = Path(text[: -len(suffix)])
-            break
-    else:
-        p = Path(text)
-        is_dir = p.is_dir() or text.endswith(("/", os.sep))
-        stem = p / DIR_STEM if is_dir else p
-    return stem, Path(f"{stem}.safetensors"), Path(f"{stem}.json")
+def _tensor_file_cap(meta: dict, jfile: Path) -> int | None:
+    """The most bytes the tensor file of the result ``meta`` describes can hold (``scores``,
+    ``stderr`` float32 and ``in_circuit`` uint8 per edge, ``positions`` float32 ``[E, T]`` with
+    ``T`` the sidecar's ``positions_T``, a header); None when the sidecar does not record
+    ``positions_T`` (written before it did)."""
+    edges, T = meta.get("edges"), meta.get("positions_T", -1)
+    if not isinstance(edges, list) or T == -1:
+        return None
+    if T is not None and (isinstance(T, bool) or not isinstance(T, int) or T < 0):
+        raise ValueError(f"{jfile}: field 'positions_T' must be null or an int >= 0, got {T!r}")
+    return 9 * len(edges) + 4 * len(edges) * (T or 0) + 2**20

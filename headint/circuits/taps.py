@@ -10,11 +10,17 @@ What it can do, per forward (see :mod:`headint.circuits.structure` for the parts
 - ``capture``: keep every sender's output: ``embed`` ``[B, T, d]`` (block 0's input), ``z[l]``
   ``[B, T, H, Dv]`` (the input of layer ``l``'s output projection; head ``h`` writes
   ``z[l][..., h, :] @ W_O[h]``), ``mlp[l]`` ``[B, T, d]``;
-- ``grads``: after ``backward``, :meth:`receiver_grads` gives the gradient of the output with
-  respect to each receiver's own copy of its input (the pre-norm residual stream), without
-  building those copies: the gradient at a projection's output channels of one receiver is
-  mapped back through those channels of the projection and then through the norm's vector-Jacobian
-  product at the residual stream;
+- ``grads``: a callable ``grads(layer, receivers, G)`` handed, *during* the backward, the
+  gradient ``G`` ``[r, B, T, d]`` of the output with respect to each receiver's own copy of its
+  input (the pre-norm residual stream) as soon as it is complete, a few receivers at a time
+  (:data:`RECEIVER_CHUNK`), without building those copies: the gradient at a projection's output
+  channels of one receiver is mapped back through those channels of the projection and then
+  through the norm's vector-Jacobian product at the residual stream. Nothing of it is kept: no
+  receiver's gradient outlives its call, so the backward holds what a plain backward holds plus
+  one chunk of receivers (the consumer scores the chunk at once);
+- ``diff_from``: capture ``diff_from[key] - value`` instead of the value (the entry of
+  ``diff_from`` is dropped as it is used: the corrupt run's values become the differences
+  without the clean values being kept);
 - ``replace``: ``{"embed": tensor, ("z", l): tensor, ("mlp", l): tensor}``: sender outputs
   replaced (the interpolation of integrated gradients);
 - ``patch``: an :class:`EdgePatch`: receivers' inputs edited per row (exact edge patching).
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -67,27 +73,30 @@ def _as_slice(ch: torch.Tensor):
     return ch
 
 
-def norm_vjp(norm, residual: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
-    """``[n, B, T, d]``: the vector-Jacobian products of ``norm`` at ``residual`` ``[B, T, d]`` for
-    each of ``cotangents`` ``[n, B, T, d]`` (``norm`` None: the identity). Norms act on the last
-    dimension, so the ``n`` products are one backward over ``n`` copies of the residual stream
-    stacked as extra rows (a norm that does not take them is differentiated with vmap)."""
-    if norm is None:
-        return cotangents
-    n = cotangents.shape[0]
-    with torch.enable_grad():
-        x = residual.detach()[None].expand(n, *residual.shape).requires_grad_(True)
-        try:
-            y = norm(x.reshape(n * residual.shape[0], *residual.shape[1:]))
-            y = y[0] if isinstance(y, tuple) else y
-            if y.shape != (n * residual.shape[0], *residual.shape[1:]):
-                raise RuntimeError("shape")
-            return torch.autograd.grad(y, x, cotangents.reshape(y.shape).to(y.dtype))[0]
-        except RuntimeError:
-            x = residual.detach().requires_grad_(True)
-            y = norm(x)
-            y = y[0] if isinstance(y, tuple) else y
-            return torch.autograd.grad(y, x, cotangents, is_grads_batched=True)[0]
+RECEIVER_CHUNK = 8  # receivers whose input gradients are built and handed on at once (bounds the temporaries)
+
+GradSink = Callable[[int, list, torch.Tensor], None]
+
+
+class NormVJP:
+    """Vector-Jacobian products of ``norm`` at one residual stream ``[B, T, d]`` (``norm`` None:
+    the identity): the norm is run once with a graph, then :meth:`__call__` maps one cotangent
+    ``[B, T, d]`` back to the residual (temporaries of one ``[B, T, d]`` at a time, whatever the
+    number of receivers)."""
+
+    def __init__(self, norm, residual: torch.Tensor):
+        self.norm = norm
+        if norm is None:
+            return
+        with torch.enable_grad():
+            self.x = residual.detach().requires_grad_(True)
+            y = norm(self.x)
+            self.y = y[0] if isinstance(y, tuple) else y
+
+    def __call__(self, cotangent: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return cotangent
+        return torch.autograd.grad(self.y, self.x, cotangent.to(self.y.dtype), retain_graph=True)[0]
 
 
 @dataclass
@@ -114,20 +123,31 @@ class Taps:
     """Hooks on the residual stream (see the module docstring). ``stop=True``: end the forward
     (:class:`StopForward`, caught on exit) after the last block, for runs that only capture."""
 
-    def __init__(self, model, st: CircuitStructure, graph: EdgeGraph, *, capture: bool = False, grads: bool = False,
-                 replace: dict | None = None, patch: EdgePatch | None = None, stop: bool = False):
+    def __init__(self, model, st: CircuitStructure, graph: EdgeGraph, *, capture: bool = False, grads: GradSink | None = None,
+                 want=None, diff_from: dict | None = None, replace: dict | None = None, patch: EdgePatch | None = None,
+                 stop: bool = False):
         self.model, self.st, self.graph = model, st, graph
-        self.capture, self.grads, self.replace, self.patch, self.stop = capture, grads, dict(replace or {}), patch, stop
-        self.values: dict[Any, torch.Tensor] = {}  # sender outputs of the last forward (detached)
-        self.live: dict[Any, torch.Tensor] = {}  # sender outputs as computed in this forward (for patches)
+        self.capture = capture or diff_from is not None
+        self.grads, self.diff_from = grads, diff_from
+        self.replace, self.patch, self.stop = dict(replace or {}), patch, stop
+        self.values: dict[Any, torch.Tensor] = {}  # sender outputs of the last forward (detached), or diff_from - them
+        self.live: dict[Any, torch.Tensor] = {}  # sender outputs as computed in this forward (patches only)
         self.resid: dict[Any, torch.Tensor] = {}  # ("attn", l) / ("mlp", l): residual read by the receivers
-        self.proj_grads: dict[tuple[int, int], torch.Tensor] = {}
-        self.mlp_grads: dict[int, torch.Tensor] = {}
-        self.logit_grad: torch.Tensor | None = None
         self._handles: list = []
         self._owner = None
         self._recv = {(r.kind, r.layer, r.head): i for i, r in enumerate(graph.receivers)}
         self._send = {(s.kind, s.layer, s.head): i for i, s in enumerate(graph.senders)}
+        # receivers whose gradients are handed to ``grads`` (default: those with an edge in scope)
+        wanted = set(int(r) for r in (graph.mask.any(0).nonzero()[:, 0] if want is None else want))
+        self._wanted = wanted
+        self._pending: dict[int, int] = {}  # layer -> projections whose gradient has not arrived yet
+        self._by_proj: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+        for lp in st.layers:
+            for which in ("q", "k", "v"):
+                for h, (pi, ch) in enumerate(lp.receivers[which]):
+                    r = self._recv.get((which, lp.layer, h))
+                    if r is not None and r in wanted:
+                        self._by_proj.setdefault((lp.layer, pi), []).append((r, _as_slice(ch)))
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self):
@@ -162,8 +182,11 @@ class Taps:
 
     # ------------------------------------------------------------------ hooks
     def _keep(self, key, x):
-        self.live[key] = x
-        if self.capture:
+        if self.patch is not None:
+            self.live[key] = x
+        if self.diff_from is not None:
+            self.values[key] = self.diff_from.pop(key).to(x.dtype) - x.detach()
+        elif self.capture:
             self.values[key] = x.detach()
 
     def _block_pre(self, lp: LayerParts, module, args, kwargs):
@@ -173,24 +196,26 @@ class Taps:
             if "embed" in self.replace:
                 x = self.replace["embed"].to(x.dtype)
                 changed = True
-            if self.grads and not x.requires_grad:  # frozen weights: the graph starts at the embedding
+            if self.grads is not None and not x.requires_grad:  # frozen weights: the graph starts at the embedding
                 x = x.detach().requires_grad_(True)
                 changed = True
             self._keep("embed", x)
-        self.resid[("attn", lp.layer)] = x
-        if lp.parallel:
-            self.resid[("mlp", lp.layer)] = x
+        if self.patch is not None or self.grads is not None:
+            self.resid[("attn", lp.layer)] = x
+            if lp.parallel:
+                self.resid[("mlp", lp.layer)] = x
         return _swap_hidden(args, kwargs, x) if changed else None
 
     def _proj_post(self, lp: LayerParts, i: int, module, args, out):
         y = out
         if self.patch is not None:
             y = self._patch_projection(lp, i, y)
-        if self.grads:
+        if self.grads is not None and (lp.layer, i) in self._by_proj:
             if not y.requires_grad:
                 raise RuntimeError("headint.circuits: the q/k/v projections got no gradient (run the forward with grad enabled)")
             y = y.view_as(y)
-            y.register_hook(self._store(self.proj_grads, (lp.layer, i)))
+            self._pending[lp.layer] = self._pending.get(lp.layer, 0) + 1
+            y.register_hook(self._on_grad(self._projection_grad, lp, i))
         return y if y is not out else None
 
     def _out_pre(self, lp: LayerParts, module, args, kwargs):
@@ -205,12 +230,12 @@ class Taps:
         return _swap_hidden(args, kwargs, z) if changed else None
 
     def _mlp_norm_pre(self, lp: LayerParts, module, args, kwargs):
-        if not lp.parallel:
+        if not lp.parallel and (self.patch is not None or self.grads is not None):
             self.resid[("mlp", lp.layer)] = _hidden(args, kwargs)
 
     def _mlp_pre(self, lp: LayerParts, module, args, kwargs):
         x = _hidden(args, kwargs)
-        if lp.mlp_norm is None and not lp.parallel:
+        if lp.mlp_norm is None and not lp.parallel and (self.patch is not None or self.grads is not None):
             self.resid[("mlp", lp.layer)] = x
         new = x
         if self.patch is not None:
@@ -221,9 +246,10 @@ class Taps:
                 edited = res + delta[0]
                 edited = edited if lp.mlp_norm is None else _first(lp.mlp_norm(edited))
                 new = torch.where(rows[0][:, None, None], edited.to(x.dtype), x)
-        if self.grads:
+        r = self._recv.get(("mlp", lp.layer, -1))
+        if self.grads is not None and r in self._wanted:
             new = new.view_as(new)
-            new.register_hook(self._store(self.mlp_grads, lp.layer))
+            new.register_hook(self._on_grad(self._mlp_grad, lp, r))
         return _swap_hidden(args, kwargs, new) if new is not x else None
 
     def _mlp_post(self, lp: LayerParts, module, args, out):
@@ -246,18 +272,11 @@ class Taps:
             if bool(self.patch.patched[r]):
                 delta, rows = self._delta([r], self.st.n_layers)
                 new = torch.where(rows[0][:, None, None], h + delta[0].to(h.dtype), h)
-        if self.grads:
+        r = len(self.graph.receivers) - 1
+        if self.grads is not None and r in self._wanted:
             new = new.view_as(new)
-            new.register_hook(self._store_logit)
+            new.register_hook(self._on_grad(self._logits_grad, r))
         return _with_first(out, new) if new is not h else None
-
-    def _store(self, where, key):
-        def hook(g):
-            where[key] = g.detach()
-        return hook
-
-    def _store_logit(self, g):
-        self.logit_grad = g.detach()
 
     # ------------------------------------------------------------------ patching
     def _delta(self, recv: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,50 +337,37 @@ class Taps:
             y[..., ch] = torch.where(rows[j][:, None, None], part, y[..., ch])
         return y
 
-    # ------------------------------------------------------------------ gradients
-    def release(self, layer: int) -> None:
-        """Drop what :meth:`receiver_grads` needed for ``layer`` (its receivers are scored)."""
-        for key in [k for k in self.proj_grads if k[0] == layer]:
-            del self.proj_grads[key]
-        self.mlp_grads.pop(layer, None)
-        if layer < self.st.n_layers:
-            self.resid.pop(("attn", layer), None)
-            self.resid.pop(("mlp", layer), None)
-        else:
-            self.logit_grad = None
+    # ------------------------------------------------------------------ gradients (during the backward)
+    def _on_grad(self, fn, *bound):
+        def hook(g):
+            with torch.no_grad():
+                fn(*bound, g.detach())
+        return hook
 
-    def receiver_grads(self, layer: int, kinds: list[int]) -> torch.Tensor:
-        """``[len(kinds), B, T, d]``: for receivers ``kinds`` (indices into the graph's receivers,
-        all of ``layer``'s attention/MLP, or the logits), the gradient of the backward's output
-        with respect to each receiver's own (pre-norm) residual-stream input."""
-        graph, st = self.graph, self.st
-        if layer == st.n_layers:
-            if self.logit_grad is None:
-                raise RuntimeError("headint.circuits: no gradient reached the final residual stream")
-            return self.logit_grad[None].expand(len(kinds), *self.logit_grad.shape)
-        lp = st.layers[layer]
-        out: list[torch.Tensor | None] = [None] * len(kinds)
-        attn_idx, attn_cots = [], []
-        for j, r in enumerate(kinds):
-            rc = graph.receivers[r]
-            if rc.kind == "mlp":
-                g = self.mlp_grads.get(layer)
-                res = self.resid[("mlp", layer)]
-                if g is None:
-                    g = torch.zeros_like(res)
-                out[j] = norm_vjp(lp.mlp_norm, res, g[None])[0]
-                continue
-            pi, ch = lp.receivers[rc.kind][rc.head]
-            gy = self.proj_grads.get((layer, pi))
-            res = self.resid[("attn", layer)]
-            if gy is None:
-                attn_cots.append(torch.zeros_like(res))
-            else:
-                sl = _as_slice(ch)
-                attn_cots.append(gy[..., sl] @ lp.projections[pi].matrix[:, sl].detach().t().to(gy.dtype))
-            attn_idx.append(j)
-        if attn_idx:
-            g = norm_vjp(lp.attn_norm, self.resid[("attn", layer)], torch.stack(attn_cots))
-            for k, j in enumerate(attn_idx):
-                out[j] = g[k]
-        return torch.stack(out)
+    def _projection_grad(self, lp: LayerParts, i: int, gy: torch.Tensor) -> None:
+        """Projection ``i`` of ``lp``'s gradient is complete: hand on its receivers' input gradients."""
+        recv = self._by_proj[(lp.layer, i)]
+        W = lp.projections[i].matrix.detach()
+        vjp = NormVJP(lp.attn_norm, self.resid[("attn", lp.layer)])
+        for c in range(0, len(recv), RECEIVER_CHUNK):
+            chunk = recv[c:c + RECEIVER_CHUNK]
+            G = None
+            for j, (r, ch) in enumerate(chunk):
+                g = vjp(gy[..., ch] @ W[:, ch].t().to(gy.dtype))
+                if G is None:
+                    G = g.new_empty(len(chunk), *g.shape)
+                G[j] = g
+                del g
+            self.grads(lp.layer, [r for r, _ in chunk], G)
+            del G
+        del vjp
+        self._pending[lp.layer] -= 1
+        if self._pending[lp.layer] == 0:
+            self.resid.pop(("attn", lp.layer), None)
+
+    def _mlp_grad(self, lp: LayerParts, r: int, g: torch.Tensor) -> None:
+        res = self.resid.pop(("mlp", lp.layer))
+        self.grads(lp.layer, [r], NormVJP(lp.mlp_norm, res)(g)[None])
+
+    def _logits_grad(self, r: int, g: torch.Tensor) -> None:
+        self.grads(self.st.n_layers, [r], g[None])

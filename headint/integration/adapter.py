@@ -152,16 +152,26 @@ class ModelParts:
     shape: ModelShape
 
 
-def model_parts(model, shape: ModelShape) -> ModelParts:
-    """The blocks (the first ``ModuleList`` with ``shape.n_layers`` entries), base model and
-    unembedding of ``model`` (``shape``: its :class:`~headint.shape.ModelShape`)."""
+def model_parts(model, shape: ModelShape, attention_paths: dict[int, str] | None = None) -> ModelParts:
+    """The blocks, base model and unembedding of ``model`` (``shape``: its
+    :class:`~headint.shape.ModelShape`).
+
+    The blocks are the ``ModuleList`` of ``shape.n_layers`` entries that holds the default attention
+    stack's layers: with ``attention_paths`` (``{layer: dotted path}`` of that stack's attention
+    modules, from the probe) the list whose entry ``l`` contains layer ``l``'s attention module (an
+    encoder-decoder's decoder layers, a vision-language model's language layers, not an encoder or
+    a vision tower of the same depth); without, the first such list."""
     blocks = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == shape.n_layers:
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, nn.ModuleList) and len(mod) == shape.n_layers):
+            continue
+        prefix = f"{name}." if name else ""
+        if attention_paths is None or all(path.startswith(f"{prefix}{l}.") for l, path in attention_paths.items()):
             blocks = mod
             break
     if blocks is None:
-        raise TypeError(f"{type(model).__name__}: found no ModuleList of its {shape.n_layers} transformer blocks")
+        where = "" if attention_paths is None else f" holding its attention modules {sorted(attention_paths.values())[:2]}..."
+        raise TypeError(f"{type(model).__name__}: found no ModuleList of its {shape.n_layers} transformer blocks{where}")
     base = getattr(model, "base_model", model)
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is model or not isinstance(unembed, nn.Linear) or _is_sharded(unembed.weight):

@@ -182,7 +182,8 @@ class Replica:
         """The replica's blocks, base model and unembedding (needs the model's structure)."""
         if self.structure is None:
             raise ValueError("Replica.parts needs the model's structure (Replica(model, structure))")
-        return model_parts(self.root, self.structure.shape)
+        paths = {s.layer: s.path for s in self.structure.sites.values() if s.stack == self.structure.shape.default_stack}
+        return model_parts(self.root, self.structure.shape, paths)
 
     @contextlib.contextmanager
     def session(self, plan=None, backend: str = "auto", recorder=None) -> Iterator[Session]:

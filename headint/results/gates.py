@@ -30,6 +30,13 @@ class GateResult:
     ``metric`` averages). ``intact``: the metric's mean without gates; ``final``: with the heads
     of :attr:`closed_heads` ablated (exactly, not gated); both over the finite examples
     (``settings["finite_examples"]`` counts them). ``settings``: JSON-able arguments.
+
+    With ``learn_gates(tolerance=x)``: ``kept`` is the kept head set (the smallest open set of
+    the penalty search, refined; :attr:`open_heads` returns it and ``final`` is the metric with
+    every other head ablated), ``faithfulness`` its measured normalised faithfulness
+    ``(final - none_value) / (intact - none_value)``, ``none_value`` the metric with every head
+    ablated, and ``path`` a pandas table with one row per training run of the search
+    (``run, penalty_weight, n_open, open_heads, metric, faithfulness, keeps, chosen``).
     """
 
     kind: str
@@ -42,30 +49,57 @@ class GateResult:
     intact: float
     final: float
     settings: dict = field(default_factory=dict)
+    kept: list | None = None
+    faithfulness: float | None = None
+    path: object = None
+    none_value: float | None = None
 
     @property
     def open_heads(self) -> list[tuple[int, int]]:
-        """``(layer, head)`` pairs whose gate is at least :attr:`threshold`."""
+        """``(layer, head)`` pairs whose gate is at least :attr:`threshold`; with a tolerance search,
+        the kept set (sorted)."""
+        if self.kept is not None:
+            return sorted(tuple(x) for x in self.kept)
         return [tuple(x) for x in (self.gates >= self.threshold).nonzero().tolist()]
 
     @property
     def closed_heads(self) -> list[tuple[int, int]]:
-        """``(layer, head)`` pairs whose gate is below :attr:`threshold`."""
-        return [tuple(x) for x in (self.gates < self.threshold).nonzero().tolist()]
+        """Every head not in :attr:`open_heads`, sorted."""
+        kept = set(self.open_heads)
+        L, H = self.gates.shape
+        return [(l, h) for l in range(L) for h in range(H) if (l, h) not in kept]
 
     def order(self) -> list[tuple[int, int]]:
-        """Every head, least important first: ascending :attr:`params` (ties by layer, head)."""
+        """Every head, least important first (the removal order of ``prune_curve(order=result)``).
+
+        Without a tolerance search: ascending learned logits :attr:`params` (``log_alpha`` or the
+        sigmoid logits; ties by layer, head), never the clamped gate values, which pin many heads
+        at 1. With one: the heads outside the kept set first, then the kept set; within each, the
+        heads that close at a smaller penalty weight of the search (the smallest weight of
+        :attr:`path` whose open set lacks the head; never: last) come first, then ascending
+        :attr:`params`."""
         L, H = self.params.shape
-        return sorted(((l, h) for l in range(L) for h in range(H)), key=lambda x: (float(self.params[x]), x))
+        heads = [(l, h) for l in range(L) for h in range(H)]
+        if self.kept is None or self.path is None:
+            return sorted(heads, key=lambda x: (float(self.params[x]), x))
+        kept = set(self.open_heads)
+        closes = {}
+        for _, row in self.path.sort_values("penalty_weight").iterrows():
+            opened = {tuple(x) for x in row["open_heads"]}
+            for x in heads:
+                if x not in opened and x not in closes:
+                    closes[x] = float(row["penalty_weight"])
+        return sorted(heads, key=lambda x: (x in kept, closes.get(x, float("inf")), float(self.params[x]), x))
 
     def to_frame(self):
         """A pandas table: ``layer, head, name, gate, param, p_open, open``, one row per head."""
         import pandas as pd
 
         L, H = self.gates.shape
+        kept = set(self.open_heads)
         rows = [dict(layer=l, head=h, name=head_set_name([(l, h)]), gate=float(self.gates[l, h]),
                      param=float(self.params[l, h]), p_open=float(self.p_open[l, h]),
-                     open=bool(self.gates[l, h] >= self.threshold)) for l in range(L) for h in range(H)]
+                     open=(l, h) in kept) for l in range(L) for h in range(H)]
         return pd.DataFrame(rows)
 
     def heatmap(self, path: str | os.PathLike | None = None, *, title: str | None = None):
@@ -115,5 +149,6 @@ class GateResult:
 
     def __repr__(self) -> str:
         L, H = self.gates.shape
+        faith = "" if self.faithfulness is None else f", faithfulness={self.faithfulness:.3f}"
         return (f"GateResult(kind={self.kind!r}, {len(self.open_heads)}/{L * H} heads open, metric={self.metric_name!r}, "
-                f"intact={self.intact:.4g}, final={self.final:.4g})")
+                f"intact={self.intact:.4g}, final={self.final:.4g}{faith})")

@@ -47,9 +47,9 @@ _REQUIRED = {1: _COMMON_FIELDS, 2: _COMMON_FIELDS + ("grid_shape", "n_examples",
 _NON_FINITE_NAMES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
 
-def result_files(path: str | os.PathLike, for_save: bool) -> tuple[Path, Path, Path]:
+def result_files(path: str | os.PathLike, for_save: bool, dir_stem: str = DIR_STEM) -> tuple[Path, Path, Path]:
     """``(stem, tensor file, JSON sidecar)`` for ``path``: a directory (its files are
-    ``scan.*``), a file stem, or either file of the pair."""
+    ``<dir_stem>.*``, ``scan.*`` for a ScanResult), a file stem, or either file of the pair."""
     text = os.fspath(path)
     for suffix in (".safetensors", ".json"):
         if text.endswith(suffix):
@@ -58,9 +58,9 @@ def result_files(path: str | os.PathLike, for_save: bool) -> tuple[Path, Path, P
     else:
         p = Path(text)
         is_dir = p.is_dir() or text.endswith(("/", os.sep))
-        if not for_save and not is_dir and not Path(text + ".json").exists() and (p / f"{DIR_STEM}.json").exists():
+        if not for_save and not is_dir and not Path(text + ".json").exists() and (p / f"{dir_stem}.json").exists():
             is_dir = True
-        stem = p / DIR_STEM if is_dir else p
+        stem = p / dir_stem if is_dir else p
     return stem, Path(f"{stem}.safetensors"), Path(f"{stem}.json")
 
 

@@ -15,7 +15,8 @@ JavaScript and SVG, no library) and the data (one ``<script type="application/js
   related scans and further per-head columns (pattern scores, roles);
 * related scans (:class:`~headint.results.report_data.RelatedScan`), each interactive;
 * a circuit graph when one is given (:mod:`headint.results.circuit_graph`, the hook for
-  edge-level circuit methods);
+  edge-level circuit methods; a :class:`~headint.circuits.CircuitResult` is drawn through it);
+  :func:`circuit_report_html` is the report of a circuit alone;
 * static figures (``figures=``, inline PNGs) if any.
 
 Numbers are shown with :func:`decimals_for` decimals per column (``0.000``, never
@@ -58,9 +59,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import plots
-from .report_data import PATTERN_VALUES, RelatedScan, payload
+from .report_data import PATTERN_VALUES, RelatedScan, circuit_of, payload
 
-__all__ = ["report_html", "write_report", "notebook_html", "table_html", "RelatedScan", "ReportSizeWarning",
+__all__ = ["report_html", "write_report", "circuit_report_html", "notebook_html", "table_html", "RelatedScan", "ReportSizeWarning",
            "REPORT_BUDGET_BYTES", "VIEWER_BUDGET_BYTES", "decimals_for", "format_number", "script_json"]
 
 REPORT_BUDGET_BYTES = 2_000_000
@@ -219,6 +220,66 @@ def _fragment(result, *, uid: str, title: str, heading: str, settings_open: bool
     return "\n".join(parts), script
 
 
+def _document(title: str, fragment: str, script: str) -> str:
+    """The standalone page around a report fragment, with a Content Security Policy that lets
+    only ``script`` (by hash) run."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+           "base-uri 'none'; form-action 'none'")
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>body { margin: 0; background: #fff; }</style></head><body>",
+        fragment,
+        "</body></html>",
+    ])
+
+
+def circuit_report_html(circuit, *, title: str | None = None, settings: Sequence[tuple[str, str]] = (),
+                        warnings: Sequence[str] = ()) -> str:
+    """A report of a circuit alone (no scan) as one self-contained HTML document: the settings
+    (``(name, value)`` pairs), the interactive circuit graph (hover an edge or a node, the edges
+    by ``|weight|`` below it) and, for a reader without JavaScript, a static table of the edges.
+    ``circuit``: a :class:`~headint.results.circuit_graph.CircuitGraph` or an object with
+    ``to_circuit_graph()`` (a :class:`~headint.circuits.CircuitResult`); ``CircuitResult.to_html``
+    calls this. Same safety as :func:`report_html` (escaped strings, one hashed script)."""
+    graph = circuit_of(circuit)
+    if graph is None:
+        raise TypeError("circuit must be a CircuitGraph or a CircuitResult, got None")
+    title = title or graph.title
+    data = {"title": title, "describe": "", "metric": "", "scans": [], "table": None, "patterns": None, "circuit": graph.to_json()}
+    text = script_json(data)
+    uid = "hi-" + hashlib.sha256(f"{title}|{text}".encode()).hexdigest()[:10]
+    js, css = viewer_assets()
+    script = f"{js}\nwindow.headintViewer.render(document.currentScript, {json.dumps(uid)});\n"
+    edges = sorted(graph.edges, key=lambda e: -abs(e.weight) if math.isfinite(e.weight) else 1.0)
+    dec = decimals_for([e.weight for e in edges])
+    rows = "".join(f'<tr><td class="hi-name">{i}</td><td class="hi-name">{html.escape(e.source)} \u2192 {html.escape(e.target)}</td>'
+                   f'<td class="hi-name">{html.escape(e.kind or "")}</td><td>{format_number(e.weight, dec)}</td></tr>'
+                   for i, e in enumerate(edges, start=1))
+    static = (f'<table class="hi-top"><thead><tr><th class="hi-name">rank</th><th class="hi-name">edge</th><th class="hi-name">kind</th>'
+              f"<th>{html.escape(graph.weight_label)}</th></tr></thead><tbody>{rows}</tbody></table>")
+    parts = [
+        f'<div class="hi-report" id="{uid}">',
+        f"<style>{css}</style>",
+        f'<h1 class="hi-title">{html.escape(title)}</h1>',
+        *[f'<p class="hi-warning">warning: {html.escape(w)}</p>' for w in warnings],
+        f'<details class="hi-settings" id="{uid}-settings" open><summary>Settings</summary><table>',
+        *[f'<tr><th class="hi-name">{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>' for k, v in settings],
+        "</table></details>",
+        f'<section class="hi-static" id="{uid}-static"><h2>The {len(edges)} edges drawn</h2>'
+        f'<p class="hi-caption">The interactive view needs JavaScript; this is the table without it.'
+        f'{" " + html.escape(graph.note) if graph.note else ""}</p>{static}</section>',
+        f'<div class="hi-app" id="{uid}-app"></div>',
+        f'<script type="application/json" class="hi-data" id="{uid}-data">{text}</script>',
+        f"<script>{script}</script>", "</div>",
+    ]
+    return _document(title, "\n".join(parts), script)
+
+
 def report_html(result, *, tokens=None, patterns=None, pattern_tokens=None, singles=None, related: Sequence[RelatedScan] = (),
                 head_columns: Mapping | None = None, circuit=None, title: str | None = None, top: int = 10,
                 warnings: Sequence[str] = (), figures=()) -> str:
@@ -232,7 +293,9 @@ def report_html(result, *, tokens=None, patterns=None, pattern_tokens=None, sing
     related: further scans (:class:`RelatedScan`), each drawn interactively; with a
     ``column``, its effect is a column of the head table. head_columns: ``{heading: [L, H]
     array or {(layer, head): value}}`` more head-table columns (e.g. pattern scores, roles).
-    circuit: a :class:`~headint.results.circuit_graph.CircuitGraph` (the circuit section).
+    circuit: a :class:`~headint.results.circuit_graph.CircuitGraph` or a
+    :class:`~headint.circuits.CircuitResult` (its circuit, or its top edges: ``to_circuit_graph()``):
+    the circuit section, whose head nodes select that head in the rest of the report.
     top: rows of the head table shown before "show all". warnings: lines shown at the top
     (the result's ``settings["warnings"]`` too). figures: ``[(caption, matplotlib Figure)]``
     shown as static images at the end.
@@ -242,19 +305,7 @@ def report_html(result, *, tokens=None, patterns=None, pattern_tokens=None, sing
     fragment, script = _fragment(result, uid=uid, title=title, heading="h1", tokens=tokens, patterns=patterns,
                                  pattern_tokens=pattern_tokens, singles=singles, related=related, head_columns=head_columns,
                                  circuit=circuit, top=top, warnings=warnings, figures=figures)
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
-    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
-           "base-uri 'none'; form-action 'none'")
-    doc = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title>",
-        "<style>body { margin: 0; background: #fff; }</style></head><body>",
-        fragment,
-        "</body></html>",
-    ])
+    doc = _document(title, fragment, script)
     size = len(doc.encode("utf-8"))
     if size > REPORT_BUDGET_BYTES:
         _warnings.warn(f"the report is {size / 1e6:.1f} MB, over its {REPORT_BUDGET_BYTES / 1e6:.0f} MB budget: the scan has "

@@ -21,7 +21,9 @@ Schema (``payload``):
   as arrays, else None);
 * ``table``: :func:`head_table`;
 * ``patterns``: :func:`pattern_view` or None;
-* ``circuit``: :meth:`headint.results.circuit_graph.CircuitGraph.to_json` or None.
+* ``circuit``: :meth:`headint.results.circuit_graph.CircuitGraph.to_json` (of :func:`circuit_of`) or None.
+  A circuit's own report (:func:`headint.results.report.circuit_report_html`) has no scan:
+  ``scans`` is empty and ``table`` None.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from . import plots
 from .grid import head_set_name
 
-__all__ = ["RelatedScan", "PATTERN_VALUES", "num", "scan_view", "head_table", "pattern_view", "payload"]
+__all__ = ["RelatedScan", "PATTERN_VALUES", "num", "scan_view", "head_table", "pattern_view", "payload", "circuit_of"]
 
 PATTERN_VALUES = 250_000
 """At most this many attention weights go into one report (at most 1.75 MB), fewer where the rest
@@ -299,6 +301,23 @@ def pattern_view(patterns, pattern_tokens=None, *, order: Sequence[str] = (), bu
     return {"heads": kept, "left_out": left_out, "examples": out}
 
 
+def circuit_of(circuit):
+    """The :class:`~headint.results.circuit_graph.CircuitGraph` the report draws for ``circuit``:
+    itself, or ``circuit.to_circuit_graph()`` (a :class:`~headint.circuits.CircuitResult`); None
+    stays None. TypeError for anything else."""
+    from .circuit_graph import CircuitGraph
+
+    if circuit is None or isinstance(circuit, CircuitGraph):
+        return circuit
+    to_graph = getattr(circuit, "to_circuit_graph", None)
+    if to_graph is None:
+        raise TypeError(f"circuit must be a CircuitGraph (headint.results.circuit_graph) or a CircuitResult, got {type(circuit).__name__}")
+    graph = to_graph()
+    if not isinstance(graph, CircuitGraph):
+        raise TypeError(f"{type(circuit).__name__}.to_circuit_graph() returned {type(graph).__name__}, not a CircuitGraph")
+    return graph
+
+
 def payload(result, *, title: str, tokens=None, singles=None, related: Sequence[RelatedScan] = (), head_columns=None,
             patterns=None, pattern_tokens=None, circuit=None, top: int = 10, pattern_budget: int = PATTERN_VALUES) -> dict:
     """Everything the viewer draws (see the module docstring); at most ``pattern_budget``
@@ -323,5 +342,5 @@ def payload(result, *, title: str, tokens=None, singles=None, related: Sequence[
         "scans": scans,
         "table": table,
         "patterns": pattern_view(patterns, pattern_tokens, order=order, budget=pattern_budget) if patterns else None,
-        "circuit": circuit.to_json() if circuit is not None else None,
+        "circuit": None if circuit is None else circuit_of(circuit).to_json(),
     }

@@ -24,6 +24,11 @@ __all__ = [
     "paired_stderr",
     "non_finite_report",
     "listing",
+    "ranks",
+    "spearman",
+    "bootstrap_means",
+    "percentile_interval",
+    "rank_agreement",
 ]
 
 
@@ -131,3 +136,78 @@ def non_finite_report(
         if value is not None and not math.isfinite(value):
             parts.append(f"{name} is {value}, so whatever is computed from it (effect, normalisation) is not finite")
     return "; ".join(parts) if parts else None
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks ``0 .. n-1`` of a flat tensor's values (ties share their average rank), float64."""
+    x = x.flatten().double()
+    order = torch.argsort(x, stable=True)
+    r = torch.empty_like(x)
+    r[order] = torch.arange(len(x), dtype=torch.float64)
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    if len(values) < len(x):  # ties: each gets the mean rank of its group
+        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, r)
+        r = (sums / counts.double())[inverse]
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two tensors of the same number of elements (flattened),
+    over the positions where both are finite (average ranks for ties; Pearson correlation of the
+    ranks, as ``scipy.stats.spearmanr``). NaN with fewer than 2 such positions or a constant side."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if a.shape != b.shape:
+        raise ValueError(f"spearman: the tensors have {a.numel()} and {b.numel()} elements; expected the same number")
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    if int(ok.sum()) < 2:
+        return float("nan")
+    ra, rb = ranks(a[ok]), ranks(b[ok])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def bootstrap_means(x: torch.Tensor, n_boot: int = 1000, seed: int = 0, *, statistic: Callable | None = None) -> torch.Tensor:
+    """``[n_boot, *grid]`` bootstrap replicates over the examples (the last dim of ``x``
+    ``[*grid, N]``): each replicate draws ``N`` examples with replacement (one draw shared by every
+    cell, so differences and ratios between cells keep their pairing) and applies ``statistic``
+    (default: the NaN-aware :func:`finite_mean`) to ``x[..., draw]``. Seeded: the same seed gives
+    the same replicates."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"bootstrap: n_boot must be a positive int, got {n_boot!r}")
+    N = x.shape[-1]
+    if N < 1:
+        raise ValueError("bootstrap: no examples to resample")
+    stat = finite_mean if statistic is None else statistic
+    g = torch.Generator().manual_seed(int(seed))
+    draws = torch.randint(0, N, (n_boot, N), generator=g)
+    return torch.stack([stat(x[..., d]) for d in draws])
+
+
+def percentile_interval(replicates: torch.Tensor, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` ``[*grid]``: the percentile interval of bootstrap ``replicates``
+    ``[n_boot, *grid]`` at confidence ``level`` (e.g. the 2.5th and 97.5th percentiles), over the
+    finite replicates of each cell (NaN where none is)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap: level must be in (0, 1), got {level!r}")
+    r = replicates.double()
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    lo_hi = torch.nanquantile(torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan"))), q, dim=0)
+    return lo_hi[0], lo_hi[1]
+
+
+def rank_agreement(a: torch.Tensor, b: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Spearman rank agreement of two methods' per-component effects, with a bootstrap interval
+    over the examples: ``a``, ``b`` ``[*grid, N]`` per-example effects (e.g. a scan's
+    ``per_example - base_per_example`` and an attribution scan's), on the same ``N`` examples.
+    Each replicate draws the examples once for both, averages each cell over the draw
+    (:func:`finite_mean`) and correlates the two grids. Returns ``dict(spearman, lo, hi)``."""
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"rank_agreement: the two have {a.shape[-1]} and {b.shape[-1]} examples; expected the same")
+    point = spearman(finite_mean(a), finite_mean(b))
+    N = a.shape[-1]
+    g = torch.Generator().manual_seed(int(seed))
+    draws = torch.randint(0, N, (n_boot, N), generator=g)
+    reps = torch.tensor([spearman(finite_mean(a[..., d]), finite_mean(b[..., d])) for d in draws], dtype=torch.float64)
+    lo, hi = percentile_interval(reps[:, None], level)
+    return dict(spearman=point, lo=float(lo[0]), hi=float(hi[0]))

@@ -18,7 +18,6 @@ from . import fingerprint as fingerprints
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
 from ..integration.record import record_in
-from .inputs import as_batch
 from .runner import VariantRunner
 from .setup import prepare_scan
 from ..vocabulary import DIRECTIONS, EFFECTS, METHODS, TARGETS, Direction, Effect, Method, Target
@@ -72,8 +71,11 @@ def scan(
     time with hooks, computed in far fewer layer-forwards.
 
     Args:
-        inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask`` and what
-            the metric reads (``target``, ``contrast``, ``labels``). Left-padded rows get
+        inputs: ``[N, T]`` token ids or a dict with ``input_ids``, ``attention_mask``, what
+            the metric reads (``target``, ``contrast``, ``labels``) and any other input the
+            model's forward takes (``token_type_ids``, ``pixel_values``, ...; one row per example).
+            An encoder-decoder model is scanned over its decoder: the dict needs
+            ``decoder_input_ids`` (see :mod:`headint.scans.inputs`). Left-padded rows get
             ``position_ids`` from the mask, so each example's values are those it gives alone.
         metric: a :class:`~headint.metrics.Metric`, a name (``"logit_diff"``, ``"logprob"``,
             ``"prob"``, ``"kl"``, ``"loss"``) or a callable on logits ``[N, T, V] -> [N]``.
@@ -218,7 +220,8 @@ def scan(
         # cached keys/values hold every head, a sharded module's cache only its own. The same holds
         # for the runner's other shortcuts (cached head outputs, the final block's cache).
         maybe_tp = is_active() and ranks is None
-        position_reuse = per_position and base.causal and base.metric.position == "last" and not maybe_tp
+        position_reuse = per_position and base.causal and base.metric.position == "last" and not maybe_tp \
+            and base.layout.reusable(base.batch) and not base.shares_kv
         # Clean attention at the first intervened layer: only for head-output replacements.
         shortcuts = Shortcuts(clean_attention=shortcuts.clean_attention and target == "z" and not maybe_tp,
                               last_query=shortcuts.last_query and not maybe_tp)
@@ -396,8 +399,7 @@ def _recorded(runner: VariantRunner, target: str, backend: str = "auto") -> dict
 
 
 def _record_inputs(runner: VariantRunner, batch: dict, target: str, backend: str):
-    return record_in(runner.replica, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch},
-                     what=(target,), backend=backend)
+    return record_in(runner.replica, runner.layout.model_inputs(batch), what=(target,), backend=backend)
 
 
 def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs, backend, seed, direction, target="z"):
@@ -409,7 +411,7 @@ def _patch_source(method, model, clean_runner, corrupt_runner, base, mean_inputs
         if mean_inputs is None:
             acts, mask = _recorded(base, target, backend), base.batch["attention_mask"]
         else:
-            ref = with_position_ids(model, as_batch(mean_inputs), "mean_inputs")
+            ref = with_position_ids(model, base.layout.batch(mean_inputs, "mean_inputs"), "mean_inputs", base.layout)
             if ref["input_ids"].shape[1] != base.T:
                 raise ValueError(f"mean_inputs have length {ref['input_ids'].shape[1]} (shape {list(ref['input_ids'].shape)}); "
                                  f"the per-position mean needs the inputs' length {base.T}")

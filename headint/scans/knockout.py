@@ -127,6 +127,13 @@ def knockout_scan(
 
     Returns a :class:`~headint.results.knockout.KnockoutResult`: ``per_example`` ``[W, S, N]``
     (``per_head``: ``[W, H, S, N]``), ``to_frame()``, ``heatmap()``.
+
+    What the default shows: with ``target_position=-1`` only the last token's reads are
+    blocked, so a scan shows the layers that move information *into the last position* and
+    hides every earlier hop of the route (on induction-2l: layer 1 -18.68 logit difference,
+    layer 0 -0.011, although the layer-0 edge from the token to copy to its previous token costs
+    -17.47). For the edges along a route, scan (source, target) pairs with
+    :func:`headint.scans.route.route_knockout_scan`.
     """
     setup = prepare_scan(model, inputs, None, metric, kind="knockout", backend=backend)
     shape, N, T, device = setup.shape, setup.N, setup.T, setup.device

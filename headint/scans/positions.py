@@ -38,19 +38,30 @@ def forward_takes_position_ids(model) -> bool:
     return "position_ids" in params
 
 
-def with_position_ids(model, batch: dict, name: str = "inputs") -> dict:
+def with_position_ids(model, batch: dict, name: str = "inputs", layout=None) -> dict:
     """``batch`` with ``position_ids`` ``[N, T]`` derived from its mask when it is left-padded.
 
     Position ids given by the caller are kept. A batch without left padding is returned as is
     (a model's default numbering is already right for it). A left-padded batch for a model
-    whose forward takes no ``position_ids`` is refused: its positions would shift.
+    whose forward takes no ``position_ids`` is refused: its positions would shift. ``layout``
+    (the model's :class:`~headint.scans.inputs.InputLayout`): an encoder-decoder's batch holds
+    the decoder's sequence (``position_ids`` are its ``decoder_position_ids``) and the encoder's
+    inputs (``encoder_attention_mask``, ``encoder_position_ids``), checked the same way.
     """
-    if "position_ids" in batch or not is_left_padded(batch["attention_mask"]):
-        return batch
-    if not forward_takes_position_ids(model):
-        raise ValueError(
-            f"{name} are left-padded, but {type(model).__name__}.forward takes no position_ids, so padding would shift "
-            "the positions of the real tokens and change the results; pad on the right instead (attention_mask 1s first), "
-            "or scan prompts of equal length"
-        )
-    return {**batch, "position_ids": position_ids_from_mask(batch["attention_mask"]).to(batch["input_ids"].device)}
+    pairs = [("attention_mask", "position_ids", "input_ids")]
+    if layout is not None and layout.encoder_decoder:
+        pairs.append(("encoder_attention_mask", "encoder_position_ids", "encoder_input_ids"))
+    for mask_key, pos_key, ids_key in pairs:
+        mask = batch.get(mask_key)
+        if pos_key in batch or mask is None or not is_left_padded(mask):
+            continue
+        takes = forward_takes_position_ids(model) if layout is None else layout.takes(pos_key)
+        if not takes:
+            what = pos_key if layout is None else layout.forward_name(pos_key)
+            raise ValueError(
+                f"{name} are left-padded{f' ({layout.forward_name(mask_key)})' if layout is not None and layout.encoder_decoder else ''}, but "
+                f"{type(model).__name__}.forward takes no {what}, so padding would shift the positions of the real tokens "
+                "and change the results; pad on the right instead (attention_mask 1s first), or scan prompts of equal length"
+            )
+        batch = {**batch, pos_key: position_ids_from_mask(mask).to(batch[ids_key].device if ids_key in batch else mask.device)}
+    return batch

@@ -49,7 +49,7 @@ from ..integration.structure import model_replica
 from ..metrics import Metric, last_positions, select_logits
 from ..plan import Plan
 from .cost import Cost
-from .inputs import model_inputs, rows_of
+from .inputs import InputLayout, input_layout, rows_of
 from .metric_logits import last_position_form, model_logits, restricted_logits
 from .shortcuts import NONE, PER_POSITION_EDITS, AllowedEdits, CleanAttentionPlan, Shortcuts
 
@@ -73,11 +73,27 @@ class CleanPass:
     last_hidden: torch.Tensor | None
     causal: bool
     cached: dict | None = None  # {layer: (keys, values)} as the model caches them: the prefix of position reuse
+    layout: InputLayout | None = None  # how the batch reaches the model's forward (headint.scans.inputs)
 
 
 def is_causal(replica: Replica) -> bool:
     """Whether the model's blocks attend causally (decoder blocks have causal attention modules)."""
     return any(getattr(m, "is_causal", False) for m in replica.parts.blocks[0].modules())
+
+
+def shares_kv(parts) -> bool:
+    """Whether the model's blocks hand keys/values to later blocks within one forward (cross-layer
+    KV sharing: Gemma 4's ``num_kv_shared_layers``, Kolibri; their blocks take ``shared_kv_states``,
+    filled by a source layer's attention and read by later layers'). Such a model's variants run
+    whole forwards: a replayed source block (depth reuse) or a cached prefix (position reuse)
+    would leave its readers without their keys."""
+    for block in parts.blocks:
+        try:
+            if "shared_kv_states" in inspect.signature(block.forward).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
 
 
 def cache_kwarg(module) -> str:
@@ -99,12 +115,13 @@ def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost
     L = parts.shape.n_layers
     N, T = batch["input_ids"].shape
     causal = is_causal(replica)
-    with_cache = causal and not getattr(replica.root.config, "is_encoder_decoder", False)
+    layout = input_layout(replica.root)
+    with_cache = causal and not layout.encoder_decoder
     while True:
         store: list = [None] * L
         rec = Recorder(("z", "k", "v"))
         base_out: list = []
-        kwargs = model_inputs(batch)
+        kwargs = layout.model_inputs(batch)
         cache = None
         if with_cache:
             from transformers import DynamicCache
@@ -148,7 +165,7 @@ def clean_pass(replica: Replica, batch: dict, metric: Metric, backend: str, cost
                            "that calls the model's own module), so headint cannot scan it without changing the model")
     return CleanPass(store, {l: rec.tensors[("z", l)] for l in att}, {l: rec.tensors[("k", l)] for l in att},
                      {l: rec.tensors[("v", l)] for l in att}, logits, full_last, bool(restricted), last_hidden, causal,
-                     _cache_contents(cache, att, N, T))
+                     _cache_contents(cache, att, N, T), layout)
 
 
 def _cache_contents(cache, layers: list[int], N: int, T: int) -> dict | None:
@@ -191,6 +208,8 @@ class VariantRunner:
         self.N, self.T = batch["input_ids"].shape
         self.causal = base.causal
         self.restricted = base.restricted
+        self.layout = base.layout if base.layout is not None else input_layout(self.model)
+        self.shares_kv = shares_kv(self.parts)
         self.all_attention = self.parts.shape.attention_layers == list(range(self.parts.shape.n_layers))
         self._children = None  # (layer, attention module, captured outputs): see children_before_attention
         self._last_query: tuple[bool, str] | None = None  # see check_last_query
@@ -244,9 +263,11 @@ class VariantRunner:
     def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts) -> torch.Tensor:
         if plan is not None and start_layer and any(l < start_layer for l in plan.layers()):
             raise ValueError(f"depth reuse: the plan intervenes at layers {sorted(plan.layers())}, below start_layer {start_layer}")
+        if self.shares_kv:
+            start_layer = start_pos = 0  # later layers read earlier layers' keys/values within the forward (see shares_kv)
         if start_pos and not (self.causal and self.metric.position == "last" and self.all_attention
-                              and self.check_position_reuse(start_pos)):
-            start_pos = 0  # position reuse needs every layer's state as keys/values, fed back right
+                              and self.layout.reusable(self.batch) and self.check_position_reuse(start_pos)):
+            start_pos = 0  # position reuse needs every layer's state as keys/values, fed back right, and inputs cut alike
         children = None
         if shortcuts.clean_attention and plan is not None:
             z = self.base.z[start_layer]
@@ -289,7 +310,7 @@ class VariantRunner:
         module, {name: captured output})`` of layer ``start_layer`` (see
         :meth:`children_before_attention`), replayed for these rows."""
         rows = self.rows(ex)
-        inputs = model_inputs(rows, start_pos)
+        inputs = self.layout.model_inputs(rows, start_pos)
         # Blocks below start_layer are replayed; only the last one's output reaches a computed block.
         replayed = [None] * start_layer
         if start_layer:
@@ -427,7 +448,7 @@ class VariantRunner:
             ex = torch.arange(min(self.N, 2), device=self.batch["input_ids"].device)
             L = self.parts.shape.n_layers
             try:
-                fw = self._variant_forward(ex, None, L - 1, 0, None, True)
+                fw = self._variant_forward(ex, None, 0 if self.shares_kv else L - 1, 0, None, True)
             except Exception as e:  # e.g. a block whose arguments cannot be cut to the last query
                 why = f"the final block failed on the last query only ({type(e).__name__}: {e})"
             else:

@@ -22,7 +22,7 @@ from ..results.stats import finite_mean
 from ..tokens import check_token_ids, vocab_size
 from .batching import RowGeometry, default_memory_budget, metric_logits_per_row
 from .positions import with_position_ids
-from .inputs import paired_batches
+from .inputs import input_layout, paired_batches
 from .runner import BaseRuns, VariantRunner, base_runs
 
 
@@ -102,12 +102,17 @@ class ScanSetup:
 ANSWER_KEYS = ("target", "contrast")  # token ids the metrics read at the last position
 
 
-def check_batch_ids(model, batch: dict, name: str) -> None:
+def check_batch_ids(model, batch: dict, name: str, layout=None) -> None:
     """The token ids of ``batch``: ``input_ids`` ``[N, T]`` (N, T >= 1, integers within the
-    model's vocabulary) and, where present, the answers ``target``/``contrast`` ``[N]``
-    (integers within it); errors name ``name`` (e.g. ``inputs['input_ids']``) and the id."""
+    model's vocabulary; an encoder-decoder's encoder ids too) and, where present, the answers
+    ``target``/``contrast`` ``[N]`` (integers within it); errors name ``name`` and the input as
+    the caller named it (e.g. ``inputs['decoder_input_ids']``) and the id. ``layout``: the
+    model's :class:`~headint.scans.inputs.InputLayout` (how the batch's names map to the forward's)."""
     vocab = vocab_size(model)
-    check_token_ids(batch["input_ids"], vocab, f"{name}['input_ids']")
+    for key in ("input_ids", "encoder_input_ids"):
+        if key in batch:
+            called = layout.forward_name(key) if layout is not None else key
+            check_token_ids(batch[key], vocab, f"{name}[{called!r}]")
     for key in ANSWER_KEYS:
         if key in batch:
             ids = batch[key]
@@ -125,13 +130,14 @@ def prepare_scan(model, inputs, corrupt, metric, *, kind: str, backend: str, nam
     """
     metric = as_metric(metric)
     shape = model_shape(model)
-    clean_b, corrupt_b = paired_batches(inputs, corrupt, name)
-    check_batch_ids(model, clean_b, name)
+    layout = input_layout(model)
+    clean_b, corrupt_b = paired_batches(inputs, corrupt, name, layout)
+    check_batch_ids(model, clean_b, name, layout)
     if corrupt_b is not None:
-        check_batch_ids(model, corrupt_b, "corrupt")
-    clean_b = with_position_ids(model, clean_b, name)
+        check_batch_ids(model, corrupt_b, "corrupt", layout)
+    clean_b = with_position_ids(model, clean_b, name, layout)
     if corrupt_b is not None:
-        corrupt_b = with_position_ids(model, corrupt_b, "corrupt")
+        corrupt_b = with_position_ids(model, corrupt_b, "corrupt", layout)
     device = input_device(model)
     N, T = clean_b["input_ids"].shape
     settings = dict(kind=kind, metric=repr(metric), model=type(model).__name__, backend=backend, n_examples=int(N), seq_len=int(T))

@@ -33,8 +33,8 @@ def test_subset_matches_oracle_or_is_refused(cm, model_type):
         # every intervention kind actually ran against the oracle
         for k in ("none", "zero", "mean", "patch", "scale_output", "scale_scores", "knockout"):
             assert row.checks[k].startswith("ok"), (k, row.checks[k])
-        if model_type != "bart":
-            assert row.checks["scan"].startswith("ok")
+        assert row.checks["scan"].startswith("ok")  # BART: over its decoder, with decoder_input_ids
+        assert row.checks["scan_positions"].startswith("ok")
         if model_type in ("gpt2", "llama", "lfm2", "stablelm"):
             assert row.checks["generate"].startswith("ok")
             assert row.checks["generate_static"].startswith("ok")  # static KV cache, absolute positions
@@ -114,3 +114,47 @@ def test_recheck_some_types_reusing_a_previous_walk(cm, tmp_path):
     text = out.read_text()
     assert "| gpt2 | GPT2LMHeadModel | supported |" in text and "stale" not in text
     assert "| zzz | Z | refused | old reason |" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# the vision-language section: scans with pixels
+
+
+def test_vlm_row_scans_with_pixels_against_the_oracle(cm):
+    row = cm.check_vlm("llava", cm.VLM_TYPES["llava"][0])
+    assert row.section == "vlm" and row.status == "supported", (row.status, row.reason, row.checks)
+    for k in ("none", "pixels", "scan", "scan_patch"):
+        assert row.checks[k].startswith("ok"), (k, row.checks[k])
+    assert "pixel_values" in row.reason
+
+
+def test_vlm_row_is_wrong_when_a_scan_drops_the_pixels(cm, monkeypatch):
+    """Issue 22's bug put back (the scan's forward no longer gets ``pixel_values``): the row is wrong."""
+    from headint.scans.inputs import InputLayout
+
+    real = InputLayout.takes
+    monkeypatch.setattr(InputLayout, "takes", lambda self, key: key != "pixel_values" and real(self, key))
+    row = cm.check_vlm("llava", cm.VLM_TYPES["llava"][0])
+    assert row.status == "wrong", (row.status, row.checks)
+    assert row.checks["scan"].startswith("WRONG") and row.checks["scan_patch"].startswith("WRONG")
+
+
+def test_vlm_row_refused_names_the_input(cm):
+    """Qwen2-VL takes every image's patches flattened into one tensor: refused, naming it."""
+    row = cm.check_vlm("qwen2_vl", cm.VLM_TYPES["qwen2_vl"][0])
+    assert row.status == "refused", (row.status, row.checks)
+    assert "pixel_values" in row.reason and "[32, 384]" in row.reason
+
+
+def test_vlm_section_alone_keeps_the_other_rows(cm, tmp_path):
+    """``--section vlm`` checks only VLMs; the text rows of a previous walk stand as they were."""
+    prev = _rows_file(tmp_path, ["refused"])
+    out, js = tmp_path / "m.md", tmp_path / "m.json"
+    assert cm.main(["--section", "vlm", "--only", "llava", "--reuse", str(prev), "--out", str(out), "--json", str(js)]) == 0
+    text = out.read_text()
+    assert "supported 0, refused 1, skipped 0, wrong 0, crash 0 (of 1)" in text  # the text section, from --reuse
+    assert "## Vision-language models: scans with pixels" in text
+    assert "| llava | LlavaForConditionalGeneration | supported | ok" in text
+    import json
+
+    assert [(r["section"], r["model_type"]) for r in json.loads(js.read_text())] == [("lm", "type0"), ("vlm", "llava")]

@@ -523,6 +523,10 @@
   }
 
   // ------------------------------------------------------------------ circuit graph
+  function headOf(name) {  // a head node's name as the scans name heads: "L1H3" (also written "a1.h3"), else null
+    var m = /^(?:L(\d+)H(\d+)|a(\d+)\.h(\d+))$/.exec(name);
+    return m ? "L" + (m[1] || m[3]) + "H" + (m[2] || m[4]) : null;
+  }
   function circuitSection(app, c) {
     var sec = h("section", { "class": "hi-circuit" });
     sec.appendChild(h("h2", { text: c.title }));
@@ -531,8 +535,10 @@
     var rows = levels.map(function (lv) {
       return c.nodes.filter(function (n) { return level(n) === lv; }).sort(function (a, b) { return a.name.localeCompare(b.name, undefined, { numeric: true }); });
     });
-    var widest = rows.reduce(function (m, r) { return Math.max(m, r.length); }, 1);
-    var W = Math.max(520, widest * 84), gap = 78, top = 24, H = top + (levels.length - 1) * gap + 40;
+    var boxW = function (n) { return Math.max(40, short(n.label, 14).length * 7.5 + 12); };  // a node's drawn width
+    var W = rows.reduce(function (m, r) {  // nodes evenly spaced: the widest box of a row and a margin fit each slot
+      return Math.max(m, (r.length + 1) * (r.reduce(function (w, n) { return Math.max(w, boxW(n)); }, 0) + 14));
+    }, 520), gap = 78, top = 24, H = top + (levels.length - 1) * gap + 40;
     var at = {};
     rows.forEach(function (r, li) {
       r.forEach(function (n, k) { at[n.name] = { x: ((k + 1) * W) / (r.length + 1), y: top + (levels.length - 1 - li) * gap + 10, n: n }; });
@@ -557,7 +563,7 @@
     c.nodes.forEach(function (n, i) {
       var p = at[n.name], g = s("g", { "class": "hi-node", "data-i": i, "data-node": n.name });
       var wide = n.kind === "input" || n.kind === "output" || n.kind === "mlp" || n.kind === "other";
-      var label = short(n.label, 14), w = Math.max(40, label.length * 7.5 + 12);
+      var label = short(n.label, 14), w = boxW(n);
       g.appendChild(wide ? s("rect", { x: p.x - w / 2, y: p.y - 12, width: w, height: 24, rx: 5, fill: n.kind === "mlp" ? "#eee" : "#f6f6f6", stroke: "#444" })
                          : s("ellipse", { cx: p.x, cy: p.y, rx: w / 2, ry: 13, fill: "#fff", stroke: "#222", "stroke-width": 1.5 }));
       g.appendChild(s("text", { x: p.x, y: p.y + 4, "font-size": 12, "text-anchor": "middle", text: label }));
@@ -573,7 +579,12 @@
       var n = c.nodes[i], into = c.edges.filter(function (e) { return e.target === n.name; }).length, out = c.edges.filter(function (e) { return e.source === n.name; }).length;
       return [n.label + (n.label !== n.name ? " (" + n.name + ")" : ""), n.kind + (n.layer === null ? "" : ", layer " + n.layer) + "; " + into + " edges in, " + out + " out"]
         .concat(finite(n.score) ? ["score " + fmt(n.score, 3)] : []);
-    }, function (i) { var n = c.nodes[i]; if (/^L\d+H\d+$/.test(n.name)) app.select(n.name); });
+    }, function (i) { var head = headOf(c.nodes[i].name); if (head) app.select(head); });  // selects it in the rest of the report
+    app.onSelect(function (head) {
+      Array.prototype.forEach.call(nodes.childNodes, function (g, i) {
+        g.setAttribute("class", "hi-node" + (head && headOf(c.nodes[i].name) === head ? " hi-selected" : ""));
+      });
+    });
     var ranked = c.edges.slice().sort(function (a, b) { return (finite(b.weight) ? Math.abs(b.weight) : -1) - (finite(a.weight) ? Math.abs(a.weight) : -1); });
     var shown = ranked.slice(0, 20);
     sec.appendChild(h("p", { "class": "hi-caption", text: (shown.length === ranked.length ? "All " + ranked.length : "The " + shown.length + " of " + ranked.length) +
@@ -605,15 +616,17 @@
     var mount = root.querySelector(".hi-app");
     var app = new App(root, data);
     var scans = data.scans;
-    var first = h("div", { "class": "hi-row" }, scanSection(app, scans[0], true));
-    if (data.patterns) first.appendChild(patternSection(app, data.patterns));
-    mount.appendChild(first);
-    mount.appendChild(headTable(app, data.table));
-    scans.slice(1).forEach(function (v) { mount.appendChild(scanSection(app, v, false)); });
+    if (scans.length) {  // a circuit's own report has no scan: the circuit alone
+      var first = h("div", { "class": "hi-row" }, scanSection(app, scans[0], true));
+      if (data.patterns) first.appendChild(patternSection(app, data.patterns));
+      mount.appendChild(first);
+      mount.appendChild(headTable(app, data.table));
+      scans.slice(1).forEach(function (v) { mount.appendChild(scanSection(app, v, false)); });
+    }
     if (data.circuit) mount.appendChild(circuitSection(app, data.circuit));
     var fallback = root.querySelector(".hi-static");
     if (fallback) fallback.style.display = "none";
-    var start = data.table.heads.filter(function (x) { return x; })[0] || (data.patterns && data.patterns.heads[0]) || null;
+    var start = (data.table && data.table.heads.filter(function (x) { return x; })[0]) || (data.patterns && data.patterns.heads[0]) || null;
     if (data.patterns && data.patterns.heads.length && data.patterns.heads.indexOf(start) < 0) start = data.patterns.heads[0];
     app.select(start);
     root.setAttribute("data-hi-rendered", "1");
