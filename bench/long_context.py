@@ -134,22 +134,14 @@ def peak_in_subprocess(method: str, T: int, N: int, backend: str, threads: int) 
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def _peak_main(method: str, T: str, N: str, backend: str, threads: str) -> None:
     torch.set_num_threads(int(threads))
+    from peak_memory import PeakRSS
+
     _, fns = long_methods("cpu", int(T), int(N), backend)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
-        f.write("5")
-    before = _status_bytes("VmRSS")
-    fns[method]()
-    print(_status_bytes("VmHWM") - before)
+    with PeakRSS() as m:
+        fns[method]()
+    print(m.peak)
 
 
 def section_long_context(args, rec, interleaved, med, check_agree, print_table) -> dict:

@@ -6,6 +6,8 @@
 # then the Triton-interpreter lane (TRITON_INTERPRET=1: tests/backends, tests/triton, tests/ops).
 # Each collects only its own tests; a lane the arguments leave without tests (pytest's exit 5)
 # is no failure when the other lane ran tests.
+# Each lane ends with its 25 slowest test phases (--durations; a later --durations=N in the
+# arguments overrides it), so CI's log shows where the suite's time goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
@@ -13,10 +15,10 @@ bash scripts/setup.sh
 . "$VENV/bin/activate"
 set +e
 echo "== headint tests, native lane"
-env -u TRITON_INTERPRET python -m pytest -q -n 2 "$@"
+env -u TRITON_INTERPRET python -m pytest -q -n 2 --durations=25 "$@"
 native=$?
 echo "== headint tests, Triton interpreter lane (native lane exit $native)"
-TRITON_INTERPRET=1 python -m pytest -q -n 2 "$@"
+TRITON_INTERPRET=1 python -m pytest -q -n 2 --durations=25 "$@"
 interpreter=$?
 set -e
 if [ "$native" = 5 ] && [ "$interpreter" = 5 ]; then exit 5; fi

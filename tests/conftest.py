@@ -14,7 +14,8 @@
   attention_cases) importable from the test subdirectories.
 - Runs every test module with one torch thread: pytest-xdist already runs one worker per
   core, and tiny shapes only gain contention from more threads.
-- Tiny GPT-2 / Llama (GQA) fixtures for the scan tests, built lazily.
+- Tiny GPT-2 / Llama (GQA) fixtures for the scan tests, built lazily once per process and checked
+  after each test to be left as they were (``tests/shared_models.py``).
 
 Imports nothing heavy at collection time: the lane is decided, and ``TRITON_INTERPRET`` set,
 in :func:`pytest_configure`, before any test module imports headint or triton.
@@ -81,18 +82,23 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    from scan_oracles import tiny_gpt2
+@pytest.fixture(scope="session")
+def _shared_models():
+    from shared_models import SharedModels
 
-    return tiny_gpt2()
+    return SharedModels()
 
 
-@pytest.fixture(scope="module")
-def llama():
-    from scan_oracles import tiny_llama
+@pytest.fixture
+def gpt2(_shared_models):
+    """The tiny GPT-2 of ``scan_oracles`` (shared by the tests of a process; see ``tests/shared_models.py``)."""
+    yield from _shared_models.lend("gpt2")
 
-    return tiny_llama()
+
+@pytest.fixture
+def llama(_shared_models):
+    """The tiny Llama (GQA) of ``scan_oracles`` (shared by the tests of a process; see ``tests/shared_models.py``)."""
+    yield from _shared_models.lend("llama")
 
 
 @pytest.fixture(params=["gpt2", "llama"])

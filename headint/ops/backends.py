@@ -10,7 +10,9 @@ Backends:
 
 - ``"triton"``: the fused Triton kernels (``headint_kernels``) on CUDA tensors, or on CPU
   tensors in the Triton interpreter when ``TRITON_INTERPRET=1`` is set.
-- ``"cpu"``: the native C++ kernel built from ``csrc/`` (:mod:`headint.ops.cpu_backend`).
+- ``"cpu"``: the native C++ kernel built from ``csrc/`` (:mod:`headint.ops.cpu_backend`); on CPU
+  ``"auto"`` runs it for every fp32/fp16/bf16 call SDPA cannot run, and for the others where
+  this machine measured it faster than SDPA (:mod:`headint.ops.cpu_choice`).
 - ``"sdpa"``: PyTorch's fused SDPA with the head blend after it (:mod:`headint.ops.sdpa`), for
   calls without knockouts or score scales.
 - ``"reference"``: pure PyTorch (:mod:`headint.ops.reference`), any device, the ground truth.
@@ -45,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu_backend
+from . import cpu_backend, cpu_choice
 from .arguments import AttentionArgs
 from .errors import BackendUnavailable, UnsupportedDtype, UnsupportedShape
 from .reference import reference_attention
@@ -158,31 +160,23 @@ def _load_triton() -> Kernel:
 # cpu: when "auto" runs the native kernel
 # --------------------------------------------------------------------------------------------
 
-#: decoding shapes left to the reference (see :func:`_cpu_kernel_preferred`)
-CPU_DECODE_MAX_TQ = 1
-CPU_DECODE_MIN_TK = 2048
-
-
 def _cpu_kernel_preferred(a: AttentionArgs, requires_grad: bool) -> bool:
     """Should ``"auto"`` run this call with the native CPU kernel? (``HEADINT_CPU_KERNEL=0``: never)
 
-    Measured with ``bench/bench_cpu_attention.py`` (B=1, H=8, D=64, causal; T = 256 ... 8192;
-    no intervention / per-row head masks / compact knockouts; forward and forward+backward) and
-    small decoding shapes: the kernel is faster than the reference in every fp32/fp16/bf16 case
-    (2.4-6x at T=256, growing with T; fp16/bf16 5-40x since the reference's low-precision CPU
-    matmuls are slow) and its extra memory is O(T * D) instead of O(H * T^2). The exceptions:
-
-    * fp64: the kernel computes in fp32, the reference in fp64 - ``auto`` keeps fp64 off the
-      kernel (``backend="cpu"`` still takes it);
-    * single-query decoding against a long cache without grad (Tq == 1, Tk >= 2048): the
-      reference's matrix-vector products are ~10% faster there.
+    fp64 stays off the kernel (it computes in fp32, the reference and SDPA in fp64). A
+    fp32/fp16/bf16 call that SDPA cannot run (knockouts, score scales, sinks, soft-capping,
+    additive masks) goes to the kernel: it is faster than the reference in every measured shape
+    (``bench/bench_cpu_attention.py``), decoding included. A call SDPA can run too goes to
+    whichever of the two this machine runs faster, as measured once per CPU, torch version,
+    kernel build and thread count (:mod:`headint.ops.cpu_choice`; ``HEADINT_AUTO_CPU`` overrides).
     """
     if os.environ.get("HEADINT_CPU_KERNEL", "1") == "0":
         return False
     if a.q.dtype not in _KERNEL_FLOATS:
         return False
-    Tq, Tk = a.q.shape[2], a.k.shape[2]
-    return requires_grad or not (Tq <= CPU_DECODE_MAX_TQ and Tk >= CPU_DECODE_MIN_TK)
+    if _args_problem(_BY_NAME["sdpa"], a) is not None or isinstance(_load(_BY_NAME["cpu"]), str):
+        return True  # SDPA cannot run it (or the kernel is unavailable: auto then says why and moves on)
+    return cpu_choice.kernel_faster(a, requires_grad)
 
 
 def _load_cpu() -> Kernel:

@@ -43,6 +43,10 @@ logger = logging.getLogger("headint")
 
 EXT_NAME = "headint_cpu_attention"
 EXTRA_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fno-math-errno"]
+#: Environment variable naming another ``-march`` target than ``native`` (e.g. ``haswell`` for the
+#: AVX2 code path, ``x86-64`` for SSE, ``icelake-server`` for Intel's AVX-512 tuning): for testing
+#: the kernel's other vector widths and compiler tunings on one machine. Part of the build key.
+MARCH_ENV = "HEADINT_CPU_MARCH"
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_SUFFIXES = (".cpp", ".h", ".hpp")
 COMPILING_MESSAGE = "headint: compiling the CPU attention kernel once (~30 s)..."
@@ -111,6 +115,33 @@ def _cpu_fingerprint() -> str:
         return platform.machine() + platform.processor()
 
 
+def cflags() -> list[str]:
+    """The compiler flags of the build: :data:`EXTRA_CFLAGS`, with ``-march=`` from
+    ``HEADINT_CPU_MARCH`` when it is set."""
+    march = os.environ.get(MARCH_ENV)
+    flags = list(EXTRA_CFLAGS)
+    if march:
+        flags = [f"-march={march}" if f.startswith("-march=") else f for f in flags]
+    return flags
+
+
+def cpu_fingerprint() -> str:
+    """The machine's architecture, CPU model name(s) and feature flags (what ``-march=native`` sees)."""
+    return _cpu_fingerprint()
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def build_key(src: Path | None = None) -> str:
     """Hash of everything the built binary depends on, and of nothing about where ``src`` is."""
     src = source_dir() if src is None else Path(src)
@@ -124,7 +155,7 @@ def build_key(src: Path | None = None) -> str:
     for p in _sources(src):
         add("source-name", p.name)
         add("source", p.read_bytes())
-    add("cflags", " ".join(EXTRA_CFLAGS))
+    add("cflags", " ".join(cflags()))
     add("ldflags", " ".join(EXTRA_LDFLAGS))
     add("compiler", _compiler_id(_compiler()))
     add("torch", f"{torch.__version__} {Path(torch.__file__).resolve().parent}")  # build.ninja names its headers
@@ -140,7 +171,7 @@ def build_dir(src: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def exclusive(lock_path: Path):
     """An exclusive inter-process lock held while the block runs (``fcntl.flock``)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
@@ -182,7 +213,7 @@ def compile_and_load(src: Path, name: str = EXT_NAME, verbose: bool = False) -> 
         raise BackendUnavailable(f"backend 'cpu' needs ninja to build its kernel: {e} (pip install ninja)") from e
     root = build_dir(src)
     library = root / "build" / f"{name}.so"
-    with _exclusive(root.with_name(root.name + ".lock")):
+    with exclusive(root.with_name(root.name + ".lock")):
         staged = _stage_sources(src, root / "src")
         compiling = not library.is_file()
         if compiling:
@@ -193,7 +224,7 @@ def compile_and_load(src: Path, name: str = EXT_NAME, verbose: bool = False) -> 
             cpp_extension.load(
                 name=name,
                 sources=[str(p) for p in staged if p.suffix == ".cpp"],
-                extra_cflags=list(EXTRA_CFLAGS),  # copies: cpp_extension appends to the lists it gets
+                extra_cflags=cflags(),  # a copy: cpp_extension appends to the lists it gets
                 extra_ldflags=list(EXTRA_LDFLAGS),
                 build_directory=str(root / "build"),
                 is_python_module=False,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from attention_cases import Case, dead_rows, make_inputs
+from attention_cases import Case, compare, dead_rows, make_inputs
 from headint.ops import attention
 from headint.ops.arguments import prepare
 from headint.ops.fused import fused_forward
@@ -90,14 +90,60 @@ def test_gradcheck_fp64_shapes_small():
     assert abs(fd.item() - (gq * dirn).sum().item()) < 1e-3 * max(1.0, abs(fd.item()))
 
 
-def test_prefer_cpu_kernel_rule(cpu_kernel):
-    from headint.ops import backends
+def test_prefer_cpu_kernel_rule(cpu_kernel, monkeypatch):
+    """fp32/fp16/bf16, never fp64; decoding too; calls SDPA can run as measured (here: as the
+    HEADINT_AUTO_CPU override says), the others always."""
+    from headint.ops import EdgeKnockout, backends
 
     prefer = backends.entry("cpu").prefer
     q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    q1, kl = q[:, :, :1], torch.zeros(1, 2, 4096, 16)
+    ko = EdgeKnockout(torch.ones(8, dtype=torch.bool), torch.arange(8) % 2 == 0)
+    monkeypatch.setenv("HEADINT_AUTO_CPU", "kernel")
     assert prefer(prepare(q, k, v), False)
     assert prefer(prepare(q.half(), k.half(), v.half()), True)
     assert not prefer(prepare(q.double(), k.double(), v.double()), False)
-    q1, kl = q[:, :, :1], torch.zeros(1, 2, 4096, 16)
-    assert not prefer(prepare(q1, kl, kl), False)  # long decode
-    assert prefer(prepare(q1, kl, kl), True)
+    assert prefer(prepare(q1, kl, kl), False) and prefer(prepare(q1, kl, kl), True)  # long decode
+    monkeypatch.setenv("HEADINT_AUTO_CPU", "sdpa")
+    assert not prefer(prepare(q, k, v), False) and not prefer(prepare(q1, kl, kl), True)
+    assert prefer(prepare(q, k, v, knockout=ko), False)  # SDPA cannot run it
+    assert prefer(prepare(q, k, v, attn_mask=torch.zeros(8, 8)), False)  # nor an additive mask
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("long_causal_gqa", 1, 4, 2, 1100, 1100, 64, causal=True, knockout=("perhead",), head_mask="bhq",
+             head_patch="bhqd", score_scale="bh"),
+        Case("long_window_end_aligned", 1, 2, 1, 700, 1300, 32, causal=True, window=300, mask="bool:b1qk"),
+        Case("long_noncausal_vdim", 1, 2, 2, 900, 1000, 48, Dv=80, knockout=("every3rd",), sinks="h", softcap=20.0),
+    ],
+    ids=str,
+)
+def test_long_sequences_match_reference(case):
+    """Lengths where the forward takes query tiles of 256-512 (vector lanes trimmed per key
+    tile), the backward several key tiles per query tile, and a partial last tile of each."""
+    compare(make_inputs(case), "cpu", grads=True)
+
+
+def test_long_sequence_nan_rows_match_reference():
+    """Non-finite inputs far from the first tiles, at a length with several query and key
+    tiles: the same NaN rows and NaN gradients as the reference, the same values elsewhere."""
+    case = Case("long_nonfinite", 1, 2, 2, 1030, 1030, 64, causal=True, knockout=("deadrows",), layout="bthd")
+    kw = make_inputs(case)
+    with torch.no_grad():
+        kw["q"][0, 1, 700, 3] = float("nan")  # one query row: its output row is NaN
+        kw["k"][0, 0, 900, 5] = float("inf")  # one key: every row that keeps it is NaN
+        kw["v"][0, 1, 10, 0] = float("nan")  # an early value: almost every row of head 1 is NaN
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(1, 2, 1030, 64, generator=g)
+    res = {}
+    for backend, dtype in (("cpu", torch.float32), ("reference", torch.float64)):
+        leaves = {n: kw[n].detach().to(dtype).requires_grad_(True) for n in ("q", "k", "v")}
+        out = attention(**{**kw, **leaves}, backend=backend)
+        grads = torch.autograd.grad(out, list(leaves.values()), dout.to(dtype))
+        res[backend] = [out.detach()] + list(grads)
+    nan_rows = torch.isnan(res["reference"][0]).any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    for got, want in zip(res["cpu"], res["reference"]):
+        torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-4, atol=1e-5)

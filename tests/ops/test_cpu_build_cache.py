@@ -77,7 +77,7 @@ _LOCK_HOLDER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from headint.ops import cpu_backend
-    with cpu_backend._exclusive(Path(sys.argv[1])):
+    with cpu_backend.exclusive(Path(sys.argv[1])):
         start = time.monotonic()
         time.sleep(0.6)
         end = time.monotonic()
