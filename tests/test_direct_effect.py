@@ -1,12 +1,18 @@
-"""effect="direct" (every later attention head frozen at the base run's output) against a hook
+"""effect="direct" (every later attention head frozen at the base run's output) and
+effect="direct_frozen_ln" (also the final norm's scale frozen at the base run's) against a hook
 oracle, and direct vs total effects on the embedded induction model.
 
 Oracle: one forward per intervention, forward pre-hooks on the output projections replace the
 scanned head's output and set every head output of every later layer to the base run's
-(recorded by a plain forward of the base inputs).
+(recorded by a plain forward of the base inputs); for "direct_frozen_ln" a forward hook on the
+final norm (GPT-2's ``ln_f``, Llama's ``norm``, named here) replaces its output by the norm
+written out by hand (LayerNorm: centred, ``1/sqrt(var + eps)``; RMSNorm: ``1/sqrt(mean(x^2) +
+eps)``) with the scale of the base run's input to it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import itertools
 
@@ -38,13 +44,59 @@ def model(request):
     return tiny_gpt2() if request.param == "gpt2" else tiny_llama()
 
 
+def final_norm_module(model):
+    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+
+
+def _hand_norm(model, x, scale):
+    """The final norm of ``model`` written out by hand, with the per-token ``scale`` [N, T]."""
+    norm = final_norm_module(model)
+    if isinstance(norm, torch.nn.LayerNorm):
+        return (x - x.mean(-1, keepdim=True)) * scale[..., None] * norm.weight + norm.bias
+    return norm.weight * (x * scale[..., None])
+
+
+def _hand_scale(model, x):
+    norm = final_norm_module(model)
+    if isinstance(norm, torch.nn.LayerNorm):
+        return 1.0 / torch.sqrt(x.var(-1, unbiased=False) + norm.eps)
+    return 1.0 / torch.sqrt(x.pow(2).mean(-1) + norm.variance_epsilon)
+
+
+def final_norm_scale(model, batch) -> torch.Tensor:
+    """The final norm's per-token scale [N, T] in a plain forward of ``batch``."""
+    seen = []
+    h = final_norm_module(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(**model_inputs(batch))
+    finally:
+        h.remove()
+    (x,) = seen
+    # the hand-written norm reproduces the module with the recomputed scale (the oracle is right)
+    with torch.no_grad():
+        assert torch.allclose(_hand_norm(model, x, _hand_scale(model, x)), final_norm_module(model)(x), atol=1e-5)
+    return _hand_scale(model, x)
+
+
+@contextlib.contextmanager
+def frozen_norm(model, scale):
+    h = final_norm_module(model).register_forward_hook(lambda _m, args, out: _hand_norm(model, args[0], scale))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="denoising", per_position=False,
-                  heads=None, positions=None, head_sets=None) -> torch.Tensor:
+                  heads=None, positions=None, head_sets=None, frozen_ln=False) -> torch.Tensor:
     L, H = n_layers(model), n_heads(model)
     N, T = batch["input_ids"].shape
     z_clean, clean_logits = record_z(model, batch)
     base = corrupt if (method == "patch" and direction == "denoising") else batch
     z_base = record_z(model, base)[0]
+    scale = final_norm_scale(model, base) if frozen_ln else None
+    norm = (lambda: frozen_norm(model, scale)) if frozen_ln else contextlib.nullcontext
     if method == "zero":
         src = None
     elif method == "mean":
@@ -58,7 +110,7 @@ def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="deno
         own = {(l, h) for l, h, _ in cells}
         edits = [(l2, h2, None, z_base[l2][:, :, h2]) for l2 in range(low + 1, L) for h2 in range(H) if (l2, h2) not in own]
         edits += [(l, h, p, None if src is None else src[l][:, :, h]) for l, h, p in cells]
-        with torch.no_grad(), replace_heads(model, edits):
+        with torch.no_grad(), replace_heads(model, edits), norm():
             logits = model(**model_inputs(base)).logits
         return oracle_metric(metric, logits, base, clean_logits)
 
@@ -120,6 +172,75 @@ def test_direct_qkv_matches_oracle(model, which):
     batch = make_batch(3, 6, seed=34)
     result, expected = scan_and_oracle(model, batch, which, "patch", "noising", effect="direct")
     assert_matches(result, expected)
+
+
+@pytest.mark.parametrize("method,direction", [("zero", None), ("mean", None), ("patch", "denoising"), ("patch", "noising")],
+                         ids=["zero", "mean", "patch-denoising", "patch-noising"])
+def test_direct_frozen_ln_per_head_matches_oracle(model, method, direction):
+    """Left padding, rows of different lengths; the frozen-scale oracle is the norm by hand."""
+    batch = make_batch(3, 7, seed=31, pad="left", lengths=[7, 5, 6])
+    corrupt = corrupt_of(batch) if method == "patch" else None
+    kw = dict(corrupt=corrupt, method=method, direction=direction or "denoising")
+    r = headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND, **kw)
+    assert r.settings["effect"] == "direct_frozen_ln"
+    assert r.settings["final_norm"]["kind"] == ("LayerNorm" if hasattr(model, "transformer") else "RMSNorm")
+    expected = oracle_direct(model, batch, "logit_diff", frozen_ln=True, **kw)
+    assert_matches(r, expected)
+    direct = headint.scan(model, batch, "logit_diff", effect="direct", progress=False, backend=BACKEND, **kw)
+    # freezing the scale changes every layer's values, the last layer's too (the test can fail)
+    assert (r.per_example[-1] - direct.per_example[-1]).abs().max() > 1e-4
+    # ... and leaves the base run alone: the unintervened value is the same
+    assert torch.equal(r.base_per_example, direct.base_per_example)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_direct_frozen_ln_per_position_matches_oracle(model, direction):
+    """Per position (position reuse and the last-query final block feed the norm fewer tokens)."""
+    batch = make_batch(2, 6, seed=32)
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction=direction, per_position=True, heads=[2])
+    r = headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND, batch_size=4, **kw)
+    expected = oracle_direct(model, batch, "logit_diff", frozen_ln=True, **kw)
+    assert_matches(r, expected)
+    r_kl = headint.scan(model, batch, "kl", effect="direct_frozen_ln", progress=False, backend=BACKEND, batch_size=4, **kw)
+    assert_matches(r_kl, oracle_direct(model, batch, "kl", frozen_ln=True, **kw))
+
+
+def test_direct_frozen_ln_head_sets_and_shortcuts_off(model):
+    batch = make_batch(3, 6, seed=33, pad="right", lengths=[6, 4, 5])
+    corrupt = corrupt_of(batch)
+    sets = [[(0, 1), (1, 2)], [(2, 0)], [(1, 1), (2, 3)]]
+    kw = dict(corrupt=corrupt, method="patch", direction="noising", head_sets=sets)
+    expected = oracle_direct(model, batch, "logprob", frozen_ln=True, **kw)
+    for shortcuts in (None, dict(clean_attention=False, last_query=False)):
+        r = headint.scan(model, batch, "logprob", effect="direct_frozen_ln", progress=False, backend=BACKEND, shortcuts=shortcuts, **kw)
+        assert torch.allclose(r.per_example, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_direct_frozen_ln_leaves_the_model_alone(model):
+    batch = make_batch(2, 5, seed=35)
+    norm = final_norm_module(model)
+    before = type(norm), dict(norm._forward_hooks), dict(norm._forward_pre_hooks)
+    logits = model(**model_inputs(batch)).logits.detach()
+    headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND)
+    assert final_norm_module(model) is norm and (type(norm), dict(norm._forward_hooks), dict(norm._forward_pre_hooks)) == before
+    assert torch.equal(model(**model_inputs(batch)).logits, logits)
+
+
+def test_direct_frozen_ln_refuses_an_unknown_final_norm():
+    """A final norm that is neither LayerNorm nor RMSNorm is refused, naming its class."""
+    from headint.integration.final_norm import FinalNormError
+
+    class ClippedNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x).clamp(-0.5, 0.5)
+
+    model = tiny_gpt2()
+    old = model.transformer.ln_f
+    model.transformer.ln_f = ClippedNorm(old.normalized_shape, eps=old.eps)
+    model.transformer.ln_f.load_state_dict(old.state_dict())
+    with pytest.raises(FinalNormError, match="ClippedNorm"):
+        headint.scan(model, make_batch(2, 5, seed=36), "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND)
 
 
 # ------------------------------------------------------------------------ the embedded model
