@@ -88,8 +88,36 @@ def frozen_norm(model, scale):
         h.remove()
 
 
+def mlp_module(model, layer):
+    return model.transformer.h[layer].mlp if hasattr(model, "transformer") else model.model.layers[layer].mlp
+
+
+def mlp_outputs(model, batch) -> list[torch.Tensor]:
+    """Each layer's MLP output [N, T, d] in a plain forward of ``batch``."""
+    out = [None] * n_layers(model)
+    hs = [mlp_module(model, l).register_forward_hook(lambda _m, _a, y, l=l: out.__setitem__(l, y.detach())) for l in range(len(out))]
+    try:
+        with torch.no_grad():
+            model(**model_inputs(batch))
+    finally:
+        for h in hs:
+            h.remove()
+    return out
+
+
+@contextlib.contextmanager
+def frozen_mlps(model, outputs, low):
+    """MLPs of layers >= low return ``outputs[l]``."""
+    hs = [mlp_module(model, l).register_forward_hook(lambda _m, _a, _y, l=l: outputs[l]) for l in range(low, len(outputs))]
+    try:
+        yield
+    finally:
+        for h in hs:
+            h.remove()
+
+
 def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="denoising", per_position=False,
-                  heads=None, positions=None, head_sets=None, frozen_ln=False) -> torch.Tensor:
+                  heads=None, positions=None, head_sets=None, frozen_ln=False, frozen_mlp=False) -> torch.Tensor:
     L, H = n_layers(model), n_heads(model)
     N, T = batch["input_ids"].shape
     z_clean, clean_logits = record_z(model, batch)
@@ -97,6 +125,7 @@ def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="deno
     z_base = record_z(model, base)[0]
     scale = final_norm_scale(model, base) if frozen_ln else None
     norm = (lambda: frozen_norm(model, scale)) if frozen_ln else contextlib.nullcontext
+    mlp_base = mlp_outputs(model, base) if frozen_mlp else None
     if method == "zero":
         src = None
     elif method == "mean":
@@ -110,7 +139,8 @@ def oracle_direct(model, batch, metric, *, method, corrupt=None, direction="deno
         own = {(l, h) for l, h, _ in cells}
         edits = [(l2, h2, None, z_base[l2][:, :, h2]) for l2 in range(low + 1, L) for h2 in range(H) if (l2, h2) not in own]
         edits += [(l, h, p, None if src is None else src[l][:, :, h]) for l, h, p in cells]
-        with torch.no_grad(), replace_heads(model, edits), norm():
+        mlps = frozen_mlps(model, mlp_base, low) if frozen_mlp else contextlib.nullcontext()
+        with torch.no_grad(), replace_heads(model, edits), norm(), mlps:
             logits = model(**model_inputs(base)).logits
         return oracle_metric(metric, logits, base, clean_logits)
 
@@ -174,17 +204,22 @@ def test_direct_qkv_matches_oracle(model, which):
     assert_matches(result, expected)
 
 
+FROZEN = {"direct_frozen_ln": dict(frozen_ln=True), "direct_path": dict(frozen_ln=True, frozen_mlp=True)}
+
+
+@pytest.mark.parametrize("effect", list(FROZEN))
 @pytest.mark.parametrize("method,direction", [("zero", None), ("mean", None), ("patch", "denoising"), ("patch", "noising")],
                          ids=["zero", "mean", "patch-denoising", "patch-noising"])
-def test_direct_frozen_ln_per_head_matches_oracle(model, method, direction):
+def test_direct_frozen_ln_per_head_matches_oracle(model, method, direction, effect):
     """Left padding, rows of different lengths; the frozen-scale oracle is the norm by hand."""
     batch = make_batch(3, 7, seed=31, pad="left", lengths=[7, 5, 6])
     corrupt = corrupt_of(batch) if method == "patch" else None
     kw = dict(corrupt=corrupt, method=method, direction=direction or "denoising")
-    r = headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND, **kw)
-    assert r.settings["effect"] == "direct_frozen_ln"
+    r = headint.scan(model, batch, "logit_diff", effect=effect, progress=False, backend=BACKEND, **kw)
+    assert r.settings["effect"] == effect
     assert r.settings["final_norm"]["kind"] == ("LayerNorm" if hasattr(model, "transformer") else "RMSNorm")
-    expected = oracle_direct(model, batch, "logit_diff", frozen_ln=True, **kw)
+    assert ("frozen_mlps" in r.settings) == (effect == "direct_path")
+    expected = oracle_direct(model, batch, "logit_diff", **FROZEN[effect], **kw)
     assert_matches(r, expected)
     direct = headint.scan(model, batch, "logit_diff", effect="direct", progress=False, backend=BACKEND, **kw)
     # freezing the scale changes every layer's values, the last layer's too (the test can fail)
@@ -193,37 +228,42 @@ def test_direct_frozen_ln_per_head_matches_oracle(model, method, direction):
     assert torch.equal(r.base_per_example, direct.base_per_example)
 
 
+@pytest.mark.parametrize("effect", list(FROZEN))
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_direct_frozen_ln_per_position_matches_oracle(model, direction):
-    """Per position (position reuse and the last-query final block feed the norm fewer tokens)."""
+def test_direct_frozen_ln_per_position_matches_oracle(model, direction, effect):
+    """Per position (position reuse and the last-query final block feed the norm and the MLPs
+    fewer tokens)."""
     batch = make_batch(2, 6, seed=32)
     corrupt = corrupt_of(batch)
     kw = dict(corrupt=corrupt, method="patch", direction=direction, per_position=True, heads=[2])
-    r = headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND, batch_size=4, **kw)
-    expected = oracle_direct(model, batch, "logit_diff", frozen_ln=True, **kw)
+    r = headint.scan(model, batch, "logit_diff", effect=effect, progress=False, backend=BACKEND, batch_size=4, **kw)
+    expected = oracle_direct(model, batch, "logit_diff", **FROZEN[effect], **kw)
     assert_matches(r, expected)
-    r_kl = headint.scan(model, batch, "kl", effect="direct_frozen_ln", progress=False, backend=BACKEND, batch_size=4, **kw)
-    assert_matches(r_kl, oracle_direct(model, batch, "kl", frozen_ln=True, **kw))
+    r_kl = headint.scan(model, batch, "kl", effect=effect, progress=False, backend=BACKEND, batch_size=4, **kw)
+    assert_matches(r_kl, oracle_direct(model, batch, "kl", **FROZEN[effect], **kw))
 
 
-def test_direct_frozen_ln_head_sets_and_shortcuts_off(model):
+@pytest.mark.parametrize("effect", list(FROZEN))
+def test_direct_frozen_ln_head_sets_and_shortcuts_off(model, effect):
     batch = make_batch(3, 6, seed=33, pad="right", lengths=[6, 4, 5])
     corrupt = corrupt_of(batch)
     sets = [[(0, 1), (1, 2)], [(2, 0)], [(1, 1), (2, 3)]]
     kw = dict(corrupt=corrupt, method="patch", direction="noising", head_sets=sets)
-    expected = oracle_direct(model, batch, "logprob", frozen_ln=True, **kw)
+    expected = oracle_direct(model, batch, "logprob", **FROZEN[effect], **kw)
     for shortcuts in (None, dict(clean_attention=False, last_query=False)):
-        r = headint.scan(model, batch, "logprob", effect="direct_frozen_ln", progress=False, backend=BACKEND, shortcuts=shortcuts, **kw)
+        r = headint.scan(model, batch, "logprob", effect=effect, progress=False, backend=BACKEND, shortcuts=shortcuts, **kw)
         assert torch.allclose(r.per_example, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_direct_frozen_ln_leaves_the_model_alone(model):
+@pytest.mark.parametrize("effect", list(FROZEN))
+def test_direct_frozen_ln_leaves_the_model_alone(model, effect):
     batch = make_batch(2, 5, seed=35)
-    norm = final_norm_module(model)
+    norm, mlps = final_norm_module(model), [mlp_module(model, l) for l in range(n_layers(model))]
     before = type(norm), dict(norm._forward_hooks), dict(norm._forward_pre_hooks)
     logits = model(**model_inputs(batch)).logits.detach()
-    headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND)
+    headint.scan(model, batch, "logit_diff", effect=effect, progress=False, backend=BACKEND)
     assert final_norm_module(model) is norm and (type(norm), dict(norm._forward_hooks), dict(norm._forward_pre_hooks)) == before
+    assert [mlp_module(model, l) for l in range(n_layers(model))] == mlps and not any(m._forward_hooks for m in mlps)
     assert torch.equal(model(**model_inputs(batch)).logits, logits)
 
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, last_query_block,
-                                  map_tensors, replay_blocks, replay_children)
+from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, frozen_outputs,
+                                  last_query_block, map_tensors, replay_blocks, replay_children)
 from ..integration.final_norm import FinalNorm, FinalNormError, final_norm_candidates, frozen_final_norm, observe_formula
 from ..integration.record import Recorder
 from ..integration.replica import Replica
@@ -217,6 +217,7 @@ class VariantRunner:
         self._position_reuse: tuple[bool, str] | None = None  # see check_position_reuse
         self._base_values: torch.Tensor | None = None
         self._final_norm: FinalNorm | None = None
+        self._mlp_outputs: dict[int, tuple[str, torch.Tensor]] | None = None
 
     @classmethod
     def start(cls, model_or_replica, batch: dict, metric: Metric, *, backend: str = "auto") -> "VariantRunner":
@@ -244,7 +245,7 @@ class VariantRunner:
 
     @torch.no_grad()
     def run(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, *,
-            shortcuts: Shortcuts = NONE, freeze_final_norm: bool = False) -> torch.Tensor:
+            shortcuts: Shortcuts = NONE, freeze_final_norm: bool = False, freeze_mlps_from: int | None = None) -> torch.Tensor:
         """Like :meth:`run_differentiable`, without building a graph, with the optional ``shortcuts``
         (:class:`~headint.scans.shortcuts.Shortcuts`; values are the same with or without):
         ``clean_attention``: the plan only edits head outputs at ``start_layer``, so that layer's
@@ -252,8 +253,9 @@ class VariantRunner:
         ``last_query``: the final block runs for the last query only where
         :meth:`check_last_query` allows it (last-position metrics; no effect otherwise).
         ``freeze_final_norm``: the model's final norm divides by the base run's per-token scale
-        instead of recomputing it (:meth:`final_norm`)."""
-        return self._run(ex, plan, start_layer, start_pos, None, shortcuts, freeze_final_norm)
+        instead of recomputing it (:meth:`final_norm`). ``freeze_mlps_from``: the MLPs of layers
+        ``>= freeze_mlps_from`` return the base run's outputs (:meth:`mlp_outputs`)."""
+        return self._run(ex, plan, start_layer, start_pos, None, shortcuts, freeze_final_norm, freeze_mlps_from)
 
     def run_differentiable(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
         """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
@@ -264,7 +266,8 @@ class VariantRunner:
         """
         return self._run(ex, plan, start_layer, start_pos, recorder, NONE)
 
-    def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts, freeze_final_norm: bool = False) -> torch.Tensor:
+    def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts, freeze_final_norm: bool = False,
+             freeze_mlps_from: int | None = None) -> torch.Tensor:
         if plan is not None and start_layer and any(l < start_layer for l in plan.layers()):
             raise ValueError(f"depth reuse: the plan intervenes at layers {sorted(plan.layers())}, below start_layer {start_layer}")
         if self.shares_kv:
@@ -284,7 +287,10 @@ class VariantRunner:
         elif plan is not None and last_query:
             plan = AllowedEdits(plan, PER_POSITION_EDITS, "last_query", {self.parts.shape.n_layers - 1})
         norm = self.final_norm() if freeze_final_norm else None
-        fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children, norm)
+        mlps = None
+        if freeze_mlps_from is not None:
+            mlps = {path: out[ex.to(out.device)] for l, (path, out) in self.mlp_outputs().items() if l >= freeze_mlps_from}
+        fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children, norm, mlps)
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
         if fw.second_call_tokens:
@@ -310,7 +316,7 @@ class VariantRunner:
         return values
 
     def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool,
-                         children: tuple | None = None, norm: FinalNorm | None = None) -> "_Forward":
+                         children: tuple | None = None, norm: FinalNorm | None = None, mlps: dict | None = None) -> "_Forward":
         """One forward of rows ``ex`` under ``plan``, in the replica. ``children``: ``(attention
         module, {name: captured output})`` of layer ``start_layer`` (see
         :meth:`children_before_attention`), replayed for these rows."""
@@ -332,8 +338,10 @@ class VariantRunner:
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
         replay = replay_children(*children, ex, self.N, self.T) if children is not None and children[1] else contextlib.nullcontext()
         frozen = frozen_final_norm(self.parts, norm, ex) if norm is not None else contextlib.nullcontext()
-        with self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
-                final as stand_in, replay as replay_stand_ins, frozen:
+        frozen_mlps = frozen_outputs(self.model, mlps) if mlps else contextlib.nullcontext()
+        # the frozen stand-ins go in first: their paths lead through the model's own blocks, not through stand-ins
+        with frozen_mlps, frozen, self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
+                final as stand_in, replay as replay_stand_ins:
             out, is_hidden = self._forward(inputs, past)
         if last_query and not stand_in.second_call_tokens:
             raise RuntimeError("the final block did not run in two steps although check_last_query() allowed it")
@@ -362,6 +370,47 @@ class VariantRunner:
         return cache_kwarg(self.parts.base if self.restricted else self.model)
 
     # -- what the shortcuts need, found once -------------------------------------------------------
+
+    @torch.no_grad()
+    def mlp_outputs(self) -> dict[int, tuple[str, torch.Tensor]]:
+        """``{layer: (path of its MLP in the model, its output [N, T, d] in the base run)}`` for
+        every block with an MLP (cached). Which module is a block's MLP comes from the circuit
+        probe (:func:`headint.circuits.structure.circuit_structure`: the block's child whose
+        output completes ``block output = input + attention + MLP``), which refuses models whose
+        residual stream is not such a sum (naming why); one forward of the base rows records the
+        outputs. An MLP whose output is not one ``[N, T, d]`` tensor (e.g. a mixture of experts
+        returning router logits too) is refused."""
+        if self._mlp_outputs is not None:
+            return self._mlp_outputs
+        from ..circuits.structure import circuit_structure  # the circuit probe (imported when used)
+
+        with torch.enable_grad():  # the probe differentiates (once per model, cached)
+            st = circuit_structure(self.replica.model)
+        paths = {id(m): name for name, m in self.replica.model.named_modules()}
+        found = {lp.layer: paths[id(lp.mlp)] for lp in st.layers if lp.mlp is not None}
+        seen: dict[int, torch.Tensor] = {}
+        handles = []
+        for l, path in found.items():
+            def hook(_m, _a, out, l=l):
+                seen[l] = out
+            handles.append(self.model.get_submodule(path).register_forward_hook(hook))
+        try:
+            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
+            self._variant_forward(ex, None, 0, 0, None, False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
+        out = {}
+        for l, path in found.items():
+            y = seen.get(l)
+            if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[:2] != (self.N, self.T):
+                what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"shape {list(y.shape)}"
+                raise RuntimeError(f"{type(self.replica.model).__name__}: the MLP of layer {l} ({path}) returned {what}, not one "
+                                   f"[{self.N}, {self.T}, d] tensor; headint cannot freeze it")
+            out[l] = (path, y.detach())
+        self._mlp_outputs = out
+        return out
 
     @torch.no_grad()
     def final_norm(self) -> FinalNorm:
