@@ -313,14 +313,71 @@ def test_embedded_direct_vs_total(induction, method):
     frame = both.to_frame()
     # columns named for what they hold: L0H0's total effect flows through the induction heads
     # (indirect), which is amplification, not self-repair
-    assert list(frame.columns) == ["layer", "head", "direct", "total", "indirect"] and len(frame) == 8
+    assert list(frame.columns) == ["layer", "head", "direct", "total", "indirect", "direct_frozen_ln", "final_norm",
+                                   "direct_path", "through_mlps"] and len(frame) == 8
+    # attention-only (its MLPs are zero): nothing flows through them
+    assert both.direct_path.settings["effect"] == "direct_path" and not both.skipped
+    assert torch.allclose(both.through_mlps, torch.zeros(2, 4), atol=1e-6)
+    if method == "patch":
+        # noising the induction heads: the recomputed final-LN scale takes back a share of their direct
+        # effect (the frozen-scale effect is larger); see bench/results/direct_frozen_ln_induction.txt
+        for h in (0, 2, 3):
+            frozen, d = float(both.direct_frozen_ln.effect[1, h]), float(both.direct.effect[1, h])
+            assert frozen < d < 0 and 0.2 < (d - frozen) / -frozen < 0.7, (h, frozen, d)
     assert frame.loc[0, "total"] == pytest.approx(total)
     assert frame.loc[0, "indirect"] == pytest.approx(total - direct) and frame.loc[0, "indirect"] < -3.0
     assert not hasattr(both, "self_repair")
 
 
+def test_direct_vs_total_decomposition(model):
+    """On models with MLPs: four scans, each source the difference of two, summing to the total."""
+    batch = make_batch(3, 6, seed=37)
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction="noising", progress=False, backend=BACKEND)
+    both = headint.direct_vs_total(model, batch, "logit_diff", **kw)
+    assert not both.skipped and both.direct_path is not both.direct_frozen_ln
+    assert both.direct_path.settings["effect"] == "direct_path"
+    parts = both.direct_path.effect + both.through_mlps + both.final_norm + both.through_heads
+    assert torch.allclose(parts, both.total.effect, atol=1e-6)
+    assert both.through_mlps.abs().max() > 1e-3 and both.final_norm.abs().max() > 1e-4
+    expected = oracle_direct(model, batch, "logit_diff", method="patch", corrupt=corrupt, direction="noising",
+                             frozen_ln=True, frozen_mlp=True)
+    assert_matches(both.direct_path, expected)
+    frame = both.to_frame()
+    assert frame["through_mlps"].to_numpy() == pytest.approx(both.through_mlps.reshape(-1).numpy())
+
+
+def test_direct_vs_total_skips_what_the_model_does_not_allow():
+    """A final norm headint cannot freeze: by default the frozen scans are skipped, saying why;
+    asked for, the error."""
+    from headint.integration.final_norm import FinalNormError
+
+    class ClippedNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x).clamp(-0.5, 0.5)
+
+    model = tiny_gpt2()
+    old = model.transformer.ln_f
+    model.transformer.ln_f = ClippedNorm(old.normalized_shape, eps=old.eps)
+    model.transformer.ln_f.load_state_dict(old.state_dict())
+    batch = make_batch(2, 5, seed=38)
+    both = headint.direct_vs_total(model, batch, "logit_diff", method="zero", progress=False, backend=BACKEND)
+    assert both.direct_frozen_ln is None and both.direct_path is None
+    assert set(both.skipped) == {"direct_frozen_ln", "direct_path"} and "ClippedNorm" in both.skipped["direct_frozen_ln"]
+    assert list(both.to_frame().columns) == ["layer", "head", "direct", "total", "indirect"]
+    with pytest.raises(ValueError, match="direct_frozen_ln"):
+        both.final_norm
+    for kw in (dict(frozen_ln=True), dict(frozen_mlps=True)):
+        with pytest.raises(FinalNormError, match="ClippedNorm"):
+            headint.direct_vs_total(model, batch, "logit_diff", method="zero", progress=False, backend=BACKEND, **kw)
+
+
 def test_direct_vs_total_arguments(induction):
     model, clean, _ = induction
+    with pytest.raises(TypeError, match="frozen_ln must be"):
+        headint.direct_vs_total(model, clean, LogitDiff(), frozen_ln="yes")
+    with pytest.raises(ValueError, match="frozen_ln=False contradicts"):
+        headint.direct_vs_total(model, clean, LogitDiff(), frozen_ln=False, frozen_mlps=True)
     with pytest.raises(TypeError, match="do not pass effect="):
         headint.direct_vs_total(model, clean, LogitDiff(), effect="direct")
     with pytest.raises(ValueError, match="head_sets are not supported"):
