@@ -53,6 +53,8 @@ def _hand_norm(model, x, scale):
     norm = final_norm_module(model)
     if isinstance(norm, torch.nn.LayerNorm):
         return (x - x.mean(-1, keepdim=True)) * scale[..., None] * norm.weight + norm.bias
+    if type(norm).__name__ == "GemmaRMSNorm":
+        return (1.0 + norm.weight) * (x * scale[..., None])
     return norm.weight * (x * scale[..., None])
 
 
@@ -60,7 +62,8 @@ def _hand_scale(model, x):
     norm = final_norm_module(model)
     if isinstance(norm, torch.nn.LayerNorm):
         return 1.0 / torch.sqrt(x.var(-1, unbiased=False) + norm.eps)
-    return 1.0 / torch.sqrt(x.pow(2).mean(-1) + norm.variance_epsilon)
+    eps = norm.eps if type(norm).__name__ == "GemmaRMSNorm" else norm.variance_epsilon
+    return 1.0 / torch.sqrt(x.pow(2).mean(-1) + eps)
 
 
 def final_norm_scale(model, batch) -> torch.Tensor:
@@ -265,6 +268,23 @@ def test_direct_frozen_ln_leaves_the_model_alone(model, effect):
     assert final_norm_module(model) is norm and (type(norm), dict(norm._forward_hooks), dict(norm._forward_pre_hooks)) == before
     assert [mlp_module(model, l) for l in range(n_layers(model))] == mlps and not any(m._forward_hooks for m in mlps)
     assert torch.equal(model(**model_inputs(batch)).logits, logits)
+
+
+def test_direct_frozen_ln_gemma_style_norm():
+    """An RMSNorm that scales by ``1 + w`` (Gemma's) is observed as such and frozen right."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    model = tiny_llama()
+    norm = GemmaRMSNorm(model.config.hidden_size, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)
+    model.model.norm = norm
+    batch = make_batch(3, 6, seed=39, pad="left", lengths=[6, 4, 5])
+    corrupt = corrupt_of(batch)
+    kw = dict(corrupt=corrupt, method="patch", direction="noising")
+    r = headint.scan(model, batch, "logit_diff", effect="direct_frozen_ln", progress=False, backend=BACKEND, **kw)
+    assert r.settings["final_norm"]["kind"] == "RMSNorm" and r.settings["final_norm"]["weight_offset"] == 1.0
+    assert_matches(r, oracle_direct(model, batch, "logit_diff", frozen_ln=True, **kw))
 
 
 def test_direct_frozen_ln_refuses_an_unknown_final_norm():
