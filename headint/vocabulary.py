@@ -29,8 +29,12 @@ Direction = Literal["denoising", "noising"]
 # its output z, its query / key / value, or its attention pattern.
 HeadTensor = Literal["z", "q", "k", "v", "pattern"]
 Target = HeadTensor
-# "total": every later component recomputes; "direct": later heads keep the base run's outputs.
-Effect = Literal["total", "direct"]
+# "total": every later component recomputes; "direct": later heads keep the base run's outputs
+# (the final norm recomputes its scale); "direct_frozen_ln": later heads keep the base run's
+# outputs and the final norm divides by its base-run scale (TransformerLens's direct logit
+# attribution convention); "direct_path": also every MLP from the head's layer on keeps the
+# base run's output (the head's path straight to the unembedding). See headint.scan's ``effect``.
+Effect = Literal["total", "direct", "direct_frozen_ln", "direct_path"]
 # Attribution scans: the first-order estimate of the exact scan with the same replacement
 # ("zero", "mean", "resample", "patch"), or gradient head importance ("mask", Michel et al. 2019:
 # the zero-ablation estimate under its own name).

@@ -325,3 +325,44 @@ def replay_children(module: nn.Module, outputs: dict, ex: torch.Tensor, n_rows: 
     finally:
         for name, child in originals.items():
             setattr(module, name, child)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules frozen at a base run's outputs (direct-path scans freeze later MLPs).
+
+
+class _FrozenOutput(_StandIn):
+    """Stands in for ``module``: returns the base run's output of each row's example
+    (``output`` ``[R, T, d]``), for the last ``T_in`` positions of its input (rows fed from a
+    later position, or the last query only, end at the same last position)."""
+
+    def __init__(self, module: nn.Module, output: torch.Tensor, what: str):
+        super().__init__(module)
+        self.output = output
+        self.what = what
+
+    def forward(self, x, *args, **kwargs):
+        out = self.output
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != out.shape[0] or x.shape[1] > out.shape[1]:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(f"{self.what}: input of shape {shape}; the frozen output is [{out.shape[0]}, <= {out.shape[1]}, d]")
+        return out[:, out.shape[1] - x.shape[1]:].to(device=x.device, dtype=x.dtype)
+
+
+@contextlib.contextmanager
+def frozen_outputs(root: nn.Module, outputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, each module of ``root`` (a replica's) at path ``p`` returns
+    ``outputs[p]`` ``[R, T, d]`` (see :class:`_FrozenOutput`) instead of computing. Put back on exit."""
+    require_replica(root, "frozen_outputs")
+    put = []
+    try:
+        for path, out in outputs.items():
+            parent_path, _, attr = path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
+            original = getattr(parent, attr)
+            setattr(parent, attr, _FrozenOutput(original, out, path))
+            put.append((parent, attr, original))
+        yield
+    finally:
+        for parent, attr, original in reversed(put):
+            setattr(parent, attr, original)

@@ -132,15 +132,30 @@ def scan(
             for every layer, ``O(N*H*T^2)``, and every patched layer holds ``O(B*H*T^2)`` per
             batch of ``B`` rows. Methods ``"patch"``, ``"mean"``, ``"resample"``.
         effect: ``"total"`` (default): every later component recomputes, so the result is the
-            head's total effect. ``"direct"``: the head's effect through the residual stream
-            straight to the logits: every attention head of every layer above the variant's
-            (lowest) layer keeps its output ``z`` of the run being intervened on (the base run:
-            corrupt for denoising, clean otherwise). Not frozen: MLPs (headint has no per-model
-            MLP hooks; an attention-only model has no MLP path) and the final LayerNorm's scale
-            (recomputed from the changed residual stream). So on a model with MLPs, "direct"
-            still includes paths through later MLPs; on an attention-only model it is the path
-            straight to the unembedding. Layers at and below the variant's recompute as in
-            ``"total"``. See :func:`headint.direct_vs_total`.
+            head's total effect. ``"direct"``: every attention head of every layer above the
+            variant's (lowest) layer keeps its output ``z`` of the run being intervened on (the
+            base run: corrupt for denoising, clean otherwise), so nothing reaches the logits
+            through later heads; the final norm (LayerNorm / RMSNorm) still recomputes its scale
+            from the changed residual stream. So for a last-layer head "direct" equals "total",
+            and the final norm's rescaling (a self-repair mechanism: Rushing & Nanda 2024,
+            "Explorations of Self-Repair in Language Models") is part of the direct effect.
+            ``"direct_frozen_ln"``: as ``"direct"``, and the final norm divides by its per-token
+            scale in the base run instead of recomputing it (the convention of TransformerLens's
+            direct logit attribution, which divides by the cached ``ln_final`` scale; see
+            :mod:`headint.integration.final_norm`: which module is the final norm and which
+            formula it computes are observed in the base run, and a model whose final norm is
+            neither a LayerNorm nor an RMSNorm is refused). Neither freezes MLPs: on a model
+            with MLPs both still include the paths through the MLPs after the head.
+            ``"direct_path"``: as ``"direct_frozen_ln"``, and every MLP of the variant's (lowest)
+            layer and above keeps its base-run output, so only the head's path straight to the
+            unembedding remains, linear in the head's change (TransformerLens's direct logit
+            attribution of the change; on an attention-only model equal to
+            ``"direct_frozen_ln"``). Which module is a block's MLP comes from the circuit probe
+            (:mod:`headint.circuits.structure`), which refuses models whose residual stream is
+            not ``input + attention + MLP`` per block. Layers below the variant's recompute as
+            in ``"total"``. :func:`headint.direct_vs_total` runs all four and splits the total
+            effect into what flows through later heads, what the final norm's rescaling repairs
+            and what flows through MLPs.
         group_positions: per-position scans with position reuse run the variants of each
             position from that position on; this many neighbouring scanned positions share
             their runs instead (fed from the first of them), which makes bigger batches at the
@@ -213,7 +228,13 @@ def scan(
         patch_source = _patch_source(method, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, direction, target)
         if target == "pattern":
             _check_pattern_padding(patch_source, base, shape.n_layers, method)
-        freeze_source = _freeze_source(base) if effect == "direct" else None
+        freeze_source = _freeze_source(base) if effect != "total" else None
+        freeze_norm = effect in ("direct_frozen_ln", "direct_path")
+        freeze_mlps = effect == "direct_path"
+        if freeze_norm:
+            base.final_norm()  # found (or refused) before any chunk runs
+        if freeze_mlps:
+            base.mlp_outputs()
 
         # Work list: rows (variant, example), grouped by where reuse lets them start.
         # Not where the model may be tensor-parallel (a process group, the scan not split by data): the
@@ -227,7 +248,7 @@ def scan(
                               last_query=shortcuts.last_query and not maybe_tp)
         if batch_size == "auto":
             patched = max(len({l for l, _ in v.heads}) for v in variants)
-            if effect == "direct":
+            if effect != "total":
                 patched = shape.n_layers - min(v.start_layer for v in variants)
             rows_per_batch = auto_rows(setup.row_geometry(base, patched), setup.memory_budget(memory_budget))
             rows_per_batch = cpu_row_cap(rows_per_batch, T, setup.device)  # cache-sized forwards on CPU
@@ -258,7 +279,7 @@ def scan(
         def compute(i: int) -> torch.Tensor:
             c = chunks[i]
             ckpt.save(i, _run_chunk(base, shape, variants, c.var, c.ex, T, patch_source, setup.device, c.start_layer, c.start_pos,
-                                  target, freeze_source, shortcuts))
+                                  target, freeze_source, shortcuts, freeze_norm, freeze_mlps))
             return ckpt.done[i]
 
         todo = [i for i in range(len(chunks)) if i not in ckpt.done]
@@ -280,6 +301,12 @@ def scan(
     settings["metric_logits"] = runs.metric_path
     settings["final_block"] = base.last_query_note if shortcuts.last_query else "full final block (shortcut off)"
     settings["clean_attention"] = shortcuts.clean_attention
+    if freeze_norm:
+        f = base.final_norm()
+        settings["final_norm"] = dict(module=f.path, kind="LayerNorm" if f.formula.centred else "RMSNorm",
+                                      weight_offset=f.formula.weight_offset, eps=f.formula.eps, scale="frozen at the base run's")
+    if freeze_mlps:
+        settings["frozen_mlps"] = {str(l): path for l, (path, _) in base.mlp_outputs().items()}
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
 
@@ -353,13 +380,15 @@ def _chunks(groups: dict[tuple[int, int], list[int]], N: int, rows_per_batch: in
 
 
 def _run_chunk(base: VariantRunner, shape, variants, var, ex, T, patch_source, device, l0, p0, target="z", freeze_source=None,
-               shortcuts: Shortcuts | None = None) -> torch.Tensor:
+               shortcuts: Shortcuts | None = None, freeze_norm: bool = False, freeze_mlps: bool = False) -> torch.Tensor:
     """Evaluate one chunk ``[R]``; on out-of-memory (CUDA or CPU), split it in halves and retry."""
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         e = ex[rows].to(device)
         plan = build_plan(shape, variants, e, var[rows], T, patch_source, device, target, freeze_source)
-        return base.run(e, plan, start_layer=l0, start_pos=p0, shortcuts=shortcuts or Shortcuts()).float().cpu()
+        # every row of a chunk starts at layer l0 (chunks are grouped so): its MLPs from l0 on are frozen
+        return base.run(e, plan, start_layer=l0, start_pos=p0, shortcuts=shortcuts or Shortcuts(),
+                        freeze_final_norm=freeze_norm, freeze_mlps_from=l0 if freeze_mlps else None).float().cpu()
 
     return run_in_halves(run, torch.arange(len(ex)), device)
 

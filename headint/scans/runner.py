@@ -41,8 +41,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, last_query_block,
-                                  map_tensors, replay_blocks, replay_children)
+from ..integration.blocks import (AttentionReached, capture_block_outputs, capture_children_before_attention, frozen_outputs,
+                                  last_query_block, map_tensors, replay_blocks, replay_children)
+from ..integration.final_norm import FinalNorm, FinalNormError, final_norm_candidates, frozen_final_norm, observe_formula
 from ..integration.record import Recorder
 from ..integration.replica import Replica
 from ..integration.structure import model_replica
@@ -215,6 +216,8 @@ class VariantRunner:
         self._last_query: tuple[bool, str] | None = None  # see check_last_query
         self._position_reuse: tuple[bool, str] | None = None  # see check_position_reuse
         self._base_values: torch.Tensor | None = None
+        self._final_norm: FinalNorm | None = None
+        self._mlp_outputs: dict[int, tuple[str, torch.Tensor]] | None = None
 
     @classmethod
     def start(cls, model_or_replica, batch: dict, metric: Metric, *, backend: str = "auto") -> "VariantRunner":
@@ -242,14 +245,17 @@ class VariantRunner:
 
     @torch.no_grad()
     def run(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, *,
-            shortcuts: Shortcuts = NONE) -> torch.Tensor:
+            shortcuts: Shortcuts = NONE, freeze_final_norm: bool = False, freeze_mlps_from: int | None = None) -> torch.Tensor:
         """Like :meth:`run_differentiable`, without building a graph, with the optional ``shortcuts``
         (:class:`~headint.scans.shortcuts.Shortcuts`; values are the same with or without):
         ``clean_attention``: the plan only edits head outputs at ``start_layer``, so that layer's
         attention output is the clean run's (its inputs are), blended with the replacement;
         ``last_query``: the final block runs for the last query only where
-        :meth:`check_last_query` allows it (last-position metrics; no effect otherwise)."""
-        return self._run(ex, plan, start_layer, start_pos, None, shortcuts)
+        :meth:`check_last_query` allows it (last-position metrics; no effect otherwise).
+        ``freeze_final_norm``: the model's final norm divides by the base run's per-token scale
+        instead of recomputing it (:meth:`final_norm`). ``freeze_mlps_from``: the MLPs of layers
+        ``>= freeze_mlps_from`` return the base run's outputs (:meth:`mlp_outputs`)."""
+        return self._run(ex, plan, start_layer, start_pos, None, shortcuts, freeze_final_norm, freeze_mlps_from)
 
     def run_differentiable(self, ex: torch.Tensor, plan: Plan | None, start_layer: int = 0, start_pos: int = 0, recorder=None) -> torch.Tensor:
         """Metric values ``[R]`` for rows ``ex`` (example indices) under the per-row ``plan``.
@@ -260,7 +266,8 @@ class VariantRunner:
         """
         return self._run(ex, plan, start_layer, start_pos, recorder, NONE)
 
-    def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts) -> torch.Tensor:
+    def _run(self, ex, plan, start_layer, start_pos, recorder, shortcuts: Shortcuts, freeze_final_norm: bool = False,
+             freeze_mlps_from: int | None = None) -> torch.Tensor:
         if plan is not None and start_layer and any(l < start_layer for l in plan.layers()):
             raise ValueError(f"depth reuse: the plan intervenes at layers {sorted(plan.layers())}, below start_layer {start_layer}")
         if self.shares_kv:
@@ -279,7 +286,11 @@ class VariantRunner:
             plan = AllowedEdits(plan, PER_POSITION_EDITS, "position reuse")
         elif plan is not None and last_query:
             plan = AllowedEdits(plan, PER_POSITION_EDITS, "last_query", {self.parts.shape.n_layers - 1})
-        fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children)
+        norm = self.final_norm() if freeze_final_norm else None
+        mlps = None
+        if freeze_mlps_from is not None:
+            mlps = {path: out[ex.to(out.device)] for l, (path, out) in self.mlp_outputs().items() if l >= freeze_mlps_from}
+        fw = self._variant_forward(ex, plan, start_layer, start_pos, recorder, last_query, children, norm, mlps)
         L = self.parts.shape.n_layers
         self.cost.add(len(ex), L - start_layer, self.T - start_pos)
         if fw.second_call_tokens:
@@ -305,7 +316,7 @@ class VariantRunner:
         return values
 
     def _variant_forward(self, ex, plan, start_layer: int, start_pos: int, recorder, last_query: bool,
-                         children: tuple | None = None) -> "_Forward":
+                         children: tuple | None = None, norm: FinalNorm | None = None, mlps: dict | None = None) -> "_Forward":
         """One forward of rows ``ex`` under ``plan``, in the replica. ``children``: ``(attention
         module, {name: captured output})`` of layer ``start_layer`` (see
         :meth:`children_before_attention`), replayed for these rows."""
@@ -326,7 +337,10 @@ class VariantRunner:
                 past.update(k[ex.to(k.device)][..., :start_pos, :], v[ex.to(v.device)][..., :start_pos, :], l)
         final = last_query_block(self.parts, self.T) if last_query else contextlib.nullcontext()
         replay = replay_children(*children, ex, self.N, self.T) if children is not None and children[1] else contextlib.nullcontext()
-        with self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
+        frozen = frozen_final_norm(self.parts, norm, ex) if norm is not None else contextlib.nullcontext()
+        frozen_mlps = frozen_outputs(self.model, mlps) if mlps else contextlib.nullcontext()
+        # the frozen stand-ins go in first: their paths lead through the model's own blocks, not through stand-ins
+        with frozen_mlps, frozen, self.replica.session(plan, self.backend, recorder), replay_blocks(self.parts, start_layer, replayed), \
                 final as stand_in, replay as replay_stand_ins:
             out, is_hidden = self._forward(inputs, past)
         if last_query and not stand_in.second_call_tokens:
@@ -356,6 +370,92 @@ class VariantRunner:
         return cache_kwarg(self.parts.base if self.restricted else self.model)
 
     # -- what the shortcuts need, found once -------------------------------------------------------
+
+    @torch.no_grad()
+    def mlp_outputs(self) -> dict[int, tuple[str, torch.Tensor]]:
+        """``{layer: (path of its MLP in the model, its output [N, T, d] in the base run)}`` for
+        every block with an MLP (cached). Which module is a block's MLP comes from the circuit
+        probe (:func:`headint.circuits.structure.circuit_structure`: the block's child whose
+        output completes ``block output = input + attention + MLP``), which refuses models whose
+        residual stream is not such a sum (naming why); one forward of the base rows records the
+        outputs. An MLP whose output is not one ``[N, T, d]`` tensor (e.g. a mixture of experts
+        returning router logits too) is refused."""
+        if self._mlp_outputs is not None:
+            return self._mlp_outputs
+        from ..circuits.structure import circuit_structure  # the circuit probe (imported when used)
+
+        with torch.enable_grad():  # the probe differentiates (once per model, cached)
+            st = circuit_structure(self.replica.model)
+        paths = {id(m): name for name, m in self.replica.model.named_modules()}
+        found = {lp.layer: paths[id(lp.mlp)] for lp in st.layers if lp.mlp is not None}
+        seen: dict[int, torch.Tensor] = {}
+        handles = []
+        for l, path in found.items():
+            def hook(_m, _a, out, l=l):
+                seen[l] = out
+            handles.append(self.model.get_submodule(path).register_forward_hook(hook))
+        try:
+            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
+            self._variant_forward(ex, None, 0, 0, None, False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
+        out = {}
+        for l, path in found.items():
+            y = seen.get(l)
+            if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[:2] != (self.N, self.T):
+                what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"shape {list(y.shape)}"
+                raise RuntimeError(f"{type(self.replica.model).__name__}: the MLP of layer {l} ({path}) returned {what}, not one "
+                                   f"[{self.N}, {self.T}, d] tensor; headint cannot freeze it")
+            out[l] = (path, y.detach())
+        self._mlp_outputs = out
+        return out
+
+    @torch.no_grad()
+    def final_norm(self) -> FinalNorm:
+        """The model's final norm with the base run's per-token scale ``[N, T]`` (cached; see
+        :mod:`headint.integration.final_norm`): one forward of the base rows records the input and
+        output of every norm-like module of the base model outside its blocks; the final norm is
+        the one that runs last, after the last block, and its formula is the one that reproduces
+        its output. :class:`~headint.integration.final_norm.FinalNormError` names what is missing."""
+        if self._final_norm is not None:
+            return self._final_norm
+        candidates = final_norm_candidates(self.parts)
+        model = type(self.replica.model).__name__
+        if not candidates:
+            raise FinalNormError(f"{model}: no normalisation module outside the transformer blocks (a final norm); "
+                                 "effect='direct_frozen_ln' needs one")
+        order: list = []
+        seen: dict[str, tuple] = {}
+
+        def hook(name):
+            def fn(_m, args, out):
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    seen[name] = (args[0].detach(), out.detach())
+                order.append(name)
+            return fn
+
+        handles = [m.register_forward_hook(hook(name)) for name, m in candidates]
+        handles.append(self.parts.blocks[len(self.parts.blocks) - 1].register_forward_hook(lambda *_: order.append(None)))
+        try:
+            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
+            self._variant_forward(ex, None, 0, 0, None, False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
+        last = order[-1] if order else None
+        if last is None or None not in order or order.count(last) != 1 or order.index(last) < order.index(None):
+            raise FinalNormError(f"{model}: no norm module runs once after the last transformer block (norm-like modules "
+                                 f"outside the blocks: {[n for n, _ in candidates]}); effect='direct_frozen_ln' needs a final norm")
+        if last not in seen or seen[last][0].shape != (self.N, self.T, seen[last][0].shape[-1]):
+            raise FinalNormError(f"{model}: the final norm {last!r} does not map a [N, T, d] tensor to a tensor; cannot freeze its scale")
+        x, y = seen[last]
+        module = self.parts.base.get_submodule(last)
+        formula = observe_formula(module, x, y)
+        self._final_norm = FinalNorm(last, formula, formula.scale(x))
+        return self._final_norm
 
     @torch.no_grad()
     def children_before_attention(self, layer: int) -> tuple:
