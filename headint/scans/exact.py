@@ -18,6 +18,7 @@ from . import fingerprint as fingerprints
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
 from ..integration.record import record_in
+from .metric_logits import ColumnsOf
 from .runner import VariantRunner
 from .setup import prepare_scan
 from ..vocabulary import DIRECTIONS, EFFECTS, METHODS, TARGETS, Direction, Effect, Method, Target
@@ -277,11 +278,17 @@ def scan(
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse and base.position_reuse_ok
     settings["restricted_logits"] = base.restricted
-    settings["metric_logits"] = runs.metric_path
+    settings["metric_logits"] = runs.metric_path + _column_fallbacks(runs.clean.metric)
     settings["final_block"] = base.last_query_note if shortcuts.last_query else "full final block (shortcut off)"
     settings["clean_attention"] = shortcuts.clean_attention
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
+
+
+def _column_fallbacks(metric) -> str:
+    """What :func:`~headint.scans.metric_logits.column_values` fell back on, if anything."""
+    rows = getattr(metric, "fallback_rows", 0) if isinstance(metric, ColumnsOf) else 0
+    return f" ({rows} variant rows unembedded the full vocabulary: their values showed a column the base runs did not)" if rows else ""
 
 
 def _variants(shape, T, per_position, layers, heads, head_sets, positions, target="z"):
