@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..metrics import CallableMetric, Metric, _batch_mask, _last_logits, last_positions, select_logits
 
@@ -265,6 +266,49 @@ def _read_columns(metric: LastPositionOf, x: torch.Tensor, batch: dict, clean) -
     return ((g != 0) | g.isnan()).any(0)
 
 
+# Operations that only select, view or copy: the one thing a metric may do to a tensor holding a
+# whole vocabulary axis for its columns to be found. Anything else on such a tensor (a softmax, an
+# argmax, a comparison, a reshape) may read every column, and the metric keeps the full vocabulary.
+SELECTING_OPS = frozenset({
+    "__getitem__", "gather", "index_select", "select", "narrow", "take_along_dim", "expand", "expand_as",
+    "unsqueeze", "clone", "detach", "contiguous", "to", "float", "double", "half", "bfloat16", "type",
+    "dim", "size", "numel", "is_floating_point", "is_contiguous", "__get__", "__len__",
+})
+
+
+class _WholeVocabularyOps(TorchFunctionMode):
+    """Records the torch operations other than :data:`SELECTING_OPS` applied to a tensor with an
+    axis of length ``V`` (the vocabulary) while a metric runs."""
+
+    def __init__(self, V: int):
+        super().__init__()
+        self.V = V
+        self.seen: list[str] = []
+
+    def _wide(self, a) -> bool:
+        if isinstance(a, torch.Tensor):
+            return self.V in a.shape
+        if isinstance(a, (list, tuple)):
+            return any(self._wide(b) for b in a)
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name not in SELECTING_OPS and (self._wide(args) or self._wide(tuple(kwargs.values()))):
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def _whole_vocabulary_op(metric: Metric, x: torch.Tensor, batch: dict, clean) -> str | None:
+    """The first non-selecting operation ``metric`` applies to a vocabulary-wide tensor on ``x``
+    ``[N, V]`` (see :data:`SELECTING_OPS`), or None."""
+    mode = _WholeVocabularyOps(x.shape[-1])
+    with torch.no_grad(), mode:
+        metric(x, batch, clean_logits=clean)
+    return mode.seen[0] if mode.seen else None
+
+
 def column_form(metric: Metric, last_logits: list, batches: list, clean_logits: list | None = None,
                 restricted: bool = True) -> tuple[Metric, str]:
     """Which vocabulary columns a :class:`LastPositionOf` metric reads, checked on the base runs.
@@ -291,9 +335,12 @@ def column_form(metric: Metric, last_logits: list, batches: list, clean_logits: 
     support = torch.zeros(V, dtype=torch.bool, device=last_logits[0].device)
     try:
         for x, batch, clean in zip(last_logits, batches, clean_logits):
+            op = _whole_vocabulary_op(metric, x, batch, clean)
+            if op is not None:
+                return metric, f"full vocabulary (it applies {op} to a vocabulary-wide tensor)"
             support |= _read_columns(metric, x, batch, clean).to(support.device)
     except Exception as e:
-        return metric, f"full vocabulary (its gradient could not be taken: {type(e).__name__})"
+        return metric, f"full vocabulary (finding its columns failed: {type(e).__name__})"
     if bool(support.all()):
         return metric, "full vocabulary (its gradient reaches every column)"
     cols = support.nonzero().flatten()
@@ -319,7 +366,7 @@ def column_values(metric: ColumnsOf, hidden: torch.Tensor, rows: dict, start: in
     (``W[cols]``, plus the bias's entries) into a NaN-filled ``[R, V]``.
 
     The batch is checked: the values must be finite and unchanged, bit for bit, with the other
-    columns at ``±`` a huge finite value; otherwise (a column the base runs never showed read, e.g.
+    columns at ``±`` a huge finite value, and the metric must not raise; otherwise (a column the base runs never showed read, e.g.
     behind a branch they never took) the whole vocabulary is unembedded for the batch and
     ``metric.fallback_rows`` grows.
     """
@@ -331,15 +378,18 @@ def column_values(metric: ColumnsOf, hidden: torch.Tensor, rows: dict, start: in
     part = torch.nn.functional.linear(h, W[cols], None if b is None else b[cols])  # [R, K]
     full = torch.full((h.shape[0], W.shape[0]), float("nan"), dtype=part.dtype, device=part.device)
     full[:, cols] = part
-    values = metric(full, rows, clean_logits=clean_logits)
-    ok = bool(torch.isfinite(values).all())
-    for fill in VARIANT_FILLS if ok else ():
-        value = _extreme(part.dtype) if fill == "+big" else -_extreme(part.dtype)
-        full.fill_(value)
-        full[:, cols] = part
-        if not _same(metric(full, rows, clean_logits=clean_logits), values):
-            ok = False
-            break
+    try:
+        values = metric(full, rows, clean_logits=clean_logits)
+        ok = bool(torch.isfinite(values).all())
+        for fill in VARIANT_FILLS if ok else ():
+            value = _extreme(part.dtype) if fill == "+big" else -_extreme(part.dtype)
+            full.fill_(value)
+            full[:, cols] = part
+            if not _same(metric(full, rows, clean_logits=clean_logits), values):
+                ok = False
+                break
+    except Exception:  # e.g. an index computed from a column it was not given: the full path decides
+        ok = False
     if ok:
         return values
     metric.fallback_rows += h.shape[0]
