@@ -165,7 +165,9 @@ def scan(
     - only the final position is unembedded, and only for the token ids the metric needs
       (``2`` for a logit difference instead of the vocabulary at every position);
     - a callable metric on full logits is probed on the base runs and, if it reads only the last
-      real token, gets only that token's logits (``settings["metric_logits"]`` says which);
+      real token, gets only that token's logits, and only the vocabulary columns it reads when
+      the column probe finds them (``settings["metric_logits"]`` says which, and how many variant
+      rows fell back to the full vocabulary);
     - last-position metrics on causal models: the final block computes keys/values at every
       position and the rest at the last one only (``settings["final_block"]``);
     - head-output scans (``target="z"``): the first intervened layer takes the clean attention
