@@ -478,7 +478,7 @@ def test_benchmark_quick_smoke(tmp_path):
     assert {"hook loop", "headint.scan LogitDiff", "headint.scan callable", "attribution_scan"} <= set(peers["median_s"])
     for name, diff in peers["max_abs_diff"].items():
         assert diff <= 1e-5, (name, diff)
-    assert peers["paths"]["headint.scan callable"]["metric_logits"] == "last position, form single, columns 2 of 50257"
+    assert peers["paths"]["headint.scan callable"]["metric_logits"] == "last position, form single, columns 2 of 1000"
     assert peers["paths"]["headint.scan LogitDiff"]["final_block"] == LAST_QUERY
     assert peers["flops"]["headint"] < peers["flops"]["hook_loop"]
     assert all(r["max_abs_diff"] <= 1e-4 for r in sections["long_context"]["runs"])
