@@ -219,3 +219,18 @@ def test_column_form_refusals(gpt2):
         ColumnsOf(builtin, torch.tensor([1]))
     with pytest.raises(ValueError, match="1-d"):
         ColumnsOf(single, torch.tensor([[1]]))
+
+
+def test_a_metric_with_clean_logits_reads_two_columns_of_each(gpt2):
+    """The clean reference stays whole (variants get it whole); only the variant logits are cut."""
+    batch = make_batch(3, 6, seed=208)
+    corrupt = corrupt_of(batch)
+    _, clean_full = record_z(gpt2, batch)
+
+    def drop(logits, batch, clean):
+        return (clean[:, -1, 3] - clean[:, -1, 5]) - (logits[:, -1, 3] - logits[:, -1, 5])
+
+    r = scan(gpt2, batch, CallableMetric(drop, needs_clean=True), corrupt=corrupt, method="patch", direction="noising")
+    assert r.settings["metric_logits"] == f"last position, form single, columns 2 of {VOCAB}", r.settings["metric_logits"]
+    oracle = oracle_scan(gpt2, batch, lambda lg, b: drop(lg, b, clean_full), corrupt=corrupt, method="patch", direction="noising")
+    assert_close(r.per_example, oracle, 1e-5)
