@@ -25,11 +25,16 @@ And the two stages of the proposal in the closing note of issue #25 (not in the 
 - ``unembed columns (proposal)``: each variant row then unembeds only those columns, handed to the
   callable in a NaN-filled ``[R, 1, V]`` tensor (NaN: a column the probe missed cannot go unseen).
 
+And what the engine now does (``column_form`` / ``column_values`` of
+``headint/scans/metric_logits.py``, imported): ``column probe (engine)``, once per base run, on the
+callable wrapped as the last-position probe hands it over (``LastPositionOf``, form single), and
+``column values (engine)``, per batch: the column unembedding, the NaN fill and the two extreme
+fills the engine checks each batch with.
+
 The per-batch stages are timed interleaved (process CPU time: robust on a shared machine) on the scan's batch geometry (``--rows`` rows per batch,
 ``N * heads`` variant rows in all) and summed over the batches of one scan; the figure to compare
 is the difference in seconds per scan against the scan's own time (``bench/scan_vs_hooks.py``,
-same shape, same thread count). Plain torch, the same operations as the engine; nothing of the
-engine is imported, so the script measures the operations whatever the engine's layout.
+same shape, same thread count). The other stages are plain torch, the same operations as the engine.
 """
 
 from __future__ import annotations
@@ -114,9 +119,35 @@ def main(argv=None) -> int:
 
     torch.testing.assert_close(unembed_columns(), metric_full(), rtol=1e-5, atol=1e-5)
 
+    from headint.metrics import CallableMetric
+    from headint.scans.metric_logits import ColumnsOf, LastPositionOf, column_form, column_values
+
+    single = LastPositionOf(CallableMetric(user), "single")
+    base_batch = dict(input_ids=torch.zeros(a.n, a.t, dtype=torch.long), attention_mask=torch.ones(a.n, a.t, dtype=torch.long))
+    var_rows = dict(input_ids=torch.zeros(a.rows, 1, dtype=torch.long), attention_mask=torch.ones(a.rows, 1, dtype=torch.long))
+    base_last = full[:, -1]
+    unembed = torch.nn.Linear(a.d, a.vocab)
+    with torch.no_grad():
+        unembed.weight.copy_(W)
+        unembed.bias.copy_(b)
+
+    def engine_probe():
+        return column_form(single, [base_last], [base_batch])
+
+    engine_metric, engine_path = engine_probe()
+    assert isinstance(engine_metric, ColumnsOf), engine_path
+
+    def engine_values():
+        with torch.no_grad():
+            return column_values(engine_metric, h[:, None], var_rows, 0, unembed)
+
+    torch.testing.assert_close(engine_values(), metric_full(), rtol=1e-5, atol=1e-5)
+    assert engine_metric.fallback_rows == 0
+
     fns = {"unembed full": unembed_full, "unembed 2 ids": unembed_ids, "metric on [R, 1, V]": metric_full,
            "metric on [R, 2]": metric_ids, "probe (one base run)": probe,
-           "probe columns (proposal)": probe_columns, "unembed columns + metric (proposal)": unembed_columns}
+           "probe columns (proposal)": probe_columns, "unembed columns + metric (proposal)": unembed_columns,
+           "column probe (engine)": engine_probe, "column values (engine)": engine_values}
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
@@ -132,6 +163,8 @@ def main(argv=None) -> int:
         "LogitDiff": batches * (med["unembed 2 ids"] + med["metric on [R, 2]"]),
         "callable, proposal": batches * med["unembed columns + metric (proposal)"]
         + 2 * (med["probe (one base run)"] + med["probe columns (proposal)"]),
+        "callable, engine": batches * med["column values (engine)"]
+        + 2 * (med["probe (one base run)"] + med["column probe (engine)"]),
     }
     print(f"# d={a.d} V={a.vocab} rows/batch={a.rows} batches/scan={batches} threads={a.threads} repeats={a.repeats} "
           "(medians of process CPU time)")
@@ -139,7 +172,7 @@ def main(argv=None) -> int:
         print(f"{k:>24}: {1e3 * v:8.3f} ms")
     print(f"per scan: callable {per_scan['callable']:.3f} s, LogitDiff {per_scan['LogitDiff']:.3f} s, "
           f"difference {per_scan['callable'] - per_scan['LogitDiff']:.3f} s; callable with the proposal "
-          f"{per_scan['callable, proposal']:.3f} s")
+          f"{per_scan['callable, proposal']:.3f} s; callable with the engine's column path {per_scan['callable, engine']:.3f} s")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(args=vars(a), median_s=med, per_scan_s=per_scan, batches=batches), f, indent=1)

@@ -438,7 +438,9 @@ class CallableMetric(Metric):
 
     ``probe_last``: scans check on their base runs whether a position-"all" ``fn`` reads only
     the last real token's logits (:func:`headint.scans.metric_logits.last_position_form`) and
-    then compute only those.
+    then compute only those; one that then only selects a few vocabulary columns gets only those
+    columns unembedded (:func:`headint.scans.metric_logits.column_form`; ``settings["metric_logits"]``
+    says which path ran and why).
     The check is a test on the base runs' data, not a proof: a ``fn`` that depends on other
     positions only through, say, a threshold those runs never cross would pass it. Set
     ``probe_last=False`` to always hand ``fn`` the full logits.

@@ -65,7 +65,7 @@ def test_callable_on_last_position_runs_cheap_and_matches(model, per_position):
     corrupt = corrupt_of(batch)
     kw = dict(corrupt=corrupt, method="patch", per_position=per_position, heads=[1, 3] if per_position else None)
     r = scan(model, batch, last_logit_diff, **kw)
-    assert r.settings["metric_logits"] == "last position, form single"
+    assert r.settings["metric_logits"] == "last position, form single, columns 2 of 50", r.settings["metric_logits"]
     assert r.settings["restricted_logits"] is True
     assert r.settings["position_reuse"] is per_position  # the cheap metric is a last-position one
     assert_close(r.per_example, oracle_scan(model, batch, last_logit_diff, corrupt=corrupt, method="patch",
@@ -100,7 +100,7 @@ def test_callable_needing_the_full_shape_gets_the_expanded_form(gpt2):
 
     batch = make_batch(3, T, seed=103)
     r = scan(gpt2, batch, fn, method="mean")
-    assert r.settings["metric_logits"] == "last position, form expanded"
+    assert r.settings["metric_logits"].startswith("last position, form expanded, columns 1 of "), r.settings["metric_logits"]
     assert "single: it raised AssertionError" not in r.settings["metric_logits"]
     assert_close(r.per_example, oracle_scan(gpt2, batch, fn, method="mean"))
 
@@ -135,7 +135,7 @@ def test_callable_last_column_on_right_padding_keeps_full_logits(gpt2):
         return logits[torch.arange(logits.shape[0]), last, 3]
 
     r = scan(gpt2, batch, last_real, method="zero")
-    assert r.settings["metric_logits"] == "last position, form expanded"  # [N, 1, V] cannot be indexed at `last`
+    assert r.settings["metric_logits"] == "last position, form expanded, columns 1 of 50"  # [N, 1, V] cannot be indexed at `last`
     assert_close(r.per_example, oracle_scan(gpt2, batch, last_real, method="zero"))
 
 
@@ -478,7 +478,7 @@ def test_benchmark_quick_smoke(tmp_path):
     assert {"hook loop", "headint.scan LogitDiff", "headint.scan callable", "attribution_scan"} <= set(peers["median_s"])
     for name, diff in peers["max_abs_diff"].items():
         assert diff <= 1e-5, (name, diff)
-    assert peers["paths"]["headint.scan callable"]["metric_logits"] == "last position, form single"
+    assert peers["paths"]["headint.scan callable"]["metric_logits"] == "last position, form single, columns 2 of 1000"
     assert peers["paths"]["headint.scan LogitDiff"]["final_block"] == LAST_QUERY
     assert peers["flops"]["headint"] < peers["flops"]["hook_loop"]
     assert all(r["max_abs_diff"] <= 1e-4 for r in sections["long_context"]["runs"])

@@ -185,7 +185,7 @@ def test_scans_meanwhile_plain_forwards_intervene_generate_and_another_scan(sett
     assert heads["final_block"] == "final block for the last query only" and heads["clean_attention"]
     assert heads["cost"]["replayed_projection_rows"] > 0 and heads["cost"]["last_query_rows"] > 0
     assert positions["position_reuse"] and positions["group_positions"] == 2
-    assert positions["metric_logits"] == "last position, form single"
+    assert positions["metric_logits"] == "last position, form single, columns 2 of 50", positions["metric_logits"]
 
 
 class _RaisesOnThirdChunk(LogitDiff):

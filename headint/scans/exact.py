@@ -18,6 +18,7 @@ from . import fingerprint as fingerprints
 from .distributed import agree_rows, data_parallel_ranks, open_checkpoint, run_chunks, running, settings_of
 from .positions import with_position_ids
 from ..integration.record import record_in
+from .metric_logits import ColumnsOf
 from .runner import VariantRunner
 from .setup import prepare_scan
 from ..vocabulary import DIRECTIONS, EFFECTS, METHODS, TARGETS, Direction, Effect, Method, Target
@@ -179,7 +180,9 @@ def scan(
     - only the final position is unembedded, and only for the token ids the metric needs
       (``2`` for a logit difference instead of the vocabulary at every position);
     - a callable metric on full logits is probed on the base runs and, if it reads only the last
-      real token, gets only that token's logits (``settings["metric_logits"]`` says which);
+      real token, gets only that token's logits, and only the vocabulary columns it reads when
+      the column probe finds them (``settings["metric_logits"]`` says which, and how many variant
+      rows fell back to the full vocabulary);
     - last-position metrics on causal models: the final block computes keys/values at every
       position and the rest at the last one only (``settings["final_block"]``);
     - head-output scans (``target="z"``): the first intervened layer takes the clean attention
@@ -298,7 +301,7 @@ def scan(
     settings["batch_rows"] = rows_per_batch
     settings["position_reuse"] = position_reuse and base.position_reuse_ok
     settings["restricted_logits"] = base.restricted
-    settings["metric_logits"] = runs.metric_path
+    settings["metric_logits"] = runs.metric_path + _column_fallbacks(runs.clean.metric)
     settings["final_block"] = base.last_query_note if shortcuts.last_query else "full final block (shortcut off)"
     settings["clean_attention"] = shortcuts.clean_attention
     if freeze_norm:
@@ -309,6 +312,12 @@ def scan(
         settings["frozen_mlps"] = {str(l): path for l, (path, _) in base.mlp_outputs().items()}
     return ScanResult(per_example, axes, labels=labels, metric_name=metric.name, **setup.baselines(),
                       settings=settings, base_per_example=base.base_values())
+
+
+def _column_fallbacks(metric) -> str:
+    """What :func:`~headint.scans.metric_logits.column_values` fell back on, if anything."""
+    rows = getattr(metric, "fallback_rows", 0) if isinstance(metric, ColumnsOf) else 0
+    return f" ({rows} variant rows unembedded the full vocabulary: their values showed a column the base runs did not)" if rows else ""
 
 
 def _variants(shape, T, per_position, layers, heads, head_sets, positions, target="z"):

@@ -51,7 +51,7 @@ from ..metrics import Metric, last_positions, select_logits
 from ..plan import Plan
 from .cost import Cost
 from .inputs import InputLayout, input_layout, rows_of
-from .metric_logits import last_position_form, model_logits, restricted_logits
+from .metric_logits import ColumnsOf, column_form, column_values, last_position_form, model_logits, restricted_logits
 from .shortcuts import NONE, PER_POSITION_EDITS, AllowedEdits, CleanAttentionPlan, Shortcuts
 
 
@@ -300,14 +300,17 @@ class VariantRunner:
         if fw.children_replayed:
             self.cost.replayed_projection_rows += len(ex)
         rows = fw.rows
-        if fw.is_hidden:
-            logits = restricted_logits(self.metric, fw.out, rows, start_pos, self.parts.unembed)
-        else:
-            logits = model_logits(self.metric, fw.out, rows, start_pos)
         clean = None
         if self.metric.needs_clean:
             clean = self.clean_logits[ex] if self.clean_logits is not None else None
-        values = self.metric(logits, rows, clean_logits=clean).float()
+        if fw.is_hidden and isinstance(self.metric, ColumnsOf):  # only the columns the metric reads
+            values = column_values(self.metric, fw.out, rows, start_pos, self.parts.unembed, clean).float()
+        else:
+            if fw.is_hidden:
+                logits = restricted_logits(self.metric, fw.out, rows, start_pos, self.parts.unembed)
+            else:
+                logits = model_logits(self.metric, fw.out, rows, start_pos)
+            values = self.metric(logits, rows, clean_logits=clean).float()
         if start_pos:
             # rows whose metric position lies before start_pos are unaffected: their base value
             before = last_positions(rows["attention_mask"]) < start_pos
@@ -625,6 +628,9 @@ def base_runs(replica: Replica, clean_b: dict, corrupt_b: dict | None, metric: M
     use, path = last_position_form(metric, [p.logits for p in passes], batches, refs)
     if use is not metric:  # the passes hold full logits ("all" position): re-laid out for the cheap form
         passes = [replace(p, logits=select_logits(p.logits, use, b)) for p, b in zip(passes, batches)]
+        refs = [passes[0].logits if metric.needs_clean else None for _ in passes]
+        use, columns = column_form(use, [p.logits for p in passes], batches, refs, all(p.restricted for p in passes))
+        path = f"{path}, {columns}"
     runners = [VariantRunner(replica, b, p, use, backend=backend, clean_logits=passes[0].logits, cost=c)
                for b, p, c in zip(batches, passes, costs)]
     clean = runners[0]
