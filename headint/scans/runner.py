@@ -397,13 +397,7 @@ class VariantRunner:
             def hook(_m, _a, out, l=l):
                 seen[l] = out
             handles.append(self.model.get_submodule(path).register_forward_hook(hook))
-        try:
-            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
-            self._variant_forward(ex, None, 0, 0, None, False)
-        finally:
-            for h in handles:
-                h.remove()
-        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
+        self._base_rows_forward(handles)
         out = {}
         for l, path in found.items():
             y = seen.get(l)
@@ -414,6 +408,17 @@ class VariantRunner:
             out[l] = (path, y.detach())
         self._mlp_outputs = out
         return out
+
+    def _base_rows_forward(self, handles: list) -> None:
+        """One forward of the base rows with the hooks ``handles`` installed (removed after, also
+        when it raises), counted in the cost."""
+        try:
+            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
+            self._variant_forward(ex, None, 0, 0, None, False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
 
     @torch.no_grad()
     def final_norm(self) -> FinalNorm:
@@ -441,13 +446,7 @@ class VariantRunner:
 
         handles = [m.register_forward_hook(hook(name)) for name, m in candidates]
         handles.append(self.parts.blocks[len(self.parts.blocks) - 1].register_forward_hook(lambda *_: order.append(None)))
-        try:
-            ex = torch.arange(self.N, device=self.batch["input_ids"].device)
-            self._variant_forward(ex, None, 0, 0, None, False)
-        finally:
-            for h in handles:
-                h.remove()
-        self.cost.add(self.N, self.parts.shape.n_layers, self.T)
+        self._base_rows_forward(handles)
         last = order[-1] if order else None
         if last is None or None not in order or order.count(last) != 1 or order.index(last) < order.index(None):
             raise FinalNormError(f"{model}: no norm module runs once after the last transformer block (norm-like modules "
