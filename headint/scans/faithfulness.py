@@ -38,7 +38,7 @@ from ..results.gates import GateResult
 from ..results.grid import head_set_name
 from .batching import auto_rows, check_batch_size, run_in_halves
 from .exact import _patch_source
-from .masking import check_head, frozen_parameters
+from .masking import check_head
 from .setup import prepare_scan
 from ..vocabulary import METHODS
 
@@ -139,7 +139,7 @@ def circuit_faithfulness(
     # mask [S, L, H, T]: 0 where a removed head is ablated
     masks = (keep[..., None] | ~pos[None, None, None, :]).float()
 
-    with frozen_parameters(model), setup.base_runs() as runs:
+    with setup.base_runs() as runs:  # the replica holds the weights without requires_grad
         base = runs.clean
         source = _patch_source(ablation, model, runs.clean, runs.corrupt, base, mean_inputs, backend, seed, "noising", "z")
         if batch_size is None:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..results.gates import GateResult
 from ..results.stats import finite_mean
 from .batching import check_batch_size, run_in_halves
-from .masking import NonFinite, ablation_patches, frozen_parameters, check_ablation, finite_or_refuse, mask_plan
+from .masking import NonFinite, ablation_patches, check_ablation, finite_or_refuse, mask_plan
 from .masking import metric_direction, removed_masks
 from ..vocabulary import GATE_KINDS, Ablation, GateKind, check_choice
 from ..integration.modes import require_autograd
@@ -184,7 +184,7 @@ def learn_gates(
         return hc.deterministic(p) if kind == "hard_concrete" else torch.sigmoid(p)
 
     nan = NonFinite(setup.metric, "learn_gates")
-    with frozen_parameters(model), setup.base_runs() as runs:
+    with setup.base_runs() as runs:  # the replica holds the weights without requires_grad
         base = runs.clean
         patches = ablation_patches(base, ablation)
         intact_values = base.base_values().float().cpu()

@@ -10,7 +10,6 @@ their backward pass (no hooks).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any
 
@@ -24,18 +23,6 @@ from ..shape import ModelShape
 from ..vocabulary import ABLATIONS, check_choice
 from .runner import VariantRunner
 
-
-@contextlib.contextmanager
-def frozen_parameters(model):
-    """Every parameter's ``requires_grad`` False inside; each flag restored on exit (also on error)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 def metric_direction(metric: Metric, maximize: Any, who: str) -> bool:
     """Whether ``metric`` is to be maximised: ``maximize`` when given (a bool), else the direction
