@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import MAX_TEXT_BYTES, JSONError, parse_json, read_bytes, read_text, write_files_atomically
-from ..results.io import _restore_non_finite, _standard, result_files
+from ..files import read_bytes, write_files_atomically
+from ..results.io import _restore_non_finite, _standard, read_sidecar, result_files
 from .extract import connect, select
 from .graph import EdgeGraph
 
@@ -162,13 +162,7 @@ class CircuitResult:
         _, tfile, jfile = result_files(path, False, dir_stem=DIR_STEM)
         if not jfile.exists():
             raise FileNotFoundError(f"no CircuitResult at {os.fspath(path)!r}: {jfile} does not exist")
-        text = read_text(jfile, "CircuitResult sidecar", MAX_TEXT_BYTES)  # a regular file of bounded size
-        try:
-            meta = parse_json(text, str(jfile))
-        except JSONError as e:
-            raise ValueError(f"{jfile} is not a saved CircuitResult: it is {e.reason}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{jfile} is not a saved CircuitResult (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        meta = read_sidecar(jfile, "CircuitResult", FORMAT)
         if meta.get("version") != VERSION:
             raise ValueError(f"{jfile}: unknown CircuitResult version {meta.get('version')!r}; this headint reads {VERSION}")
         need = ("graph", "scope", "edges", "method", "metric_name", "settings", "tensor_sha256")

@@ -146,15 +146,23 @@ def save(result, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------ load
 
 
-def _read_sidecar(json_file: Path) -> dict:
-    text = read_text(json_file, "ScanResult sidecar", MAX_TEXT_BYTES)  # a regular file of bounded size
+def read_sidecar(json_file: Path, kind: str, fmt: str) -> dict:
+    """The JSON object of a saved result's sidecar (a regular file of bounded size, parsed with
+    the nesting and type checks of :func:`headint.files.parse_json`) whose ``"format"`` is
+    ``fmt``; ValueError naming the file and ``kind`` (e.g. ``"ScanResult"``) otherwise."""
+    text = read_text(json_file, f"{kind} sidecar", MAX_TEXT_BYTES)
     try:
         meta = parse_json(text, str(json_file))
     except JSONError as e:
-        raise ValueError(f"{json_file} is not a saved ScanResult: it is {e.reason}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{json_file} is not a saved {kind}: it is {e.reason}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{json_file} is not a saved ScanResult (format {found!r}, expected {FORMAT!r})")
+        raise ValueError(f"{json_file} is not a saved {kind} (format {found!r}, expected {fmt!r})")
+    return meta
+
+
+def _read_sidecar(json_file: Path) -> dict:
+    meta = read_sidecar(json_file, "ScanResult", FORMAT)
     version = meta.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version not in _REQUIRED:
         raise ValueError(

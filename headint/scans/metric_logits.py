@@ -53,7 +53,21 @@ def model_logits(metric: Metric, logits: torch.Tensor, rows: dict, start: int) -
 LAST_FORMS = ("single", "expanded")
 
 
-class LastPositionOf(Metric):
+class _Wrapping(Metric):
+    """A metric that stands for ``inner``: it carries ``inner``'s name, ``needs_clean``,
+    direction and batch keys."""
+
+    def _wrap(self, inner: Metric) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.needs_clean = inner.needs_clean
+        self.maximize = inner.maximize
+
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.inner.batch_keys()
+
+
+class LastPositionOf(_Wrapping):
     """A position-``"all"`` metric fed only the logits at each example's last real token.
 
     ``inner`` takes ``[B, T, V]`` logits; this wrapper takes the last-position layout ``[B, V]``
@@ -77,14 +91,8 @@ class LastPositionOf(Metric):
             raise ValueError(f"inner metric {inner.name!r} has position {inner.position!r}; LastPositionOf wraps position-'all' metrics")
         if form not in LAST_FORMS:
             raise ValueError(f"form must be one of {LAST_FORMS}, got {form!r}")
-        self.inner = inner
+        self._wrap(inner)
         self.form = form
-        self.name = inner.name
-        self.needs_clean = inner.needs_clean
-        self.maximize = inner.maximize
-
-    def batch_keys(self) -> tuple[str, ...]:
-        return self.inner.batch_keys()
 
     def _as_sequence(self, last: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.form == "single":
@@ -187,7 +195,7 @@ def _probe(metric: Metric, cheap: LastPositionOf, full: torch.Tensor, batch: dic
 # --------------------------------------------------------------------------- vocabulary columns
 
 
-class ColumnsOf(Metric):
+class ColumnsOf(_Wrapping):
     """A :class:`LastPositionOf` metric found to read only ``columns`` ``[K]`` of the vocabulary.
 
     Its layout is the last-position one, ``[B, V]``; a scan's variants fill only ``columns`` of it
@@ -206,15 +214,9 @@ class ColumnsOf(Metric):
         columns = torch.as_tensor(columns, dtype=torch.long)
         if columns.dim() != 1:
             raise ValueError(f"columns must be a 1-d tensor of vocabulary ids, got shape {tuple(columns.shape)}")
-        self.inner = inner
+        self._wrap(inner)
         self.columns = columns
-        self.name = inner.name
-        self.needs_clean = inner.needs_clean
-        self.maximize = inner.maximize
         self.fallback_rows = 0
-
-    def batch_keys(self) -> tuple[str, ...]:
-        return self.inner.batch_keys()
 
     def __call__(self, logits, batch, clean_logits=None):
         return self.inner(logits, batch, clean_logits=clean_logits)
